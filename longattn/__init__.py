@@ -1,0 +1,1 @@
+"""longattn: rewrite softmax attention in traced models into long-context kernels."""

@@ -1,0 +1,147 @@
+"""`torch.ops.longattn.attention`: the one op every rewritten site calls.
+
+It takes the site's q/k/v/mask/scale/causal and a *plan*: a JSON list of length bands, each
+naming a kind and its parameters. At run time it reads the key length and runs the band's
+implementation, so a graph compiled with dynamic shapes keeps one op for every length and
+never recompiles when a length crosses a band boundary. The plan is plain data: this module
+knows nothing of policies or graphs.
+
+Backward recomputes the chosen implementation under autograd (the hash / sample / dropout
+pattern is replayed from the same seed), so every kind trains exactly through its own output.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from .flash import flash_attention, flash_attention_reference
+
+KINDS = ("exact", "flash", "hyper", "linear")
+
+
+@dataclass(frozen=True)
+class Band:
+    kind: str
+    below: Optional[int] = None  # exclusive upper bound on the key length; None = no bound
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_plan(bands: list[Band]) -> str:
+    """Serialise bands (ordered by `below`, last one unbounded) into the op's `plan` string."""
+    return json.dumps([{"kind": b.kind, "below": b.below, "params": b.params} for b in bands], sort_keys=True)
+
+
+@functools.lru_cache(maxsize=256)
+def decode_plan(plan: str) -> tuple[Band, ...]:
+    try:
+        raw = json.loads(plan)
+        bands = tuple(Band(kind=b["kind"], below=b["below"], params=dict(b.get("params", {}))) for b in raw)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"longattn::attention: malformed plan {plan!r}: {e}") from None
+    if not bands or bands[-1].below is not None:
+        raise ValueError(f"longattn::attention: plan must end with an unbounded band, got {plan!r}")
+    for b in bands:
+        if b.kind not in KINDS:
+            raise ValueError(f"longattn::attention: unknown kind {b.kind!r} in plan (known: {', '.join(KINDS)})")
+    return bands
+
+
+def band_for_length(plan: str, key_length: int) -> Band:
+    for band in decode_plan(plan):
+        if band.below is None or key_length < band.below:
+            return band
+    raise AssertionError("unreachable: the last band is unbounded")
+
+
+def _generator(seed: Optional[torch.Tensor], device) -> Optional[torch.Generator]:
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed.item()))
+    return g
+
+
+def run_band(band: Band, q, k, v, attn_mask, scale, causal, dropout_p, seed):
+    """Run one band's implementation; differentiable through torch autograd."""
+    if band.kind in ("hyper", "linear") and (attn_mask is not None or dropout_p > 0):
+        raise ValueError(f"longattn::attention: kind {band.kind!r} takes no attn_mask or dropout; "
+                         "the rewriter should have chosen flash for this site")
+    if band.kind == "exact":
+        out, _ = flash_attention_reference(q, k, v, scale=scale, causal=causal, attn_mask=attn_mask,
+                                           dropout_p=dropout_p, generator=_generator(seed, q.device))
+        return out
+    if band.kind == "flash":
+        out, _ = flash_attention(q, k, v, scale=scale, causal=causal, attn_mask=attn_mask,
+                                 dropout_p=dropout_p, generator=_generator(seed, q.device))
+        return out
+    if band.kind == "hyper":
+        from .hyper import hyper_attention
+        out, _ = hyper_attention(q, k, v, scale=scale, causal=causal, **band.params)
+        return out
+    from .linear import linear_attention
+    return linear_attention(q, k, v, scale=scale, causal=causal, **band.params)
+
+
+@torch.library.custom_op("longattn::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+              scale: float, causal: bool, dropout_p: float, seed: Optional[torch.Tensor], plan: str) -> torch.Tensor:
+    """q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) -> (B, Hq, Sq, Dv) in q's dtype."""
+    band = band_for_length(plan, k.shape[-2])
+    with torch.no_grad():
+        return run_band(band, q, k, v, attn_mask, scale, causal, dropout_p, seed).contiguous()
+
+
+@attention.register_fake
+def _(q, k, v, attn_mask, scale, causal, dropout_p, seed, plan):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("longattn::attention_backward", mutates_args=())
+def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       attn_mask: Optional[torch.Tensor], scale: float, causal: bool, dropout_p: float,
+                       seed: Optional[torch.Tensor], plan: str) -> list[torch.Tensor]:
+    """Gradients (dq, dk, dv, dmask) by recomputing the band's forward under autograd.
+    dmask is empty when the mask is absent or boolean."""
+    band = band_for_length(plan, k.shape[-2])
+    mask_grad = attn_mask is not None and attn_mask.is_floating_point()
+    # torch.func.vjp rather than torch.autograd: inside a custom op the autograd keys are excluded,
+    # functorch's transform still differentiates whatever the band runs
+    if mask_grad:
+        fn = lambda q_, k_, v_, m_: run_band(band, q_, k_, v_, m_, scale, causal, dropout_p, seed)
+        _, vjp = torch.func.vjp(fn, q, k, v, attn_mask)
+    else:
+        fn = lambda q_, k_, v_: run_band(band, q_, k_, v_, attn_mask, scale, causal, dropout_p, seed)
+        _, vjp = torch.func.vjp(fn, q, k, v)
+    grads = list(vjp(grad_out.to(q.dtype)))
+    if not mask_grad:
+        grads.append(q.new_empty(0))
+    return grads
+
+
+@attention_backward.register_fake
+def _(grad_out, q, k, v, attn_mask, scale, causal, dropout_p, seed, plan):
+    dmask = attn_mask.new_empty(attn_mask.shape) if attn_mask is not None and attn_mask.is_floating_point() \
+        else q.new_empty(0)
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, scale, causal, dropout_p, seed, plan = inputs
+    ctx.save_for_backward(q, k, v, attn_mask, seed)
+    ctx.scale, ctx.causal, ctx.dropout_p, ctx.plan = scale, causal, dropout_p, plan
+
+
+def _backward(ctx, grad_out):
+    q, k, v, attn_mask, seed = ctx.saved_tensors
+    dq, dk, dv, dmask = torch.ops.longattn.attention_backward(
+        grad_out.contiguous(), q, k, v, attn_mask, ctx.scale, ctx.causal, ctx.dropout_p, seed, ctx.plan)
+    if attn_mask is None or not attn_mask.is_floating_point():
+        dmask = None
+    return dq, dk, dv, dmask, None, None, None, None, None
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)

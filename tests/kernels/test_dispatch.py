@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from longattn.kernels import Band, band_for_length, encode_plan
+from longattn.kernels.flash import flash_attention_reference
+
+
+def _qkv(b=1, hq=4, hkv=2, sq=9, sk=9, d=8, dtype=torch.float64):
+    return (torch.randn(b, hq, sq, d, dtype=dtype, requires_grad=True),
+            torch.randn(b, hkv, sk, d, dtype=dtype, requires_grad=True),
+            torch.randn(b, hkv, sk, d, dtype=dtype, requires_grad=True))
+
+
+def test_band_for_length_picks_first_band_whose_bound_exceeds_the_length():
+    plan = encode_plan([Band("flash", below=16), Band("exact", below=64), Band("flash")])
+    assert band_for_length(plan, 15).kind == "flash"
+    assert band_for_length(plan, 16).kind == "exact"
+    assert band_for_length(plan, 10**6).below is None
+
+
+@pytest.mark.parametrize("bad", ["[]", "not json", '[{"kind": "flash", "below": 4}]', '[{"kind": "nope", "below": null}]'])
+def test_malformed_plan_is_rejected_with_its_text(bad):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="plan|kind"):
+        torch.ops.longattn.attention(q, k, v, None, 0.3, False, 0.0, None, bad)
+
+
+def test_op_gradients_equal_reference_gradients_including_the_additive_mask():
+    q, k, v = _qkv()
+    mask = torch.randn(1, 1, 9, 9, dtype=torch.float64, requires_grad=True)
+    plan = encode_plan([Band("flash")])
+    out = torch.ops.longattn.attention(q, k, v, mask, 0.3, True, 0.0, None, plan)
+    ref, _ = flash_attention_reference(q, k, v, attn_mask=mask, scale=0.3, causal=True)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v, mask), g), torch.autograd.grad(ref, (q, k, v, mask), g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_opcheck_passes_for_masked_and_unmasked_calls():
+    q, k, v = _qkv()
+    plan = encode_plan([Band("flash", below=5), Band("exact")])
+    torch.library.opcheck(torch.ops.longattn.attention.default, (q, k, v, None, 0.3, True, 0.0, None, plan))
+    keep = torch.rand(1, 1, 9, 9) > 0.3
+    keep[..., 0] = True
+    torch.library.opcheck(torch.ops.longattn.attention.default, (q, k, v, keep, 0.3, False, 0.0, None, plan))
+
+
+def test_dropout_is_replayed_identically_in_backward():
+    q, k, v = _qkv()
+    seed = torch.tensor(1234)
+    plan = encode_plan([Band("flash")])
+    out = torch.ops.longattn.attention(q, k, v, None, 0.3, False, 0.5, seed, plan)
+    again = torch.ops.longattn.attention(q, k, v, None, 0.3, False, 0.5, seed, plan)
+    torch.testing.assert_close(out, again)
+    assert torch.autograd.gradcheck(
+        lambda q_, k_, v_: torch.ops.longattn.attention(q_, k_, v_, None, 0.3, False, 0.5, seed, plan), (q, k, v))
