@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from .fx_canonicalize import expand_multihead_attention
 from .fx_eval import meta_value
 from .fx_ops import Op, canonical, fill_kind, scalar_value
 from .masks import prove_causal
@@ -25,8 +26,11 @@ class Skip(Exception):
 
 
 def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
-    """Every softmax-attention or SDPA site of the graph, in graph order; skipped ones carry a reason."""
-    sites = []
+    """Every softmax-attention or SDPA site of the graph, in graph order; skipped ones carry a reason.
+    Canonicalises the graph first (expands nn.MultiheadAttention calls), so it may change `gm`
+    without changing what it computes."""
+    sites = [AttentionSite(layer=layer_name(node), pattern=getattr(node.target, "__name__", str(node.target)),
+                           skip_reason=reason) for node, reason in expand_multihead_attention(gm)]
     for node in list(gm.graph.nodes):
         op = canonical(node)
         if op is None or op.name not in ("softmax", "sdpa"):
@@ -149,6 +153,26 @@ def _reaches_product(node, steps: int = 12) -> bool:
     return False
 
 
+def _additive_parts(mask: fx.Node) -> list[MaskTerm]:
+    """Split an additive mask into the parts it is built from, so each is judged on its own:
+    a sum (T5 eager: position bias + causal mask) or where(keep, bias, dtype-min) (T5 SDPA),
+    which equals bias + where(keep, 0, dtype-min) exactly."""
+    op = canonical(mask)
+    if op is not None and op.name == "identity":
+        return _additive_parts(op.args[0])
+    if op is not None and op.name == "add" and all(
+            isinstance(a, fx.Node) and isinstance(meta_value(a), torch.Tensor) for a in op.args):
+        return _additive_parts(op.args[0]) + _additive_parts(op.args[1])
+    if op is not None and op.name == "where":
+        cond, a, b = op.args
+        for fill, other, masked_when in ((b, a, False), (a, b, True)):
+            if fill_kind(fill) == "additive" and isinstance(other, fx.Node) \
+                    and isinstance(meta_value(other), torch.Tensor) and meta_value(other).is_floating_point():
+                part = MaskTerm(cond, "additive", masked_when=masked_when, fill=scalar_value(fill))
+                return [part] + _additive_parts(other)
+    return [MaskTerm(mask, "additive")]
+
+
 _EINSUM_QK = re.compile(r"^(\w*)(\w)(\w),(\w*)(\w)(\w)->(\w*)(\w)(\w)$")
 
 
@@ -248,7 +272,7 @@ def _match_softmax(softmax: fx.Node, op: Op, site: AttentionSite) -> None:
                 raise Skip("scores shifted by a scalar")
             if factors or runtime_scale is not None:
                 raise Skip("an additive mask is scaled together with the scores")
-            terms.append(MaskTerm(mask, "additive"))
+            terms.extend(_additive_parts(mask))
             back_steps.append("add")
             node = scores
             continue
@@ -308,7 +332,7 @@ def _match_softmax(softmax: fx.Node, op: Op, site: AttentionSite) -> None:
     site.dropout_p = dropout_p
     site.output = pv
     site.replaced = chain + [qk, pv]
-    _apply_masks(site, terms)
+    _apply_masks(site, terms, _shape(qk))
 
 
 def _fill_operands(site: AttentionSite, q, k, v, rank: int, k_transposed: bool) -> None:
@@ -345,19 +369,24 @@ def _fill_operands(site: AttentionSite, q, k, v, rank: int, k_transposed: bool) 
         site.num_heads = site.num_kv_heads = q_shape[0]
 
 
-def _apply_masks(site: AttentionSite, terms: list[MaskTerm]) -> None:
+def _broadcasts(shape: tuple, target: tuple) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(a == 1 or _same_size(a, b) for a, b in zip(reversed(shape), reversed(target)))
+
+
+def _apply_masks(site: AttentionSite, terms: list[MaskTerm], scores_shape: tuple) -> None:
     remaining = []
     for term in terms:
         shape = _shape(term.node)
-        if len(shape) < 2 or not _same_size(shape[-1], site.k_len) or shape[-2] not in (1,) and \
-                not _same_size(shape[-2], site.q_len):
-            raise Skip(f"mask {term.node.name} of shape {shape} does not line up with the scores")
-        proven, why = prove_causal(term, site.q_len, site.k_len)
+        if not _broadcasts(shape, scores_shape):
+            raise Skip(f"mask {term.node.name} of shape {shape} does not broadcast to the scores {scores_shape}")
+        proven, why = prove_causal(term, site.q_len, site.k_len) if len(shape) >= 2 else (False, "scalar")
         if proven and not site.causal:
             site.causal, site.causal_proof = True, why
         else:
             remaining.append(term)
-            if not site.causal_proof:
+            if not site.causal and not site.causal_proof.startswith("not causal"):
                 site.causal_proof = f"not causal: {why}"
     site.masks = remaining
 
@@ -411,6 +440,6 @@ def _match_sdpa(node: fx.Node, op: Op, site: AttentionSite) -> None:
         if not isinstance(mask, fx.Node):
             raise Skip("SDPA attn_mask is not a tensor")
         val = meta_value(mask)
-        terms.append(MaskTerm(mask, "boolean", masked_when=False) if val.dtype == torch.bool
-                     else MaskTerm(mask, "additive"))
-    _apply_masks(site, terms)
+        terms.extend([MaskTerm(mask, "boolean", masked_when=False)] if val.dtype == torch.bool
+                     else _additive_parts(mask))
+    _apply_masks(site, terms, (qs[0], qs[1], qs[2], ks[2]))

@@ -1,0 +1,58 @@
+"""The public Python API: explain, rewrite, last_report."""
+from __future__ import annotations
+
+import torch
+
+from .backends.torch_compile import last_report, longattn_backend
+from .rewriter.fx_rewrite import rewrite_graph
+from .rewriter.policy import load_policy
+from .rewriter.report import Report
+
+
+def _as_args(example_inputs):
+    args, kwargs = [], {}
+    for x in example_inputs:
+        if isinstance(x, dict):
+            kwargs.update(x)
+        else:
+            args.append(x)
+    return tuple(args), kwargs
+
+
+def explain(model: torch.nn.Module, *example_inputs, policy=None) -> Report:
+    """Trace `model` on the inputs (a trailing dict is taken as keyword arguments) and report
+    every attention site and what the policy would do with it. The model is run once under
+    torch.compile with an eager inner backend; dynamo's caches are reset first."""
+    policy = load_policy(policy)
+    report = Report(policy=policy.source)
+
+    def collect(gm, inputs):
+        report.extend(rewrite_graph(gm, policy))
+        return gm.forward
+
+    args, kwargs = _as_args(example_inputs)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=collect)(*args, **kwargs)
+    finally:
+        torch._dynamo.reset()
+    return report
+
+
+def rewrite(module_or_program, *example_inputs, policy=None, verify: bool = True):
+    """Export (pre-dispatch ATen graph, so training works through the op's backward), rewrite
+    the attention sites, and return (GraphModule, Report). Accepts an nn.Module with example
+    inputs or an ExportedProgram."""
+    policy = load_policy(policy)
+    if isinstance(module_or_program, torch.export.ExportedProgram):
+        program = module_or_program
+    else:
+        args, kwargs = _as_args(example_inputs)
+        program = torch.export.export(module_or_program, args, kwargs, strict=False)
+    gm = program.module()
+    report = rewrite_graph(gm, policy, verify=verify)
+    return gm, report
+
+
+__all__ = ["explain", "rewrite", "last_report", "longattn_backend"]

@@ -1,0 +1,51 @@
+"""`torch.compile(model, backend="longattn", options={...})`.
+
+Dynamo hands us each captured graph before autograd; we rewrite its attention sites into
+`torch.ops.longattn.attention` by policy and pass the graph on to an inner backend (inductor
+by default), which traces the op's registered autograd for training.
+
+Options: `policy` (path, dict or Policy; default: the built-in policy), `inner` ("inductor",
+"aot_eager", "eager" or any registered backend name), `verify` (check each rewrite on random
+inputs at compile time; default True).
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from ..rewriter.fx_rewrite import rewrite_graph
+from ..rewriter.policy import load_policy
+from ..rewriter.report import Report
+
+_state = threading.local()
+KNOWN_OPTIONS = ("policy", "inner", "verify")
+
+
+def last_report() -> Report | None:
+    """Report of the latest graph compiled with backend="longattn" in this thread."""
+    return getattr(_state, "last", None)
+
+
+def _remember(report: Report) -> None:
+    _state.last = report
+
+
+def compile_inner(gm: torch.fx.GraphModule, example_inputs, inner: str):
+    if inner == "eager":
+        return gm.forward
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs)
+    return torch._dynamo.lookup_backend(inner)(gm, example_inputs)
+
+
+def longattn_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, **_):
+    options = dict(options or {})
+    unknown = set(options) - set(KNOWN_OPTIONS)
+    if unknown:
+        raise ValueError(f"backend='longattn': unknown option(s) {sorted(unknown)}; known: {list(KNOWN_OPTIONS)}")
+    policy = load_policy(options.get("policy"))
+    report = rewrite_graph(gm, policy, verify=options.get("verify", True))
+    _remember(report)
+    return compile_inner(gm, example_inputs, options.get("inner", "inductor"))

@@ -1,0 +1,216 @@
+"""Rewrite FX attention sites into `torch.ops.longattn.attention` calls, by policy.
+
+For each site found by the FX front end: ask the policy for its length bands, adapt them to
+what the site allows, emit one op call, then verify it: the matched subgraph and the new call
+run on the same random inputs (the exact kind standing in for approximate ones) and must
+agree before the old subgraph's users are moved over. A mismatch leaves the site as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import operator
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.fx as fx
+
+from ..kernels.dispatch import Band, encode_plan
+from ..patterns.fx_attention import find_attention_sites
+from ..patterns.fx_eval import concrete_shape, evaluate, hint, is_symbolic, meta_value, small_sizes
+from ..patterns.record import AttentionSite, MaskTerm
+from .report import Report, SiteReport
+
+if TYPE_CHECKING:
+    from .policy import Policy
+
+# Verification runs the matched subgraph on random data: keep it to a few million scores.
+MAX_VERIFY_SCORES = 1 << 22
+
+
+class RewriteRejected(Exception):
+    pass
+
+
+def rewrite_graph(gm: fx.GraphModule, policy: "Policy", *, verify: bool = True) -> Report:
+    """Rewrite `gm` in place; return the report of every site found."""
+    sites = find_attention_sites(gm)
+    indices = [s.layer_index for s in sites if s.layer_index is not None]
+    num_layers = max(indices) + 1 if indices else None
+    report = Report(policy=policy.source)
+    for site in sites:
+        if site.skipped:
+            report.sites.append(SiteReport.from_site(site, status="skipped", reason=site.skip_reason))
+            continue
+        decision = policy.decide(site.layer, site.layer_index, num_layers)
+        bands, notes = fit_bands(list(decision.bands), site)
+        row = SiteReport.from_site(site, bands=bands, rule=decision.source, notes=notes)
+        if all(b.kind == "exact" for b in bands):
+            row.status = "exact"
+            report.sites.append(row)
+            continue
+        try:
+            emit(gm, site, bands, verify=verify)
+            row.status = "rewritten"
+        except RewriteRejected as e:
+            row.status, row.reason = "skipped", str(e)
+        report.sites.append(row)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return report
+
+
+def fit_bands(bands: list[Band], site: AttentionSite) -> tuple[list[Band], list[str]]:
+    """Replace kinds the site cannot run: hyper and linear take no mask and no dropout."""
+    notes = []
+    fitted = []
+    for band in bands:
+        if band.kind in ("hyper", "linear") and (site.masks or site.dropout_p > 0):
+            what = "a mask" if site.masks else "dropout"
+            notes.append(f"{band.kind} cannot take {what}: flash used instead")
+            band = Band("flash", band.below, {})
+        fitted.append(band)
+    return fitted, notes
+
+
+# --- emission ------------------------------------------------------------------------------
+
+def _combine_masks(graph: fx.Graph, terms: list[MaskTerm]):
+    """One mask for the op: a bool keep-mask when there is a single boolean term, else a float sum."""
+    if not terms:
+        return None
+    parts = []
+    for t in terms:
+        if t.kind == "boolean":
+            keep = t.node if t.masked_when is False else graph.call_function(torch.logical_not, (t.node,))
+            if len(terms) == 1:
+                return keep
+            parts.append(graph.call_function(torch.where, (keep, 0.0, -math.inf)))
+        elif t.fill is not None:  # masked_fill / where with the dtype minimum: additive, exactly
+            args = (t.node, t.fill, 0.0) if t.masked_when else (t.node, 0.0, t.fill)
+            parts.append(graph.call_function(torch.where, args))
+        else:
+            parts.append(t.node)
+    total = parts[0]
+    for p in parts[1:]:
+        total = graph.call_function(operator.add, (total, p))
+    return total
+
+
+def emit(gm: fx.GraphModule, site: AttentionSite, bands: list[Band], *, verify: bool) -> fx.Node:
+    graph = gm.graph
+    rank = len(concrete_shape(site.q) or ())
+    with graph.inserting_before(site.output):
+        q, k, v = site.q, site.k, site.v
+        if site.scale_ref is not None:
+            q = graph.call_function(operator.mul, (q, site.scale_ref))
+        if site.k_transposed:
+            k = graph.call_method("transpose", (k, -2, -1))
+        mask = _combine_masks(graph, site.masks)
+        if rank == 3:  # (B·H, S, D) from bmm-style code: one batch of B·H heads
+            q, k, v = (graph.call_method("unsqueeze", (t, 0)) for t in (q, k, v))
+            if mask is not None:
+                mask = graph.call_method("unsqueeze", (mask, 0))
+        seed = None
+        if site.dropout_p > 0:
+            seed = graph.call_function(torch.randint, (0, 2**62, ()))
+        out = graph.call_function(torch.ops.longattn.attention.default,
+                                  (q, k, v, mask, float(site.scale), bool(site.causal), float(site.dropout_p),
+                                   seed, encode_plan(bands)))
+        result = out
+        if rank == 3:
+            result = graph.call_method("squeeze", (result, 0))
+        want = meta_value(site.output).dtype
+        if want != meta_value(site.q).dtype:
+            result = graph.call_method("to", (result, want))
+    if verify:
+        try:
+            check_equivalent(site, result, out)
+        except RewriteRejected:
+            _erase_unused(graph, result)
+            raise
+    site.output.replace_all_uses_with(result)
+    return result
+
+
+def _erase_unused(graph: fx.Graph, node: fx.Node) -> None:
+    """Remove `node` and the nodes only it used, if nothing else uses them (undo an emission)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.users or n.op in ("placeholder", "output", "get_attr"):
+            continue
+        inputs = n.all_input_nodes
+        graph.erase_node(n)
+        stack.extend(inputs)
+
+
+# --- verification --------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _exact_and_deterministic(site: AttentionSite, op_node: fx.Node):
+    """During verification the op runs the exact kind and neither side applies dropout."""
+    saved = [(op_node, op_node.args, op_node.kwargs)]
+    args = list(op_node.args)
+    args[6], args[8] = 0.0, encode_plan([Band("exact")])
+    op_node.args = tuple(args)
+    for n in site.replaced:
+        if n.op == "call_function" and "dropout" in str(n.target):
+            saved.append((n, n.args, n.kwargs))
+            kw = dict(n.kwargs)
+            if len(n.args) > 2:
+                n.args = n.args[:2] + (False,) + n.args[3:]
+            else:
+                kw["training" if "training" in kw or n.target is torch.nn.functional.dropout else "train"] = False
+            n.kwargs = kw
+    try:
+        yield
+    finally:
+        for n, a, kw in saved:
+            n.args, n.kwargs = a, kw
+
+
+def _random_like(node: fx.Node, sizes, masked_when: Optional[bool] = None):
+    val = meta_value(node)
+    shape = [int(sizes(d)) for d in val.shape]
+    if val.dtype == torch.bool:
+        keep = torch.rand(shape) > 0.3
+        keep[..., 0] = True  # every row keeps a key: fully masked rows are where kinds may differ
+        return keep if masked_when is False else ~keep
+    return torch.randn(shape, dtype=val.dtype)
+
+
+def check_equivalent(site: AttentionSite, result: fx.Node, op_node: fx.Node) -> None:
+    """Run the matched subgraph and the replacement on the same random inputs; raise if they differ."""
+    sizes = hint
+    scores = 1
+    for d in (meta_value(site.q).shape[:-1]) + (meta_value(site.v).shape[-2],):
+        scores *= int(hint(d))
+    if scores > MAX_VERIFY_SCORES:
+        symbolic = any(is_symbolic(d) for d in meta_value(site.q).shape) or \
+            any(is_symbolic(d) for d in meta_value(site.v).shape)
+        if not symbolic:
+            raise RewriteRejected(f"too large to verify at rewrite time ({scores} scores); "
+                                  "compile with dynamic=True to verify at a small length")
+        sizes = small_sizes()
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        env = {n: _random_like(n, sizes) for n in {site.q, site.k, site.v}}
+        for t in site.masks:
+            env[t.node] = _random_like(t.node, sizes, masked_when=t.masked_when)
+        if site.scale_ref is not None:
+            env[site.scale_ref] = float(sizes(meta_value(site.scale_ref)))
+        with _exact_and_deterministic(site, op_node), torch.no_grad():
+            expected, got = evaluate([site.output, result], env, sizes)
+    except RewriteRejected:
+        raise
+    except Exception as e:
+        raise RewriteRejected(f"could not verify the rewrite ({type(e).__name__}: {e})") from None
+    finally:
+        torch.random.set_rng_state(gen_state)
+    tol = 1e-4 if expected.dtype in (torch.float32, torch.float64) else 2e-2
+    if expected.shape != got.shape or not torch.allclose(got.float(), expected.float(), rtol=tol, atol=tol):
+        err = (got.float() - expected.float()).abs().max().item() if expected.shape == got.shape else "shape"
+        raise RewriteRejected(f"replacement disagrees with the original subgraph on random inputs (max err {err})")
