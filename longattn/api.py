@@ -22,7 +22,8 @@ def _as_args(example_inputs):
 def explain(model: torch.nn.Module, *example_inputs, policy=None) -> Report:
     """Trace `model` on the inputs (a trailing dict is taken as keyword arguments) and report
     every attention site and what the policy would do with it. The model is run once under
-    torch.compile with an eager inner backend; dynamo's caches are reset first."""
+    torch.compile with an eager inner backend (PyTorch's fused nn.Transformer fast path off);
+    dynamo's caches are reset before and after."""
     policy = load_policy(policy)
     report = Report(policy=policy.source)
 
@@ -31,12 +32,15 @@ def explain(model: torch.nn.Module, *example_inputs, policy=None) -> Report:
         return gm.forward
 
     args, kwargs = _as_args(example_inputs)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused nn.Transformer path hides attention
     torch._dynamo.reset()
     try:
         with torch.no_grad():
             torch.compile(model, backend=collect)(*args, **kwargs)
     finally:
         torch._dynamo.reset()
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return report
 
 

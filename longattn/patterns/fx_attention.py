@@ -16,8 +16,8 @@ import torch.fx as fx
 
 from .fx_canonicalize import expand_multihead_attention
 from .fx_eval import meta_value
-from .fx_ops import Op, canonical, fill_kind, scalar_value
-from .masks import prove_causal
+from .fx_ops import Op, canonical, fill_kind, real_users, scalar_value
+from .masks import is_zero_mask, prove_causal
 from .record import AttentionSite, MaskTerm
 
 
@@ -71,8 +71,8 @@ def _shape(node) -> tuple:
 
 
 def _single_user(node: fx.Node, what: str):
-    if len(node.users) != 1:
-        users = ", ".join(u.name for u in node.users)
+    if len(real_users(node)) != 1:
+        users = ", ".join(u.name for u in real_users(node))
         raise Skip(f"{what} ({node.name}) has other users ({users}), e.g. output_attentions=True")
 
 
@@ -94,7 +94,7 @@ def _peel_scales(node, factors: list) -> fx.Node:
     """Strip single-use constant scale factors off q or k (scale folded into q, d**-0.25 on both)."""
     while isinstance(node, fx.Node):
         op = canonical(node)
-        if op is None or op.name != "scale" or len(node.users) != 1 or scalar_value(op["factor"]) is None:
+        if op is None or op.name != "scale" or len(real_users(node)) != 1 or scalar_value(op["factor"]) is None:
             return node
         f = scalar_value(op["factor"])
         factors.append(1.0 / f if op["divide"] else f)
@@ -208,7 +208,7 @@ def _match_softmax(softmax: fx.Node, op: Op, site: AttentionSite) -> None:
     node, dropout_p = softmax, 0.0
     while True:
         _single_user(node, "attention probabilities")
-        user = next(iter(node.users))
+        user = real_users(node)[0]
         uop = canonical(user)
         if uop is None:
             raise Skip(f"attention probabilities feed {user.target}, not a product with V")
@@ -316,7 +316,7 @@ def _match_softmax(softmax: fx.Node, op: Op, site: AttentionSite) -> None:
     # k: undo the transpose, then see through GQA repeats
     if k_transposed:
         kop = canonical(kt)
-        if kop is not None and _swaps_last_two(kop, rank) and len(kt.users) == 1:
+        if kop is not None and _swaps_last_two(kop, rank) and len(real_users(kt)) == 1:
             k, k_transposed = kop.args[0], False
         else:
             k = kt
@@ -381,6 +381,8 @@ def _apply_masks(site: AttentionSite, terms: list[MaskTerm], scores_shape: tuple
         shape = _shape(term.node)
         if not _broadcasts(shape, scores_shape):
             raise Skip(f"mask {term.node.name} of shape {shape} does not broadcast to the scores {scores_shape}")
+        if is_zero_mask(term):
+            continue
         proven, why = prove_causal(term, site.q_len, site.k_len) if len(shape) >= 2 else (False, "scalar")
         if proven and not site.causal:
             site.causal, site.causal_proof = True, why

@@ -78,6 +78,19 @@ _VIEW_FNS = (torch.reshape, aten.view.default, aten.reshape.default, aten._unsaf
 _EXPAND_FNS = (aten.expand.default,)
 
 
+# Nodes that only check metadata (torch.export inserts them after casts); they are not real uses.
+_METADATA_ASSERTS = tuple(getattr(aten, name).default for name in ("_assert_tensor_metadata",)
+                          if hasattr(aten, name))
+
+
+def real_users(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if not (u.op == "call_function" and u.target in _METADATA_ASSERTS)]
+
+
+def metadata_asserts(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if u.op == "call_function" and u.target in _METADATA_ASSERTS]
+
+
 def _dtype_of_to(node: fx.Node) -> Optional[torch.dtype]:
     for a in list(node.args[1:]) + [node.kwargs.get("dtype")]:
         if isinstance(a, torch.dtype):

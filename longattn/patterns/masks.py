@@ -68,3 +68,18 @@ def _check_at(term: MaskTerm, q_len, k_len, sizes) -> tuple[bool, str]:
     if not ok:
         return False, "mask built from sizes alone but is not the causal pattern"
     return True, f"{sq}x{sk}"
+
+
+def is_zero_mask(term: MaskTerm) -> bool:
+    """An additive mask built from constants alone that is zero everywhere (e.g. the 0 of
+    where(keep, 0, min) once split, or T5's zero position bias in cross attention)."""
+    if term.kind != "additive" or term.fill is not None or data_inputs(term.node):
+        return False
+    val = term.node.meta.get("example_value", term.node.meta.get("val"))
+    try:
+        if val.numel() > MAX_PROOF_ELEMENTS:
+            return False
+        (value,) = evaluate([term.node], {})
+    except Exception:
+        return False
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(value.any())

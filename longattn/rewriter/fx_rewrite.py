@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from ..kernels.dispatch import Band, encode_plan
 from ..patterns.fx_attention import find_attention_sites
+from ..patterns.fx_ops import metadata_asserts
 from ..patterns.fx_eval import concrete_shape, evaluate, hint, is_symbolic, meta_value, small_sizes
 from ..patterns.record import AttentionSite, MaskTerm
 from .report import Report, SiteReport
@@ -131,6 +132,9 @@ def emit(gm: fx.GraphModule, site: AttentionSite, bands: list[Band], *, verify: 
             _erase_unused(graph, result)
             raise
     site.output.replace_all_uses_with(result)
+    for node in site.replaced:  # metadata checks would keep the old subgraph alive
+        for check in metadata_asserts(node):
+            graph.erase_node(check)
     return result
 
 

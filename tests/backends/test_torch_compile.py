@@ -1,0 +1,128 @@
+"""The torch.compile backend end to end: length bands without recompiles, training through
+every kind, inductor, options, explain/rewrite/last_report."""
+import json
+
+import pytest
+import torch
+
+import longattn
+from tests.zoo import ZOO_BY_NAME
+
+
+def _llama(impl="sdpa"):
+    return ZOO_BY_NAME["llama"].build(impl)
+
+
+def _count_compiles(monkeypatch):
+    from longattn.backends import torch_compile as backend_module
+    calls = []
+    original = backend_module.rewrite_graph
+
+    def counting(gm, policy, **kw):
+        calls.append(gm)
+        return original(gm, policy, **kw)
+
+    monkeypatch.setattr(backend_module, "rewrite_graph", counting)
+    return calls
+
+
+def test_dynamic_compile_runs_two_length_bands_without_recompiling(monkeypatch):
+    model, inputs = _llama("eager")
+    policy = {"version": 1, "rules": [{"layers": "*", "by_length": [
+        {"below": 16, "use": "flash"}, {"use": "exact"}]}]}
+    calls = _count_compiles(monkeypatch)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="longattn", dynamic=True, options={"policy": policy, "inner": "aot_eager"})
+    with torch.no_grad():
+        for length in (12, 20):  # below and above the band boundary
+            ids = torch.randint(0, 64, (2, length), generator=torch.Generator().manual_seed(length))
+            got = compiled(input_ids=ids).last_hidden_state
+            torch.testing.assert_close(got, model(input_ids=ids).last_hidden_state, rtol=1e-4, atol=1e-4)
+    assert len(calls) == 1, f"recompiled: {len(calls)} graphs"
+    bands = longattn.last_report().sites[0].bands
+    assert [(b["kind"], b["below"]) for b in bands] == [("flash", 16), ("exact", None)]
+
+
+def test_training_step_through_flash_matches_eager_gradients():
+    model, inputs = _llama("eager")
+    model.train()
+    reference = [p.detach().clone() for p in model.parameters()]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="longattn", options={
+        "policy": {"version": 1, "rules": [{"layers": "*", "use": "flash"}]}, "inner": "aot_eager"})
+    compiled(**inputs).last_hidden_state.square().mean().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model(**inputs).last_hidden_state.square().mean().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.step()
+    assert any(not torch.equal(p, r) for p, r in zip(model.parameters(), reference))
+    assert longattn.last_report().count("rewritten") == 2
+
+
+@pytest.mark.parametrize("kind,params", [("hyper", {"block_size": 16, "sample_size": 4, "min_seq_len": 0}),
+                                         ("linear", {"feature_map": "elu"}),
+                                         ("linear", {"feature_map": "favor", "num_features": 16})])
+def test_approximate_kinds_run_forward_and_backward_with_finite_results(kind, params):
+    model, inputs = _llama("sdpa")
+    model.train()
+    policy = {"version": 1, "rules": [{"layers": "*", "use": kind, **params}]}
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="longattn", options={"policy": policy, "inner": "aot_eager"})
+    out = compiled(**inputs).last_hidden_state
+    assert torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert all(s.bands[0]["kind"] == kind for s in longattn.last_report())
+
+
+def test_inductor_compiles_the_rewritten_graph():
+    model, inputs = _llama("sdpa")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(model, backend="longattn", options={
+            "policy": {"version": 1, "rules": [{"layers": "*", "use": "flash"}]}})(**inputs).last_hidden_state
+        torch.testing.assert_close(got, model(**inputs).last_hidden_state, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_backend_option_is_an_error_naming_it():
+    model, inputs = _llama()
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="polcy"):
+        torch.compile(model, backend="longattn", options={"polcy": "x.yaml"})(**inputs)
+
+
+def test_output_attentions_leaves_every_site_alone_and_says_why():
+    model, inputs = _llama("eager")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend="longattn", options={"inner": "eager"})(**inputs, output_attentions=True)
+    report = longattn.last_report()
+    assert len(report) == 2 and report.count("skipped") == 2
+    assert all("other users" in s.reason for s in report)
+    assert out.attentions[0].shape[-1] == inputs["input_ids"].shape[1]
+
+
+def test_explain_reports_every_site_with_the_policy_choice_as_table_and_json():
+    model, inputs = _llama("eager")
+    report = longattn.explain(model, inputs)
+    assert len(report) == 2
+    table = str(report)
+    assert "layers.0.self_attn" in table and "causal" in table
+    data = json.loads(report.to_json())
+    assert data["summary"]["sites"] == 2 and data["sites"][0]["layer"] == "layers.0.self_attn"
+    assert data["sites"][0]["heads"] == 4 and data["sites"][0]["kv_heads"] == 2
+
+
+def test_rewrite_returns_an_exported_graph_module_that_matches_and_trains():
+    model, inputs = _llama("sdpa")
+    gm, report = longattn.rewrite(model, inputs, policy={"version": 1, "rules": [{"layers": "*", "use": "flash"}]})
+    assert report.count("rewritten") == 2, str(report)
+    assert sum(n.target is torch.ops.longattn.attention.default for n in gm.graph.nodes) == 2
+    got = gm(**inputs)
+    got = got[0] if isinstance(got, (tuple, list)) else got.last_hidden_state
+    torch.testing.assert_close(got, model(**inputs).last_hidden_state, rtol=1e-4, atol=1e-4)
+    got.sum().backward()
