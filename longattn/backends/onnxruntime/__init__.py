@@ -1,0 +1,26 @@
+"""The onnxruntime backend: a C++ custom-op library with CPU kernels for the `ai.longattn` nodes.
+
+Build it with `python -m longattn.backends.onnxruntime.build` (fetches the pinned onnxruntime C API
+headers, compiles `kernels.cc` with the system C++ compiler). `library_path()` finds the built
+library; `longattn.onnx.session` registers it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+LIBRARY_NAME = "liblongattn_ort.so"
+
+
+def default_build_dir() -> str:
+    """Where the build puts the library: $LONGATTN_ORT_BUILD_DIR, else a folder beside this file."""
+    return os.environ.get("LONGATTN_ORT_BUILD_DIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "build")
+
+
+def library_path() -> Optional[str]:
+    """Path of the built custom-op library ($LONGATTN_ORT_LIBRARY overrides), or None if not built."""
+    explicit = os.environ.get("LONGATTN_ORT_LIBRARY")
+    if explicit:
+        return explicit if os.path.exists(explicit) else None
+    path = os.path.join(default_build_dir(), LIBRARY_NAME)
+    return path if os.path.exists(path) else None
