@@ -40,7 +40,7 @@ def rewrite_model(model: onnx.ModelProto, policy: "Policy", *, verify: bool = Tr
                   base_dir: str = "") -> tuple[onnx.ModelProto, Report]:
     """Return (rewritten copy of `model`, report of every site). `model` may hold external-data
     references (loaded without their data); `base_dir` is where that data lives."""
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    inferred = infer_shapes(model)
     view = GraphView(inferred, base_dir=base_dir)
     sites = find_attention_sites(view)
     indices = [s.layer_index for s in sites if s.layer_index is not None]
@@ -65,6 +65,21 @@ def rewrite_model(model: onnx.ModelProto, policy: "Policy", *, verify: bool = Tr
             row.status, row.reason = "skipped", str(e)
         report.sites.append(row)
     return emitter.finish(), report
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's symbolic shape inference (it follows sizes through Shape/Gather/Concat into
+    Reshape, where onnx's own inference gives up), else onnx's with data propagation."""
+    try:
+        import logging
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        logging.getLogger("onnxruntime.tools.symbolic_shape_infer").setLevel(logging.ERROR)
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        if inferred is not None:
+            return inferred
+    except Exception:  # it raises on ops it does not know: fall back
+        pass
+    return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
 
 
 class Emitter:
