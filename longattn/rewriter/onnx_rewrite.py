@@ -92,10 +92,12 @@ class Emitter:
         self.op_types: set[str] = set()
         self.elem_type: Optional[int] = None
         self.counter = 0
+        self.serial = 0
 
     # --- building ------------------------------------------------------------------------------
     def _name(self, what: str) -> str:
-        return f"longattn/{self.counter}/{what}"
+        self.serial += 1
+        return f"longattn/{self.counter}/{what}_{self.serial}"
 
     def emit(self, site: AttentionSite, bands: list[Band], *, verify: bool) -> None:
         view = self.view
@@ -127,7 +129,7 @@ class Emitter:
             return x if view.elem_type(x) == T else add("Cast", [x], "cast", to=T)
 
         def axes(values):
-            name = self._name(f"axes{'_'.join(map(str, values))}")
+            name = f"longattn/axes/{'_'.join(map(str, values))}"
             self.new_initializers.setdefault(name, numpy_helper.from_array(np.array(values, np.int64), name))
             return name
 
