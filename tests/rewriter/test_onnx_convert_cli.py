@@ -1,0 +1,103 @@
+"""`longattn convert` over a folder: progress, summary, atomic writes, failures reported while the
+batch goes on, exit status, the JSON report."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import onnx
+import pytest
+
+from longattn import onnx_cli
+from tests.patterns.test_onnx_spellings import SCALE, attention
+from tests.patterns.test_onnx_zoo import ALL_FLASH
+
+
+@pytest.fixture(autouse=True)
+def _policy(monkeypatch):
+    # the YAML policy engine is exercised by its own tests; here every layer goes to flash
+    monkeypatch.setattr(onnx_cli, "_load_policy", lambda spec: ALL_FLASH)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    src = tmp_path / "models"
+    (src / "nested").mkdir(parents=True)
+    onnx.save(attention(SCALE), str(src / "plain.onnx"))
+    onnx.save(attention(SCALE, opset=14), str(src / "nested" / "opset14.onnx"))
+    (src / "README.txt").write_text("not a model")
+    good = (src / "plain.onnx").read_bytes()
+    (src / "truncated.onnx").write_bytes(good[: len(good) // 2])
+    (src / "garbage.onnx").write_bytes(b"\x00\xffthis is not protobuf" * 10)
+    return src
+
+
+def _snapshot(directory):
+    return {p: open(os.path.join(r, p), "rb").read() for r, _, fs in os.walk(directory) for p in fs}
+
+
+def test_folder_is_converted_failures_reported_and_batch_goes_on(folder, tmp_path, capsys):
+    before = _snapshot(folder)
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    code = onnx_cli.main(["convert", str(folder), "--out", str(out), "--report", str(report), "--check"])
+    assert code == 1  # two broken files
+    assert _snapshot(folder) == before  # inputs never modified
+    assert sorted(os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(out) for f in fs) == \
+        ["nested/opset14.onnx", "plain.onnx"]  # nothing half-written, no temporaries left
+    data = json.loads(report.read_text())
+    by_name = {os.path.basename(m["input"]): m for m in data["models"]}
+    assert data["summary"] == {"models": 4, "converted": 2, "failed": 2}
+    assert by_name["plain.onnx"]["status"] == "ok" and by_name["plain.onnx"]["report"]["summary"]["rewritten"] == 1
+    assert max(by_name["plain.onnx"]["checks"].values()) < 1e-4
+    for broken in ("truncated.onnx", "garbage.onnx"):
+        assert by_name[broken]["status"] == "failed" and "not a readable ONNX model" in by_name[broken]["reason"]
+    text = capsys.readouterr()
+    assert "README.txt: not an .onnx file, ignored" in text.err
+    assert "2 of 4 models converted" in text.out
+    converted = onnx.load(str(out / "plain.onnx"))
+    onnx.checker.check_model(converted, full_check=True)
+    assert any(n.domain == "ai.longattn" for n in converted.graph.node)
+
+
+def test_parallel_jobs_and_globs(folder, tmp_path):
+    out = tmp_path / "out"
+    code = onnx_cli.main(["convert", str(folder / "*.onnx"), str(folder / "nested"), "--out", str(out), "--jobs", "2",
+                          "--report", str(tmp_path / "r.json")])
+    assert code == 1
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["summary"] == {"models": 4, "converted": 2, "failed": 2}
+    assert (out / "plain.onnx").exists() and (out / "opset14.onnx").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_unwritable_output_directory_fails_every_model_cleanly(folder, tmp_path):
+    out = tmp_path / "readonly"
+    out.mkdir()
+    out.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        code = onnx_cli.main(["convert", str(folder / "plain.onnx"), "--out", str(out), "--report",
+                              str(tmp_path / "r.json")])
+    finally:
+        out.chmod(stat.S_IRWXU)
+    assert code == 1
+    model = json.loads((tmp_path / "r.json").read_text())["models"][0]
+    assert model["status"] == "failed" and "permission denied" in model["reason"]
+    assert os.listdir(out) == []
+
+
+def test_output_directory_that_cannot_be_created_is_a_clear_failure(folder, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code = onnx_cli.main(["convert", str(folder / "plain.onnx"), "--out", str(blocker / "out")])
+    assert code == 1
+    assert "cannot create the output directory" in capsys.readouterr().err
+
+
+def test_no_models_is_a_usage_error(tmp_path):
+    assert onnx_cli.main(["convert", str(tmp_path / "missing*.onnx"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_output_never_overwrites_the_input(folder):
+    code = onnx_cli.main(["convert", str(folder / "plain.onnx"), "--out", str(folder)])
+    assert code == 1
