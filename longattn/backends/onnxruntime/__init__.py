@@ -13,8 +13,10 @@ LIBRARY_NAME = "liblongattn_ort.so"
 
 
 def default_build_dir() -> str:
-    """Where the build puts the library: $LONGATTN_ORT_BUILD_DIR, else a folder beside this file."""
-    return os.environ.get("LONGATTN_ORT_BUILD_DIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "build")
+    """Where the build puts the library: $LONGATTN_ORT_BUILD_DIR, else ~/.cache/longattn/onnxruntime
+    (outside the source tree, so a checkout stays clean and an installed package can build too)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("LONGATTN_ORT_BUILD_DIR") or os.path.join(cache, "longattn", "onnxruntime")
 
 
 def library_path() -> Optional[str]:

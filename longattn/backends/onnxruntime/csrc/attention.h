@@ -1,0 +1,506 @@
+// CPU kernels for the ai.longattn nodes, float32.
+//
+// attend_rows: exact attention of a run of query rows against a run of keys with an online
+// softmax, one (query block x key block) tile of scores at a time: O(block) memory, never S x S.
+// The two products are small GEMMs on a register-blocked micro-kernel (12 x 32 floats, AVX-512;
+// a plain loop elsewhere). HyperAttention (sortLSH blocks + uniform key samples merged by
+// log-sum-exp, causal by recursion on halves: Han et al. 2023, Alg. 1-4) and chunked linear
+// attention are built from it. The reference for all three is longattn/kernels/*.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace longattn {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int kRowBlock = 96;   // query rows per tile (a multiple of the micro-kernel's 12)
+#ifndef LONGATTN_KEY_BLOCK
+#define LONGATTN_KEY_BLOCK 512
+#endif
+#ifndef LONGATTN_STRIPE
+#define LONGATTN_STRIPE 12
+#endif
+constexpr int kKeyBlock = LONGATTN_KEY_BLOCK;  // keys per tile (a multiple of the micro-kernel's 32)
+constexpr int kStripe = LONGATTN_STRIPE;       // rows taken from q * k^T through softmax to p * v in L1
+constexpr int kScoreStride = kKeyBlock + 16;   // not a power of two: rows of p would share L1 sets
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// --- C (+)= A * B: A (M x K, lda), B (K x N, ldb), C (M x N, ldc), all row-major ---------------
+
+#if defined(__AVX512F__)
+template <int MR>
+inline void micro_kernel(int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc, bool accumulate) {
+  __m512 c0[MR], c1[MR];
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = accumulate ? _mm512_loadu_ps(C + r * ldc) : _mm512_setzero_ps();
+    c1[r] = accumulate ? _mm512_loadu_ps(C + r * ldc + 16) : _mm512_setzero_ps();
+  }
+  for (int k = 0; k < K; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(B + (int64_t)k * ldb);
+    const __m512 b1 = _mm512_loadu_ps(B + (int64_t)k * ldb + 16);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(A[(int64_t)r * lda + k]);
+      c0[r] = _mm512_fmadd_ps(a, b0, c0[r]);
+      c1[r] = _mm512_fmadd_ps(a, b1, c1[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm512_storeu_ps(C + r * ldc, c0[r]);
+    _mm512_storeu_ps(C + r * ldc + 16, c1[r]);
+  }
+}
+
+inline void micro_dispatch(int rows, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc,
+                           bool acc) {
+  switch (rows) {
+    case 12: micro_kernel<12>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 11: micro_kernel<11>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 10: micro_kernel<10>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 9: micro_kernel<9>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 8: micro_kernel<8>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 7: micro_kernel<7>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 6: micro_kernel<6>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 5: micro_kernel<5>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 4: micro_kernel<4>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 3: micro_kernel<3>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 2: micro_kernel<2>(K, A, lda, B, ldb, C, ldc, acc); break;
+    default: micro_kernel<1>(K, A, lda, B, ldb, C, ldc, acc); break;
+  }
+}
+constexpr int kMR = 12, kNR = 32;
+#else
+constexpr int kMR = 1, kNR = 1;
+#endif
+
+inline void gemm(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc,
+                 bool accumulate) {
+  int n_fast = 0;
+#if defined(__AVX512F__)
+  n_fast = N / kNR * kNR;
+  for (int i = 0; i < M; i += kMR)
+    for (int j = 0; j < n_fast; j += kNR)
+      micro_dispatch(std::min(kMR, M - i), K, A + (int64_t)i * lda, lda, B + j, ldb, C + (int64_t)i * ldc + j, ldc,
+                     accumulate);
+#endif
+  if (n_fast == N) return;
+  for (int i = 0; i < M; ++i) {
+    float* c = C + (int64_t)i * ldc;
+    if (!accumulate)
+      for (int j = n_fast; j < N; ++j) c[j] = 0.f;
+    for (int k = 0; k < K; ++k) {
+      const float a = A[(int64_t)i * lda + k];
+      const float* b = B + (int64_t)k * ldb;
+      for (int j = n_fast; j < N; ++j) c[j] += a * b[j];
+    }
+  }
+}
+
+// --- exp of non-positive arguments (softmax numerators), vectorised ----------------------------
+
+#if defined(__AVX512F__)
+inline __m512 exp512(__m512 x) {
+  // x = n ln2 + r, |r| <= ln2/2; exp(r) by its degree-6 Taylor polynomial (rel. error < 2e-7),
+  // 2^n applied exactly by vscalefps. Arguments below -100 only ever meet exp(-inf) = 0.
+  x = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// s[j] <- exp(s[j] - shift) for j < n (n a multiple of 16 on the vector path); returns the sum.
+inline float exp_shift_sum(float* s, int n, float shift) {
+  float total = 0.f;
+  int j = 0;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 sh = _mm512_set1_ps(shift);
+  for (; j + 16 <= n; j += 16) {
+    __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), sh));
+    _mm512_storeu_ps(s + j, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  total = _mm512_reduce_add_ps(acc);
+#endif
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - shift);
+    total += s[j];
+  }
+  return total;
+}
+
+inline float row_max(const float* s, int n) {
+  float m = kNegInf;
+  int j = 0;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_set1_ps(kNegInf);
+  for (; j + 16 <= n; j += 16) acc = _mm512_max_ps(acc, _mm512_loadu_ps(s + j));
+  m = _mm512_reduce_max_ps(acc);
+#endif
+  for (; j < n; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
+// --- exact attention of a run of rows -------------------------------------------------------
+
+// An additive mask for one (batch, head): element (i, j) at data[i * stride_q + j * stride_k].
+struct MaskView {
+  const float* data = nullptr;
+  int64_t stride_q = 0, stride_k = 0;
+};
+
+struct Workspace {
+  std::vector<float> q, kt, scores, out, m, l;
+};
+
+// Keys packed transposed in panels of 32: panel p holds keys 32p..32p+31 as a contiguous
+// (D x 32) block, zero-padded. The B operand of q * k^T then streams through memory; a plain
+// (D x nk) transpose has a power-of-two row stride that thrashes the L1 cache's sets.
+constexpr int kPanel = 32;
+inline void pack_keys_panels(const float* K, int64_t ldk, int64_t nk, int D, float* kt) {
+  const int64_t panels = round_up(std::max<int64_t>(nk, 1), kPanel) / kPanel;
+  std::fill(kt, kt + panels * D * kPanel, 0.f);
+  for (int64_t j = 0; j < nk; ++j) {
+    float* panel = kt + (j / kPanel) * D * kPanel + (j % kPanel);
+    for (int d = 0; d < D; ++d) panel[(int64_t)d * kPanel] = K[j * ldk + d];
+  }
+}
+inline void pack_keys_transposed(const float* K, int64_t ldk, int64_t nk, int D, std::vector<float>& kt,
+                                 int64_t& ldkt) {
+  ldkt = round_up(std::max<int64_t>(nk, 1), kPanel);
+  kt.resize((size_t)D * ldkt);
+  pack_keys_panels(K, ldk, nk, D, kt.data());
+}
+
+// out[i] = softmax_j(scale q_i . k_j + mask_ij) v_j over keys j < nk visible to query i, where
+// query i (global position q_pos0 + i) sees key j iff j <= q_pos0 + i + causal_offset when
+// causal. lse[i] (if given) is the log-sum-exp of the row (-inf when it saw no key, out = 0).
+// Q (nq x D, ldq), Kt packed by pack_keys_panels (ldkt: keys rounded up to 32), V (nk x Dv,
+// ldv); out (nq x Dv, ldo).
+inline void attend_rows(const float* Q, int64_t ldq, int64_t nq, int D, float scale, const float* Kt, int64_t ldkt,
+                        const float* V, int64_t ldv, int64_t nk, int Dv, const MaskView& mask, bool causal,
+                        int64_t q_pos0, int64_t causal_offset, float* out, int64_t ldo, float* lse, Workspace& ws) {
+  const int64_t dvp = round_up(Dv, 32);
+  ws.q.resize((size_t)kRowBlock * D);
+  ws.scores.resize((size_t)kRowBlock * kScoreStride);
+  ws.out.resize((size_t)kRowBlock * dvp);
+  ws.m.resize(kRowBlock);
+  ws.l.resize(kRowBlock);
+  for (int64_t r0 = 0; r0 < nq; r0 += kRowBlock) {
+    const int rows = (int)std::min<int64_t>(kRowBlock, nq - r0);
+    for (int r = 0; r < rows; ++r)  // scale folded into q: one multiply per q element, not per score
+      for (int d = 0; d < D; ++d) ws.q[(size_t)r * D + d] = Q[(r0 + r) * ldq + d] * scale;
+    std::fill(ws.out.begin(), ws.out.end(), 0.f);
+    std::fill(ws.m.begin(), ws.m.end(), kNegInf);
+    std::fill(ws.l.begin(), ws.l.end(), 0.f);
+    int64_t key_end = nk;
+    if (causal) key_end = std::min<int64_t>(nk, q_pos0 + r0 + rows - 1 + causal_offset + 1);
+    for (int64_t k0 = 0; k0 < key_end; k0 += kKeyBlock) {
+      const int kb = (int)std::min<int64_t>(kKeyBlock, key_end - k0);
+      const int kbp = (int)round_up(kb, 32);
+      // a stripe of rows at a time: its scores stay in L1 from q * k^T through softmax to p * v
+      for (int s0 = 0; s0 < rows; s0 += kStripe) {
+        const int srows = std::min(kStripe, rows - s0);
+        float* stripe = ws.scores.data() + (size_t)s0 * kScoreStride;
+        for (int p = 0; p < kbp; p += kPanel)
+          gemm(srows, kPanel, D, ws.q.data() + (size_t)s0 * D, D, Kt + (k0 + p) * D, kPanel, stripe + p, kScoreStride,
+               false);
+        for (int r = s0; r < s0 + srows; ++r) {
+          float* s = ws.scores.data() + (size_t)r * kScoreStride;
+          if (mask.data) {
+            const float* mrow = mask.data + (r0 + r) * mask.stride_q + k0 * mask.stride_k;
+            for (int j = 0; j < kb; ++j) s[j] += mrow[j * mask.stride_k];
+          }
+          int visible = kb;
+          if (causal) visible = (int)std::clamp<int64_t>(q_pos0 + r0 + r + causal_offset + 1 - k0, 0, kb);
+          for (int j = visible; j < kbp; ++j) s[j] = kNegInf;
+          const float mx = row_max(s, kbp);
+          const float m_new = std::max(ws.m[r], mx);
+          if (m_new == kNegInf) {  // nothing visible yet in this row
+            std::fill(s, s + kbp, 0.f);
+            continue;
+          }
+          const float correction = std::exp(ws.m[r] - m_new);
+          ws.l[r] = ws.l[r] * correction + exp_shift_sum(s, kbp, m_new);
+          if (correction != 1.f) {
+            float* o = ws.out.data() + (size_t)r * dvp;
+            for (int d = 0; d < Dv; ++d) o[d] *= correction;
+          }
+          ws.m[r] = m_new;
+        }
+        gemm(srows, Dv, kb, stripe, kScoreStride, V + k0 * ldv, (int)ldv, ws.out.data() + (size_t)s0 * dvp, (int)dvp,
+             true);
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      const float l = ws.l[r];
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      float* dst = out + (r0 + r) * ldo;
+      const float* o = ws.out.data() + (size_t)r * dvp;
+      for (int d = 0; d < Dv; ++d) dst[d] = o[d] * inv;
+      if (lse) lse[r0 + r] = l > 0.f ? ws.m[r] + std::log(l) : kNegInf;
+    }
+  }
+}
+
+// Merge (out_b, lse_b) into (out_a, lse_a) row-wise: attention over the union of two key sets.
+inline void merge_by_lse(float* out_a, float* lse_a, const float* out_b, const float* lse_b, int64_t n, int Dv,
+                         int64_t ldo_a, int64_t ldo_b) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = lse_a[i], b = lse_b[i];
+    const float m = std::max(a, b);
+    if (m == kNegInf) continue;
+    const float wa = std::exp(a - m), wb = std::exp(b - m), total = wa + wb;
+    float* oa = out_a + i * ldo_a;
+    const float* ob = out_b + i * ldo_b;
+    for (int d = 0; d < Dv; ++d) oa[d] = (oa[d] * wa + ob[d] * wb) / total;
+    lse_a[i] = m + std::log(total);
+  }
+}
+
+// --- HyperAttention ---------------------------------------------------------------------------
+
+struct HyperParams {
+  int64_t block_size = 256, sample_size = 256, lsh_bits = 7, min_seq_len = 4096;
+  uint64_t seed = 0;
+};
+
+// Angular LSH bucket of each row, numbered so that neighbouring buckets differ in one bit
+// (Gray code order), as in the HyperAttention authors' sortLSH.
+inline std::vector<int64_t> lsh_buckets(const float* X, int64_t ld, int64_t n, int D, const std::vector<float>& planes,
+                                        int bits) {
+  std::vector<int64_t> bucket(n);
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t code = 0;
+    for (int b = 0; b < bits; ++b) {
+      float dot = 0.f;
+      for (int d = 0; d < D; ++d) dot += X[i * ld + d] * planes[(size_t)b * D + d];
+      code |= (int64_t)(dot > 0.f) << b;
+    }
+    int64_t rank = code;  // Gray decode: position of `code` along the Gray sequence
+    for (int64_t shift = code >> 1; shift; shift >>= 1) rank ^= shift;
+    bucket[i] = rank;
+  }
+  return bucket;
+}
+
+inline void gather_rows(const float* X, int64_t ld, const int64_t* idx, int64_t n, int D, std::vector<float>& dst) {
+  dst.resize((size_t)std::max<int64_t>(n, 1) * D);
+  for (int64_t i = 0; i < n; ++i) std::memcpy(dst.data() + i * D, X + idx[i] * ld, sizeof(float) * D);
+}
+
+// Non-causal HyperAttention of nq queries against nk keys; out (nq x Dv, ldo), lse (nq).
+inline void hyper_noncausal(const float* Q, int64_t ldq, int64_t nq, const float* K, int64_t ldk, const float* V,
+                            int64_t ldv, int64_t nk, int D, int Dv, float scale, const HyperParams& p, uint64_t salt,
+                            float* out, int64_t ldo, float* lse, Workspace& ws) {
+  std::vector<float> kt;
+  int64_t ldkt;
+  if (nk <= std::max<int64_t>(p.min_seq_len, p.block_size) || nq <= p.block_size) {
+    pack_keys_transposed(K, ldk, nk, D, kt, ldkt);
+    attend_rows(Q, ldq, nq, D, scale, kt.data(), ldkt, V, ldv, nk, Dv, MaskView{}, false, 0, 0, out, ldo, lse, ws);
+    return;
+  }
+  std::mt19937_64 rng(p.seed * 0x9E3779B97F4A7C15ull + salt);
+  std::normal_distribution<float> normal;
+  const int bits = (int)std::clamp<int64_t>(p.lsh_bits, 1, 30);
+  std::vector<float> planes((size_t)bits * D);
+  for (float& x : planes) x = normal(rng);
+  const auto qb = lsh_buckets(Q, ldq, nq, D, planes, bits), kb = lsh_buckets(K, ldk, nk, D, planes, bits);
+  std::vector<int64_t> q_order(nq), k_order(nk), k_block(nk);
+  std::iota(q_order.begin(), q_order.end(), 0);
+  std::iota(k_order.begin(), k_order.end(), 0);
+  std::stable_sort(q_order.begin(), q_order.end(), [&](int64_t a, int64_t b) { return qb[a] < qb[b]; });
+  std::stable_sort(k_order.begin(), k_order.end(), [&](int64_t a, int64_t b) { return kb[a] < kb[b]; });
+  const int64_t blocks = (nq + p.block_size - 1) / p.block_size;
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t i = b * nk / blocks; i < (b + 1) * nk / blocks; ++i) k_block[k_order[i]] = b;
+  // uniform key samples, shared by every block; each block drops the ones it already holds
+  const int64_t m = std::max<int64_t>(1, std::min(p.sample_size, nk));
+  std::uniform_int_distribution<int64_t> pick(0, nk - 1);
+  std::vector<int64_t> samples(m);
+  for (auto& s : samples) s = pick(rng);
+  const float sample_weight = std::log((float)nk / (float)m);  // each sample stands for nk/m keys
+  std::vector<float> qg, kg, vg, og, lg, og2, lg2;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t q_lo = b * p.block_size, q_hi = std::min(nq, q_lo + p.block_size), n_q = q_hi - q_lo;
+    const int64_t k_lo = b * nk / blocks, k_hi = (b + 1) * nk / blocks, n_k = k_hi - k_lo;
+    gather_rows(Q, ldq, q_order.data() + q_lo, n_q, D, qg);
+    og.assign((size_t)n_q * Dv, 0.f);
+    lg.assign(n_q, kNegInf);
+    gather_rows(K, ldk, k_order.data() + k_lo, n_k, D, kg);
+    gather_rows(V, ldv, k_order.data() + k_lo, n_k, Dv, vg);
+    pack_keys_transposed(kg.data(), D, n_k, D, kt, ldkt);
+    attend_rows(qg.data(), D, n_q, D, scale, kt.data(), ldkt, vg.data(), Dv, n_k, Dv, MaskView{}, false, 0, 0,
+                og.data(), Dv, lg.data(), ws);
+    std::vector<int64_t> kept;
+    for (int64_t s : samples)
+      if (k_block[s] != b) kept.push_back(s);
+    if (!kept.empty()) {
+      gather_rows(K, ldk, kept.data(), (int64_t)kept.size(), D, kg);
+      gather_rows(V, ldv, kept.data(), (int64_t)kept.size(), Dv, vg);
+      pack_keys_transposed(kg.data(), D, (int64_t)kept.size(), D, kt, ldkt);
+      og2.assign((size_t)n_q * Dv, 0.f);
+      lg2.assign(n_q, kNegInf);
+      attend_rows(qg.data(), D, n_q, D, scale, kt.data(), ldkt, vg.data(), Dv, (int64_t)kept.size(), Dv, MaskView{},
+                  false, 0, 0, og2.data(), Dv, lg2.data(), ws);
+      for (auto& x : lg2) x += sample_weight;
+      merge_by_lse(og.data(), lg.data(), og2.data(), lg2.data(), n_q, Dv, Dv, Dv);
+    }
+    for (int64_t i = 0; i < n_q; ++i) {  // scatter back to the original query order
+      std::memcpy(out + q_order[q_lo + i] * ldo, og.data() + i * Dv, sizeof(float) * Dv);
+      if (lse) lse[q_order[q_lo + i]] = lg[i];
+    }
+  }
+}
+
+// Causal HyperAttention for n queries against n keys (aligned): the diagonal halves recurse,
+// the off-diagonal quarter is non-causal HyperAttention, merged by log-sum-exp.
+inline void hyper_causal(const float* Q, int64_t ldq, const float* K, int64_t ldk, const float* V, int64_t ldv,
+                         int64_t n, int D, int Dv, float scale, const HyperParams& p, uint64_t salt, float* out,
+                         int64_t ldo, float* lse, Workspace& ws) {
+  if (n <= std::max<int64_t>(p.min_seq_len, 2 * p.block_size)) {
+    std::vector<float> kt;
+    int64_t ldkt;
+    pack_keys_transposed(K, ldk, n, D, kt, ldkt);
+    attend_rows(Q, ldq, n, D, scale, kt.data(), ldkt, V, ldv, n, Dv, MaskView{}, true, 0, 0, out, ldo, lse, ws);
+    return;
+  }
+  const int64_t h = n / 2;
+  hyper_causal(Q, ldq, K, ldk, V, ldv, h, D, Dv, scale, p, salt * 3 + 1, out, ldo, lse, ws);
+  hyper_causal(Q + h * ldq, ldq, K + h * ldk, ldk, V + h * ldv, ldv, n - h, D, Dv, scale, p, salt * 3 + 2,
+               out + h * ldo, ldo, lse + h, ws);
+  std::vector<float> o2((size_t)(n - h) * Dv), l2(n - h);
+  hyper_noncausal(Q + h * ldq, ldq, n - h, K, ldk, V, ldv, h, D, Dv, scale, p, salt * 3 + 3, o2.data(), Dv,
+                  l2.data(), ws);
+  merge_by_lse(out + h * ldo, lse + h, o2.data(), l2.data(), n - h, Dv, ldo, Dv);
+}
+
+// --- linear attention -------------------------------------------------------------------------
+
+struct LinearParams {
+  std::string feature_map = "elu";  // elu (elu(x)+1), relu, or favor (positive random features of exp)
+  int64_t num_features = 64, chunk_size = 64;
+  uint64_t seed = 0;
+};
+
+// phi(X) (n x F): for favor, exp(w.x*sqrt(scale) - |x|^2 scale/2 - stabiliser) / sqrt(F), whose
+// products estimate exp(scale q.k) (Choromanski et al. 2021, positive random features).
+inline int feature_rows(const float* X, int64_t ld, int64_t n, int D, const LinearParams& p, float scale,
+                        const std::vector<float>& w, bool per_row_stabiliser, std::vector<float>& phi) {
+  if (p.feature_map == "favor") {
+    const int F = (int)p.num_features;
+    const float root = std::sqrt(scale);
+    phi.assign((size_t)n * F, 0.f);
+    float global_max = kNegInf;
+    std::vector<float> norms(n);
+    for (int64_t i = 0; i < n; ++i) {
+      float nn = 0.f;
+      for (int d = 0; d < D; ++d) nn += X[i * ld + d] * X[i * ld + d];
+      norms[i] = 0.5f * nn * scale;
+      for (int f = 0; f < F; ++f) {
+        float dot = 0.f;
+        for (int d = 0; d < D; ++d) dot += w[(size_t)f * D + d] * X[i * ld + d];
+        phi[i * F + f] = dot * root - norms[i];
+        global_max = std::max(global_max, phi[i * F + f]);
+      }
+    }
+    const float inv = 1.f / std::sqrt((float)F);
+    for (int64_t i = 0; i < n; ++i) {
+      float shift = global_max;
+      if (per_row_stabiliser) {  // a per-query factor cancels in the normalisation
+        shift = kNegInf;
+        for (int f = 0; f < F; ++f) shift = std::max(shift, phi[i * F + f]);
+      }
+      for (int f = 0; f < F; ++f) phi[i * F + f] = std::exp(phi[i * F + f] - shift) * inv;
+    }
+    return F;
+  }
+  phi.resize((size_t)n * D);
+  const bool relu = p.feature_map == "relu";
+  for (int64_t i = 0; i < n; ++i)
+    for (int d = 0; d < D; ++d) {
+      const float x = X[i * ld + d];
+      phi[i * D + d] = relu ? std::max(x, 0.f) : (x > 0.f ? x + 1.f : std::exp(x));
+    }
+  return D;
+}
+
+// out_i = sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j) over visible keys; causal in
+// chunks: a running (F x Dv) state for earlier chunks, an exact masked product inside a chunk.
+inline void linear_attention(const float* Q, int64_t ldq, int64_t nq, const float* K, int64_t ldk, const float* V,
+                             int64_t ldv, int64_t nk, int D, int Dv, float scale, bool causal, const LinearParams& p,
+                             uint64_t salt, float* out, int64_t ldo) {
+  std::vector<float> w;
+  if (p.feature_map == "favor") {
+    std::mt19937_64 rng(p.seed * 0x9E3779B97F4A7C15ull + salt);
+    std::normal_distribution<float> normal;
+    w.resize((size_t)p.num_features * D);
+    for (float& x : w) x = normal(rng);
+  }
+  std::vector<float> pq, pk;
+  const int F = feature_rows(Q, ldq, nq, D, p, scale, w, true, pq);
+  feature_rows(K, ldk, nk, D, p, scale, w, false, pk);
+  std::vector<float> state((size_t)F * Dv, 0.f), z(F, 0.f), num(Dv);
+  auto absorb = [&](int64_t j) {  // key j joins the running state
+    for (int f = 0; f < F; ++f) {
+      const float a = pk[j * F + f];
+      z[f] += a;
+      for (int d = 0; d < Dv; ++d) state[(size_t)f * Dv + d] += a * V[j * ldv + d];
+    }
+  };
+  auto emit = [&](int64_t i, int64_t extra_lo, int64_t extra_hi) {  // state plus keys [lo, hi) exactly
+    std::fill(num.begin(), num.end(), 0.f);
+    float den = 0.f;
+    for (int f = 0; f < F; ++f) {
+      const float a = pq[i * F + f];
+      den += a * z[f];
+      for (int d = 0; d < Dv; ++d) num[d] += a * state[(size_t)f * Dv + d];
+    }
+    for (int64_t j = extra_lo; j < extra_hi; ++j) {
+      float a = 0.f;
+      for (int f = 0; f < F; ++f) a += pq[i * F + f] * pk[j * F + f];
+      den += a;
+      for (int d = 0; d < Dv; ++d) num[d] += a * V[j * ldv + d];
+    }
+    const float inv = den > 0.f ? 1.f / den : 0.f;
+    for (int d = 0; d < Dv; ++d) out[i * ldo + d] = num[d] * inv;
+  };
+  if (!causal) {
+    for (int64_t j = 0; j < nk; ++j) absorb(j);
+    for (int64_t i = 0; i < nq; ++i) emit(i, 0, 0);
+    return;
+  }
+  const int64_t offset = nk - nq;  // bottom-right: query i sees keys j <= i + offset
+  int64_t absorbed = 0;
+  for (; absorbed < std::max<int64_t>(offset, 0); ++absorbed) absorb(absorbed);
+  const int64_t C = std::max<int64_t>(1, p.chunk_size);
+  for (int64_t c0 = 0; c0 < nq; c0 += C) {
+    const int64_t c1 = std::min(nq, c0 + C);
+    for (int64_t i = c0; i < c1; ++i) emit(i, absorbed, std::min(nk, i + offset + 1));
+    for (; absorbed < std::min(nk, c1 + offset); ++absorbed) absorb(absorbed);
+  }
+}
+
+}  // namespace longattn

@@ -1,0 +1,167 @@
+"""The ai.longattn custom-op library: built from the repo, compared with the nodes' ONNX function
+bodies (exact attention in stock onnxruntime) and with plain NumPy references."""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import longattn.onnx as lo
+from longattn.kernels.dispatch import Band, encode_plan
+from longattn.rewriter.onnx_functions import attention_function
+
+
+@pytest.fixture(scope="module")
+def library():
+    from longattn.backends.onnxruntime import build
+    try:
+        build.compiler()
+    except build.BuildError as e:
+        pytest.skip(f"no C++ compiler to build the custom-op library: {e}")
+    return build.build(quiet=True)  # a failure to fetch headers or compile fails the tests, with the reason
+
+
+def node_model(op, q_shape, kv_shape, *, causal=False, bands=(Band("flash"),), mask_shape=None, scale=None):
+    F = TensorProto.FLOAT
+    ins = [helper.make_tensor_value_info("q", F, q_shape), helper.make_tensor_value_info("k", F, kv_shape),
+           helper.make_tensor_value_info("v", F, kv_shape)]
+    inits = []
+    if mask_shape is not None:
+        ins.append(helper.make_tensor_value_info("mask", F, mask_shape))
+    else:
+        inits.append(numpy_helper.from_array(np.array(0, np.float32), "mask"))
+    node = helper.make_node(op, ["q", "k", "v", "mask"], ["out"], domain="ai.longattn",
+                            scale=scale or q_shape[-1] ** -0.5, causal=int(causal), plan=encode_plan(list(bands)))
+    out_shape = list(q_shape[:-1]) + [kv_shape[-1]]
+    graph = helper.make_graph([node], "g", ins, [helper.make_tensor_value_info("out", F, out_shape)], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.longattn", 1)],
+                          ir_version=9)
+    m.functions.append(attention_function(op, F, 17))
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def feeds_for(q_shape, kv_shape, mask_shape=None, seed=0):
+    rng = np.random.default_rng(seed)
+    f = {"q": rng.standard_normal(q_shape, dtype=np.float32), "k": rng.standard_normal(kv_shape, dtype=np.float32),
+         "v": rng.standard_normal(kv_shape, dtype=np.float32)}
+    if mask_shape is not None:
+        f["mask"] = rng.standard_normal(mask_shape, dtype=np.float32)
+    return f
+
+
+def with_library(m, feeds, **options):
+    return lo.session(m.SerializeToString(), **options).run(None, feeds)[0]
+
+
+def stock(m, feeds):
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+CASES = [  # q shape, k/v shape, causal, mask shape
+    ((1, 2, 100, 64), (1, 2, 300, 64), False, None),
+    ((2, 4, 130, 64), (2, 2, 130, 64), True, None),          # GQA, causal
+    ((1, 4, 50, 32), (1, 1, 333, 32), True, (1, 1, 50, 333)),  # MQA, causal bottom-right, full mask
+    ((1, 2, 7, 16), (1, 2, 9, 16), False, (9,)),              # broadcast key mask
+    ((1, 2, 600, 48), (1, 2, 600, 48), False, (1, 2, 600, 600)),
+]
+
+
+@pytest.mark.parametrize("q_shape,kv_shape,causal,mask_shape", CASES)
+def test_flash_kernel_matches_the_function_body(library, q_shape, kv_shape, causal, mask_shape):
+    m = node_model("FlashAttention", q_shape, kv_shape, causal=causal, mask_shape=mask_shape)
+    feeds = feeds_for(q_shape, kv_shape, mask_shape)
+    np.testing.assert_allclose(with_library(m, feeds, intra_op_num_threads=2), stock(m, feeds), rtol=1e-4, atol=1e-5)
+
+
+def _phi(x):
+    return np.where(x > 0, x + 1, np.exp(x))
+
+
+def linear_reference(q, k, v, causal):
+    """elu+1 linear attention (Katharopoulos et al. 2020), bottom-right causal, float64."""
+    fq, fk = _phi(q.astype(np.float64)), _phi(k.astype(np.float64))
+    a = fq @ np.swapaxes(fk, -1, -2)
+    if causal:
+        sq, sk = a.shape[-2:]
+        a = a * (np.arange(sk)[None, :] <= np.arange(sq)[:, None] + sk - sq)
+    return (a @ v) / a.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_kernel_matches_numpy(library, causal):
+    shape = (1, 2, 200, 32)
+    m = node_model("LinearAttention", shape, shape, causal=causal, bands=(Band("linear", None, {"chunk_size": 16}),))
+    feeds = feeds_for(shape, shape)
+    expected = linear_reference(feeds["q"], feeds["k"], feeds["v"], causal)
+    np.testing.assert_allclose(with_library(m, feeds), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_plan_bands_choose_the_kernel_by_key_length(library):
+    bands = (Band("flash", 64), Band("linear"))
+    short, long = (1, 2, 32, 16), (1, 2, 96, 16)
+    m_short = node_model("LinearAttention", short, short, bands=bands)
+    f = feeds_for(short, short)
+    np.testing.assert_allclose(with_library(m_short, f), stock(m_short, f), rtol=1e-4, atol=1e-5)  # exact below 64
+    m_long = node_model("LinearAttention", long, long, bands=bands)
+    f = feeds_for(long, long)
+    np.testing.assert_allclose(with_library(m_long, f), linear_reference(f["q"], f["k"], f["v"], False),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_hyper_kernel_is_exact_below_min_seq_len_and_finds_the_heavy_keys_above(library, causal):
+    shape = (1, 2, 1024, 32)
+    feeds = feeds_for(shape, shape)
+    # each query points along its own key: one heavy entry per row, which angular LSH puts in the
+    # query's own block (Gaussian inputs alone have no large entries to find)
+    feeds["q"] = 2.0 * feeds["k"]
+    exact = stock(node_model("FlashAttention", shape, shape, causal=causal), feeds)
+    below = node_model("HyperAttention", shape, shape, causal=causal, bands=(Band("hyper", None, {"min_seq_len": 4096}),))
+    np.testing.assert_allclose(with_library(below, feeds), exact, rtol=1e-4, atol=1e-5)
+    params = {"min_seq_len": 256, "block_size": 64, "sample_size": 64, "lsh_bits": 4}
+    approx = with_library(node_model("HyperAttention", shape, shape, causal=causal, bands=(Band("hyper", None, params),)),
+                          feeds)
+    assert np.isfinite(approx).all()
+    assert np.abs(approx - exact).mean() < 0.2 * np.abs(exact).mean()  # a broken merge gives ~1x
+
+
+def test_converted_model_runs_on_the_library_and_matches_the_original(library, tmp_path):
+    from tests.patterns.test_onnx_zoo import ALL_FLASH, export, zoo_feeds
+    path, _ = export("llama", "eager", False, 17, tmp_path)
+    converted, _ = lo.convert(path, policy=ALL_FLASH)
+    out = tmp_path / "converted.onnx"
+    lo.save(converted, out)
+    feeds = zoo_feeds("llama", "eager")
+    expected = stock_file(path, feeds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the library is there: no fallback warning
+        got = lo.session(out).run(None, feeds)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def stock_file(path, feeds):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def test_session_without_the_library_warns_and_runs_the_function_body(monkeypatch):
+    monkeypatch.setenv("LONGATTN_ORT_LIBRARY", "/nonexistent/liblongattn_ort.so")
+    shape = (1, 2, 20, 16)
+    m = node_model("HyperAttention", shape, shape, causal=True, bands=(Band("hyper"),))
+    feeds = feeds_for(shape, shape)
+    with pytest.warns(RuntimeWarning, match="not built"):
+        sess = lo.session(m.SerializeToString())
+    np.testing.assert_allclose(sess.run(None, feeds)[0], stock(m, feeds), rtol=1e-6)
+
+
+def test_build_fails_clearly_without_headers(monkeypatch, tmp_path):
+    from longattn.backends.onnxruntime import build
+    monkeypatch.setenv("LONGATTN_ORT_HEADERS", str(tmp_path))
+    with pytest.raises(build.BuildError, match="lacks onnxruntime_c_api.h"):
+        build.build(str(tmp_path / "out"), force=True, quiet=True)
