@@ -30,7 +30,7 @@ constexpr int kRowBlock = 96;   // query rows per tile (a multiple of the micro-
 #define LONGATTN_KEY_BLOCK 512
 #endif
 #ifndef LONGATTN_STRIPE
-#define LONGATTN_STRIPE 12
+#define LONGATTN_STRIPE 48
 #endif
 constexpr int kKeyBlock = LONGATTN_KEY_BLOCK;  // keys per tile (a multiple of the micro-kernel's 32)
 constexpr int kStripe = LONGATTN_STRIPE;       // rows taken from q * k^T through softmax to p * v in L1
@@ -42,7 +42,8 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 #if defined(__AVX512F__)
 template <int MR>
-inline void micro_kernel(int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc, bool accumulate) {
+inline void micro_kernel(int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc, bool accumulate,
+                         float* row_max = nullptr) {
   __m512 c0[MR], c1[MR];
   for (int r = 0; r < MR; ++r) {
     c0[r] = accumulate ? _mm512_loadu_ps(C + r * ldc) : _mm512_setzero_ps();
@@ -61,23 +62,25 @@ inline void micro_kernel(int K, const float* A, int lda, const float* B, int ldb
     _mm512_storeu_ps(C + r * ldc, c0[r]);
     _mm512_storeu_ps(C + r * ldc + 16, c1[r]);
   }
+  if (row_max)  // the softmax's row maxima while the tile is still in registers
+    for (int r = 0; r < MR; ++r) row_max[r] = std::max(row_max[r], _mm512_reduce_max_ps(_mm512_max_ps(c0[r], c1[r])));
 }
 
 inline void micro_dispatch(int rows, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc,
-                           bool acc) {
+                           bool acc, float* mx = nullptr) {
   switch (rows) {
-    case 12: micro_kernel<12>(K, A, lda, B, ldb, C, ldc, acc); break;
-    case 11: micro_kernel<11>(K, A, lda, B, ldb, C, ldc, acc); break;
-    case 10: micro_kernel<10>(K, A, lda, B, ldb, C, ldc, acc); break;
-    case 9: micro_kernel<9>(K, A, lda, B, ldb, C, ldc, acc); break;
-    case 8: micro_kernel<8>(K, A, lda, B, ldb, C, ldc, acc); break;
-    case 7: micro_kernel<7>(K, A, lda, B, ldb, C, ldc, acc); break;
-    case 6: micro_kernel<6>(K, A, lda, B, ldb, C, ldc, acc); break;
-    case 5: micro_kernel<5>(K, A, lda, B, ldb, C, ldc, acc); break;
-    case 4: micro_kernel<4>(K, A, lda, B, ldb, C, ldc, acc); break;
-    case 3: micro_kernel<3>(K, A, lda, B, ldb, C, ldc, acc); break;
-    case 2: micro_kernel<2>(K, A, lda, B, ldb, C, ldc, acc); break;
-    default: micro_kernel<1>(K, A, lda, B, ldb, C, ldc, acc); break;
+    case 12: micro_kernel<12>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
+    case 11: micro_kernel<11>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
+    case 10: micro_kernel<10>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
+    case 9: micro_kernel<9>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
+    case 8: micro_kernel<8>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
+    case 7: micro_kernel<7>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
+    case 6: micro_kernel<6>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
+    case 5: micro_kernel<5>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
+    case 4: micro_kernel<4>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
+    case 3: micro_kernel<3>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
+    case 2: micro_kernel<2>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
+    default: micro_kernel<1>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
   }
 }
 constexpr int kMR = 12, kNR = 32;
@@ -85,15 +88,16 @@ constexpr int kMR = 12, kNR = 32;
 constexpr int kMR = 1, kNR = 1;
 #endif
 
+// row_max (optional, M entries): raised to the max of each row of the product
 inline void gemm(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc,
-                 bool accumulate) {
+                 bool accumulate, float* row_max = nullptr) {
   int n_fast = 0;
 #if defined(__AVX512F__)
   n_fast = N / kNR * kNR;
   for (int i = 0; i < M; i += kMR)
     for (int j = 0; j < n_fast; j += kNR)
       micro_dispatch(std::min(kMR, M - i), K, A + (int64_t)i * lda, lda, B + j, ldb, C + (int64_t)i * ldc + j, ldc,
-                     accumulate);
+                     accumulate, row_max ? row_max + i : nullptr);
 #endif
   if (n_fast == N) return;
   for (int i = 0; i < M; ++i) {
@@ -105,47 +109,48 @@ inline void gemm(int M, int N, int K, const float* A, int lda, const float* B, i
       const float* b = B + (int64_t)k * ldb;
       for (int j = n_fast; j < N; ++j) c[j] += a * b[j];
     }
+    if (row_max)
+      for (int j = n_fast; j < N; ++j) row_max[i] = std::max(row_max[i], c[j]);
   }
 }
 
 // --- exp of non-positive arguments (softmax numerators), vectorised ----------------------------
 
 #if defined(__AVX512F__)
-inline __m512 exp512(__m512 x) {
-  // x = n ln2 + r, |r| <= ln2/2; exp(r) by its degree-6 Taylor polynomial (rel. error < 2e-7),
-  // 2^n applied exactly by vscalefps. Arguments below -100 only ever meet exp(-inf) = 0.
-  x = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+inline __m512 exp2_512(__m512 x) {
+  // 2^x = 2^n 2^r, n = round(x), |r| <= 1/2: 2^r by its degree-6 Taylor polynomial in r ln2
+  // (rel. error < 3e-8), 2^n applied exactly by vscalefps. Scores are kept in log2 units (the
+  // softmax scale carries log2(e)), which saves the range reduction's multiply and second step.
+  x = _mm512_max_ps(x, _mm512_set1_ps(-150.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9314718055994531e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, n);
 }
 #endif
 
-// s[j] <- exp(s[j] - shift) for j < n (n a multiple of 16 on the vector path); returns the sum.
-inline float exp_shift_sum(float* s, int n, float shift) {
+// s[j] <- 2^(s[j] - shift) for j < n (n a multiple of 16 on the vector path); returns the sum.
+inline float exp2_shift_sum(float* s, int n, float shift) {
   float total = 0.f;
   int j = 0;
 #if defined(__AVX512F__)
   __m512 acc = _mm512_setzero_ps();
   const __m512 sh = _mm512_set1_ps(shift);
   for (; j + 16 <= n; j += 16) {
-    __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), sh));
+    __m512 e = exp2_512(_mm512_sub_ps(_mm512_loadu_ps(s + j), sh));
     _mm512_storeu_ps(s + j, e);
     acc = _mm512_add_ps(acc, e);
   }
   total = _mm512_reduce_add_ps(acc);
 #endif
   for (; j < n; ++j) {
-    s[j] = std::exp(s[j] - shift);
+    s[j] = std::exp2(s[j] - shift);
     total += s[j];
   }
   return total;
@@ -181,10 +186,14 @@ struct Workspace {
 constexpr int kPanel = 32;
 inline void pack_keys_panels(const float* K, int64_t ldk, int64_t nk, int D, float* kt) {
   const int64_t panels = round_up(std::max<int64_t>(nk, 1), kPanel) / kPanel;
-  std::fill(kt, kt + panels * D * kPanel, 0.f);
-  for (int64_t j = 0; j < nk; ++j) {
-    float* panel = kt + (j / kPanel) * D * kPanel + (j % kPanel);
-    for (int d = 0; d < D; ++d) panel[(int64_t)d * kPanel] = K[j * ldk + d];
+  for (int64_t p = 0; p < panels; ++p) {  // one (32 x D) block of keys -> one (D x 32) panel
+    float* panel = kt + p * D * kPanel;
+    const int64_t j0 = p * kPanel, width = std::min<int64_t>(kPanel, nk - j0);
+    for (int d = 0; d < D; ++d) {
+      float* row = panel + (int64_t)d * kPanel;
+      for (int64_t jj = 0; jj < width; ++jj) row[jj] = K[(j0 + jj) * ldk + d];
+      for (int64_t jj = width; jj < kPanel; ++jj) row[jj] = 0.f;
+    }
   }
 }
 inline void pack_keys_transposed(const float* K, int64_t ldk, int64_t nk, int D, std::vector<float>& kt,
@@ -210,8 +219,10 @@ inline void attend_rows(const float* Q, int64_t ldq, int64_t nq, int D, float sc
   ws.l.resize(kRowBlock);
   for (int64_t r0 = 0; r0 < nq; r0 += kRowBlock) {
     const int rows = (int)std::min<int64_t>(kRowBlock, nq - r0);
-    for (int r = 0; r < rows; ++r)  // scale folded into q: one multiply per q element, not per score
-      for (int d = 0; d < D; ++d) ws.q[(size_t)r * D + d] = Q[(r0 + r) * ldq + d] * scale;
+    // scale and log2(e) folded into q: one multiply per q element, not per score
+    const float q_scale = scale * 1.44269504088896341f;
+    for (int r = 0; r < rows; ++r)
+      for (int d = 0; d < D; ++d) ws.q[(size_t)r * D + d] = Q[(r0 + r) * ldq + d] * q_scale;
     std::fill(ws.out.begin(), ws.out.end(), 0.f);
     std::fill(ws.m.begin(), ws.m.end(), kNegInf);
     std::fill(ws.l.begin(), ws.l.end(), 0.f);
@@ -224,26 +235,34 @@ inline void attend_rows(const float* Q, int64_t ldq, int64_t nq, int D, float sc
       for (int s0 = 0; s0 < rows; s0 += kStripe) {
         const int srows = std::min(kStripe, rows - s0);
         float* stripe = ws.scores.data() + (size_t)s0 * kScoreStride;
+        // the products' row maxima are the softmax's when nothing is added or hidden afterwards
+        const bool plain = !mask.data && kb == kbp &&
+                           (!causal || q_pos0 + r0 + s0 + causal_offset >= k0 + kb - 1);
+        float block_max[kStripe];
+        std::fill(block_max, block_max + srows, kNegInf);
         for (int p = 0; p < kbp; p += kPanel)
           gemm(srows, kPanel, D, ws.q.data() + (size_t)s0 * D, D, Kt + (k0 + p) * D, kPanel, stripe + p, kScoreStride,
-               false);
+               false, plain ? block_max : nullptr);
         for (int r = s0; r < s0 + srows; ++r) {
           float* s = ws.scores.data() + (size_t)r * kScoreStride;
-          if (mask.data) {
-            const float* mrow = mask.data + (r0 + r) * mask.stride_q + k0 * mask.stride_k;
-            for (int j = 0; j < kb; ++j) s[j] += mrow[j * mask.stride_k];
+          float mx = block_max[r - s0];
+          if (!plain) {
+            if (mask.data) {  // additive mask, in log2 units like the scores
+              const float* mrow = mask.data + (r0 + r) * mask.stride_q + k0 * mask.stride_k;
+              for (int j = 0; j < kb; ++j) s[j] += mrow[j * mask.stride_k] * 1.44269504088896341f;
+            }
+            int visible = kb;
+            if (causal) visible = (int)std::clamp<int64_t>(q_pos0 + r0 + r + causal_offset + 1 - k0, 0, kb);
+            for (int j = visible; j < kbp; ++j) s[j] = kNegInf;
+            mx = row_max(s, kbp);
           }
-          int visible = kb;
-          if (causal) visible = (int)std::clamp<int64_t>(q_pos0 + r0 + r + causal_offset + 1 - k0, 0, kb);
-          for (int j = visible; j < kbp; ++j) s[j] = kNegInf;
-          const float mx = row_max(s, kbp);
           const float m_new = std::max(ws.m[r], mx);
           if (m_new == kNegInf) {  // nothing visible yet in this row
             std::fill(s, s + kbp, 0.f);
             continue;
           }
-          const float correction = std::exp(ws.m[r] - m_new);
-          ws.l[r] = ws.l[r] * correction + exp_shift_sum(s, kbp, m_new);
+          const float correction = std::exp2(ws.m[r] - m_new);
+          ws.l[r] = ws.l[r] * correction + exp2_shift_sum(s, kbp, m_new);
           if (correction != 1.f) {
             float* o = ws.out.data() + (size_t)r * dvp;
             for (int d = 0; d < Dv; ++d) o[d] *= correction;
@@ -260,7 +279,7 @@ inline void attend_rows(const float* Q, int64_t ldq, int64_t nq, int D, float sc
       float* dst = out + (r0 + r) * ldo;
       const float* o = ws.out.data() + (size_t)r * dvp;
       for (int d = 0; d < Dv; ++d) dst[d] = o[d] * inv;
-      if (lse) lse[r0 + r] = l > 0.f ? ws.m[r] + std::log(l) : kNegInf;
+      if (lse) lse[r0 + r] = l > 0.f ? (ws.m[r] + std::log2(l)) * 0.69314718055994531f : kNegInf;  // natural log
     }
   }
 }

@@ -179,9 +179,9 @@ struct AttentionOp {
     // exact (flash, exact, and hyper with causal q_len != k_len): keys packed once per K/V head,
     // then query blocks of every head in parallel
     int64_t ldkt = round_up(std::max<int64_t>(Sk, 1), 32);
-    std::vector<float> packed((size_t)(B * Hkv) * D * ldkt);
+    std::unique_ptr<float[]> packed(new float[(size_t)(B * Hkv) * D * ldkt]);  // filled by the packing below
     parallel_for(ctx, (size_t)(B * Hkv), [&](size_t item) {
-      pack_keys_panels(kd + item * Sk * D, D, Sk, (int)D, packed.data() + item * D * ldkt);
+      pack_keys_panels(kd + item * Sk * D, D, Sk, (int)D, packed.get() + item * D * ldkt);
     });
     const int64_t qblocks = (Sq + kRowBlock - 1) / kRowBlock;
     parallel_for(ctx, (size_t)(B * Hq * qblocks), [&](size_t item) {
@@ -189,7 +189,7 @@ struct AttentionOp {
       const int64_t blk = item % qblocks, bh = item / qblocks, b = bh / Hq, h = bh % Hq, hk = h / groups;
       const int64_t q0 = blk * kRowBlock, rows = std::min<int64_t>(kRowBlock, Sq - q0);
       attend_rows(qd + ((b * Hq + h) * Sq + q0) * D, D, rows, (int)D, scale,
-                  packed.data() + (b * Hkv + hk) * D * ldkt, ldkt, vd + (b * Hkv + hk) * Sk * Dv, Dv, Sk, (int)Dv,
+                  packed.get() + (b * Hkv + hk) * D * ldkt, ldkt, vd + (b * Hkv + hk) * Sk * Dv, Dv, Sk, (int)Dv,
                   head_mask(b, h, q0), causal, q0, Sk - Sq, o + ((b * Hq + h) * Sq + q0) * Dv, Dv, nullptr, ws);
     });
   }

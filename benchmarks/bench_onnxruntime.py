@@ -1,0 +1,173 @@
+"""CPU attention in onnxruntime, one run: our ai.longattn nodes (custom-op library) against
+com.microsoft MultiHeadAttention and the same attention as decomposed ONNX ops.
+
+    python benchmarks/bench_onnxruntime.py [--lengths 1024,2048,...] [--heads 8] [--dim 64] [--out FILE]
+
+Batch 1, fp32, non-causal, no mask, all intra-op threads of the machine. Each graph is its own
+model with the attention alone (MultiHeadAttention takes (B, S, H·D); the others (B, H, S, D)).
+Timing: median of several runs after one warm-up, random normal inputs. Writes one JSON object
+a line (the first line is the environment) and prints a table; ratios are only meaningful
+within one run. The hyper and linear rows run their default parameters (block 256, 256 samples,
+7 LSH bits, exact below 4096 keys; elu feature map): they are approximations, see the docs.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # idle BLAS threads must not spin beside the kernels
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+F = TensorProto.FLOAT
+OPSET = 17
+
+
+def mha_model(S, H, D):
+    ins = [helper.make_tensor_value_info(n, F, [1, S, H * D]) for n in "qkv"]
+    node = helper.make_node("MultiHeadAttention", list("qkv"), ["out"], domain="com.microsoft", num_heads=H)
+    g = helper.make_graph([node], "mha", ins, [helper.make_tensor_value_info("out", F, [1, S, H * D])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)])
+
+
+def decomposed_model(S, H, D):
+    ins = [helper.make_tensor_value_info(n, F, [1, H, S, D]) for n in "qkv"]
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["q", "kt"], ["qk"]), helper.make_node("Mul", ["qk", "scale"], ["s"]),
+             helper.make_node("Softmax", ["s"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["out"])]
+    g = helper.make_graph(nodes, "decomposed", ins, [helper.make_tensor_value_info("out", F, [1, H, S, D])],
+                          [numpy_helper.from_array(np.array(D ** -0.5, np.float32), "scale")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def longattn_model(kind, S, H, D):
+    from longattn.kernels.dispatch import Band, encode_plan
+    from longattn.rewriter.onnx_functions import NODE_FOR_KIND, attention_function
+    op = NODE_FOR_KIND[kind]
+    ins = [helper.make_tensor_value_info(n, F, [1, H, S, D]) for n in "qkv"]
+    node = helper.make_node(op, ["q", "k", "v", "mask"], ["out"], domain="ai.longattn", scale=D ** -0.5, causal=0,
+                            plan=encode_plan([Band(kind)]))
+    g = helper.make_graph([node], op, ins, [helper.make_tensor_value_info("out", F, [1, H, S, D])],
+                          [numpy_helper.from_array(np.array(0, np.float32), "mask")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("ai.longattn", 1)])
+    m.functions.append(attention_function(op, F, OPSET))
+    return m
+
+
+def time_session(sess, feeds, reps):
+    sess.run(None, feeds)  # warm-up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 40
+
+
+def environment(threads, library):
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"kind": "environment", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "intra_op_threads": threads,
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1),
+            "python": platform.python_version(), "onnxruntime": ort.__version__, "onnx": onnx.__version__,
+            "numpy": np.__version__, "library": library,
+            "library_flags": os.environ.get("LONGATTN_ORT_CXXFLAGS", "-O3 -march=native"),
+            "dtype": "float32", "batch": 1, "causal": False}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--lengths", default="1024,2048,4096,8192,16384")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--out", help="JSONL file (default benchmarks/results/<date>-cpu-onnxruntime.jsonl)")
+    args = p.parse_args(argv)
+    from longattn.backends.onnxruntime.build import build
+    library = build(quiet=True)
+    H, D = args.heads, args.dim
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"{datetime.date.today().isoformat()}-cpu-onnxruntime.jsonl")
+    rows = [environment(args.threads, library)]
+    print(json.dumps(rows[0]))
+    warm = {n: np.ones((1, 512, H * D), np.float32) for n in "qkv"}  # first-run effects of the process
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    time_session(ort.InferenceSession(mha_model(512, H, D).SerializeToString(), options,
+                                      providers=["CPUExecutionProvider"]), warm, 3)
+    for S in [int(x) for x in args.lengths.split(",")]:
+        reps = 5 if S <= 2048 else 3 if S <= 8192 else 2
+        rng = np.random.default_rng(0)
+        bhsd = {n: rng.standard_normal((1, H, S, D), dtype=np.float32) for n in "qkv"}
+        bsd = {n: np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(1, S, H * D)) for n, x in bhsd.items()}
+        scores_bytes = H * S * S * 4
+        cases = [("com.microsoft.MultiHeadAttention", mha_model(S, H, D), bsd, 1.2 * scores_bytes, False),
+                 ("decomposed", decomposed_model(S, H, D), bhsd, 3.2 * scores_bytes, False)]
+        cases += [(f"ai.longattn.{op}", longattn_model(kind, S, H, D), bhsd, 0, True)
+                  for kind, op in (("flash", "FlashAttention"), ("hyper", "HyperAttention"), ("linear", "LinearAttention"))]
+        result = {"kind": "timing", "seq_len": S, "heads": H, "head_dim": D, "reps": reps, "ms": {}}
+        for name, model, feeds, needs, ours in cases:
+            if needs > 0.8 * available_bytes():
+                result["ms"][name] = None
+                result.setdefault("skipped", {})[name] = f"needs ~{needs / 2**30:.0f} GiB for the S x S scores"
+                continue
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = args.threads
+            if ours:
+                options.register_custom_ops_library(library)
+            sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            result["ms"][name] = round(time_session(sess, feeds, reps), 2)
+            del sess
+        mha = result["ms"]["com.microsoft.MultiHeadAttention"]
+        result["speedup_vs_mha"] = {k: round(mha / v, 3) for k, v in result["ms"].items() if v and mha}
+        rows.append(result)
+        print(json.dumps(result), flush=True)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    print_table(rows)
+    print(f"wrote {out}")
+    return 0
+
+
+def print_table(rows):
+    names = list(rows[1]["ms"])
+    short = {n: n.split(".")[-1] for n in names}
+    print("| length | " + " | ".join(short[n] + " ms (x MHA)" for n in names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for r in rows[1:]:
+        cells = []
+        for n in names:
+            ms = r["ms"][n]
+            cells.append("n/a" if ms is None else f"{ms:.1f} ({r['speedup_vs_mha'].get(n, float('nan')):.2f}x)")
+        print(f"| {r['seq_len']} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
