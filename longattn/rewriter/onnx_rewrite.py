@@ -40,6 +40,7 @@ def rewrite_model(model: onnx.ModelProto, policy: "Policy", *, verify: bool = Tr
                   base_dir: str = "") -> tuple[onnx.ModelProto, Report]:
     """Return (rewritten copy of `model`, report of every site). `model` may hold external-data
     references (loaded without their data); `base_dir` is where that data lives."""
+    inline_small_external_data(model, base_dir)
     inferred = infer_shapes(model)
     view = GraphView(inferred, base_dir=base_dir)
     sites = find_attention_sites(view)
@@ -65,6 +66,18 @@ def rewrite_model(model: onnx.ModelProto, policy: "Policy", *, verify: bool = Tr
             row.status, row.reason = "skipped", str(e)
         report.sites.append(row)
     return emitter.finish(), report
+
+
+# Initializers up to this many elements are read even from external data: shapes, scales and
+# masks that shape inference and the matcher must see; weights stay where they are.
+SMALL_INITIALIZER = 1 << 16
+
+
+def inline_small_external_data(model: onnx.ModelProto, base_dir: str) -> None:
+    for i, t in enumerate(model.graph.initializer):
+        if t.data_location == TensorProto.EXTERNAL and int(np.prod(t.dims)) <= SMALL_INITIALIZER:
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t, base_dir=base_dir),
+                                                                        t.name))
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

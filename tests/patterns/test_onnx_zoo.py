@@ -170,3 +170,31 @@ def test_input_model_is_not_modified(tmp_path):
     lo.convert(model, policy=ALL_FLASH)
     assert open(path, "rb").read() == before
     assert model.SerializeToString() == snapshot
+
+
+@pytest.mark.parametrize("name,dynamo", [("llama", False), ("gpt2", True)])
+def test_dynamic_length_exports_are_proven_causal_and_match_at_every_length(tmp_path, name, dynamo):
+    zoo_model = ZOO_BY_NAME[name]
+    model, inputs = zoo_model.build("eager")
+    keys = list(inputs)
+    path = str(tmp_path / "dynamic.onnx")
+    args = tuple(inputs[k] for k in keys)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            seq = torch.export.Dim("seq", min=2, max=256)
+            shapes = tuple({0: torch.export.Dim.AUTO, 1: seq} for _ in keys)
+            torch.onnx.export(_FirstTensor(model, keys).eval(), args, path, dynamo=True, dynamic_shapes=(shapes,),
+                              input_names=keys, output_names=["out"], opset_version=18, verbose=False)
+        else:
+            torch.onnx.export(_FirstTensor(model, keys).eval(), args, path, dynamo=False, input_names=keys,
+                              output_names=["out"], opset_version=17, dynamic_axes={k: {0: "batch", 1: "seq"} for k in keys})
+    converted, report = lo.convert(path, policy=ALL_FLASH)
+    assert report.count("rewritten") == zoo_model.attention_modules, str(report)
+    assert all(s.mask == "causal" and "causal pattern at" in s.causal_proof for s in report), str(report)
+    out = tmp_path / "converted.onnx"
+    lo.save(converted, out)
+    onnx.checker.check_model(str(out), full_check=True)
+    for length in (5, 33):
+        feeds = {"input_ids": np.random.default_rng(length).integers(0, 64, (2, length)).astype(np.int64)}
+        np.testing.assert_allclose(run(str(out), feeds), run(path, feeds), rtol=1e-4, atol=1e-4)
