@@ -290,8 +290,10 @@ class Emitter:
         eliminate_dead_code(graph)
         if not any(o.domain == DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+        present = {(f.domain, f.name) for f in model.functions}  # a model converted before keeps its own
         for op_type in sorted(self.op_types):
-            model.functions.append(attention_function(op_type, self.elem_type, self.view.opset))
+            if (DOMAIN, op_type) not in present:
+                model.functions.append(attention_function(op_type, self.elem_type, self.view.opset))
         model.ir_version = max(model.ir_version, 9)
         return model
 
