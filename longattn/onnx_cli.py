@@ -257,10 +257,19 @@ def summary_table(outcomes: list[Outcome], check: bool):
         row = [o.source, str(s.get("sites", "-")), str(s.get("rewritten", "-")), str(s.get("exact", "-")),
                str(s.get("skipped", "-")), status]
         if check:
-            row.append(f"{max(o.checks.values()):.2e}" if o.checks else "-")
+            row.append(_errors(o.checks))
         row.append(f"{o.seconds:.1f}s")
         t.add_row(*row)
     return t
+
+
+def _errors(checks: dict) -> str:
+    """Max error per output: one number for one output, `name: err` lines for several."""
+    if not checks:
+        return "-"
+    if len(checks) == 1:
+        return f"{next(iter(checks.values())):.2e}"
+    return "\n".join(f"{name}: {err:.2e}" for name, err in checks.items())
 
 
 def write_report(path: str, outcomes: list[Outcome], policy: str) -> None:

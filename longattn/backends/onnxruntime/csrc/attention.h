@@ -62,8 +62,10 @@ inline void micro_kernel(int K, const float* A, int lda, const float* B, int ldb
     _mm512_storeu_ps(C + r * ldc, c0[r]);
     _mm512_storeu_ps(C + r * ldc + 16, c1[r]);
   }
-  if (row_max)  // the softmax's row maxima while the tile is still in registers
-    for (int r = 0; r < MR; ++r) row_max[r] = std::max(row_max[r], _mm512_reduce_max_ps(_mm512_max_ps(c0[r], c1[r])));
+  if (row_max)  // the softmax's row maxima while the tile is still in registers, 16 lanes a row
+    for (int r = 0; r < MR; ++r)
+      _mm512_storeu_ps(row_max + 16 * r, _mm512_max_ps(_mm512_loadu_ps(row_max + 16 * r),
+                                                       _mm512_max_ps(c0[r], c1[r])));
 }
 
 inline void micro_dispatch(int rows, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc,
@@ -88,7 +90,8 @@ constexpr int kMR = 12, kNR = 32;
 constexpr int kMR = 1, kNR = 1;
 #endif
 
-// row_max (optional, M entries): raised to the max of each row of the product
+// row_max (optional, 16 floats a row: lane-wise maxima, reduce with max_of_lanes): raised to
+// the max of each row of the product
 inline void gemm(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc,
                  bool accumulate, float* row_max = nullptr) {
   int n_fast = 0;
@@ -97,7 +100,7 @@ inline void gemm(int M, int N, int K, const float* A, int lda, const float* B, i
   for (int i = 0; i < M; i += kMR)
     for (int j = 0; j < n_fast; j += kNR)
       micro_dispatch(std::min(kMR, M - i), K, A + (int64_t)i * lda, lda, B + j, ldb, C + (int64_t)i * ldc + j, ldc,
-                     accumulate, row_max ? row_max + i : nullptr);
+                     accumulate, row_max ? row_max + 16 * i : nullptr);
 #endif
   if (n_fast == N) return;
   for (int i = 0; i < M; ++i) {
@@ -110,7 +113,7 @@ inline void gemm(int M, int N, int K, const float* A, int lda, const float* B, i
       for (int j = n_fast; j < N; ++j) c[j] += a * b[j];
     }
     if (row_max)
-      for (int j = n_fast; j < N; ++j) row_max[i] = std::max(row_max[i], c[j]);
+      for (int j = n_fast; j < N; ++j) row_max[16 * i] = std::max(row_max[16 * i], c[j]);
   }
 }
 
@@ -238,14 +241,14 @@ inline void attend_rows(const float* Q, int64_t ldq, int64_t nq, int D, float sc
         // the products' row maxima are the softmax's when nothing is added or hidden afterwards
         const bool plain = !mask.data && kb == kbp &&
                            (!causal || q_pos0 + r0 + s0 + causal_offset >= k0 + kb - 1);
-        float block_max[kStripe];
-        std::fill(block_max, block_max + srows, kNegInf);
+        float block_max[kStripe * 16];
+        std::fill(block_max, block_max + 16 * srows, kNegInf);
         for (int p = 0; p < kbp; p += kPanel)
           gemm(srows, kPanel, D, ws.q.data() + (size_t)s0 * D, D, Kt + (k0 + p) * D, kPanel, stripe + p, kScoreStride,
                false, plain ? block_max : nullptr);
         for (int r = s0; r < s0 + srows; ++r) {
           float* s = ws.scores.data() + (size_t)r * kScoreStride;
-          float mx = block_max[r - s0];
+          float mx = plain ? *std::max_element(block_max + 16 * (r - s0), block_max + 16 * (r - s0) + 16) : kNegInf;
           if (!plain) {
             if (mask.data) {  // additive mask, in log2 units like the scores
               const float* mrow = mask.data + (r0 + r) * mask.stride_q + k0 * mask.stride_k;
