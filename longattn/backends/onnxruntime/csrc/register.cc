@@ -138,6 +138,15 @@ struct AttentionOp {
     };
     const bool approximate = (kind == "hyper" || kind == "linear");
     if (approximate && mask_data) throw std::runtime_error(kind + " takes no mask; the rewriter uses flash for such sites");
+    if (approximate)  // parameters the C++ kernels do not implement: refuse rather than compute something else
+      for (const char* unsupported : {"sink_tokens", "local_window"})
+        if (band.number(unsupported, 0) != 0)
+          throw std::runtime_error(kind + " with " + unsupported + " != 0 is not implemented in the onnxruntime "
+                                   "library (use the function fallback or the torch backend)");
+    if (kind == "hyper" && band.string("variant", "") != "" && band.string("variant", "") != "null" &&
+        band.string("variant", "") != "sortlsh" && band.string("variant", "") != "default")
+      throw std::runtime_error("hyper variant '" + band.string("variant", "") + "' is not implemented in the "
+                               "onnxruntime library (it implements sortLSH blocks + uniform samples)");
     if (kind == "hyper" && !(causal && Sq != Sk)) {
       HyperParams p;
       p.block_size = (int64_t)band.number("block_size", 256);
@@ -163,6 +172,10 @@ struct AttentionOp {
     if (kind == "linear") {
       LinearParams p;
       p.feature_map = band.string("feature_map", "elu");
+      if (p.feature_map == "elu+1" || p.feature_map == "null") p.feature_map = "elu";
+      if (p.feature_map == "favor+" || p.feature_map == "performer" || p.feature_map == "prf" ||
+          p.feature_map == "softmax_kernel" || p.feature_map == "positive_random")
+        p.feature_map = "favor";
       p.num_features = (int64_t)band.number("num_features", 64);
       p.chunk_size = (int64_t)band.number("chunk_size", 64);
       p.seed = (uint64_t)band.number("seed", 0);
