@@ -165,3 +165,25 @@ def test_build_fails_clearly_without_headers(monkeypatch, tmp_path):
     monkeypatch.setenv("LONGATTN_ORT_HEADERS", str(tmp_path))
     with pytest.raises(build.BuildError, match="lacks onnxruntime_c_api.h"):
         build.build(str(tmp_path / "out"), force=True, quiet=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_favor_features_estimate_softmax_attention(library, causal):
+    shape = (1, 2, 256, 16)
+    feeds = feeds_for(shape, shape)
+    feeds["q"] *= 0.5
+    feeds["k"] *= 0.5
+    params = {"feature_map": "favor", "num_features": 512, "seed": 3}
+    got = with_library(node_model("LinearAttention", shape, shape, causal=causal, bands=(Band("linear", None, params),)),
+                       feeds)
+    exact = stock(node_model("FlashAttention", shape, shape, causal=causal), feeds)
+    assert np.isfinite(got).all()
+    # positive random features are unbiased for exp(q.k): close on small logits, far from a constant
+    assert np.abs(got - exact).mean() < 0.5 * np.abs(exact - exact.mean(-2, keepdims=True)).mean()
+
+
+def test_unsupported_parameters_are_refused_not_ignored(library):
+    shape = (1, 2, 64, 16)
+    m = node_model("HyperAttention", shape, shape, bands=(Band("hyper", None, {"sink_tokens": 4}),))
+    with pytest.raises(Exception, match="sink_tokens"):
+        with_library(m, feeds_for(shape, shape))
