@@ -157,8 +157,9 @@ def save(model: onnx.ModelProto, path: Union[str, os.PathLike], *, external_data
 def session(path: Union[str, os.PathLike, bytes], *, providers=None, sess_options=None, **ort_options):
     """An onnxruntime InferenceSession with the longattn custom-op library registered, so the
     `ai.longattn` nodes run our CPU kernels. Other keyword arguments set SessionOptions fields
-    (e.g. intra_op_num_threads=2). If the library is not built, the model's function bodies
-    (exact attention) run instead and a warning says so."""
+    (e.g. intra_op_num_threads=2). If the library is not built, or the model's attention is not
+    float32 (the kernels' type), the model's function bodies (exact attention) run instead and a
+    warning says so."""
     import onnxruntime as ort
     from .backends.onnxruntime import library_path
     options = sess_options or ort.SessionOptions()
@@ -167,15 +168,36 @@ def session(path: Union[str, os.PathLike, bytes], *, providers=None, sess_option
             raise TypeError(f"session(): onnxruntime.SessionOptions has no field {key!r}")
         setattr(options, key, value)
     lib = library_path()
+    attention_type = _attention_elem_type(path)
     if lib is None:
         warnings.warn("longattn: the onnxruntime custom-op library is not built "
                       "(python -m longattn.backends.onnxruntime.build); ai.longattn nodes run their "
                       "ONNX function bodies (exact attention, no approximation, not the fast kernels)",
                       RuntimeWarning, stacklevel=2)
+    elif attention_type not in (None, onnx.TensorProto.FLOAT):
+        warnings.warn(f"longattn: the custom-op kernels are float32; this model's attention is "
+                      f"{onnx.TensorProto.DataType.Name(attention_type).lower()}: its ONNX function bodies run "
+                      "(exact attention) instead", RuntimeWarning, stacklevel=2)
     else:
         options.register_custom_ops_library(lib)
     path = os.fspath(path) if not isinstance(path, bytes) else path
     return ort.InferenceSession(path, options, providers=providers or ["CPUExecutionProvider"])
+
+
+def _attention_elem_type(model) -> Optional[int]:
+    """The float type the model's ai.longattn functions compute in (None when it has none)."""
+    from .rewriter.onnx_functions import DOMAIN
+    try:
+        proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(os.fspath(model),
+                                                                                        load_external_data=False)
+    except Exception:
+        return None
+    for f in proto.functions:
+        if f.domain == DOMAIN:
+            for node in f.node:
+                if node.op_type == "Cast" and node.output[0] == "scale_t":
+                    return next(a.i for a in node.attribute if a.name == "to")
+    return None
 
 
 __all__ = ["convert", "save", "load", "session", "compare_outputs", "random_inputs"]

@@ -187,3 +187,20 @@ def test_unsupported_parameters_are_refused_not_ignored(library):
     m = node_model("HyperAttention", shape, shape, bands=(Band("hyper", None, {"sink_tokens": 4}),))
     with pytest.raises(Exception, match="sink_tokens"):
         with_library(m, feeds_for(shape, shape))
+
+
+def test_float16_models_fall_back_to_the_function_body_with_a_warning(library):
+    shape = (1, 2, 20, 16)
+    m = node_model("FlashAttention", shape, shape)
+    fp16 = onnx.helper.make_model(m.graph, opset_imports=m.opset_import, ir_version=9)
+    for vi in list(fp16.graph.input) + list(fp16.graph.output):
+        vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    fp16.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.array(0, np.float16), "mask"))
+    fp16.functions.append(attention_function("FlashAttention", TensorProto.FLOAT16, 17))
+    feeds = {k: v.astype(np.float16) for k, v in feeds_for(shape, shape).items()}
+    with pytest.warns(RuntimeWarning, match="float32"):
+        sess = lo.session(fp16.SerializeToString())
+    got = sess.run(None, feeds)[0]
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), stock(m, {k: v.astype(np.float32) for k, v in feeds.items()}),
+                               rtol=2e-2, atol=2e-2)
