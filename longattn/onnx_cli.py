@@ -42,7 +42,7 @@ class Outcome:
     seconds: float = 0.0
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     pass
 
 
