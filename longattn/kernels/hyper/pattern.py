@@ -1,0 +1,215 @@
+"""What HyperAttention decides before it attends: hashes, sort orders, blocks, samples, exact ranges.
+
+Both the reference and the Triton kernels read one `HyperPattern`, so a test can give them the
+same pattern and compare the arithmetic alone, and can rebuild the dense weight matrix from it.
+
+The approximation, per query row i (key position p_i = i + Sk - Sq, as the bottom-right causal
+convention aligns it):
+
+* exact part X_i: the first `sinks` keys and the contiguous key range [exact_lo[i], exact_hi[i]),
+  each key once (causal: only keys j <= p_i). For `variant="paper"` this is empty non-causally and
+  the diagonal leaf of the causal recursion causally; the default variant adds the local window.
+* one term per *rectangle* (queries [qs, qs+ql) x keys [ks, ks+kl)) containing the row: queries and
+  keys of the rectangle are each stably sorted by LSH bucket (Gray-code order); the sorted order is cut
+  into nb = ceil(kl / block_size) blocks, key block b = sorted ranks [b*kl//nb, (b+1)*kl//nb), query
+  block b = sorted ranks [b*ql//nb, (b+1)*ql//nb) (balanced, so no padding keys are needed: a block
+  never exceeds block_size keys). A query attends its block's keys with weight 1, and `sample_size`
+  keys drawn uniformly with replacement from the rectangle with weight kl/m each, skipping samples
+  that lie in its own block. Keys in X_i are skipped in both, so no key is counted twice.
+
+Causal attention is the paper's recursive halving: a segment of length L >= min_seq_len splits at
+h = L // 2 into two causal halves and one rectangle (the second half's queries against the first
+half's keys); shorter segments are exact leaves (part of X_i). With Sq < Sk the Sk - Sq keys before
+the square part form one more rectangle seen by every query. Rectangles of one recursion level have
+disjoint query and key ranges, so a level is one batched launch with one sort of q and one of k.
+
+GQA: the hyperplanes and the samples belong to the key/value head; the query heads of a group are
+hashed with their key head's hyperplanes (LSH must share planes between queries and keys). Keys are
+then hashed, sorted and sampled once per key head instead of once per query head, and no K/V copy
+is made. Randomness comes from a local CPU generator seeded with `seed`, so CPU and GPU, forward
+and recomputed backward draw the same hyperplanes and samples.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+VARIANTS = ("default", "paper")
+
+
+@dataclass
+class HyperLevel:
+    """One recursion level: rectangles with disjoint query and key ranges.
+
+    rects: (R, 4) int64 (q_start, q_len, k_start, k_len), on the inputs' device.
+    q_order: (B, Hq, Sq) int64; entries [q_start, q_start + q_len) hold the original indices of the
+        rectangle's queries, sorted by bucket (stable). Entries outside every rectangle are unused.
+    k_order: (B, Hkv, Sk) int64, the same for keys.
+    samples: (B, Hkv, R, m) int64 original key indices drawn uniformly from each rectangle's keys.
+    sample_block: (B, Hkv, R, m) int64, the block each sample falls in within its rectangle.
+    """
+    rects: torch.Tensor
+    rect_list: list
+    q_order: torch.Tensor
+    k_order: torch.Tensor
+    samples: torch.Tensor
+    sample_block: torch.Tensor
+
+
+@dataclass
+class HyperPattern:
+    """planes (Hkv, D, lsh_bits) float32; q_rank (B, Hq, Sq) / k_rank (B, Hkv, Sk) int64 Gray ranks;
+    exact_lo / exact_hi (Sq,) int64; sinks: number of leading keys attended exactly."""
+    block_size: int
+    sample_size: int
+    planes: torch.Tensor
+    q_rank: torch.Tensor
+    k_rank: torch.Tensor
+    exact_lo: torch.Tensor
+    exact_hi: torch.Tensor
+    sinks: int
+    levels: list
+
+
+def check_params(*, block_size, sample_size, lsh_bits, min_seq_len, sink_tokens, local_window, variant):
+    for name, value, low in (("block_size", block_size, 1), ("sample_size", sample_size, 0),
+                             ("lsh_bits", lsh_bits, 1), ("min_seq_len", min_seq_len, 0),
+                             ("sink_tokens", sink_tokens, 0), ("local_window", local_window, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"hyper_attention: {name} must be an integer >= {low}, got {value!r}")
+    if lsh_bits > 16:
+        raise ValueError(f"hyper_attention: lsh_bits must be at most 16, got {lsh_bits}")
+    if variant not in VARIANTS:
+        raise ValueError(f"hyper_attention: variant must be one of {VARIANTS}, got {variant!r}")
+
+
+def gray_rank(code: torch.Tensor) -> torch.Tensor:
+    """Position of each code word along the binary reflected Gray sequence (inverse Gray code):
+    buckets adjacent in this order differ in one hyperplane, i.e. are angular neighbours."""
+    rank = code.clone()
+    shift = 1
+    while shift < 16:
+        rank = rank ^ (rank >> shift)
+        shift *= 2
+    return rank
+
+
+def lsh_rank(x: torch.Tensor, planes: torch.Tensor, group: int) -> torch.Tensor:
+    """x (B, H, S, D) with H = group * Hkv, planes (Hkv, D, r) -> (B, H, S) int64 Gray rank of the bucket."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    p = planes.to(device=x.device, dtype=dtype).repeat_interleave(group, dim=0)  # (H, D, r), tiny
+    proj = torch.einsum("bhsd,hdr->bhsr", x.detach().to(dtype), p)
+    bits = (proj > 0).to(torch.int64)
+    code = (bits << torch.arange(bits.shape[-1], device=x.device)).sum(-1)
+    return gray_rank(code)
+
+
+def plan_rectangles(sq: int, sk: int, causal: bool, min_seq_len: int):
+    """Rectangles per level and causal leaves (query start, length) of the recursion."""
+    if not causal:
+        return [[(0, sq, 0, sk)]], []
+    if sq > sk:
+        raise ValueError(f"hyper_attention: causal needs Sq <= Sk (bottom-right aligned), got Sq={sq}, Sk={sk}")
+    off = sk - sq
+    levels, leaves = [], []
+    if off > 0:
+        levels.append([(0, sq, 0, off)])
+    segments = [(0, sq)] if sq > 0 else []
+    while segments:
+        level, nxt = [], []
+        for start, length in segments:
+            if length < max(min_seq_len, 2):
+                leaves.append((start, length))
+                continue
+            h = length // 2
+            level.append((start + h, length - h, off + start, h))
+            nxt += [(start, h), (start + h, length - h)]
+        if level:
+            levels.append(level)
+        segments = nxt
+    return levels, leaves
+
+
+def exact_ranges(sq, sk, causal, leaves, local_window, device):
+    """(exact_lo, exact_hi) (Sq,) int64: the contiguous key range each row attends exactly."""
+    off = sk - sq
+    pos = torch.arange(sq, dtype=torch.int64) + off
+    if causal:
+        lo = torch.empty(sq, dtype=torch.int64)
+        for start, length in leaves:
+            lo[start:start + length] = off + start
+        if local_window > 0:
+            lo = torch.minimum(lo, pos - local_window + 1)
+        hi = pos + 1
+    elif local_window > 0:
+        lo = pos - local_window // 2
+        hi = lo + local_window
+    else:
+        lo = torch.zeros(sq, dtype=torch.int64)
+        hi = torch.zeros(sq, dtype=torch.int64)
+    lo, hi = lo.clamp(0, sk), hi.clamp(0, sk)
+    hi = torch.maximum(lo, hi)
+    return lo.to(device), hi.to(device)
+
+
+def sort_within_ranges(rank: torch.Tensor, ranges: list, bits: int) -> torch.Tensor:
+    """Stable sort of positions by (range containing it, rank): (B, H, S) -> original indices.
+    Positions keep their range, so entries [start, start+len) of the result are that range sorted."""
+    s = rank.shape[-1]
+    bounds = sorted({b for start, length in ranges for b in (start, start + length)})
+    piece = torch.bucketize(torch.arange(s, device=rank.device),
+                            torch.tensor(bounds, dtype=torch.int64, device=rank.device), right=True)
+    return torch.argsort((piece << bits) + rank, dim=-1, stable=True)
+
+
+def block_of_rank(rank, length, nb):
+    """Block (of nb balanced blocks over `length` sorted items) holding sorted rank `rank`:
+    block b holds ranks [b*length//nb, (b+1)*length//nb)."""
+    return ((rank + 1) * nb - 1) // length
+
+
+def build_pattern(q, k, *, causal=False, block_size=256, sample_size=256, lsh_bits=7, min_seq_len=4096,
+                  sink_tokens=64, local_window=256, variant="default", seed=0, rank_fn=None) -> HyperPattern:
+    """Draw hyperplanes and samples from `seed`, hash, and sort. q (B, Hq, Sq, D), k (B, Hkv, Sk, D).
+
+    rank_fn(x, planes, group) -> (B, H, S) int64 may replace the torch hash (the Triton path passes its kernel)."""
+    check_params(block_size=block_size, sample_size=sample_size, lsh_bits=lsh_bits, min_seq_len=min_seq_len,
+                 sink_tokens=sink_tokens, local_window=local_window, variant=variant)
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    dev = q.device
+    paper = variant == "paper"
+    g = torch.Generator().manual_seed(int(seed))
+    planes = torch.randn(Hkv, D, lsh_bits, generator=g, dtype=torch.float32)
+    rank_fn = rank_fn or lsh_rank
+    q_rank = rank_fn(q, planes, group)
+    k_rank = rank_fn(k, planes, 1)
+    level_rects, leaves = plan_rectangles(Sq, Sk, causal, min_seq_len)
+    lo, hi = exact_ranges(Sq, Sk, causal, leaves, 0 if paper else local_window, dev)
+    levels = []
+    for rects in level_rects:
+        q_order = sort_within_ranges(q_rank, [(r[0], r[1]) for r in rects], lsh_bits)
+        k_order = sort_within_ranges(k_rank, [(r[2], r[3]) for r in rects], lsh_bits)
+        R, m = len(rects), sample_size
+        u = torch.rand(B, Hkv, R, m, generator=g, dtype=torch.float64)
+        k_start = torch.tensor([r[2] for r in rects], dtype=torch.float64).view(1, 1, R, 1)
+        k_len = torch.tensor([r[3] for r in rects], dtype=torch.float64).view(1, 1, R, 1)
+        samples = (k_start + torch.floor(u * k_len)).to(torch.int64).to(dev)
+        # sorted position of every key, to find which block a sample fell in
+        where = torch.empty_like(k_order).scatter_(-1, k_order, torch.arange(Sk, device=dev).expand_as(k_order))
+        pos = where.gather(-1, samples.flatten(2)).view_as(samples)
+        ks = k_start.to(dev, torch.int64)
+        kl = k_len.to(dev, torch.int64)
+        nb = (kl + block_size - 1) // block_size
+        sample_block = block_of_rank(pos - ks, kl, nb)
+        levels.append(HyperLevel(torch.tensor(rects, dtype=torch.int64, device=dev).view(-1, 4), list(rects),
+                                 q_order, k_order, samples, sample_block))
+    return HyperPattern(block_size, sample_size, planes, q_rank, k_rank, lo, hi,
+                        0 if paper else min(sink_tokens, Sk), levels)
+
+
+def num_blocks(k_len: int, block_size: int) -> int:
+    return max(1, math.ceil(k_len / block_size))
