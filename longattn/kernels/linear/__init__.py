@@ -1,0 +1,43 @@
+"""The "linear" kind: linearised attention, hybrid with exact sinks and a sliding window.
+
+Defaults (the kernel's own, used when a policy names no parameter): pure normalised linear attention with the
+`elu` (elu + 1) map, additive state, chunks of 64. The hybrid the issue recommends for converted softmax models
+is a policy choice, `HYBRID_DEFAULTS` below (64 sinks + a 256-key window, exact, under one normaliser with
+the far linear part); with `feature_map="none"` it is sinks + sliding window alone.
+
+Calibration hooks (nothing here fits them): `feature_params` is a mapping of tensors (or nested lists, as
+JSON gives them):
+- "weight" or "q_weight"/"k_weight" (heads or 1, D, F) and optional "bias"/"q_bias"/"k_bias" (heads or 1, F):
+  the Hedgehog map φ(x) = [softmax(x√scale·W + b), softmax(−(x√scale·W + b))];
+- "far_scale" (scalar or (Hq,)): the per-query-head factor c_h on the far part's weights (default 1).
+`beta` (delta rule) is a scalar, per key head (Hkv,) or per token (B, Hkv, Sk).
+"""
+from __future__ import annotations
+
+from .decode import LinearAttentionState, linear_attention_step
+from .feature_maps import FEATURE_MAPS, apply_feature_map, feature_dim
+from .reference import linear_attention_quadratic, linear_attention_reference
+
+HYBRID_DEFAULTS = {"feature_map": "elu", "sink_tokens": 64, "local_window": 256}
+
+
+def linear_attention(q, k, v, *, scale=None, causal=False, feature_map="elu", num_features=256, seed=0,
+                     sink_tokens=0, local_window=0, normalize=True, eps=1e-6, update_rule="add",
+                     beta=None, chunk_size=64, feature_params=None):
+    """Hybrid linear attention; q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) -> (B, Hq, Sq, Dv) in q's dtype.
+
+    Causal is bottom-right aligned; non-causal works for any Sq, Sk. The far part runs the Triton chunked
+    kernels where they run (CUDA tensors, or TRITON_INTERPRET=1), else the PyTorch chunked form. Differentiable.
+    See `reference.py` for the exact definition and `linear_attention_reference` for every argument.
+    """
+    kwargs = dict(scale=scale, causal=causal, feature_map=feature_map, num_features=num_features, seed=seed,
+                  sink_tokens=sink_tokens, local_window=local_window, normalize=normalize, eps=eps,
+                  update_rule=update_rule, beta=beta, chunk_size=chunk_size, feature_params=feature_params)
+    from . import triton_chunk
+    if triton_chunk.runs_on(q):
+        return linear_attention_reference(q, k, v, far_fn=triton_chunk.far_chunked_triton, **kwargs)
+    return linear_attention_reference(q, k, v, **kwargs)
+
+
+__all__ = ["linear_attention", "linear_attention_step", "LinearAttentionState", "linear_attention_reference",
+           "linear_attention_quadratic", "apply_feature_map", "feature_dim", "FEATURE_MAPS", "HYBRID_DEFAULTS"]

@@ -1,0 +1,3 @@
+"""Placeholder until the Triton kernels land."""
+def runs_on(q):
+    return False
