@@ -16,7 +16,7 @@ import onnx
 
 from .onnx_graph import GraphView, NotStatic, attributes, layer_name, resolve, size_choices
 from .onnx_masks import is_zero_mask, prove_causal
-from .onnx_ops import FLOAT_TYPES, Op, canonical, fill_kind
+from .onnx_ops import FLOAT_TYPES, canonical, fill_kind
 from .record import AttentionSite, MaskTerm
 
 MS = "com.microsoft"

@@ -2,8 +2,6 @@
 bodies (exact attention in stock onnxruntime) and with plain NumPy references."""
 from __future__ import annotations
 
-import json
-import shutil
 import warnings
 
 import numpy as np
