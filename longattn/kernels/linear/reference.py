@@ -328,7 +328,8 @@ def linear_attention_reference(q, k, v, *, scale=None, causal=False, feature_map
 
     q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), Hq a multiple of Hkv (never repeated);
     accumulation in float32 (float64 for float64 inputs). Returns (B, Hq, Sq, Dv) in q's dtype.
-    `far_fn` replaces the far part's computation (the Triton path plugs in here); same contract as `far_chunked`.
+    `far_fn` replaces the far part's computation (the Triton path plugs in here): `far_chunked`'s contract plus
+    an `input_dtype` keyword (q's dtype).
     """
     check_qkv(q, k, v, "linear_attention")
     check_options(causal=causal, feature_map=feature_map, sink_tokens=sink_tokens, local_window=local_window,
@@ -352,7 +353,7 @@ def linear_attention_reference(q, k, v, *, scale=None, causal=False, feature_map
         b = beta_per_key(beta, B, Hkv, Sk, q.device, dt)[:, :, fr.start:fr.stop] if update_rule == "delta" else None
         if far_fn is not None:
             far_num = far_fn(feats.q, feats.k, vals, b, causal=causal, offset=fr.offset, update_rule=update_rule,
-                             chunk=chunk_size)
+                             chunk=chunk_size, input_dtype=q.dtype)
         elif form == "chunked":
             far_num = far_chunked(feats.q, feats.k, vals, b, causal=causal, offset=fr.offset,
                                   update_rule=update_rule, chunk=chunk_size)

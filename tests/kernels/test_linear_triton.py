@@ -1,0 +1,87 @@
+"""The Triton chunked kernels of the linear kind (run in the interpreter on CPU) against the float64 reference."""
+import pytest
+import torch
+
+from longattn.kernels.linear import linear_attention, linear_attention_reference
+from longattn.kernels.linear.reference import far_chunked
+from longattn.kernels.linear.triton_chunk import far_chunked_triton, runs_on, triton
+
+pytestmark = pytest.mark.skipif(triton is None, reason="triton is not installed")
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _features(rule, B=1, Hq=4, Hkv=2, Sq=37, L=45, F=20, V=9):
+    fq, fk, vals = torch.rand(B, Hq, Sq, F), torch.rand(B, Hkv, L, F), torch.randn(B, Hkv, L, V)
+    if rule == "delta":  # the delta rule runs on unit-length features
+        fq, fk = torch.nn.functional.normalize(fq, dim=-1), torch.nn.functional.normalize(fk, dim=-1)
+    return fq, fk, vals, (torch.rand(B, Hkv, L) if rule == "delta" else None)
+
+
+@pytest.mark.parametrize("rule", ["add", "delta"])
+@pytest.mark.parametrize("causal,offset", [(True, 0), (True, -5), (True, 7), (False, None)],
+                         ids=["aligned", "queries-after-keys", "keys-ahead", "non-causal"])
+def test_far_kernels_equal_the_pytorch_chunked_form(rule, causal, offset):
+    fq, fk, vals, beta = _features(rule)
+    out = far_chunked_triton(fq, fk, vals, beta, causal=causal, offset=offset, update_rule=rule, chunk=16)
+    ref = far_chunked(fq.double(), fk.double(), vals.double(), None if beta is None else beta.double(),
+                      causal=causal, offset=offset, update_rule=rule, chunk=16)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert _rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("opts", [
+    dict(causal=True, feature_map="elu"),
+    dict(causal=False, feature_map="favor", num_features=24, sq=20, sk=50),
+    dict(causal=True, feature_map="taylor2", sink_tokens=3, local_window=5, sq=30, sk=41),
+    dict(causal=True, feature_map="relu", normalize=False),
+    dict(causal=True, feature_map="elu", update_rule="delta", beta=0.8, local_window=4),
+    dict(causal=False, feature_map="elu", update_rule="delta", normalize=False),
+], ids=["elu", "favor-cross", "taylor2-hybrid", "relu-unnormalised", "delta-hybrid", "delta-noncausal"])
+def test_linear_attention_on_triton_matches_the_float64_reference(dtype, opts):
+    opts = dict(opts)
+    sq, sk = opts.pop("sq", 40), opts.pop("sk", 40)
+    q, k, v = torch.randn(1, 4, sq, 8), torch.randn(1, 2, sk, 8), torch.randn(1, 2, sk, 8)
+    assert runs_on(q.to(dtype))
+    out = linear_attention(q.to(dtype), k.to(dtype), v.to(dtype), chunk_size=16, **opts)
+    ref = linear_attention_reference(q.double(), k.double(), v.double(), chunk_size=16, **opts)
+    assert out.dtype == dtype
+    assert _rel(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("rule", ["add", "delta"])
+def test_triton_path_gradients_equal_the_reference_gradients(rule):
+    q, k, v = (torch.randn(1, 2, 20, 8, requires_grad=True), torch.randn(1, 1, 20, 8, requires_grad=True),
+               torch.randn(1, 1, 20, 8, requires_grad=True))
+    opts = dict(causal=True, feature_map="elu", update_rule=rule, sink_tokens=1, local_window=3, chunk_size=16)
+    g = torch.randn(1, 2, 20, 8)
+    fast = torch.autograd.grad(linear_attention(q, k, v, **opts), (q, k, v), g)
+    slow = torch.autograd.grad(linear_attention_reference(q, k, v, **opts), (q, k, v), g)
+    for a, b in zip(fast, slow):
+        assert _rel(a, b) < 1e-5
+
+
+def test_float64_and_odd_chunk_sizes_stay_on_pytorch():
+    q = torch.randn(1, 2, 8, 4, dtype=torch.float64)
+    assert not runs_on(q)
+    fq, fk, vals, _ = _features("add", Sq=10, L=10)
+    out = far_chunked_triton(fq, fk, vals, None, causal=True, offset=0, update_rule="add", chunk=5)
+    torch.testing.assert_close(out, far_chunked(fq, fk, vals, None, causal=True, offset=0, update_rule="add", chunk=5))
+
+
+def test_dispatcher_op_with_a_linear_band_trains_like_the_reference():
+    from longattn.kernels import Band, encode_plan
+    q, k, v = (torch.randn(1, 4, 20, 8, requires_grad=True), torch.randn(1, 2, 20, 8, requires_grad=True),
+               torch.randn(1, 2, 20, 8, requires_grad=True))
+    params = dict(feature_map="elu", sink_tokens=2, local_window=4, chunk_size=16)
+    out = torch.ops.longattn.attention(q, k, v, None, 0.35, True, 0.0, None, encode_plan([Band("linear", params=params)]))
+    ref = linear_attention_reference(q, k, v, scale=0.35, causal=True, **params)
+    assert _rel(out, ref) < 1e-5
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert _rel(a, b) < 1e-5
