@@ -1,0 +1,267 @@
+"""HyperAttention forward in Triton: one exact-part launch, then one launch per recursion level.
+
+State lives in original row order in two float32 buffers, out (B, Hq, Sq, Dv) and lse (B, Hq, Sq).
+`_exact_part_kernel` fills them from the sinks and each row's exact range (window / causal leaf).
+`_rectangles_kernel` then runs once per level: a program takes one tile of sorted queries of one
+block of one rectangle, reads the rows' state (out, lse) back as an online-softmax state
+(m = lse, l = 1, acc = out), runs the block's keys and the rectangle's samples through the same
+online softmax, gathering q/k/v rows by index (no permuted copies), and writes the merged state
+back to the same rows. Rows of one level belong to one program each, so there is no race, and
+every merge is the log-sum-exp merge done in registers. Scores are kept in the log2 domain.
+
+Backward differentiates the reference on the forward's pattern: exact for this forward.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .pattern import HyperPattern, build_pattern, num_blocks
+from .triton_hash import HAVE_TRITON, lsh_rank_triton
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+if HAVE_TRITON:
+    @triton.jit
+    def _attend(q, m_i, l_i, acc, k_base, v_base, kidx, kvalid, keep, bias, sks, svs,
+                scale_log2, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                PRECISION: tl.constexpr):
+        """One online-softmax step of rows q (BM, BD) over gathered keys kidx (BN,); keep (BM, BN)."""
+        d = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        kidx = kidx.to(tl.int64)
+        k = tl.load(k_base + kidx[:, None] * sks + d[None, :], mask=kvalid[:, None] & (d[None, :] < D), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 + bias
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # rows with nothing seen yet keep m = -inf; shift by 0 so exp2 gives 0, not nan
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + kidx[:, None] * svs + dv[None, :], mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _excluded(kidx, lo, hi, sinks):
+        """(BM, BN): keys the exact part counts for the row (sinks and [lo, hi))."""
+        return (kidx[None, :] < sinks) | ((kidx[None, :] >= lo[:, None]) & (kidx[None, :] < hi[:, None]))
+
+    # integer sizes may equal 1; Triton would then make them compile-time constants, which some of
+    # the arithmetic below does not accept, and which would compile a kernel per such shape
+    @triton.jit(do_not_specialize=["Hq", "group", "Sq", "Sk", "sinks"])
+    def _exact_part_kernel(Q, K, V, O, LSE, LO, HI,
+                           sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
+                           Hq, group, Sq, Sk, sinks, scale_log2,
+                           CAUSAL: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b = bh // Hq
+        h = bh % Hq
+        kh = h // group
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < Sq
+        d = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sqs + d[None, :],
+                    mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+        lo = tl.load(LO + rows, mask=row_ok, other=Sk)
+        hi = tl.load(HI + rows, mask=row_ok, other=0)
+        last_key = rows + (Sk - Sq)  # bottom-right causal: the last key each row sees
+        k_base = K + b * skb + kh * skh
+        v_base = V + b * svb + kh * svh
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        cols = tl.arange(0, BLOCK_N)
+        for start in range(0, sinks, BLOCK_N):
+            kidx = start + cols
+            keep = row_ok[:, None] & (kidx[None, :] < sinks)
+            if CAUSAL:
+                keep = keep & (kidx[None, :] <= last_key[:, None])
+            m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_base, v_base, kidx, kidx < sinks, keep, 0.0, sks, svs,
+                                    scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION)
+        # the tile's rows span [min lo, max hi); keys below `sinks` were counted above
+        lo_tile = tl.maximum(tl.min(lo, axis=0), sinks)
+        hi_tile = tl.max(hi, axis=0)
+        for start in range(lo_tile, hi_tile, BLOCK_N):
+            kidx = start + cols
+            keep = (kidx[None, :] >= lo[:, None]) & (kidx[None, :] < hi[:, None]) & (kidx[None, :] >= sinks)
+            m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_base, v_base, kidx, kidx < hi_tile, keep, 0.0, sks, svs,
+                                    scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION)
+        seen = l_i > 0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        tl.store(O + b * sob + h * soh + rows[:, None].to(tl.int64) * sos + dv[None, :], out,
+                 mask=row_ok[:, None] & (dv[None, :] < DV))
+        tl.store(LSE + bh * Sq + rows, lse, mask=row_ok)
+
+    @triton.jit(do_not_specialize=["Hq", "Hkv", "group", "Sq", "Sk", "sinks", "n_samples", "block_size",
+                                   "tiles_per_block", "n_rects"])
+    def _rectangles_kernel(Q, K, V, O, LSE, LO, HI, QORD, KORD, SAMP, SBLK, RECTS,
+                           sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
+                           Hq, Hkv, group, Sq, Sk, sinks, n_samples, block_size, tiles_per_block, n_rects,
+                           scale_log2, log2_samples,
+                           D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+        pid = tl.program_id(0)
+        r = tl.program_id(1)
+        bh = tl.program_id(2).to(tl.int64)
+        b = bh // Hq
+        h = bh % Hq
+        kh = h // group
+        qs = tl.load(RECTS + r * 4)
+        ql = tl.load(RECTS + r * 4 + 1)
+        ks = tl.load(RECTS + r * 4 + 2)
+        kl = tl.load(RECTS + r * 4 + 3)
+        nb = (kl + block_size - 1) // block_size
+        blk = pid // tiles_per_block
+        tile = pid % tiles_per_block
+        # programs past this rectangle's last block get empty ranges (no early return needed)
+        active = (blk < nb).to(tl.int32)
+        q_hi = (qs + ((blk + 1) * ql) // nb) * active
+        ranks = qs + (blk * ql) // nb + tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = ranks < q_hi
+        rows = tl.load(QORD + bh * Sq + ranks, mask=row_ok, other=0)
+        d = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        row_off = rows[:, None].to(tl.int64)
+        q = tl.load(Q + b * sqb + h * sqh + row_off * sqs + d[None, :],
+                    mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+        lo = tl.load(LO + rows, mask=row_ok, other=0)
+        hi = tl.load(HI + rows, mask=row_ok, other=0)
+        # the rows' state so far, as an online-softmax state: m = lse (log2), l = 1, acc = out
+        lse_prev = tl.load(LSE + bh * Sq + rows, mask=row_ok, other=float("-inf"))
+        acc = tl.load(O + b * sob + h * soh + row_off * sos + dv[None, :],
+                      mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        m_i = lse_prev * 1.4426950408889634
+        l_i = tl.where(lse_prev == float("-inf"), 0.0, 1.0)
+        k_base = K + b * skb + kh * skh
+        v_base = V + b * svb + kh * svh
+        cols = tl.arange(0, BLOCK_N)
+        k_lo = ks + (blk * kl) // nb
+        k_hi = k_lo + (ks + ((blk + 1) * kl) // nb - k_lo) * active
+        kord = KORD + (b * Hkv + kh) * Sk
+        for start in range(k_lo, k_hi, BLOCK_N):
+            pos = start + cols
+            kvalid = pos < k_hi
+            kidx = tl.load(kord + pos, mask=kvalid, other=0)
+            keep = row_ok[:, None] & kvalid[None, :] & ~_excluded(kidx, lo, hi, sinks)
+            m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_base, v_base, kidx, kvalid, keep, 0.0, sks, svs,
+                                    scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION)
+        # uniform samples of the rectangle, each standing for kl / m keys; those in the row's own
+        # block were counted exactly above
+        n_s = n_samples * active
+        weight_log2 = tl.log2(kl.to(tl.float32)) - log2_samples
+        samp = ((b * Hkv + kh) * n_rects + r) * n_samples
+        for start in range(0, n_s, BLOCK_N):
+            si = start + cols
+            svalid = si < n_s
+            kidx = tl.load(SAMP + samp + si, mask=svalid, other=0)
+            sblk = tl.load(SBLK + samp + si, mask=svalid, other=-1)
+            keep = row_ok[:, None] & (svalid & (sblk != blk))[None, :] & ~_excluded(kidx, lo, hi, sinks)
+            m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_base, v_base, kidx, svalid, keep, weight_log2, sks, svs,
+                                    scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION)
+        seen = l_i > 0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        tl.store(O + b * sob + h * soh + row_off * sos + dv[None, :], out, mask=row_ok[:, None] & (dv[None, :] < DV))
+        tl.store(LSE + bh * Sq + rows, lse, mask=row_ok)
+
+
+def _tiles(head_dim, dv):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). One fixed choice per head size for now."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return 16, 16, 1, 1
+    if max(head_dim, dv) > 64:
+        return 64, 64, 4, 2
+    return 64, 64, 4, 2
+
+
+def hyper_forward_triton(q, k, v, pattern: HyperPattern, *, scale, causal):
+    """Forward of HyperAttention for a fixed pattern. q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv),
+    float16 / bfloat16 / float32, same dtype. Returns (out in q's dtype, lse float32 (B, Hq, Sq))."""
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"hyper_attention (triton): q/k/v must share one of float16/bfloat16/float32, "
+                        f"got {q.dtype}/{k.dtype}/{v.dtype}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    group = Hq // Hkv
+    out = torch.empty(B, Hq, Sq, Dv, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    lo = pattern.exact_lo.to(torch.int32).contiguous()
+    hi = pattern.exact_hi.to(torch.int32).contiguous()
+    block_m, block_n, warps, stages = _tiles(D, Dv)
+    dims = dict(D=D, DV=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
+                PRECISION="ieee" if q.dtype == torch.float32 else None)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
+    scale_log2 = float(scale) * LOG2E
+    _exact_part_kernel[(triton.cdiv(Sq, block_m), B * Hq)](
+        q, k, v, out, lse, lo, hi, *strides, Hq, group, Sq, Sk, pattern.sinks, scale_log2,
+        CAUSAL=bool(causal), num_warps=warps, num_stages=stages, **dims)
+    for level in pattern.levels:
+        rects = level.rect_list
+        nbs = [num_blocks(kl, pattern.block_size) for (_, _, _, kl) in rects]
+        widest = max(-(-ql // nb) for (_, ql, _, _), nb in zip(rects, nbs))
+        tiles_per_block = triton.cdiv(widest, block_m)
+        m = level.samples.shape[-1]
+        grid = (max(nbs) * tiles_per_block, len(rects), B * Hq)
+        _rectangles_kernel[grid](
+            q, k, v, out, lse, lo, hi,
+            level.q_order.to(torch.int32).contiguous(), level.k_order.to(torch.int32).contiguous(),
+            level.samples.to(torch.int32).contiguous(), level.sample_block.to(torch.int32).contiguous(),
+            level.rects.to(torch.int32).contiguous(),
+            *strides, Hq, Hkv, group, Sq, Sk, pattern.sinks, m, pattern.block_size, tiles_per_block, len(rects),
+            scale_log2, math.log2(max(m, 1)), num_warps=warps, num_stages=stages, **dims)
+    return out.to(q.dtype), lse
+
+
+class _PatternBox:
+    """Carries the forward's pattern to the backward. The pattern is built inside `forward`, where
+    tensors are plain even under torch.func transforms (the Triton hash cannot read functorch
+    wrappers), and it must not be rebuilt in backward: only the same pattern gives exact gradients."""
+    pattern = None
+
+
+class HyperAttentionTriton(torch.autograd.Function):
+    """Triton forward; backward = vjp of the reference on the pattern the forward used."""
+
+    @staticmethod
+    def forward(q, k, v, scale, causal, params, box):
+        box.pattern = build_pattern(q, k, causal=causal, rank_fn=lsh_rank_triton, **params)
+        return hyper_forward_triton(q, k, v, box.pattern, scale=scale, causal=causal)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale, causal, params, box = inputs
+        ctx.save_for_backward(q, k, v)
+        ctx.scale, ctx.causal, ctx.box = scale, causal, box
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        from .reference import hyper_attention_from_pattern
+        q, k, v = ctx.saved_tensors
+        pattern = ctx.box.pattern
+        fn = lambda q_, k_, v_: hyper_attention_from_pattern(q_, k_, v_, pattern, scale=ctx.scale, causal=ctx.causal)
+        (out, lse), vjp = torch.func.vjp(fn, q, k, v)
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+        grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
+        dq, dk, dv = vjp((grad_out.to(out.dtype), grad_lse.to(lse.dtype)))
+        return dq, dk, dv, None, None, None, None
+
+
+def hyper_attention_triton(q, k, v, *, scale, causal, **params):
+    """Differentiable Triton HyperAttention; params are `build_pattern`'s keyword arguments."""
+    return HyperAttentionTriton.apply(q, k, v, scale, causal, params, _PatternBox())

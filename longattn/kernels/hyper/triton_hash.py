@@ -1,0 +1,61 @@
+"""Angular LSH in one Triton kernel: project rows on the head's hyperplanes, take signs, Gray-rank the code.
+
+Same result as `pattern.lsh_rank` up to the sign of projections within rounding of zero (the sum
+order differs); the forward and its recomputed backward both use this kernel, so they agree exactly.
+"""
+from __future__ import annotations
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the package imports without triton; callers check HAVE_TRITON
+    triton = None
+
+HAVE_TRITON = triton is not None
+
+if HAVE_TRITON:
+    @triton.jit
+    def _lsh_rank_kernel(X, P, RANK, sxb, sxh, sxs, H, group, S,
+                         D: tl.constexpr, BITS: tl.constexpr,
+                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+        pid_s = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b = bh // H
+        h = bh % H
+        plane_head = h // group
+        rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+        d = tl.arange(0, BLOCK_D)
+        r = tl.arange(0, BLOCK_R)
+        row_ok = rows < S
+        x = tl.load(X + b * sxb + h * sxh + rows[:, None] * sxs + d[None, :],
+                    mask=row_ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
+        p = tl.load(P + plane_head * D * BITS + d[:, None] * BITS + r[None, :],
+                    mask=(d[:, None] < D) & (r[None, :] < BITS), other=0.0)
+        # fp32 products: the sign is all that is kept, and it must match the reference's fp32 projection
+        proj = tl.dot(x, p, input_precision="ieee")
+        bit = ((proj > 0) & (r[None, :] < BITS)).to(tl.int32)
+        code = tl.sum(bit << r[None, :], axis=1)
+        # inverse Gray code (position along the Gray sequence), codes have at most 16 bits
+        rank = code ^ (code >> 1)
+        rank = rank ^ (rank >> 2)
+        rank = rank ^ (rank >> 4)
+        rank = rank ^ (rank >> 8)
+        tl.store(RANK + bh * S + rows, rank.to(tl.int64), mask=row_ok)
+
+
+def lsh_rank_triton(x, planes, group):
+    """x (B, H, S, D) float16/bfloat16/float32, planes (Hkv, D, r) float32, H = group * Hkv
+    -> (B, H, S) int64 Gray rank of each row's bucket. Drop-in for `pattern.lsh_rank`."""
+    import torch
+    B, H, S, D = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    planes = planes.to(device=x.device, dtype=torch.float32).contiguous()
+    bits = planes.shape[-1]
+    rank = torch.empty(B, H, S, dtype=torch.int64, device=x.device)
+    block_s = 64
+    grid = (triton.cdiv(S, block_s), B * H)
+    _lsh_rank_kernel[grid](x, planes, rank, x.stride(0), x.stride(1), x.stride(2), H, group, S,
+                           D=D, BITS=bits, BLOCK_S=block_s, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                           BLOCK_R=max(16, triton.next_power_of_2(bits)))
+    return rank

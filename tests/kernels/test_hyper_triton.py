@@ -1,0 +1,81 @@
+"""Triton HyperAttention (interpreter on CPU) vs the reference on the same pattern."""
+import pytest
+import torch
+
+from longattn.kernels import Band, encode_plan
+from longattn.kernels.hyper import build_pattern, hyper_attention, hyper_attention_from_pattern
+from longattn.kernels.hyper.pattern import lsh_rank
+
+triton = pytest.importorskip("triton")
+from longattn.kernels.hyper.triton_attention import hyper_forward_triton  # noqa: E402
+from longattn.kernels.hyper.triton_hash import lsh_rank_triton  # noqa: E402
+
+SMALL = dict(block_size=8, sample_size=5, lsh_bits=3, min_seq_len=16, sink_tokens=2, local_window=3)
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
+
+
+def _qkv(b=1, hq=4, hkv=2, sq=37, sk=37, d=16, dv=16, dtype=torch.float32, grad=False):
+    mk = lambda *s: torch.randn(*s, dtype=dtype).requires_grad_(grad)
+    return mk(b, hq, sq, d), mk(b, hkv, sk, d), mk(b, hkv, sk, dv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("variant", ["paper", "default"])
+@pytest.mark.parametrize("causal,sq,sk", [(False, 37, 37), (False, 19, 45), (True, 37, 37), (True, 23, 45)])
+def test_kernel_equals_reference_on_the_same_pattern(dtype, variant, causal, sq, sk):
+    q, k, v = _qkv(b=2, sq=sq, sk=sk, dtype=dtype)
+    pattern = build_pattern(q, k, causal=causal, variant=variant, seed=4, **SMALL)
+    assert len(pattern.levels) >= (2 if causal else 1)  # several launches run
+    out, lse = hyper_forward_triton(q, k, v, pattern, scale=0.3, causal=causal)
+    ref, ref_lse = hyper_attention_from_pattern(q.double(), k.double(), v.double(), pattern, scale=0.3, causal=causal)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_handles_head_dims_that_are_not_powers_of_two_and_dv_unlike_d():
+    q, k, v = _qkv(hq=3, hkv=1, sq=29, sk=29, d=12, dv=20)
+    pattern = build_pattern(q, k, causal=True, **SMALL)
+    out, lse = hyper_forward_triton(q, k, v, pattern, scale=0.3, causal=True)
+    ref, ref_lse = hyper_attention_from_pattern(q, k, v, pattern, scale=0.3, causal=True)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_hash_kernel_equals_torch_hash(group):
+    x = torch.randn(2, 2 * group, 50, 24)
+    planes = torch.randn(2, 24, 7)
+    assert torch.equal(lsh_rank_triton(x, planes, group), lsh_rank(x, planes, group))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_gradients_equal_reference_gradients_for_out_and_lse(causal):
+    q, k, v = _qkv(sq=30, sk=30, grad=True)
+    out, lse = hyper_attention(q, k, v, causal=causal, **SMALL)
+    pattern = build_pattern(q, k, causal=causal, **SMALL)
+    ref, ref_lse = hyper_attention_from_pattern(q, k, v, pattern, scale=0.25, causal=causal)
+    g, g_lse = torch.randn_like(out), torch.randn_like(lse)
+    got = torch.autograd.grad((out, lse), (q, k, v), (g, g_lse))
+    want = torch.autograd.grad((ref, ref_lse), (q, k, v), (g, g_lse))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_dispatcher_op_runs_the_kernel_and_differentiates_it():
+    q, k, v = _qkv(sq=30, sk=30, grad=True)
+    plan = encode_plan([Band("flash", below=16), Band("hyper", params=SMALL)])
+    out = torch.ops.longattn.attention(q, k, v, None, 0.25, True, 0.0, None, plan)
+    want = hyper_attention(q, k, v, scale=0.25, causal=True, **SMALL)[0]
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_public_function_keeps_float64_on_the_reference_and_agrees_with_the_kernel():
+    q, k, v = _qkv(sq=30, sk=30)
+    out32, _ = hyper_attention(q, k, v, causal=True, **SMALL)
+    out64, _ = hyper_attention(q.double(), k.double(), v.double(), causal=True, **SMALL)
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out32.double(), out64, **TOL[torch.float32])
