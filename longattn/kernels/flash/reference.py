@@ -57,6 +57,7 @@ def flash_attention_reference(q, k, v, *, scale=None, causal=False, attn_mask=No
         acc = acc * correction.unsqueeze(-1) + torch.matmul(p, vb)
         m = m_new
     out = acc / torch.where(l > 0, l, torch.ones_like(l)).unsqueeze(-1)
-    lse = torch.where(l > 0, m + torch.log(l), torch.full_like(l, float("-inf")))
+    # log of a safe denominator: log(0) in the untaken branch would make the gradient nan
+    lse = torch.where(l > 0, m + torch.log(torch.where(l > 0, l, torch.ones_like(l))), torch.full_like(l, float("-inf")))
     out = out.reshape(B, Hq, Sq, -1).to(q.dtype)
     return out, lse.reshape(B, Hq, Sq).float()

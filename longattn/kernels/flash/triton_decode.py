@@ -1,0 +1,181 @@
+"""Split-K decode ("flash-decoding"): a few queries (Sq <= 16) against long K/V.
+
+Decoding is bound by reading K and V once. The tiled forward gives one program per 128 query rows,
+so with one query it would run B·Hq programs, each streaming all keys: far too few to fill the GPU,
+and with GQA every query head of a group would read the same K/V again. Here:
+  _decode_split_kernel: one program per (key chunk, batch·kv head). Its query tile holds every
+      (query head of the group, query position) row, group·Sq rows padded to >= 16 for tl.dot,
+      so each KV head is read exactly once for its whole group. It writes a partial output
+      (normalised over its chunk) and the chunk's lse.
+  _decode_merge_kernel: one program per output row merges the chunks by their lse
+      (out = Σ_c exp(lse_c − lse) out_c, lse = logsumexp_c lse_c).
+The number of chunks is chosen so that about three programs run per SM.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .triton_fwd import (LOG2E, _load_2d, interpreting, last_dim_contiguous, mask_as_4d, padded_dim,
+                         triton)
+
+DECODE_MAX_QUERIES = 16
+MAX_GROUP_ROWS = 128  # group·Sq rows per program; beyond that the tiled forward is as good
+MAX_SPLITS = 128
+MIN_KEYS_PER_SPLIT = 128
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _decode_split_kernel(
+        Q, K, V, Mask, PartOut, PartLse,
+        stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        stride_mb, stride_mh, stride_mm, stride_mn,
+        Hkv, Sq, Sk, GROUP, qk_scale, causal_offset, keys_per_split, num_splits, SK_BUCKET,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+        ROWS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        pid_s = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // Hkv
+        hk = pid_bh % Hkv
+        r = tl.arange(0, ROWS)
+        n_rows = GROUP * Sq
+        rows_ok = r < n_rows
+        qi = r % Sq  # query position of the row
+        hq = hk * GROUP + r // Sq  # query head of the row
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        offs_dv = tl.arange(0, DV_PAD)
+        q = tl.load(Q + b.to(tl.int64) * stride_qb + hq[:, None].to(tl.int64) * stride_qh + qi[:, None] * stride_qm
+                    + offs_d[None, :], mask=rows_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+        k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+        mask_rows = Mask + b.to(tl.int64) * stride_mb + hq[:, None].to(tl.int64) * stride_mh + qi[:, None] * stride_mm
+        start = pid_s * keys_per_split
+        end = tl.minimum(start + keys_per_split, Sk)
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, DV_PAD], tl.float32)
+        offs_n = tl.arange(0, BLOCK_N)
+        for start_n in range(start, end, BLOCK_N):
+            cols = start_n + offs_n
+            cols_ok = cols < end
+            kt = _load_2d(k_base + offs_d[:, None] + cols[None, :] * stride_kn, offs_d < HEAD_DIM, cols_ok,
+                          HEAD_DIM != HEAD_DIM_PAD, True)
+            s = tl.dot(q, kt) * qk_scale
+            keep = cols_ok[None, :] & rows_ok[:, None]
+            if HAS_MASK:
+                mv = tl.load(mask_rows + cols[None, :] * stride_mn, mask=keep, other=0)
+                if MASK_IS_BOOL:
+                    keep = keep & (mv != 0)
+                else:
+                    s = s + mv.to(tl.float32) * 1.4426950408889634
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= qi[:, None] + causal_offset)
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_sub[:, None])
+            alpha = tl.math.exp2(m_i - m_sub)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _load_2d(v_base + cols[:, None] * stride_vn + offs_dv[None, :], cols_ok, offs_dv < DV,
+                         True, DV != DV_PAD)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
+        seen = l_i > 0.0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        part = (pid_bh.to(tl.int64) * num_splits + pid_s) * n_rows + r
+        tl.store(PartOut + part[:, None] * DV + offs_dv[None, :], out,
+                 mask=rows_ok[:, None] & (offs_dv < DV)[None, :])
+        tl.store(PartLse + part, lse, mask=rows_ok)
+
+    @triton.jit
+    def _decode_merge_kernel(PartOut, PartLse, Out, Lse, stride_ob, stride_oh, stride_om,
+                             Hkv, Hq, Sq, GROUP, num_splits,
+                             DV: tl.constexpr, DV_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
+        pid = tl.program_id(0)
+        n_rows = GROUP * Sq
+        bh = pid // n_rows
+        r = pid % n_rows
+        s = tl.arange(0, SPLITS_PAD)
+        s_ok = s < num_splits
+        offs_dv = tl.arange(0, DV_PAD)
+        part = (bh.to(tl.int64) * num_splits + s) * n_rows + r
+        lse_s = tl.load(PartLse + part, mask=s_ok, other=float("-inf"))
+        m = tl.max(lse_s, 0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp(lse_s - m_safe)
+        total = tl.sum(w, 0)
+        o = tl.load(PartOut + part[:, None] * DV + offs_dv[None, :], mask=s_ok[:, None] & (offs_dv < DV)[None, :],
+                    other=0.0)
+        out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0.0, total, 1.0)
+        lse = tl.where(total > 0.0, m_safe + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf"))
+        b = bh // Hkv
+        hq = (bh % Hkv) * GROUP + r // Sq
+        qi = r % Sq
+        tl.store(Out + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh + qi * stride_om + offs_dv,
+                 out.to(Out.dtype.element_ty), mask=offs_dv < DV)
+        tl.store(Lse + (b * Hq + hq).to(tl.int64) * Sq + qi, lse)
+
+    _decode_tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+                 for bn, w, s in [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4)]],
+        key=["SK_BUCKET", "ROWS", "HEAD_DIM_PAD", "DV_PAD", "CAUSAL", "HAS_MASK"],
+    )(_decode_split_kernel)
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_splits(batch_kv_heads: int, Sk: int, num_sms: int) -> tuple[int, int]:
+    """(number of key chunks, keys per chunk): about three programs per SM, chunks of >= 128 keys
+    (a multiple of 128, so every chunk starts on an aligned tile)."""
+    wanted = max(1, triton.cdiv(3 * num_sms, batch_kv_heads))
+    splits = max(1, min(wanted, triton.cdiv(Sk, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
+    keys = triton.cdiv(triton.cdiv(Sk, splits), MIN_KEYS_PER_SPLIT) * MIN_KEYS_PER_SPLIT
+    return triton.cdiv(Sk, keys), keys
+
+
+def decode_forward(q, k, v, scale: float, causal: bool, attn_mask=None):
+    """(out, lse) like `flash_forward`, for Sq <= 16. Falls back to the tiled forward when the
+    query group is too tall for one tile (group·Sq > 128)."""
+    from .triton_fwd import flash_forward
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    group = Hq // Hkv
+    if Sq > DECODE_MAX_QUERIES or group * Sq > MAX_GROUP_ROWS or Sq == 0 or Sk == 0 or B * Hq == 0:
+        return flash_forward(q, k, v, scale, causal, attn_mask)
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    num_sms = 2 if interpreting() else _num_sms(q.device.index if q.device.index is not None else 0)
+    splits, keys_per_split = decode_splits(B * Hkv, Sk, num_sms)
+    if interpreting():  # several chunks and several tiles per chunk even on tiny test shapes
+        keys_per_split = 32
+        splits = triton.cdiv(Sk, keys_per_split)
+    n_rows = group * Sq
+    part_out = torch.empty(B * Hkv, splits, n_rows, Dv, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(B * Hkv, splits, n_rows, dtype=torch.float32, device=q.device)
+    mask = mask_as_4d(attn_mask, B, Hq, Sq, Sk, "flash_attention")
+    mask_arg = mask if mask is not None else q
+    mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
+    args = (q, k, v, mask_arg, part_out, part_lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *mask_strides, Hkv, Sq, Sk, group, scale * LOG2E, Sk - Sq, keys_per_split, splits,
+            triton.next_power_of_2(Sk))
+    meta = dict(HEAD_DIM=D, HEAD_DIM_PAD=padded_dim(D), DV=Dv, DV_PAD=padded_dim(Dv),
+                ROWS=max(16, triton.next_power_of_2(n_rows)), CAUSAL=bool(causal), HAS_MASK=mask is not None,
+                MASK_IS_BOOL=mask is not None and mask.dtype == torch.uint8)
+    if interpreting():
+        _decode_split_kernel[(splits, B * Hkv)](*args, **meta, BLOCK_N=16, num_warps=4, num_stages=1)
+    else:
+        _decode_tuned[(splits, B * Hkv)](*args, **meta)
+    out = torch.empty(B, Hq, Sq, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    _decode_merge_kernel[(B * Hkv * n_rows,)](part_out, part_lse, out, lse, *out.stride()[:3], Hkv, Hq, Sq, group,
+                                              splits, DV=Dv, DV_PAD=padded_dim(Dv),
+                                              SPLITS_PAD=max(2, triton.next_power_of_2(splits)))
+    return out, lse

@@ -1,0 +1,274 @@
+"""Forward flash attention in Triton: one program per (query block, batch·query head).
+
+Each program keeps its query tile in registers and streams K/V tiles through an online softmax
+(FlashAttention-2): running row max m, denominator l and an unnormalised fp32 accumulator,
+rescaled by 2^(m_old - m_new) when the max grows. Scores are kept in base 2 (the scale is
+multiplied by log2(e)) so the exponentials are exp2, one instruction each.
+
+Key tiles fall in two ranges so that the hot loop carries no masking work:
+  [0, full)  tiles every row of the block sees completely (no causal cut, inside Sk);
+  [full, hi) tiles cut by the causal diagonal or by the end of the keys: masked.
+Tiles past `hi` (above the diagonal) are never loaded.
+
+GQA: query head h reads key/value head h // group through its strides (no repeat).
+attn_mask is read through its own strides, so broadcast dimensions (stride 0) cost nothing.
+The head dim is padded to a power of two with masked loads (80 -> 128, 24 -> 32).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the package imports without triton; __init__ falls back to the reference
+    triton = None
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def padded_dim(d: int) -> int:
+    """Head dim padded to a power of two, at least 16 (the smallest tl.dot operand)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _load_2d(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+        """Load a tile, masking only along the dimensions that can run past the tensor."""
+        if CHECK_ROWS and CHECK_COLS:
+            x = tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+        elif CHECK_ROWS:
+            x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+        elif CHECK_COLS:
+            x = tl.load(ptrs, mask=cols_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+        return x
+
+    @triton.jit
+    def _score_bias(qk, mask_ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr,
+                    MASK_IS_BOOL: tl.constexpr):
+        """Apply attn_mask to base-2 scores: bool masks cut to -inf, float masks add (times log2 e)."""
+        m = _load_2d(mask_ptrs, rows_ok, cols_ok, CHECK_ROWS, CHECK_COLS)
+        if MASK_IS_BOOL:
+            qk = tl.where(m != 0, qk, float("-inf"))
+        else:
+            qk = qk + m.to(tl.float32) * 1.4426950408889634
+        return qk
+
+    @triton.jit
+    def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, hi,
+                   stride_kn, stride_vn, stride_mask_n, qk_scale, Sq, Sk, causal_offset,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                   MASK_IS_BOOL: tl.constexpr, EVEN_M: tl.constexpr):
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        offs_dv = tl.arange(0, DV_PAD)
+        d_ok = offs_d < HEAD_DIM
+        dv_ok = offs_dv < DV
+        rows_ok = offs_m < Sq
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + offs_n
+            cols_ok = cols < Sk
+            # K loaded transposed (HEAD_DIM_PAD, BLOCK_N): the product below is a plain q @ kT
+            kt = _load_2d(k_base + offs_d[:, None] + cols[None, :] * stride_kn, d_ok, cols_ok,
+                          HEAD_DIM != HEAD_DIM_PAD, MASKED)
+            qk = tl.dot(q, kt) * qk_scale
+            if HAS_MASK:
+                qk = _score_bias(qk, mask_base + cols[None, :] * stride_mask_n, rows_ok, cols_ok,
+                                 not EVEN_M, MASKED, MASK_IS_BOOL)
+            if MASKED:
+                keep = cols_ok[None, :]
+                if CAUSAL:
+                    keep = keep & (cols[None, :] <= offs_m[:, None] + causal_offset)
+                qk = tl.where(keep, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            if MASKED or HAS_MASK:
+                # a row with no visible key yet keeps m = -inf; subtract 0 instead (avoids -inf - -inf)
+                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_sub = m_new
+            p = tl.math.exp2(qk - m_sub[:, None])
+            alpha = tl.math.exp2(m_i - m_sub)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            v = _load_2d(v_base + cols[:, None] * stride_vn + offs_dv[None, :], cols_ok, dv_ok,
+                         MASKED, DV != DV_PAD)
+            acc = tl.dot(p.to(v.dtype), v, acc)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _flash_fwd_kernel(
+        Q, K, V, Mask, Out, Lse,
+        stride_qb, stride_qh, stride_qm,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        stride_mb, stride_mh, stride_mm, stride_mn,
+        stride_ob, stride_oh, stride_om,
+        Hq, Sq, Sk, GROUP, qk_scale, causal_offset,
+        SQ_BUCKET, SK_BUCKET,  # autotune keys only: one tuning per power-of-two length
+        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+        EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        num_m = tl.cdiv(Sq, BLOCK_M)
+        pid_m = tl.program_id(0)
+        if CAUSAL:
+            pid_m = num_m - 1 - pid_m  # longest rows first: better tail balance under causal
+        pid_bh = tl.program_id(1)
+        b = pid_bh // Hq
+        h = pid_bh % Hq
+        hk = h // GROUP
+        m0 = pid_m * BLOCK_M
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        offs_dv = tl.arange(0, DV_PAD)
+        rows_ok = offs_m < Sq
+
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        q = _load_2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], rows_ok, offs_d < HEAD_DIM,
+                     not EVEN_M, HEAD_DIM != HEAD_DIM_PAD)
+        k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+        mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + offs_m[:, None] * stride_mm
+
+        # key ranges: [0, full) unmasked, [full, hi) masked (see module docstring)
+        if CAUSAL:
+            hi = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_offset, 0), Sk)
+            full = tl.maximum(m0 + causal_offset + 1, 0) // BLOCK_N * BLOCK_N
+            full = tl.minimum(full, hi)
+        else:
+            hi = Sk
+            full = Sk
+        if not EVEN_N:
+            full = tl.minimum(full, Sk // BLOCK_N * BLOCK_N)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, 0, full,
+                                   stride_kn, stride_vn, stride_mn, qk_scale, Sq, Sk, causal_offset,
+                                   HEAD_DIM, HEAD_DIM_PAD, DV, DV_PAD, BLOCK_N, False, CAUSAL, HAS_MASK,
+                                   MASK_IS_BOOL, EVEN_M)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, full, hi,
+                                   stride_kn, stride_vn, stride_mn, qk_scale, Sq, Sk, causal_offset,
+                                   HEAD_DIM, HEAD_DIM_PAD, DV, DV_PAD, BLOCK_N, True, CAUSAL, HAS_MASK,
+                                   MASK_IS_BOOL, EVEN_M)
+
+        seen = l_i > 0.0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+        o_ptrs = o_base + offs_m[:, None] * stride_om + offs_dv[None, :]
+        out = out.to(Out.dtype.element_ty)
+        if EVEN_M and DV == DV_PAD:
+            tl.store(o_ptrs, out)
+        else:
+            tl.store(o_ptrs, out, mask=rows_ok[:, None] & (offs_dv < DV)[None, :])
+        lse_ptrs = Lse + pid_bh.to(tl.int64) * Sq + offs_m
+        if EVEN_M:
+            tl.store(lse_ptrs, lse)
+        else:
+            tl.store(lse_ptrs, lse, mask=rows_ok)
+
+    def _even_heuristics(kernel):
+        return triton.heuristics({
+            "EVEN_M": lambda a: a["Sq"] % a["BLOCK_M"] == 0,
+            "EVEN_N": lambda a: a["Sk"] % a["BLOCK_N"] == 0,
+        })(kernel)
+
+    def _prune_by_shared_memory(configs, named_args, **kwargs):
+        """Drop configs whose K/V pipeline cannot fit Hopper's 228 KB of shared memory."""
+        args = {**named_args, **kwargs}
+        d, dv = args["HEAD_DIM_PAD"], args["DV_PAD"]
+        kept = []
+        for c in configs:
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            smem = 2 * (bm * d + max(c.num_stages - 1, 1) * bn * (d + dv))
+            if smem <= 200 * 1024 and not (d >= 256 and bm * bn > 128 * 64):
+                kept.append(c)
+        return kept or configs[-1:]
+
+    # Hopper: 128-row query tiles with 8 warps feed wgmma; 64/128 key tiles, 2-4 stages of cp.async.
+    # The last config is the small fallback that fits any GPU (and d256).
+    FWD_CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 4, 3),
+            (128, 128, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
+        ]
+    ]
+    INTERPRETER_FWD_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+
+    _fwd_heuristic = _even_heuristics(_flash_fwd_kernel)
+    _fwd_tuned = triton.autotune(
+        configs=FWD_CONFIGS,
+        key=["SQ_BUCKET", "SK_BUCKET", "HEAD_DIM_PAD", "DV_PAD", "CAUSAL", "HAS_MASK", "MASK_IS_BOOL"],
+        prune_configs_by={"early_config_prune": _prune_by_shared_memory},
+    )(_fwd_heuristic)
+
+
+def mask_as_4d(attn_mask: torch.Tensor | None, B: int, Hq: int, Sq: int, Sk: int, where: str):
+    """View attn_mask as (B, Hq, Sq, Sk) with stride 0 on broadcast dims (no copy); bool -> uint8 view."""
+    if attn_mask is None:
+        return None
+    m = attn_mask
+    if m.dim() > 4:
+        raise ValueError(f"{where}: attn_mask must have at most 4 dims, got shape {tuple(m.shape)}")
+    try:
+        m = m.expand(B, Hq, Sq, Sk)
+    except RuntimeError:
+        raise ValueError(f"{where}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                         f"(B, Hq, Sq, Sk) = {(B, Hq, Sq, Sk)}") from None
+    if m.dtype == torch.bool:
+        m = m.view(torch.uint8)
+    return m
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def flash_forward(q, k, v, scale: float, causal: bool, attn_mask=None):
+    """Launch the forward kernel. q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), one dtype
+    among fp16/bf16/fp32; attn_mask bool or float, broadcastable to (B, Hq, Sq, Sk).
+    Returns (out (B, Hq, Sq, Dv) in q's dtype, lse (B, Hq, Sq) float32)."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    out = torch.empty(B, Hq, Sq, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    if Sq == 0 or B * Hq == 0:
+        return out, lse
+    mask = mask_as_4d(attn_mask, B, Hq, Sq, Sk, "flash_attention")
+    mask_arg = mask if mask is not None else q  # never read when HAS_MASK is False
+    mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
+    args = (q, k, v, mask_arg, out, lse,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
+            Hq, Sq, Sk, Hq // Hkv, scale * LOG2E, Sk - Sq,
+            triton.next_power_of_2(Sq), triton.next_power_of_2(max(Sk, 1)))
+    meta = dict(HEAD_DIM=D, HEAD_DIM_PAD=padded_dim(D), DV=Dv, DV_PAD=padded_dim(Dv), CAUSAL=bool(causal),
+                HAS_MASK=mask is not None, MASK_IS_BOOL=mask is not None and mask.dtype == torch.uint8)
+    if interpreting():
+        cfg = INTERPRETER_FWD_CONFIG
+        grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq)
+        _fwd_heuristic[grid](*args, **meta, **cfg)
+    else:
+        grid = lambda c: (triton.cdiv(Sq, c["BLOCK_M"]), B * Hq)
+        _fwd_tuned[grid](*args, **meta)
+    return out, lse

@@ -1,0 +1,169 @@
+"""The Triton flash kernels against the float64 reference.
+
+Without a GPU they run in the Triton interpreter on tiny shapes (tests/conftest.py sets
+TRITON_INTERPRET=1) with 16×16 tiles, so every shape below spans several query and key tiles and
+ends mid-tile. With LONGATTN_TEST_CUDA=1 the same tests run on CUDA at real sizes.
+"""
+import os
+
+import pytest
+import torch
+
+from longattn.kernels.flash import flash_attention, flash_attention_reference, triton_supports
+from longattn.kernels.flash.triton_decode import decode_splits
+
+ON_CUDA = bool(os.environ.get("LONGATTN_TEST_CUDA"))
+DEVICE = "cuda" if ON_CUDA else "cpu"
+# bf16 tl.dot is unreliable in the interpreter: CPU runs fp32 and fp16 only
+DTYPES = [torch.float32, torch.float16, torch.bfloat16] if ON_CUDA else [torch.float32, torch.float16]
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 1e-2}  # relative, vs float64
+
+# (batch, q heads, kv heads, q len, k len, head dim)
+if ON_CUDA:
+    SHAPES = [(2, 8, 8, 1024, 1024, 64), (1, 16, 4, 1000, 1537, 128), (2, 6, 2, 777, 513, 80),
+              (1, 4, 1, 300, 300, 96), (1, 2, 2, 256, 384, 256), (1, 4, 2, 1100, 900, 40)]
+else:
+    SHAPES = [(1, 2, 2, 32, 32, 16), (2, 4, 2, 19, 37, 24), (1, 6, 2, 33, 17, 40), (1, 2, 1, 21, 21, 80)]
+
+
+def relative_error(x, ref):
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_qkv(b, hq, hkv, sq, sk, d, dtype, dv=None):
+    gen = lambda *s: torch.randn(*s, device=DEVICE, dtype=dtype).requires_grad_()
+    return gen(b, hq, sq, d), gen(b, hkv, sk, d), gen(b, hkv, sk, dv or d)
+
+
+def reference(q, k, v, **kw):
+    mask = kw.pop("attn_mask", None)
+    if mask is not None and mask.is_floating_point():
+        mask = mask.double()
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out, lse = flash_attention_reference(qd, kd, vd, attn_mask=mask, **kw)
+    return (qd, kd, vd), out, lse.double()  # the reference gives lse in float32 whatever its input
+
+
+def check_forward_and_backward(q, k, v, **kw):
+    """Compare out, lse and the gradients of out·g_out + lse·g_lse with the float64 reference."""
+    tol = TOLERANCE[q.dtype]
+    out, lse = flash_attention(q, k, v, **kw)
+    inputs, ref_out, ref_lse = reference(q, k, v, **kw)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32 and out.shape == ref_out.shape
+    assert not out.isnan().any()
+    assert relative_error(out, ref_out) < tol
+    torch.testing.assert_close(torch.isinf(lse), torch.isinf(ref_lse))
+    seen = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse.double()[seen], ref_lse[seen], atol=tol * 10, rtol=tol)
+    g_out = torch.randn_like(ref_out)
+    g_lse = torch.where(seen, torch.randn_like(ref_lse), torch.zeros_like(ref_lse))
+    safe = lambda t: torch.where(seen, t, torch.zeros_like(t))
+    grads = torch.autograd.grad((out.double() * g_out).sum() + (safe(lse.double()) * g_lse).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref_out * g_out).sum() + (safe(ref_lse) * g_lse).sum(), inputs)
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert g.dtype == q.dtype and not g.isnan().any(), name
+        assert relative_error(g, rg) < 2 * tol, name
+
+
+def test_the_triton_path_is_taken_for_supported_inputs():
+    q, k, v = make_qkv(1, 2, 1, 8, 8, 16, torch.float32)
+    assert triton_supports(q, k, v)
+    assert not triton_supports(q, k, v, dropout_p=0.1)
+    assert not triton_supports(q.double(), k.double(), v.double())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}h{}kv{}q{}k{}d{}".format(*s))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_forward_and_gradients_match_float64_reference(shape, causal, dtype):
+    if dtype == torch.float16 and not ON_CUDA and shape[3] != shape[4]:
+        pytest.skip("fp16 in the interpreter: one shape is enough")
+    check_forward_and_backward(*make_qkv(*shape, dtype), causal=causal, scale=0.7 / shape[-1] ** 0.5)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_value_head_dim_may_differ_from_key_head_dim(causal):
+    b, h, s = (1, 4, 300) if ON_CUDA else (1, 2, 20)
+    check_forward_and_backward(*make_qkv(b, h, h // 2, s, s + 5, 32, torch.float32, dv=48), causal=causal)
+
+
+@pytest.mark.parametrize("mask_shape", ["keys", "rows", "full"])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_broadcast_masks_match_reference(kind, mask_shape):
+    b, hq, hkv, sq, sk, d = (2, 8, 2, 500, 700, 64) if ON_CUDA else (2, 4, 2, 19, 35, 16)
+    shape = {"keys": (b, 1, 1, sk), "rows": (sq, sk), "full": (b, hq, sq, sk)}[mask_shape]
+    if kind == "bool":
+        mask = torch.rand(shape, device=DEVICE) > 0.4
+    else:
+        mask = torch.randn(shape, device=DEVICE) * 2
+        mask = mask.masked_fill(torch.rand(shape, device=DEVICE) < 0.2, float("-inf"))
+    check_forward_and_backward(*make_qkv(b, hq, hkv, sq, sk, d, torch.float32), attn_mask=mask, causal=True)
+
+
+def test_rows_that_see_no_key_give_zero_output_and_minus_inf_lse():
+    # causal with more queries than keys: the first Sq - Sk queries see nothing; a bool mask row of False too
+    sq, sk = (300, 200) if ON_CUDA else (30, 20)
+    q, k, v = make_qkv(1, 2, 1, sq, sk, 32, torch.float32)
+    mask = torch.ones(sq, sk, dtype=torch.bool, device=DEVICE)
+    mask[-1] = False
+    out, lse = flash_attention(q, k, v, causal=True, attn_mask=mask)
+    assert torch.isinf(lse[..., : sq - sk]).all() and torch.isinf(lse[..., -1]).all()
+    assert (out[..., : sq - sk, :] == 0).all() and (out[..., -1, :] == 0).all()
+    check_forward_and_backward(q, k, v, causal=True, attn_mask=mask)
+
+
+def test_float_mask_that_requires_grad_gets_the_reference_gradient():
+    s = 64 if ON_CUDA else 12
+    q, k, v = make_qkv(1, 2, 1, s, s, 16, torch.float32)
+    mask = torch.randn(1, 1, s, s, device=DEVICE, requires_grad=True)
+    out, _ = flash_attention(q, k, v, attn_mask=mask)
+    ref, _ = flash_attention_reference(q, k, v, attn_mask=mask)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, mask), g), torch.autograd.grad(ref, (q, mask), g)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+DECODE_CASES = [  # (batch, q heads, kv heads, q len, k len, head dim, causal, mask)
+    (1, 9, 3, 1, 8192, 64, False, None), (2, 8, 8, 4, 5000, 128, True, None),
+    (1, 32, 4, 16, 3000, 80, True, "float"), (2, 4, 1, 3, 4099, 64, False, "bool"),
+] if ON_CUDA else [
+    (1, 6, 2, 1, 77, 16, False, None), (2, 4, 2, 3, 70, 24, True, None),
+    (1, 2, 1, 16, 40, 32, True, "float"), (1, 3, 1, 2, 50, 16, False, "bool"),
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "h{}kv{}q{}k{}d{}".format(*c[1:6]))
+def test_decode_matches_reference(case):
+    b, hq, hkv, sq, sk, d, causal, kind = case
+    mask = None
+    if kind == "bool":
+        mask = torch.rand(b, 1, sq, sk, device=DEVICE) > 0.5
+    elif kind == "float":
+        mask = torch.randn(1, hq, 1, sk, device=DEVICE)
+    check_forward_and_backward(*make_qkv(b, hq, hkv, sq, sk, d, torch.float32), causal=causal, attn_mask=mask)
+
+
+def test_decode_half_precision_matches_reference():
+    dtype = torch.bfloat16 if ON_CUDA else torch.float16
+    sk = 20000 if ON_CUDA else 60
+    check_forward_and_backward(*make_qkv(1, 6, 2, 1, sk, 64, dtype), causal=True)
+
+
+def test_decode_splits_give_several_programs_per_sm_and_cover_the_keys():
+    for bh, sk in [(3, 8192), (3, 131072), (32, 131072), (1, 100)]:
+        splits, keys = decode_splits(bh, sk, num_sms=132)
+        assert splits * keys >= sk > (splits - 1) * keys and keys % 128 == 0
+        assert splits * bh >= min(2 * 132, sk // 128)
+
+
+def test_dispatched_op_differentiates_through_the_triton_path():
+    from longattn.kernels import Band, encode_plan
+    s = 256 if ON_CUDA else 18
+    q, k, v = make_qkv(1, 4, 2, s, s, 16, torch.float32)
+    plan = encode_plan([Band("flash")])
+    out = torch.ops.longattn.attention(q, k, v, None, 0.25, True, 0.0, None, plan)
+    inputs, ref, _ = reference(q, k, v, scale=0.25, causal=True)
+    g = torch.randn_like(ref)
+    assert relative_error(out, ref) < 1e-3
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g.float()), torch.autograd.grad(ref, inputs, g)):
+        assert relative_error(a, b) < 2e-3
