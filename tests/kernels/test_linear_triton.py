@@ -4,6 +4,7 @@ import torch
 
 from longattn.kernels.linear import linear_attention, linear_attention_reference
 from longattn.kernels.linear.reference import far_chunked
+from longattn.kernels.linear.triton_additive import far_additive_torch, far_additive_triton
 from longattn.kernels.linear.triton_chunk import far_chunked_triton, runs_on, triton
 
 pytestmark = pytest.mark.skipif(triton is None, reason="triton is not installed")
@@ -31,6 +32,24 @@ def test_far_kernels_equal_the_pytorch_chunked_form(rule, causal, offset):
     ref = far_chunked(fq.double(), fk.double(), vals.double(), None if beta is None else beta.double(),
                       causal=causal, offset=offset, update_rule=rule, chunk=16)
     assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert _rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("fmap", ["elu", "relu", "features"])
+@pytest.mark.parametrize("mode", ["divide", "num-den", "unnormalised"])
+@pytest.mark.parametrize("causal,offset", [(True, 0), (True, -21), (True, 9), (False, None)],
+                         ids=["aligned", "queries-after-keys", "keys-ahead", "non-causal"])
+def test_additive_kernels_on_strided_inputs_equal_the_pytorch_form(fmap, mode, causal, offset):
+    # (B, S, H, D) storage seen as (B, H, S, D), as attention modules usually hand q/k/v over
+    q = torch.randn(2, 37, 4, 12).transpose(1, 2)
+    k, v = torch.randn(2, 45, 2, 12).transpose(1, 2), torch.randn(2, 45, 2, 10).transpose(1, 2)
+    if fmap == "features":
+        q, k = q.abs(), k.abs()
+    opts = dict(fmap=fmap if fmap != "features" else "favor", causal=causal, offset=offset, chunk=16,
+                normalize=mode != "unnormalised", divide=mode == "divide", eps=1e-6, out_dtype=torch.float32)
+    out = far_additive_triton(q, k, v, **opts)
+    ref = far_additive_torch(q.double(), k.double(), v.double(), **opts)
+    assert out.shape == ref.shape
     assert _rel(out, ref) < 1e-5
 
 

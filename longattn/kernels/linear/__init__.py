@@ -27,16 +27,22 @@ def linear_attention(q, k, v, *, scale=None, causal=False, feature_map="elu", nu
     """Hybrid linear attention; q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) -> (B, Hq, Sq, Dv) in q's dtype.
 
     Causal is bottom-right aligned; non-causal works for any Sq, Sk. The far part runs the Triton chunked
-    kernels where they run (CUDA tensors, or TRITON_INTERPRET=1), else the PyTorch chunked form. Differentiable.
+    kernels where they run (CUDA tensors or TRITON_INTERPRET=1, not float64, chunk_size 16/32/64/128;
+    `triton_additive` for the additive rule, `triton_chunk` for the delta rule), else the PyTorch chunked
+    form. Differentiable (backward recomputes the PyTorch form).
     See `reference.py` for the exact definition and `linear_attention_reference` for every argument.
     """
     kwargs = dict(scale=scale, causal=causal, feature_map=feature_map, num_features=num_features, seed=seed,
                   sink_tokens=sink_tokens, local_window=local_window, normalize=normalize, eps=eps,
                   update_rule=update_rule, beta=beta, chunk_size=chunk_size, feature_params=feature_params)
     from . import triton_chunk
-    if triton_chunk.runs_on(q):
-        return linear_attention_reference(q, k, v, far_fn=triton_chunk.far_chunked_triton, **kwargs)
-    return linear_attention_reference(q, k, v, **kwargs)
+    if not triton_chunk.runs_on(q) or chunk_size not in (16, 32, 64, 128):
+        return linear_attention_reference(q, k, v, **kwargs)
+    if update_rule == "add":
+        from .triton_additive import linear_attention_additive_triton
+        kwargs.pop("update_rule"), kwargs.pop("beta")
+        return linear_attention_additive_triton(q, k, v, **kwargs)
+    return linear_attention_reference(q, k, v, far_fn=triton_chunk.far_chunked_triton, **kwargs)
 
 
 __all__ = ["linear_attention", "linear_attention_step", "LinearAttentionState", "linear_attention_reference",

@@ -1,0 +1,303 @@
+"""Triton kernels for additive (non-delta) linear attention, reading q/k/v where they lie.
+
+Unlike `triton_chunk.py` (features, ones column and padding prepared in PyTorch), these kernels
+- apply the elementwise maps (elu + 1, relu, identity) on the tiles they load, so q/k are read once, raw;
+  other maps (favor, taylor2, hedgehog) hand in their float32 features, which the kernels read the same way;
+- keep the normaliser as its own state z = Σφ(k) (F floats per chunk) instead of a column of ones in v;
+- shift key chunks by index arithmetic (a masked load) rather than padding k and v;
+- for pure linear attention divide by φ(q)·z + eps themselves and write the output in q's dtype.
+
+Kernels: `_states_kernel` walks the key chunks of one (F block, V block, key head) in order and stores the
+state before each chunk, H[t] (F × Dv) and z[t] (F); `_output_kernel` runs one (V block, query chunk,
+query head): φ(Q_c) H[t] + (φ(Q_c) φ(K_t)ᵀ ⊙ tril) V_t, t = c + shift. States are float32, except in
+bfloat16 runs, where H is stored in bfloat16: it is cast to bfloat16 for the tensor-core product anyway.
+Products run in bfloat16 for bfloat16 inputs and in float32 (tf32 on GPUs) otherwise: float16 cannot
+hold a state summed over a long context.
+
+Backward recomputes the same function in PyTorch (`far_additive_torch`) under torch.func.vjp.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .reference import far_chunked
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+FUSED_MAPS = {"identity": 0, "elu": 1, "relu": 2}  # maps applied inside the kernels; others arrive as features
+
+
+if triton is not None:
+
+    @triton.jit
+    def _phi(x, FMAP: tl.constexpr):
+        if FMAP == 1:  # elu(x) + 1
+            return tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
+        elif FMAP == 2:
+            return tl.maximum(x, 0.0)
+        else:
+            return x
+
+    @triton.jit
+    def _states_kernel(K, V, H, Z, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, Hkv, L, P, N, F, Dv,
+                       FMAP: tl.constexpr, HAS_DEN: tl.constexpr, BF16: tl.constexpr,
+                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+        ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        b, h = bh // Hkv, bh % Hkv
+        offs_c = tl.arange(0, C)
+        offs_k = ik * BK + tl.arange(0, BK)
+        offs_v = iv * BV + tl.arange(0, BV)
+        mask_k, mask_v = offs_k < F, offs_v < Dv
+        k_base = K + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
+        v_base = V + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
+        h_ptrs = H + bh.to(tl.int64) * (N + 1) * F * Dv + offs_k[:, None] * Dv + offs_v[None, :]
+        z_ptrs = Z + bh.to(tl.int64) * (N + 1) * F + offs_k
+        h_mask = mask_k[:, None] & mask_v[None, :]
+        state = tl.zeros((BK, BV), dtype=tl.float32)
+        z = tl.zeros((BK,), dtype=tl.float32)
+        for t in range(N):
+            tl.store(h_ptrs + t * F * Dv, state.to(H.dtype.element_ty), mask=h_mask)
+            if HAS_DEN:
+                if iv == 0:
+                    tl.store(z_ptrs + t * F, z, mask=mask_k)
+            r = t * C + offs_c - P  # key index; the first P slots of the sequence are empty
+            mask_r = (r >= 0) & (r < L)
+            kmask = mask_r[:, None] & mask_k[None, :]
+            kt = tl.load(k_base + r.to(tl.int64)[:, None] * sk_s + offs_k[None, :], mask=kmask, other=0.0)
+            kt = tl.where(kmask, _phi(kt.to(tl.float32), FMAP), 0.0)  # φ(0) = 1 for elu: empty slots stay 0
+            vt = tl.load(v_base + r.to(tl.int64)[:, None] * sv_s + offs_v[None, :],
+                         mask=mask_r[:, None] & mask_v[None, :], other=0.0)
+            if BF16:
+                state += tl.dot(tl.trans(kt.to(tl.bfloat16)), vt.to(tl.bfloat16))
+            else:
+                state += tl.dot(tl.trans(kt), vt.to(tl.float32))
+            if HAS_DEN:
+                z += tl.sum(kt, 0)
+        tl.store(h_ptrs + N * F * Dv, state.to(H.dtype.element_ty), mask=h_mask)
+        if HAS_DEN:
+            if iv == 0:
+                tl.store(z_ptrs + N * F, z, mask=mask_k)
+
+    @triton.jit
+    def _output_kernel(Q, K, V, H, Z, O, DEN, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+                       so_b, so_h, so_s, Hq, G, Sq, L, P, N, F, Dv, shift, eps,
+                       FMAP: tl.constexpr, HAS_DEN: tl.constexpr, DIVIDE: tl.constexpr, BF16: tl.constexpr,
+                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+        iv, c, bhq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        b, hq = bhq // Hq, bhq % Hq
+        hk = hq // G
+        bkv = b * (Hq // G) + hk
+        offs_c = tl.arange(0, C)
+        offs_v = iv * BV + tl.arange(0, BV)
+        mask_v = offs_v < Dv
+        i = c * C + offs_c
+        mask_i = i < Sq
+        q_base = Q + b.to(tl.int64) * sq_b + hq.to(tl.int64) * sq_h
+        k_base = K + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
+        v_base = V + b.to(tl.int64) * sv_b + hk.to(tl.int64) * sv_h
+        t = c + shift  # the key chunk read causally (>= N: the state after every key; < 0: nothing)
+        acc = tl.zeros((C, BV), dtype=tl.float32)
+        den = tl.zeros((C,), dtype=tl.float32)
+        if t >= 0:
+            tt = tl.minimum(t, N)
+            h_base = H + (bkv.to(tl.int64) * (N + 1) + tt) * F * Dv
+            z_base = Z + (bkv.to(tl.int64) * (N + 1) + tt) * F
+            r = t * C + offs_c - P
+            mask_r = (r >= 0) & (r < L)
+            scores = tl.zeros((C, C), dtype=tl.float32)
+            for f0 in range(0, F, BK):
+                offs_k = f0 + tl.arange(0, BK)
+                mask_k = offs_k < F
+                qmask = mask_i[:, None] & mask_k[None, :]
+                qt = tl.load(q_base + i.to(tl.int64)[:, None] * sq_s + offs_k[None, :], mask=qmask, other=0.0)
+                qt = tl.where(qmask, _phi(qt.to(tl.float32), FMAP), 0.0)
+                ht = tl.load(h_base + offs_k[:, None] * Dv + offs_v[None, :], mask=mask_k[:, None] & mask_v[None, :],
+                             other=0.0)
+                if BF16:
+                    acc += tl.dot(qt.to(tl.bfloat16), ht.to(tl.bfloat16))
+                else:
+                    acc += tl.dot(qt, ht.to(tl.float32))
+                if HAS_DEN:
+                    zt = tl.load(z_base + offs_k, mask=mask_k, other=0.0)
+                    den += tl.sum(qt * zt[None, :], 1)
+                if t < N:
+                    kmask = mask_r[:, None] & mask_k[None, :]
+                    kt = tl.load(k_base + r.to(tl.int64)[:, None] * sk_s + offs_k[None, :], mask=kmask, other=0.0)
+                    kt = tl.where(kmask, _phi(kt.to(tl.float32), FMAP), 0.0)
+                    if BF16:
+                        scores += tl.dot(qt.to(tl.bfloat16), tl.trans(kt.to(tl.bfloat16)))
+                    else:
+                        scores += tl.dot(qt, tl.trans(kt))
+            if t < N:
+                scores = tl.where(offs_c[:, None] >= offs_c[None, :], scores, 0.0)
+                vt = tl.load(v_base + r.to(tl.int64)[:, None] * sv_s + offs_v[None, :],
+                             mask=mask_r[:, None] & mask_v[None, :], other=0.0)
+                if BF16:
+                    acc += tl.dot(scores.to(tl.bfloat16), vt.to(tl.bfloat16))
+                else:
+                    acc += tl.dot(scores, vt.to(tl.float32))
+                if HAS_DEN:
+                    den += tl.sum(scores, 1)
+        o_ptrs = O + b.to(tl.int64) * so_b + hq.to(tl.int64) * so_h + i.to(tl.int64)[:, None] * so_s + offs_v[None, :]
+        o_mask = mask_i[:, None] & mask_v[None, :]
+        if DIVIDE:
+            tl.store(o_ptrs, (acc / (den + eps)[:, None]).to(O.dtype.element_ty), mask=o_mask)
+        else:
+            tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=o_mask)
+            if HAS_DEN:
+                if iv == 0:
+                    tl.store(DEN + bhq.to(tl.int64) * Sq + i, den, mask=mask_i)
+
+
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _state_blocks(F_: int, Dv: int, programs_per_block: int, sm_count: int):
+    """Tiles for the sequential state walk: as large as 64 × 64, smaller until the grid covers the GPU twice
+    (the walk over chunks is sequential, so parallelism comes only from heads and tiles)."""
+    BK = min(64, max(16, triton.next_power_of_2(F_)))
+    BV = min(64, max(16, triton.next_power_of_2(Dv)))
+    while triton.cdiv(F_, BK) * triton.cdiv(Dv, BV) * programs_per_block < 2 * sm_count and max(BK, BV) > 16:
+        if BV >= BK:
+            BV //= 2
+        else:
+            BK //= 2
+    return BK, BV
+
+
+def far_additive_triton(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: int, normalize: bool,
+                        divide: bool, eps: float, out_dtype):
+    """Far part of additive linear attention, forward only.
+
+    fq (B, Hq, Sq, F) and fk (B, Hkv, L, F): raw q/k for the fused maps (FUSED_MAPS), features otherwise;
+    v (B, Hkv, L, Dv). divide (needs normalize): return num / (den + eps) in out_dtype, (B, Hq, Sq, Dv).
+    Otherwise return float32 (B, Hq, Sq, Dv + 1) with den as the last column when normalize, or
+    (B, Hq, Sq, Dv) unnormalised (same contract as `reference.far_chunked` on v with a ones column).
+    """
+    B, Hq, Sq, Fd = fq.shape
+    Hkv, L, Dv = fk.shape[1], fk.shape[2], v.shape[-1]
+    G = Hq // Hkv
+    if causal:
+        P = (-offset) % chunk
+        shift = (offset + P) // chunk
+    else:
+        P, shift = 0, None
+    N = max(1, triton.cdiv(P + L, chunk))
+    shift = N if shift is None else shift
+    nq = triton.cdiv(Sq, chunk)
+    fq, fk, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (fq, fk, v))
+    bf16 = out_dtype == torch.bfloat16
+    fmap_id = FUSED_MAPS.get(fmap, 0)
+    dev = fq.device
+    H = torch.empty(B * Hkv, N + 1, Fd, Dv, dtype=torch.bfloat16 if bf16 else torch.float32, device=dev)
+    Z = torch.empty(B * Hkv, N + 1, Fd if normalize else 1, dtype=torch.float32, device=dev)
+    BK, BV = _state_blocks(Fd, Dv, B * Hkv, _sm_count(dev))
+    _states_kernel[(triton.cdiv(Fd, BK), triton.cdiv(Dv, BV), B * Hkv)](
+        fk, v, H, Z, fk.stride(0), fk.stride(1), fk.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        Hkv, L, P, N, Fd, Dv, FMAP=fmap_id, HAS_DEN=normalize, BF16=bf16, C=chunk, BK=BK, BV=BV)
+    if divide:
+        out = torch.empty(B, Hq, Sq, Dv, dtype=out_dtype, device=dev)
+        o_view, den = out, out  # den is not written when dividing
+    else:
+        out = torch.empty(B, Hq, Sq, Dv + int(normalize), dtype=torch.float32, device=dev)
+        o_view = out[..., :Dv]
+        den = torch.empty(B * Hq, Sq, dtype=torch.float32, device=dev) if normalize else out
+    OK = min(64, max(16, triton.next_power_of_2(Fd)))
+    OV = min(64, max(16, triton.next_power_of_2(Dv)))
+    _output_kernel[(triton.cdiv(Dv, OV), nq, B * Hq)](
+        fq, fk, v, H, Z, o_view, den, fq.stride(0), fq.stride(1), fq.stride(2), fk.stride(0), fk.stride(1),
+        fk.stride(2), v.stride(0), v.stride(1), v.stride(2), o_view.stride(0), o_view.stride(1), o_view.stride(2),
+        Hq, G, Sq, L, P, N, Fd, Dv, shift, float(eps), FMAP=fmap_id, HAS_DEN=normalize, DIVIDE=divide, BF16=bf16,
+        C=chunk, BK=OK, BV=OV)
+    if normalize and not divide:
+        out[..., Dv] = den.view(B, Hq, Sq)
+    return out
+
+
+def far_additive_torch(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: int, normalize: bool,
+                       divide: bool, eps: float, out_dtype):
+    """The same function as `far_additive_triton`, in PyTorch (float32): what its backward differentiates."""
+    dt = torch.float64 if fq.dtype == torch.float64 else torch.float32
+    fq, fk, v = fq.to(dt), fk.to(dt), v.to(dt)
+    if fmap == "elu":
+        fq, fk = F.elu(fq) + 1.0, F.elu(fk) + 1.0
+    elif fmap == "relu":
+        fq, fk = F.relu(fq), F.relu(fk)
+    vals = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if normalize else v
+    out = far_chunked(fq, fk, vals, None, causal=causal, offset=offset, update_rule="add", chunk=chunk)
+    if divide:
+        return (out[..., :-1] / (out[..., -1:] + eps)).to(out_dtype)
+    return out
+
+
+class _FarAdditive(torch.autograd.Function):
+    @staticmethod
+    def forward(fq, fk, v, options):
+        return far_additive_triton(fq, fk, v, **options)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        fq, fk, v, options = inputs
+        ctx.save_for_backward(fq, fk, v)
+        ctx.options = options
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        fq, fk, v = ctx.saved_tensors
+        _, vjp = torch.func.vjp(lambda a, b, c: far_additive_torch(a, b, c, **ctx.options), fq, fk, v)
+        return (*vjp(grad_out), None)
+
+
+def far_additive(fq, fk, v, **options):
+    """Differentiable `far_additive_triton` (backward: exact PyTorch recompute)."""
+    return _FarAdditive.apply(fq, fk, v, options)
+
+
+def linear_attention_additive_triton(q, k, v, *, scale=None, causal=False, feature_map="elu", num_features=256,
+                                     seed=0, sink_tokens=0, local_window=0, normalize=True, eps=1e-6,
+                                     chunk_size=64, feature_params=None):
+    """`linear_attention` with update_rule="add", far part on `far_additive`; the exact part and the shared
+    normaliser as in `reference.linear_attention_reference` (which this mirrors line for line)."""
+    import math
+
+    from ..masks import check_qkv
+    from .feature_maps import apply_feature_map
+    from .reference import check_options, combine, exact_part, far_keys, far_scale_per_head
+
+    check_qkv(q, k, v, "linear_attention")
+    check_options(causal=causal, feature_map=feature_map, sink_tokens=sink_tokens, local_window=local_window,
+                  normalize=normalize, eps=eps, update_rule="add", chunk_size=chunk_size)
+    B, Hq, Sq, D = q.shape
+    Sk, Dv = k.shape[2], v.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    exact = exact_part(q, k, v, scale=scale, causal=causal, sink_tokens=sink_tokens, local_window=local_window)
+    fr = far_keys(Sq, Sk, causal, sink_tokens, local_window)
+    far_num, lq = None, None
+    if feature_map != "none" and fr.stop > fr.start:
+        fk = k[:, :, fr.start:fr.stop]
+        if feature_map in FUSED_MAPS:
+            fq = q
+        else:
+            feats = apply_feature_map(q, fk, feature_map=feature_map, scale=scale, num_features=num_features,
+                                      seed=seed, feature_params=feature_params)
+            fq, fk, lq = feats.q, feats.k, feats.q_log_scale
+        pure = exact is None and lq is None and normalize and "far_scale" not in (feature_params or {})
+        far_num = far_additive(fq, fk, v[:, :, fr.start:fr.stop], fmap=feature_map, causal=causal,
+                               offset=fr.offset, chunk=chunk_size, normalize=normalize, divide=pure, eps=eps,
+                               out_dtype=q.dtype)
+        if pure:
+            return far_num
+    elif not normalize:
+        return q.new_zeros(B, Hq, Sq, Dv)
+    if exact is None and far_num is None:
+        return q.new_zeros(B, Hq, Sq, Dv)
+    c = far_scale_per_head(feature_params, Hq, q.device, torch.float32)
+    return combine(exact, far_num, lq, c, normalize=normalize, eps=eps, Dv=Dv).to(q.dtype)
