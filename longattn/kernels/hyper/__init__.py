@@ -17,8 +17,10 @@ from .reference import hyper_attention_from_pattern, hyper_attention_reference
 from .triton_hash import HAVE_TRITON
 
 
-def _use_triton(q) -> bool:
+def _use_triton(q, v) -> bool:
     if not HAVE_TRITON or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if max(q.shape[-1], v.shape[-1]) > 256:  # larger heads do not fit the kernel's tiles
         return False
     return q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -45,7 +47,7 @@ def hyper_attention(q, k, v, *, scale=None, causal=False, block_size=256, sample
         return flash_attention(q, k, v, scale=scale, causal=causal)
     if causal and Sq > Sk:
         raise ValueError(f"hyper_attention: causal needs Sq <= Sk (bottom-right aligned), got Sq={Sq}, Sk={Sk}")
-    if _use_triton(q) and k.dtype == q.dtype and v.dtype == q.dtype:
+    if _use_triton(q, v) and k.dtype == q.dtype and v.dtype == q.dtype:
         from .triton_attention import hyper_attention_triton
         return hyper_attention_triton(q, k, v, scale=scale, causal=causal, **params)
     return hyper_attention_reference(q, k, v, scale=scale, causal=causal, **params)

@@ -132,7 +132,7 @@ def plan_rectangles(sq: int, sk: int, causal: bool, min_seq_len: int):
     return levels, leaves
 
 
-def exact_ranges(sq, sk, causal, leaves, local_window, device):
+def exact_ranges(sq, sk, causal, leaves, local_window, device="cpu"):
     """(exact_lo, exact_hi) (Sq,) int64: the contiguous key range each row attends exactly."""
     off = sk - sq
     pos = torch.arange(sq, dtype=torch.int64) + off
@@ -154,14 +154,15 @@ def exact_ranges(sq, sk, causal, leaves, local_window, device):
     return lo.to(device), hi.to(device)
 
 
-def sort_within_ranges(rank: torch.Tensor, ranges: list, bits: int) -> torch.Tensor:
-    """Stable sort of positions by (range containing it, rank): (B, H, S) -> original indices.
-    Positions keep their range, so entries [start, start+len) of the result are that range sorted."""
-    s = rank.shape[-1]
-    bounds = sorted({b for start, length in ranges for b in (start, start + length)})
-    piece = torch.bucketize(torch.arange(s, device=rank.device),
-                            torch.tensor(bounds, dtype=torch.int64, device=rank.device), right=True)
-    return torch.argsort((piece << bits) + rank, dim=-1, stable=True)
+def sort_within_ranges(rank: torch.Tensor, bounds: torch.Tensor, bits: int) -> torch.Tensor:
+    """Stable sort of positions by (piece, rank), pieces cut at the sorted `bounds` (1-D int64 tensor on
+    rank's device): (B, H, S) -> original indices. Positions keep their piece, so the entries of a
+    range [start, start+len) whose ends are in `bounds` are that range's positions sorted by rank."""
+    piece = torch.bucketize(torch.arange(rank.shape[-1], device=rank.device), bounds, right=True)
+    key = (piece << bits) + rank
+    if (bounds.numel() + 1) << bits < 2**31:
+        key = key.to(torch.int32)  # a 32-bit radix sort does half the passes of a 64-bit one
+    return torch.argsort(key, dim=-1, stable=True)
 
 
 def block_of_rank(rank, length, nb):
@@ -182,31 +183,43 @@ def build_pattern(q, k, *, causal=False, block_size=256, sample_size=256, lsh_bi
     group = Hq // Hkv
     dev = q.device
     paper = variant == "paper"
+    # everything drawn or planned on the CPU first, then moved in one copy: each host-to-device copy
+    # of pageable memory waits for the queued GPU work, so one per call instead of several per level
     g = torch.Generator().manual_seed(int(seed))
     planes = torch.randn(Hkv, D, lsh_bits, generator=g, dtype=torch.float32)
-    rank_fn = rank_fn or lsh_rank
-    q_rank = rank_fn(q, planes, group)
-    k_rank = rank_fn(k, planes, 1)
     level_rects, leaves = plan_rectangles(Sq, Sk, causal, min_seq_len)
-    lo, hi = exact_ranges(Sq, Sk, causal, leaves, 0 if paper else local_window, dev)
-    levels = []
+    lo, hi = exact_ranges(Sq, Sk, causal, leaves, 0 if paper else local_window, "cpu")
+    host = [planes.view(torch.int32).to(torch.int64).flatten(), lo, hi]
     for rects in level_rects:
-        q_order = sort_within_ranges(q_rank, [(r[0], r[1]) for r in rects], lsh_bits)
-        k_order = sort_within_ranges(k_rank, [(r[2], r[3]) for r in rects], lsh_bits)
-        R, m = len(rects), sample_size
-        u = torch.rand(B, Hkv, R, m, generator=g, dtype=torch.float64)
-        k_start = torch.tensor([r[2] for r in rects], dtype=torch.float64).view(1, 1, R, 1)
-        k_len = torch.tensor([r[3] for r in rects], dtype=torch.float64).view(1, 1, R, 1)
-        samples = (k_start + torch.floor(u * k_len)).to(torch.int64).to(dev)
+        rt = torch.tensor(rects, dtype=torch.int64).view(-1, 4)
+        u = torch.rand(B, Hkv, len(rects), sample_size, generator=g, dtype=torch.float64)
+        samples = rt[:, 2, None] + torch.floor(u * rt[:, 3, None].double()).to(torch.int64)
+        q_bounds = torch.unique(torch.cat([rt[:, 0], rt[:, 0] + rt[:, 1]]))
+        k_bounds = torch.unique(torch.cat([rt[:, 2], rt[:, 2] + rt[:, 3]]))
+        host += [rt.flatten(), samples.flatten(), q_bounds, k_bounds]
+    sizes = [t.numel() for t in host]
+    parts = list(torch.cat(host).to(dev).split(sizes))
+    planes_dev = parts[0].to(torch.int32).view(torch.float32).view(Hkv, D, lsh_bits)
+    lo, hi = parts[1], parts[2]
+
+    rank_fn = rank_fn or lsh_rank
+    q_rank = rank_fn(q, planes_dev, group)
+    k_rank = rank_fn(k, planes_dev, 1)
+    levels = []
+    for i, rects in enumerate(level_rects):
+        rt, samples, q_bounds, k_bounds = parts[3 + 4 * i: 7 + 4 * i]
+        R = len(rects)
+        rt = rt.view(R, 4)
+        samples = samples.view(B, Hkv, R, sample_size)
+        q_order = sort_within_ranges(q_rank, q_bounds, lsh_bits)
+        k_order = sort_within_ranges(k_rank, k_bounds, lsh_bits)
         # sorted position of every key, to find which block a sample fell in
         where = torch.empty_like(k_order).scatter_(-1, k_order, torch.arange(Sk, device=dev).expand_as(k_order))
         pos = where.gather(-1, samples.flatten(2)).view_as(samples)
-        ks = k_start.to(dev, torch.int64)
-        kl = k_len.to(dev, torch.int64)
+        ks, kl = rt[:, 2, None], rt[:, 3, None]
         nb = (kl + block_size - 1) // block_size
         sample_block = block_of_rank(pos - ks, kl, nb)
-        levels.append(HyperLevel(torch.tensor(rects, dtype=torch.int64, device=dev).view(-1, 4), list(rects),
-                                 q_order, k_order, samples, sample_block))
+        levels.append(HyperLevel(rt, list(rects), q_order, k_order, samples, sample_block))
     return HyperPattern(block_size, sample_size, planes, q_rank, k_rank, lo, hi,
                         0 if paper else min(sink_tokens, Sk), levels)
 

@@ -178,13 +178,20 @@ if HAVE_TRITON:
         tl.store(LSE + bh * Sq + rows, lse, mask=row_ok)
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by largest head size; not autotuned because the
+# rectangle kernel updates its output in place (a tuning rerun would merge twice). The benchmark
+# sweeps candidates by assigning TILES.
+TILES = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1)}
+
+
 def _tiles(head_dim, dv):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). One fixed choice per head size for now."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return 16, 16, 1, 1
-    if max(head_dim, dv) > 64:
-        return 64, 64, 4, 2
-    return 64, 64, 4, 2
+    width = max(head_dim, dv)
+    for limit in sorted(TILES):
+        if width <= limit:
+            return TILES[limit]
+    raise ValueError(f"hyper_attention (triton): head dims up to {max(TILES)} are supported, got {width}")
 
 
 def hyper_forward_triton(q, k, v, pattern: HyperPattern, *, scale, causal):

@@ -1,0 +1,205 @@
+"""HyperAttention (Triton) against torch SDPA's cuDNN and flash backends, one GPU run.
+
+    python benchmarks/bench_hyper.py [--lengths 4096,...,131072] [--shapes 32x64,16x128] [--no-backward]
+                                     [--sweep-tiles] [--out-dir benchmarks/results]
+
+bf16, batch 1, random normal inputs, block 256, 256 samples, 7 LSH bits, exact below 4096 keys,
+64 sinks, window 256 (variant "default"; "paper" is timed too, forward only). Forward and
+forward+backward (backward of hyper = autograd through the PyTorch reference on the forward's
+pattern, for now). Times: triton.testing.do_bench median (CUDA events, warm-up first). Before
+timing, every hyper output is checked against the float64 reference on the same pattern (at 8K,
+both causal modes), and every timed output is checked finite. TFLOP/s counts exact attention's
+4·S²·D·H (halved for causal) for every row, so for hyper it is "exact-equivalent" throughput.
+Writes benchmarks/results/<date>-<device>-hyper.{md,jsonl}; ratios are only meaningful within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+
+import torch
+import triton
+import triton.testing
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from longattn.kernels.hyper import build_pattern, hyper_attention, hyper_attention_from_pattern  # noqa: E402
+from longattn.kernels.hyper import triton_attention  # noqa: E402
+from longattn.kernels.hyper.triton_hash import lsh_rank_triton  # noqa: E402
+
+PARAMS = dict(block_size=256, sample_size=256, lsh_bits=7, min_seq_len=4096, sink_tokens=64, local_window=256)
+SDPA = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+
+
+def device_slug(name: str) -> str:
+    for token in ("h200", "h100", "a100", "l40s", "l4", "b200"):
+        if token in name.lower():
+            return token
+    return "".join(c for c in name.lower() if c.isalnum())[:16] or "gpu"
+
+
+def bench(fn, long_ms_hint=None):
+    """Median ms over CUDA-event-timed repetitions, after warm-up (do_bench's arguments are ms)."""
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def check_kernel_against_reference(h, d, s, causal, variant):
+    """Relative error of the bf16 kernel vs the float64 reference on the same pattern."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(1, h, s, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    params = dict(PARAMS, variant=variant)
+    pattern = build_pattern(q, k, causal=causal, rank_fn=lsh_rank_triton, **params)
+    out, lse = triton_attention.hyper_forward_triton(q, k, v, pattern, scale=d ** -0.5, causal=causal)
+    ref, ref_lse = hyper_attention_from_pattern(q.double(), k.double(), v.double(), pattern,
+                                                scale=d ** -0.5, causal=causal)
+    return rel_err(out, ref), (lse.double() - ref_lse.double()).abs().max().item()
+
+
+def make_inputs(h, d, s, grad):
+    mk = lambda: torch.randn(1, h, s, d, device="cuda", dtype=torch.bfloat16).requires_grad_(grad)
+    return mk(), mk(), mk()
+
+
+def runners(h, d, s, causal, backward):
+    """name -> zero-argument callable to time."""
+    q, k, v = make_inputs(h, d, s, backward)
+    g = torch.randn(1, h, s, d, device="cuda", dtype=torch.bfloat16)
+    out = {}
+
+    def sdpa(backend):
+        def fwd():
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return fwd
+
+    def hyper(variant):
+        return lambda: hyper_attention(q, k, v, causal=causal, variant=variant, **PARAMS)[0]
+
+    fwds = {"hyper": hyper("default"), "hyper_paper": hyper("paper"),
+            "sdpa_cudnn": sdpa(SDPA["cudnn"]), "sdpa_flash": sdpa(SDPA["flash"])}
+    if not backward:
+        for name, fn in fwds.items():
+            out[name] = (fn, None)
+        return out
+    for name in ("hyper", "sdpa_cudnn", "sdpa_flash"):
+        fn = fwds[name]
+        out[name] = (lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), g), fn)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="4096,8192,16384,32768,65536,131072")
+    ap.add_argument("--shapes", default="32x64,16x128", help="heads x head_dim")
+    ap.add_argument("--no-backward", action="store_true")
+    ap.add_argument("--sweep-tiles", action="store_true", help="time tile candidates at 32K first, keep the best")
+    ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    shapes = [tuple(int(y) for y in x.split("x")) for x in args.shapes.split(",")]
+    name = torch.cuda.get_device_name()
+    env = {"kind": "env", "device": name, "torch": torch.__version__, "triton": triton.__version__,
+           "cuda": torch.version.cuda, "python": platform.python_version(),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "params": PARAMS}
+    records = [env]
+    print(json.dumps(env), flush=True)
+
+    for h, d in shapes:
+        for causal in (False, True):
+            for variant in ("default", "paper"):
+                err, lse_err = check_kernel_against_reference(h, d, 8192, causal, variant)
+                rec = {"kind": "check", "h": h, "d": d, "s": 8192, "causal": causal, "variant": variant,
+                       "rel_err_vs_reference": err, "lse_max_abs_err": lse_err, "ok": err < 2e-2 and lse_err < 5e-2}
+                records.append(rec)
+                print(json.dumps(rec), flush=True)
+
+    if args.sweep_tiles:
+        candidates = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 2)]
+        for h, d in shapes:
+            best = None
+            for tiles in candidates:
+                triton_attention.TILES[max(64, d)] = tiles
+                try:
+                    ms = sum(bench(runners(h, d, 32768, c, False)["hyper"][0]) for c in (False, True))
+                except Exception as e:  # a tile that does not fit (shared memory) is skipped
+                    rec = {"kind": "tiles", "h": h, "d": d, "tiles": tiles, "error": repr(e)[:200]}
+                else:
+                    rec = {"kind": "tiles", "h": h, "d": d, "tiles": tiles, "ms_32k_both": ms}
+                    best = min(best or (ms, tiles), (ms, tiles))
+                records.append(rec)
+                print(json.dumps(rec), flush=True)
+            if best:
+                triton_attention.TILES[max(64, d)] = best[1]
+
+    rows = []
+    for h, d in shapes:
+        for s in lengths:
+            for causal in (False, True):
+                flops = 4 * s * s * d * h / (2 if causal else 1)
+                for mode in ("fwd",) + (() if args.no_backward else ("fwd+bwd",)):
+                    try:
+                        cases = runners(h, d, s, causal, mode == "fwd+bwd")
+                    except torch.OutOfMemoryError:
+                        continue
+                    for impl, (fn, fwd) in cases.items():
+                        rec = {"kind": "time", "impl": impl, "mode": mode, "h": h, "d": d, "s": s, "causal": causal,
+                               "tiles": list(triton_attention._tiles(d, d))}
+                        try:
+                            res = (fwd or fn)()
+                            if not torch.isfinite(res).all():
+                                raise RuntimeError("non-finite output")
+                            rec["ms"] = bench(fn)
+                            rec["tflops_exact_equiv"] = flops * (3.5 if mode == "fwd+bwd" else 1) / rec["ms"] / 1e9
+                        except (torch.OutOfMemoryError, RuntimeError) as e:
+                            rec["error"] = repr(e)[:200]
+                        torch.cuda.empty_cache()
+                        records.append(rec)
+                        rows.append(rec)
+                        print(json.dumps(rec), flush=True)
+
+    stamp = datetime.date.today().isoformat()
+    base = os.path.join(args.out_dir, f"{stamp}-{device_slug(name)}-hyper")
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(base + ".jsonl", "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    table = format_table(rows, env, [r for r in records if r["kind"] == "check"])
+    with open(base + ".md", "w") as f:
+        f.write(table)
+    print(table)
+
+
+def format_table(rows, env, checks):
+    lines = [f"# HyperAttention vs SDPA on {env['device']}", "",
+             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}; bf16, batch 1; "
+             f"hyper: {json.dumps(PARAMS)}. Times are medians in ms; 'x cuDNN' = cuDNN time / hyper time in this run.",
+             "", "Kernel vs float64 reference on the same pattern (8K): " +
+             ", ".join(f"h{c['h']}d{c['d']} {'causal' if c['causal'] else 'full'} {c['variant']}: "
+                       f"{c['rel_err_vs_reference']:.1e}" for c in checks), ""]
+    key = lambda r: (r["h"], r["d"], r["mode"], r["causal"], r["s"])
+    by = {}
+    for r in rows:
+        by.setdefault(key(r), {})[r["impl"]] = r.get("ms", math.nan)
+    impls = ["hyper", "hyper_paper", "sdpa_cudnn", "sdpa_flash"]
+    lines.append("| heads x dim | mode | causal | S | " + " | ".join(impls) + " | x cuDNN |")
+    lines.append("|---|---|---|---|" + "---|" * len(impls) + "---|")
+    for (h, d, mode, causal, s), t in sorted(by.items()):
+        ratio = t.get("sdpa_cudnn", math.nan) / t.get("hyper", math.nan)
+        cells = " | ".join(f"{t[i]:.3f}" if i in t and not math.isnan(t[i]) else "—" for i in impls)
+        lines.append(f"| {h}x{d} | {mode} | {causal} | {s} | {cells} | {ratio:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
