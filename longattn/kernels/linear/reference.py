@@ -65,7 +65,9 @@ def check_options(*, causal, feature_map, sink_tokens, local_window, normalize, 
 def far_scale_per_head(feature_params: Optional[Mapping[str, Any]], heads: int, device, dtype) -> torch.Tensor:
     """The per-query-head factor c_h of the far part, (heads,); feature_params["far_scale"] (scalar or (heads,))."""
     value = (feature_params or {}).get("far_scale", 1.0)
-    c = torch.as_tensor(value, dtype=dtype).to(device).reshape(-1)
+    # python numbers are filled on the device (no host copy: decode steps must stay CUDA-graph capturable)
+    c = (torch.full((1,), float(value), dtype=dtype, device=device) if isinstance(value, (int, float))
+         else torch.as_tensor(value, dtype=dtype).to(device).reshape(-1))
     if c.numel() not in (1, heads):
         raise ValueError(f"linear_attention: feature_params['far_scale'] must be a scalar or have {heads} entries "
                          f"(one per query head), got {c.numel()}")
@@ -79,7 +81,8 @@ def beta_per_key(beta, B: int, Hkv: int, Sk: int, device, dtype) -> torch.Tensor
     if isinstance(beta, (int, float)):
         if not 0.0 <= beta <= 2.0:
             raise ValueError(f"linear_attention: beta must lie in [0, 2] for a stable delta rule, got {beta!r}")
-    b = torch.as_tensor(beta, dtype=dtype).to(device)
+    b = (torch.full((), float(beta), dtype=dtype, device=device) if isinstance(beta, (int, float))
+         else torch.as_tensor(beta, dtype=dtype).to(device))
     if b.dim() == 0:
         return b.expand(B, Hkv, Sk)
     if b.dim() == 1 and b.shape[0] == Hkv:

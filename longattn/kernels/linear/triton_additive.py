@@ -18,6 +18,8 @@ Backward recomputes the same function in PyTorch (`far_additive_torch`) under to
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -154,6 +156,21 @@ if triton is not None:
                     tl.store(DEN + bhq.to(tl.int64) * Sq + i, den, mask=mask_i)
 
 
+if triton is not None and os.environ.get("TRITON_INTERPRET") != "1":
+    # on a GPU the tiles and pipelining depth are measured once per shape; the interpreter takes the heuristic
+    # (stores overwrite H, Z and O entirely, so re-running a config during tuning is harmless)
+    _states_tuned = triton.autotune(
+        configs=[triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
+                 for bk, bv in ((64, 64), (64, 32), (32, 64), (32, 32)) for w in (4,) for s in (2, 3, 4)],
+        key=["F", "Dv", "N", "FMAP", "BF16"])(_states_kernel)
+    _output_tuned = triton.autotune(
+        configs=[triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
+                 for bk, bv in ((64, 64), (64, 32), (32, 64), (128, 64)) for w in (4, 8) for s in (1, 2, 3)],
+        key=["F", "Dv", "FMAP", "BF16", "DIVIDE"])(_output_kernel)
+else:
+    _states_tuned = _output_tuned = None
+
+
 def _sm_count(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -199,10 +216,14 @@ def far_additive_triton(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: in
     dev = fq.device
     H = torch.empty(B * Hkv, N + 1, Fd, Dv, dtype=torch.bfloat16 if bf16 else torch.float32, device=dev)
     Z = torch.empty(B * Hkv, N + 1, Fd if normalize else 1, dtype=torch.float32, device=dev)
-    BK, BV = _state_blocks(Fd, Dv, B * Hkv, _sm_count(dev))
-    _states_kernel[(triton.cdiv(Fd, BK), triton.cdiv(Dv, BV), B * Hkv)](
-        fk, v, H, Z, fk.stride(0), fk.stride(1), fk.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        Hkv, L, P, N, Fd, Dv, FMAP=fmap_id, HAS_DEN=normalize, BF16=bf16, C=chunk, BK=BK, BV=BV)
+    state_args = (fk, v, H, Z, fk.stride(0), fk.stride(1), fk.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                  Hkv, L, P, N, Fd, Dv)
+    state_meta = dict(FMAP=fmap_id, HAS_DEN=normalize, BF16=bf16, C=chunk)
+    if _states_tuned is not None and dev.type == "cuda":
+        _states_tuned[lambda m: (triton.cdiv(Fd, m["BK"]), triton.cdiv(Dv, m["BV"]), B * Hkv)](*state_args, **state_meta)
+    else:
+        BK, BV = _state_blocks(Fd, Dv, B * Hkv, _sm_count(dev))
+        _states_kernel[(triton.cdiv(Fd, BK), triton.cdiv(Dv, BV), B * Hkv)](*state_args, **state_meta, BK=BK, BV=BV)
     if divide:
         out = torch.empty(B, Hq, Sq, Dv, dtype=out_dtype, device=dev)
         o_view, den = out, out  # den is not written when dividing
@@ -210,13 +231,16 @@ def far_additive_triton(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: in
         out = torch.empty(B, Hq, Sq, Dv + int(normalize), dtype=torch.float32, device=dev)
         o_view = out[..., :Dv]
         den = torch.empty(B * Hq, Sq, dtype=torch.float32, device=dev) if normalize else out
-    OK = min(64, max(16, triton.next_power_of_2(Fd)))
-    OV = min(64, max(16, triton.next_power_of_2(Dv)))
-    _output_kernel[(triton.cdiv(Dv, OV), nq, B * Hq)](
-        fq, fk, v, H, Z, o_view, den, fq.stride(0), fq.stride(1), fq.stride(2), fk.stride(0), fk.stride(1),
-        fk.stride(2), v.stride(0), v.stride(1), v.stride(2), o_view.stride(0), o_view.stride(1), o_view.stride(2),
-        Hq, G, Sq, L, P, N, Fd, Dv, shift, float(eps), FMAP=fmap_id, HAS_DEN=normalize, DIVIDE=divide, BF16=bf16,
-        C=chunk, BK=OK, BV=OV)
+    out_args = (fq, fk, v, H, Z, o_view, den, fq.stride(0), fq.stride(1), fq.stride(2), fk.stride(0), fk.stride(1),
+                fk.stride(2), v.stride(0), v.stride(1), v.stride(2), o_view.stride(0), o_view.stride(1),
+                o_view.stride(2), Hq, G, Sq, L, P, N, Fd, Dv, shift, float(eps))
+    out_meta = dict(FMAP=fmap_id, HAS_DEN=normalize, DIVIDE=divide, BF16=bf16, C=chunk)
+    if _output_tuned is not None and dev.type == "cuda":
+        _output_tuned[lambda m: (triton.cdiv(Dv, m["BV"]), nq, B * Hq)](*out_args, **out_meta)
+    else:
+        OK = min(64, max(16, triton.next_power_of_2(Fd)))
+        OV = min(64, max(16, triton.next_power_of_2(Dv)))
+        _output_kernel[(triton.cdiv(Dv, OV), nq, B * Hq)](*out_args, **out_meta, BK=OK, BV=OV)
     if normalize and not divide:
         out[..., Dv] = den.view(B, Hq, Sq)
     return out
