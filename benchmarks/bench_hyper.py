@@ -5,8 +5,8 @@
 
 bf16, batch 1, random normal inputs, block 256, 256 samples, 7 LSH bits, exact below 4096 keys,
 64 sinks, window 256 (variant "default"; "paper" is timed too, forward only). Forward and
-forward+backward (backward of hyper = autograd through the PyTorch reference on the forward's
-pattern, for now). Times: triton.testing.do_bench median (CUDA events, warm-up first). Before
+forward+backward (hyper's backward kernels; LONGATTN_HYPER_BACKWARD=reference times the
+PyTorch reference's vjp instead). Times: triton.testing.do_bench median (CUDA events, warm-up first). Before
 timing, every hyper output is checked against the float64 reference on the same pattern (at 8K,
 both causal modes), and every timed output is checked finite. TFLOP/s counts exact attention's
 4·S²·D·H (halved for causal) for every row, so for hyper it is "exact-equivalent" throughput.

@@ -49,17 +49,34 @@ def test_hash_kernel_equals_torch_hash(group):
     assert torch.equal(lsh_rank_triton(x, planes, group), lsh_rank(x, planes, group))
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_kernel_gradients_equal_reference_gradients_for_out_and_lse(causal):
-    q, k, v = _qkv(sq=30, sk=30, grad=True)
-    out, lse = hyper_attention(q, k, v, causal=causal, **SMALL)
-    pattern = build_pattern(q, k, causal=causal, **SMALL)
+@pytest.mark.parametrize("causal,sq,sk,variant,heads,dims", [
+    (False, 30, 30, "default", (4, 2), (16, 16)), (True, 30, 30, "default", (4, 2), (16, 16)),
+    (False, 19, 45, "paper", (2, 2), (16, 16)), (True, 23, 45, "default", (3, 1), (12, 20))])
+def test_backward_kernels_equal_reference_gradients_for_out_and_lse(causal, sq, sk, variant, heads, dims):
+    q, k, v = _qkv(hq=heads[0], hkv=heads[1], sq=sq, sk=sk, d=dims[0], dv=dims[1], grad=True)
+    params = dict(SMALL, variant=variant)
+    out, lse = hyper_attention(q, k, v, causal=causal, scale=0.25, **params)
+    pattern = build_pattern(q, k, causal=causal, **params)
     ref, ref_lse = hyper_attention_from_pattern(q, k, v, pattern, scale=0.25, causal=causal)
     g, g_lse = torch.randn_like(out), torch.randn_like(lse)
     got = torch.autograd.grad((out, lse), (q, k, v), (g, g_lse))
     want = torch.autograd.grad((ref, ref_lse), (q, k, v), (g, g_lse))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_backward_kernels_in_half_precision_follow_the_float64_gradients():
+    q, k, v = _qkv(sq=30, sk=30, dtype=torch.float16, grad=True)
+    out, lse = hyper_attention(q, k, v, causal=True, **SMALL)
+    pattern = build_pattern(q, k, causal=True, **SMALL)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = hyper_attention_from_pattern(q64, k64, v64, pattern, scale=0.25, causal=True)
+    g = torch.randn(out.shape, dtype=torch.float64)
+    got = torch.autograd.grad(out, (q, k, v), g.half())
+    want = torch.autograd.grad(ref, (q64, k64, v64), g)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float16
+        torch.testing.assert_close(a.double(), b, rtol=1e-2, atol=1e-2)
 
 
 def test_dispatcher_op_runs_the_kernel_and_differentiates_it():

@@ -9,7 +9,7 @@ online softmax, gathering q/k/v rows by index (no permuted copies), and writes t
 back to the same rows. Rows of one level belong to one program each, so there is no race, and
 every merge is the log-sum-exp merge done in registers. Scores are kept in the log2 domain.
 
-Backward differentiates the reference on the forward's pattern: exact for this forward.
+Backward (`triton_backward.py`) differentiates this forward for its own pattern, exactly.
 """
 from __future__ import annotations
 
@@ -242,8 +242,23 @@ class _PatternBox:
     pattern = None
 
 
+def _plain(t):
+    """The plain tensor under functorch wrappers (torch.func.vjp hands the backward wrapped tensors,
+    which Triton cannot read); the gradients need no further transform, so computing on it is exact."""
+    functorch = getattr(torch._C, "_functorch", None)
+    if t is None or functorch is None:
+        return t
+    while functorch.is_functorch_wrapped_tensor(t):
+        t = functorch.get_unwrapped(t)
+    return t
+
+
+# "triton": backward kernels; "reference": vjp of the PyTorch reference on the same pattern (slow, for checking)
+BACKWARD = os.environ.get("LONGATTN_HYPER_BACKWARD", "triton")
+
+
 class HyperAttentionTriton(torch.autograd.Function):
-    """Triton forward; backward = vjp of the reference on the pattern the forward used."""
+    """Triton forward; Triton backward for the pattern the forward used (or the reference's vjp)."""
 
     @staticmethod
     def forward(q, k, v, scale, causal, params, box):
@@ -253,14 +268,22 @@ class HyperAttentionTriton(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, scale, causal, params, box = inputs
-        ctx.save_for_backward(q, k, v)
+        ctx.save_for_backward(q, k, v, *output)
         ctx.scale, ctx.causal, ctx.box = scale, causal, box
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        from .reference import hyper_attention_from_pattern
-        q, k, v = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         pattern = ctx.box.pattern
+        if BACKWARD == "triton":
+            from .triton_backward import hyper_backward_triton
+            q_, k_, v_, out_, lse_ = map(_plain, (q, k, v, out, lse))
+            grad_out = torch.zeros_like(out_) if grad_out is None else _plain(grad_out)
+            dq, dk, dv = hyper_backward_triton(q_, k_, v_, out_, lse_, grad_out, _plain(grad_lse), pattern,
+                                               scale=ctx.scale, causal=ctx.causal, tiles=_tiles(q.shape[-1], v.shape[-1]))
+            return dq, dk, dv, None, None, None, None
+        from .reference import hyper_attention_from_pattern
         fn = lambda q_, k_, v_: hyper_attention_from_pattern(q_, k_, v_, pattern, scale=ctx.scale, causal=ctx.causal)
         (out, lse), vjp = torch.func.vjp(fn, q, k, v)
         grad_out = torch.zeros_like(out) if grad_out is None else grad_out

@@ -1,0 +1,214 @@
+"""HyperAttention backward in Triton, for the pattern the forward used.
+
+The forward's estimate is a softmax over weighted keys: P_ij = w_ij exp(s_ij - lse_i), with w_ij the
+multiplicity (1 for exact / block keys, kl/m per sample occurrence). With Delta_i = sum_d dO_id O_id
+and an incoming gradient g_i on lse_i, the usual flash-attention backward holds part by part:
+dS_ij = P_ij (dO_i . v_j - Delta_i + g_i), dq_i = scale sum_j dS_ij k_j, dk_j = scale sum_i dS_ij q_i,
+dv_j = sum_i P_ij dO_i. The launches mirror the forward (exact part, then one per level); each
+program recomputes P for its query tile from the final lse, accumulates dq in registers and adds
+its dk / dv contributions with float32 atomics (keys are shared by blocks, samples and GQA heads).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .pattern import HyperPattern, num_blocks
+from .triton_hash import HAVE_TRITON
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _grad_step(q, do, lse2, delta, dq, k_base, v_base, dk_base, dv_base, kidx, kvalid, keep, bias,
+                   sks, svs, scale_log2, scale, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+        d = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        kidx = kidx.to(tl.int64)
+        kmask = kvalid[:, None] & (d[None, :] < D)
+        vmask = kvalid[:, None] & (dv[None, :] < DV)
+        k = tl.load(k_base + kidx[:, None] * sks + d[None, :], mask=kmask, other=0.0)
+        v = tl.load(v_base + kidx[:, None] * svs + dv[None, :], mask=vmask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 + bias
+        p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dk_part = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
+        dv_part = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        tl.atomic_add(dk_base + kidx[:, None] * D + d[None, :], dk_part, mask=kmask)
+        tl.atomic_add(dv_base + kidx[:, None] * DV + dv[None, :], dv_part, mask=vmask)
+        return dq
+
+    @triton.jit
+    def _excluded(kidx, lo, hi, sinks):
+        return (kidx[None, :] < sinks) | ((kidx[None, :] >= lo[:, None]) & (kidx[None, :] < hi[:, None]))
+
+    @triton.jit
+    def _load_rows(Q, DO, LSE, DELTA, b, h, bh, rows, row_ok, sqb, sqh, sqs, Sq,
+                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+        d = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        row_off = rows[:, None].to(tl.int64)
+        q = tl.load(Q + b * sqb + h * sqh + row_off * sqs + d[None, :], mask=row_ok[:, None] & (d[None, :] < D),
+                    other=0.0)
+        do = tl.load(DO + (bh * Sq + row_off) * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV),
+                     other=0.0)
+        lse2 = tl.load(LSE + bh * Sq + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + bh * Sq + rows, mask=row_ok, other=0.0)
+        return q, do, lse2, delta
+
+    @triton.jit(do_not_specialize=["Hq", "Hkv", "group", "Sq", "Sk", "sinks"])
+    def _exact_part_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, LO, HI,
+                               sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
+                               Hq, Hkv, group, Sq, Sk, sinks, scale_log2, scale,
+                               CAUSAL: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                               BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b = bh // Hq
+        h = bh % Hq
+        kh = h // group
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < Sq
+        q, do, lse2, delta = _load_rows(Q, DO, LSE, DELTA, b, h, bh, rows, row_ok, sqb, sqh, sqs, Sq,
+                                        D, DV, BLOCK_D, BLOCK_DV)
+        lo = tl.load(LO + rows, mask=row_ok, other=Sk)
+        hi = tl.load(HI + rows, mask=row_ok, other=0)
+        last_key = rows + (Sk - Sq)
+        k_base = K + b * skb + kh * skh
+        v_base = V + b * svb + kh * svh
+        dk_base = DK + (b * Hkv + kh) * Sk * D
+        dv_base = DV_ + (b * Hkv + kh) * Sk * DV
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        cols = tl.arange(0, BLOCK_N)
+        for start in range(0, sinks, BLOCK_N):
+            kidx = start + cols
+            keep = row_ok[:, None] & (kidx[None, :] < sinks)
+            if CAUSAL:
+                keep = keep & (kidx[None, :] <= last_key[:, None])
+            dq = _grad_step(q, do, lse2, delta, dq, k_base, v_base, dk_base, dv_base, kidx, kidx < sinks, keep, 0.0,
+                            sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION)
+        lo_tile = tl.maximum(tl.min(lo, axis=0), sinks)
+        hi_tile = tl.max(hi, axis=0)
+        for start in range(lo_tile, hi_tile, BLOCK_N):
+            kidx = start + cols
+            keep = row_ok[:, None] & (kidx[None, :] >= lo[:, None]) & (kidx[None, :] < hi[:, None]) & \
+                (kidx[None, :] >= sinks)
+            dq = _grad_step(q, do, lse2, delta, dq, k_base, v_base, dk_base, dv_base, kidx, kidx < hi_tile, keep,
+                            0.0, sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION)
+        d = tl.arange(0, BLOCK_D)
+        tl.store(DQ + (bh * Sq + rows[:, None].to(tl.int64)) * D + d[None, :], dq * scale,
+                 mask=row_ok[:, None] & (d[None, :] < D))
+
+    @triton.jit(do_not_specialize=["Hq", "Hkv", "group", "Sq", "Sk", "sinks", "n_samples", "block_size",
+                                   "tiles_per_block", "n_rects"])
+    def _rectangles_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, LO, HI, QORD, KORD, SAMP, SBLK, RECTS,
+                               sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
+                               Hq, Hkv, group, Sq, Sk, sinks, n_samples, block_size, tiles_per_block, n_rects,
+                               scale_log2, scale, log2_samples,
+                               D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+        pid = tl.program_id(0)
+        r = tl.program_id(1)
+        bh = tl.program_id(2).to(tl.int64)
+        b = bh // Hq
+        h = bh % Hq
+        kh = h // group
+        qs = tl.load(RECTS + r * 4)
+        ql = tl.load(RECTS + r * 4 + 1)
+        ks = tl.load(RECTS + r * 4 + 2)
+        kl = tl.load(RECTS + r * 4 + 3)
+        nb = (kl + block_size - 1) // block_size
+        blk = pid // tiles_per_block
+        tile = pid % tiles_per_block
+        active = (blk < nb).to(tl.int32)
+        q_hi = (qs + ((blk + 1) * ql) // nb) * active
+        ranks = qs + (blk * ql) // nb + tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = ranks < q_hi
+        rows = tl.load(QORD + bh * Sq + ranks, mask=row_ok, other=0)
+        q, do, lse2, delta = _load_rows(Q, DO, LSE, DELTA, b, h, bh, rows, row_ok, sqb, sqh, sqs, Sq,
+                                        D, DV, BLOCK_D, BLOCK_DV)
+        lo = tl.load(LO + rows, mask=row_ok, other=0)
+        hi = tl.load(HI + rows, mask=row_ok, other=0)
+        k_base = K + b * skb + kh * skh
+        v_base = V + b * svb + kh * svh
+        dk_base = DK + (b * Hkv + kh) * Sk * D
+        dv_base = DV_ + (b * Hkv + kh) * Sk * DV
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        cols = tl.arange(0, BLOCK_N)
+        k_lo = ks + (blk * kl) // nb
+        k_hi = k_lo + (ks + ((blk + 1) * kl) // nb - k_lo) * active
+        kord = KORD + (b * Hkv + kh) * Sk
+        for start in range(k_lo, k_hi, BLOCK_N):
+            pos = start + cols
+            kvalid = pos < k_hi
+            kidx = tl.load(kord + pos, mask=kvalid, other=0)
+            keep = row_ok[:, None] & kvalid[None, :] & ~_excluded(kidx, lo, hi, sinks)
+            dq = _grad_step(q, do, lse2, delta, dq, k_base, v_base, dk_base, dv_base, kidx, kvalid, keep, 0.0,
+                            sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION)
+        n_s = n_samples * active
+        weight_log2 = tl.log2(kl.to(tl.float32)) - log2_samples
+        samp = ((b * Hkv + kh) * n_rects + r) * n_samples
+        for start in range(0, n_s, BLOCK_N):
+            si = start + cols
+            svalid = si < n_s
+            kidx = tl.load(SAMP + samp + si, mask=svalid, other=0)
+            sblk = tl.load(SBLK + samp + si, mask=svalid, other=-1)
+            keep = row_ok[:, None] & (svalid & (sblk != blk))[None, :] & ~_excluded(kidx, lo, hi, sinks)
+            dq = _grad_step(q, do, lse2, delta, dq, k_base, v_base, dk_base, dv_base, kidx, svalid, keep,
+                            weight_log2, sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION)
+        # rows of one launch belong to one program each: read-add-write of dq is race free
+        d = tl.arange(0, BLOCK_D)
+        dq_ptr = DQ + (bh * Sq + rows[:, None].to(tl.int64)) * D + d[None, :]
+        dq_mask = row_ok[:, None] & (d[None, :] < D)
+        tl.store(dq_ptr, tl.load(dq_ptr, mask=dq_mask, other=0.0) + dq * scale, mask=dq_mask)
+
+
+def hyper_backward_triton(q, k, v, out, lse, grad_out, grad_lse, pattern: HyperPattern, *, scale, causal, tiles):
+    """Gradients (dq, dk, dv) of the forward's (out, lse) for `pattern`; grad_lse may be None.
+    q/k/v as in the forward; out (B, Hq, Sq, Dv) and lse (B, Hq, Sq) float32 are the forward's results."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    group = Hq // Hkv
+    do = grad_out.to(q.dtype).contiguous()
+    lse = lse.float().contiguous()
+    # Delta_i = dO_i . O_i is sum_j P_ij dP_ij; an lse gradient g_i enters dS as +P_ij g_i, i.e. as -g_i here
+    delta = (do.float() * out.float()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    delta = delta.contiguous()
+    dq = torch.empty(B, Hq, Sq, D, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(B, Hkv, Sk, D, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(B, Hkv, Sk, Dv, dtype=torch.float32, device=q.device)
+    lo = pattern.exact_lo.to(torch.int32).contiguous()
+    hi = pattern.exact_hi.to(torch.int32).contiguous()
+    block_m, block_n, warps, stages = tiles
+    dims = dict(D=D, DV=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
+                PRECISION="ieee" if q.dtype == torch.float32 else None)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2))
+    scale_log2 = float(scale) * 1.4426950408889634
+    _exact_part_bwd_kernel[(triton.cdiv(Sq, block_m), B * Hq)](
+        q, k, v, do, lse, delta, dq, dk, dv, lo, hi, *strides, Hq, Hkv, group, Sq, Sk, pattern.sinks,
+        scale_log2, float(scale), CAUSAL=bool(causal), num_warps=warps, num_stages=stages, **dims)
+    for level in pattern.levels:
+        rects = level.rect_list
+        nbs = [num_blocks(kl, pattern.block_size) for (_, _, _, kl) in rects]
+        widest = max(-(-ql // nb) for (_, ql, _, _), nb in zip(rects, nbs))
+        tiles_per_block = triton.cdiv(widest, block_m)
+        m = level.samples.shape[-1]
+        _rectangles_bwd_kernel[(max(nbs) * tiles_per_block, len(rects), B * Hq)](
+            q, k, v, do, lse, delta, dq, dk, dv, lo, hi,
+            level.q_order.to(torch.int32).contiguous(), level.k_order.to(torch.int32).contiguous(),
+            level.samples.to(torch.int32).contiguous(), level.sample_block.to(torch.int32).contiguous(),
+            level.rects.to(torch.int32).contiguous(),
+            *strides, Hq, Hkv, group, Sq, Sk, pattern.sinks, m, pattern.block_size, tiles_per_block, len(rects),
+            scale_log2, float(scale), math.log2(max(m, 1)), num_warps=warps, num_stages=stages, **dims)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
