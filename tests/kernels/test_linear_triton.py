@@ -53,6 +53,27 @@ def test_additive_kernels_on_strided_inputs_equal_the_pytorch_form(fmap, mode, c
     assert _rel(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("fmap,mode", [("elu", "divide"), ("elu", "num-den"), ("relu", "unnormalised"),
+                                       ("features", "num-den")])
+@pytest.mark.parametrize("causal,offset", [(True, 0), (True, -21), (True, 9), (False, None)],
+                         ids=["aligned", "queries-after-keys", "keys-ahead", "non-causal"])
+def test_additive_backward_kernels_give_the_gradients_of_the_pytorch_form(fmap, mode, causal, offset):
+    from longattn.kernels.linear.triton_additive import far_additive
+    q = torch.randn(2, 37, 4, 12).transpose(1, 2)
+    k, v = torch.randn(2, 45, 2, 12).transpose(1, 2), torch.randn(2, 45, 2, 10).transpose(1, 2)
+    if fmap == "features":
+        q, k = q.abs(), k.abs()
+    opts = dict(fmap=fmap if fmap != "features" else "favor", causal=causal, offset=offset, chunk=16,
+                normalize=mode != "unnormalised", divide=mode == "divide", eps=1e-6, out_dtype=torch.float32)
+    xs = [x.detach().requires_grad_() for x in (q, k, v)]
+    out = far_additive(*xs, **opts)
+    g = torch.randn_like(out)
+    ys = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = far_additive_torch(*ys, **opts)
+    for a, b in zip(torch.autograd.grad(out, xs, g), torch.autograd.grad(ref, ys, g.double())):
+        assert _rel(a, b) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("opts", [
     dict(causal=True, feature_map="elu"),

@@ -14,7 +14,7 @@ bfloat16 runs, where H is stored in bfloat16: it is cast to bfloat16 for the ten
 Products run in bfloat16 for bfloat16 inputs and in float32 (tf32 on GPUs) otherwise: float16 cannot
 hold a state summed over a long context.
 
-Backward recomputes the same function in PyTorch (`far_additive_torch`) under torch.func.vjp.
+Backward: `triton_additive_bwd.py`; `far_additive_torch` is the same function in PyTorch, for the tests.
 """
 from __future__ import annotations
 
@@ -151,9 +151,9 @@ if triton is not None:
             tl.store(o_ptrs, (acc / (den + eps)[:, None]).to(O.dtype.element_ty), mask=o_mask)
         else:
             tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=o_mask)
-            if HAS_DEN:
-                if iv == 0:
-                    tl.store(DEN + bhq.to(tl.int64) * Sq + i, den, mask=mask_i)
+        if HAS_DEN:
+            if iv == 0:  # the backward needs it; B·Hq·Sq floats
+                tl.store(DEN + bhq.to(tl.int64) * Sq + i, den, mask=mask_i)
 
 
 if triton is not None and os.environ.get("TRITON_INTERPRET") != "1":
@@ -190,30 +190,22 @@ def _state_blocks(F_: int, Dv: int, programs_per_block: int, sm_count: int):
     return BK, BV
 
 
-def far_additive_triton(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: int, normalize: bool,
-                        divide: bool, eps: float, out_dtype):
-    """Far part of additive linear attention, forward only.
-
-    fq (B, Hq, Sq, F) and fk (B, Hkv, L, F): raw q/k for the fused maps (FUSED_MAPS), features otherwise;
-    v (B, Hkv, L, Dv). divide (needs normalize): return num / (den + eps) in out_dtype, (B, Hq, Sq, Dv).
-    Otherwise return float32 (B, Hq, Sq, Dv + 1) with den as the last column when normalize, or
-    (B, Hq, Sq, Dv) unnormalised (same contract as `reference.far_chunked` on v with a ones column).
-    """
-    B, Hq, Sq, Fd = fq.shape
-    Hkv, L, Dv = fk.shape[1], fk.shape[2], v.shape[-1]
-    G = Hq // Hkv
+def chunk_geometry(Sq: int, L: int, causal: bool, offset, chunk: int):
+    """(P, shift, N, nq): P empty key slots in front, key chunk t = query chunk c + shift, N key chunks, nq query chunks."""
     if causal:
         P = (-offset) % chunk
         shift = (offset + P) // chunk
     else:
         P, shift = 0, None
-    N = max(1, triton.cdiv(P + L, chunk))
-    shift = N if shift is None else shift
-    nq = triton.cdiv(Sq, chunk)
-    fq, fk, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (fq, fk, v))
-    bf16 = out_dtype == torch.bfloat16
-    fmap_id = FUSED_MAPS.get(fmap, 0)
-    dev = fq.device
+    N = max(1, -(-(P + L) // chunk))
+    return P, (N if shift is None else shift), N, -(-Sq // chunk)
+
+
+def launch_states(fk, v, *, fmap_id, normalize, bf16, chunk, P, N):
+    """H (B·Hkv, N + 1, F, Dv) and Z (B·Hkv, N + 1, F or 1): the state before each key chunk."""
+    B, Hkv, L, Fd = fk.shape
+    Dv = v.shape[-1]
+    dev = fk.device
     H = torch.empty(B * Hkv, N + 1, Fd, Dv, dtype=torch.bfloat16 if bf16 else torch.float32, device=dev)
     Z = torch.empty(B * Hkv, N + 1, Fd if normalize else 1, dtype=torch.float32, device=dev)
     state_args = (fk, v, H, Z, fk.stride(0), fk.stride(1), fk.stride(2), v.stride(0), v.stride(1), v.stride(2),
@@ -224,15 +216,35 @@ def far_additive_triton(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: in
     else:
         BK, BV = _state_blocks(Fd, Dv, B * Hkv, _sm_count(dev))
         _states_kernel[(triton.cdiv(Fd, BK), triton.cdiv(Dv, BV), B * Hkv)](*state_args, **state_meta, BK=BK, BV=BV)
+    return H, Z
+
+
+def far_additive_triton(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: int, normalize: bool,
+                        divide: bool, eps: float, out_dtype, return_den: bool = False):
+    """Far part of additive linear attention, forward only.
+
+    fq (B, Hq, Sq, F) and fk (B, Hkv, L, F): raw q/k for the fused maps (FUSED_MAPS), features otherwise;
+    v (B, Hkv, L, Dv). divide (needs normalize): return num / (den + eps) in out_dtype, (B, Hq, Sq, Dv).
+    Otherwise return float32 (B, Hq, Sq, Dv + 1) with den as the last column when normalize, or
+    (B, Hq, Sq, Dv) unnormalised (same contract as `reference.far_chunked` on v with a ones column).
+    """
+    B, Hq, Sq, Fd = fq.shape
+    Hkv, L, Dv = fk.shape[1], fk.shape[2], v.shape[-1]
+    G = Hq // Hkv
+    P, shift, N, nq = chunk_geometry(Sq, L, causal, offset, chunk)
+    fq, fk, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (fq, fk, v))
+    bf16 = out_dtype == torch.bfloat16
+    fmap_id = FUSED_MAPS.get(fmap, 0)
+    dev = fq.device
+    H, Z = launch_states(fk, v, fmap_id=fmap_id, normalize=normalize, bf16=bf16, chunk=chunk, P=P, N=N)
+    den = torch.empty(B * Hq, Sq, dtype=torch.float32, device=dev) if normalize else None
     if divide:
-        out = torch.empty(B, Hq, Sq, Dv, dtype=out_dtype, device=dev)
-        o_view, den = out, out  # den is not written when dividing
+        out = o_view = torch.empty(B, Hq, Sq, Dv, dtype=out_dtype, device=dev)
     else:
         out = torch.empty(B, Hq, Sq, Dv + int(normalize), dtype=torch.float32, device=dev)
         o_view = out[..., :Dv]
-        den = torch.empty(B * Hq, Sq, dtype=torch.float32, device=dev) if normalize else out
-    out_args = (fq, fk, v, H, Z, o_view, den, fq.stride(0), fq.stride(1), fq.stride(2), fk.stride(0), fk.stride(1),
-                fk.stride(2), v.stride(0), v.stride(1), v.stride(2), o_view.stride(0), o_view.stride(1),
+    out_args = (fq, fk, v, H, Z, o_view, den if normalize else out, fq.stride(0), fq.stride(1), fq.stride(2),
+                fk.stride(0), fk.stride(1), fk.stride(2), v.stride(0), v.stride(1), v.stride(2), o_view.stride(0), o_view.stride(1),
                 o_view.stride(2), Hq, G, Sq, L, P, N, Fd, Dv, shift, float(eps))
     out_meta = dict(FMAP=fmap_id, HAS_DEN=normalize, DIVIDE=divide, BF16=bf16, C=chunk)
     if _output_tuned is not None and dev.type == "cuda":
@@ -243,6 +255,8 @@ def far_additive_triton(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: in
         _output_kernel[(triton.cdiv(Dv, OV), nq, B * Hq)](*out_args, **out_meta, BK=OK, BV=OV)
     if normalize and not divide:
         out[..., Dv] = den.view(B, Hq, Sq)
+    if return_den:  # an empty tensor rather than None: autograd marks it non-differentiable
+        return out, (den if den is not None else out.new_empty(0))
     return out
 
 
@@ -263,26 +277,42 @@ def far_additive_torch(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: int
 
 
 class _FarAdditive(torch.autograd.Function):
+    """Forward and backward by the Triton kernels (`triton_additive_bwd` for the backward)."""
+
     @staticmethod
     def forward(fq, fk, v, options):
-        return far_additive_triton(fq, fk, v, **options)
+        return far_additive_triton(fq, fk, v, **options, return_den=True)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         fq, fk, v, options = inputs
-        ctx.save_for_backward(fq, fk, v)
+        out, den = output
+        ctx.mark_non_differentiable(den)
+        divide = options["divide"]
+        ctx.save_for_backward(fq, fk, v, out if divide else None, den if divide else None)
         ctx.options = options
 
     @staticmethod
-    def backward(ctx, grad_out):
-        fq, fk, v = ctx.saved_tensors
-        _, vjp = torch.func.vjp(lambda a, b, c: far_additive_torch(a, b, c, **ctx.options), fq, fk, v)
-        return (*vjp(grad_out), None)
+    def backward(ctx, grad_out, _grad_den):
+        from .triton_additive_bwd import far_additive_backward
+        fq, fk, v, out, den = ctx.saved_tensors
+        if any(_functorch_wrapped(t) for t in (grad_out, fq, fk, v)):
+            # under torch.func transforms (the dispatcher's backward runs torch.func.vjp) the tensors are
+            # wrappers Triton cannot read: differentiate the same function in PyTorch instead
+            _, vjp = torch.func.vjp(lambda a, b, c: far_additive_torch(a, b, c, **ctx.options), fq, fk, v)
+            return (*vjp(grad_out), None)
+        dq, dk, dv = far_additive_backward(grad_out, fq, fk, v, out=out, den=den, **ctx.options)
+        return dq, dk, dv, None
+
+
+def _functorch_wrapped(t) -> bool:
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check is not None and t is not None and check(t))
 
 
 def far_additive(fq, fk, v, **options):
-    """Differentiable `far_additive_triton` (backward: exact PyTorch recompute)."""
-    return _FarAdditive.apply(fq, fk, v, options)
+    """Differentiable `far_additive_triton`."""
+    return _FarAdditive.apply(fq, fk, v, options)[0]
 
 
 def linear_attention_additive_triton(q, k, v, *, scale=None, causal=False, feature_map="elu", num_features=256,
