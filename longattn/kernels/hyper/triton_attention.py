@@ -182,16 +182,20 @@ if HAVE_TRITON:
 # rectangle kernel updates its output in place (a tuning rerun would merge twice). The benchmark
 # sweeps candidates by assigning TILES.
 TILES = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1)}
+# backward: every program adds its dk / dv contributions with atomics, so taller query tiles mean
+# fewer atomics on the shared sample keys
+TILES_BWD = {64: (128, 32, 8, 1), 128: (64, 32, 4, 1), 256: (32, 16, 4, 1)}
 
 
-def _tiles(head_dim, dv):
+def _tiles(head_dim, dv, table=None):
     if os.environ.get("TRITON_INTERPRET") == "1":
         return 16, 16, 1, 1
+    table = TILES if table is None else table
     width = max(head_dim, dv)
-    for limit in sorted(TILES):
+    for limit in sorted(table):
         if width <= limit:
-            return TILES[limit]
-    raise ValueError(f"hyper_attention (triton): head dims up to {max(TILES)} are supported, got {width}")
+            return table[limit]
+    raise ValueError(f"hyper_attention (triton): head dims up to {max(table)} are supported, got {width}")
 
 
 def hyper_forward_triton(q, k, v, pattern: HyperPattern, *, scale, causal):
@@ -281,7 +285,7 @@ class HyperAttentionTriton(torch.autograd.Function):
             q_, k_, v_, out_, lse_ = map(_plain, (q, k, v, out, lse))
             grad_out = torch.zeros_like(out_) if grad_out is None else _plain(grad_out)
             dq, dk, dv = hyper_backward_triton(q_, k_, v_, out_, lse_, grad_out, _plain(grad_lse), pattern,
-                                               scale=ctx.scale, causal=ctx.causal, tiles=_tiles(q.shape[-1], v.shape[-1]))
+                                               scale=ctx.scale, causal=ctx.causal, tiles=_tiles(q.shape[-1], v.shape[-1], TILES_BWD))
             return dq, dk, dv, None, None, None, None
         from .reference import hyper_attention_from_pattern
         fn = lambda q_, k_, v_: hyper_attention_from_pattern(q_, k_, v_, pattern, scale=ctx.scale, causal=ctx.causal)
