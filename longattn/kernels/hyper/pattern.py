@@ -31,6 +31,7 @@ and recomputed backward draw the same hyperplanes and samples.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -171,6 +172,30 @@ def block_of_rank(rank, length, nb):
     return ((rank + 1) * nb - 1) // length
 
 
+@functools.lru_cache(maxsize=64)
+def _drawn_and_planned(B, Hkv, Sq, Sk, D, causal, sample_size, lsh_bits, min_seq_len, local_window, seed, device):
+    """Everything that depends on shapes, parameters and seed only: hyperplanes, recursion plan, exact
+    ranges, samples, piece bounds. Drawn on the CPU and moved in one copy (a host-to-device copy of
+    pageable memory waits for the queued GPU work), and cached, so a repeated call moves nothing.
+    Returns (planes on CPU, rectangles per level, device tensors [planes bits, lo, hi, then per level:
+    rects, samples, q bounds, k bounds]). The device tensors are shared: never modify them in place."""
+    g = torch.Generator().manual_seed(seed)
+    planes = torch.randn(Hkv, D, lsh_bits, generator=g, dtype=torch.float32)
+    level_rects, leaves = plan_rectangles(Sq, Sk, causal, min_seq_len)
+    lo, hi = exact_ranges(Sq, Sk, causal, leaves, local_window, "cpu")
+    host = [planes.view(torch.int32).to(torch.int64).flatten(), lo, hi]
+    for rects in level_rects:
+        rt = torch.tensor(rects, dtype=torch.int64).view(-1, 4)
+        u = torch.rand(B, Hkv, len(rects), sample_size, generator=g, dtype=torch.float64)
+        samples = rt[:, 2, None] + torch.floor(u * rt[:, 3, None].double()).to(torch.int64)
+        q_bounds = torch.unique(torch.cat([rt[:, 0], rt[:, 0] + rt[:, 1]]))
+        k_bounds = torch.unique(torch.cat([rt[:, 2], rt[:, 2] + rt[:, 3]]))
+        host += [rt.flatten(), samples.flatten(), q_bounds, k_bounds]
+    sizes = [t.numel() for t in host]
+    parts = tuple(torch.cat(host).to(device).split(sizes))
+    return planes, level_rects, parts
+
+
 def build_pattern(q, k, *, causal=False, block_size=256, sample_size=256, lsh_bits=7, min_seq_len=4096,
                   sink_tokens=64, local_window=256, variant="default", seed=0, rank_fn=None) -> HyperPattern:
     """Draw hyperplanes and samples from `seed`, hash, and sort. q (B, Hq, Sq, D), k (B, Hkv, Sk, D).
@@ -183,22 +208,8 @@ def build_pattern(q, k, *, causal=False, block_size=256, sample_size=256, lsh_bi
     group = Hq // Hkv
     dev = q.device
     paper = variant == "paper"
-    # everything drawn or planned on the CPU first, then moved in one copy: each host-to-device copy
-    # of pageable memory waits for the queued GPU work, so one per call instead of several per level
-    g = torch.Generator().manual_seed(int(seed))
-    planes = torch.randn(Hkv, D, lsh_bits, generator=g, dtype=torch.float32)
-    level_rects, leaves = plan_rectangles(Sq, Sk, causal, min_seq_len)
-    lo, hi = exact_ranges(Sq, Sk, causal, leaves, 0 if paper else local_window, "cpu")
-    host = [planes.view(torch.int32).to(torch.int64).flatten(), lo, hi]
-    for rects in level_rects:
-        rt = torch.tensor(rects, dtype=torch.int64).view(-1, 4)
-        u = torch.rand(B, Hkv, len(rects), sample_size, generator=g, dtype=torch.float64)
-        samples = rt[:, 2, None] + torch.floor(u * rt[:, 3, None].double()).to(torch.int64)
-        q_bounds = torch.unique(torch.cat([rt[:, 0], rt[:, 0] + rt[:, 1]]))
-        k_bounds = torch.unique(torch.cat([rt[:, 2], rt[:, 2] + rt[:, 3]]))
-        host += [rt.flatten(), samples.flatten(), q_bounds, k_bounds]
-    sizes = [t.numel() for t in host]
-    parts = list(torch.cat(host).to(dev).split(sizes))
+    planes, level_rects, parts = _drawn_and_planned(B, Hkv, Sq, Sk, D, bool(causal), sample_size, lsh_bits,
+                                                    min_seq_len, 0 if paper else local_window, int(seed), str(dev))
     planes_dev = parts[0].to(torch.int32).view(torch.float32).view(Hkv, D, lsh_bits)
     lo, hi = parts[1], parts[2]
 

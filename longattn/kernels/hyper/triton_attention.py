@@ -210,8 +210,8 @@ def hyper_forward_triton(q, k, v, pattern: HyperPattern, *, scale, causal):
     group = Hq // Hkv
     out = torch.empty(B, Hq, Sq, Dv, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
-    lo = pattern.exact_lo.to(torch.int32).contiguous()
-    hi = pattern.exact_hi.to(torch.int32).contiguous()
+    # index tensors stay int64 as the pattern made them: converting would cost a launch each
+    lo, hi = pattern.exact_lo.contiguous(), pattern.exact_hi.contiguous()
     block_m, block_n, warps, stages = _tiles(D, Dv)
     dims = dict(D=D, DV=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
                 BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
@@ -231,9 +231,8 @@ def hyper_forward_triton(q, k, v, pattern: HyperPattern, *, scale, causal):
         grid = (max(nbs) * tiles_per_block, len(rects), B * Hq)
         _rectangles_kernel[grid](
             q, k, v, out, lse, lo, hi,
-            level.q_order.to(torch.int32).contiguous(), level.k_order.to(torch.int32).contiguous(),
-            level.samples.to(torch.int32).contiguous(), level.sample_block.to(torch.int32).contiguous(),
-            level.rects.to(torch.int32).contiguous(),
+            *(t.contiguous() for t in (level.q_order, level.k_order, level.samples, level.sample_block,
+                                       level.rects)),
             *strides, Hq, Hkv, group, Sq, Sk, pattern.sinks, m, pattern.block_size, tiles_per_block, len(rects),
             scale_log2, math.log2(max(m, 1)), num_warps=warps, num_stages=stages, **dims)
     return out.to(q.dtype), lse

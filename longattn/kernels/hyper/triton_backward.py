@@ -186,8 +186,8 @@ def hyper_backward_triton(q, k, v, out, lse, grad_out, grad_lse, pattern: HyperP
     dq = torch.empty(B, Hq, Sq, D, dtype=torch.float32, device=q.device)
     dk = torch.zeros(B, Hkv, Sk, D, dtype=torch.float32, device=q.device)
     dv = torch.zeros(B, Hkv, Sk, Dv, dtype=torch.float32, device=q.device)
-    lo = pattern.exact_lo.to(torch.int32).contiguous()
-    hi = pattern.exact_hi.to(torch.int32).contiguous()
+    # index tensors stay int64 as the pattern made them: converting would cost a launch each
+    lo, hi = pattern.exact_lo.contiguous(), pattern.exact_hi.contiguous()
     block_m, block_n, warps, stages = tiles
     dims = dict(D=D, DV=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
                 BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
@@ -206,9 +206,8 @@ def hyper_backward_triton(q, k, v, out, lse, grad_out, grad_lse, pattern: HyperP
         m = level.samples.shape[-1]
         _rectangles_bwd_kernel[(max(nbs) * tiles_per_block, len(rects), B * Hq)](
             q, k, v, do, lse, delta, dq, dk, dv, lo, hi,
-            level.q_order.to(torch.int32).contiguous(), level.k_order.to(torch.int32).contiguous(),
-            level.samples.to(torch.int32).contiguous(), level.sample_block.to(torch.int32).contiguous(),
-            level.rects.to(torch.int32).contiguous(),
+            *(t.contiguous() for t in (level.q_order, level.k_order, level.samples, level.sample_block,
+                                       level.rects)),
             *strides, Hq, Hkv, group, Sq, Sk, pattern.sinks, m, pattern.block_size, tiles_per_block, len(rects),
             scale_log2, float(scale), math.log2(max(m, 1)), num_warps=warps, num_stages=stages, **dims)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
