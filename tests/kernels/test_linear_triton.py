@@ -125,3 +125,37 @@ def test_dispatcher_op_with_a_linear_band_trains_like_the_reference():
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
         assert _rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("opts", [
+    dict(feature_map="elu"),
+    dict(feature_map="elu", sink_tokens=2, local_window=3),
+    dict(feature_map="relu", normalize=False),
+    dict(feature_map="identity", sink_tokens=1, local_window=2, feature_params={"far_scale": [0.5, 1.0, 2.0, 3.0]}),
+], ids=["elu", "elu-hybrid", "relu-unnormalised", "identity-far-scale"])
+def test_fused_decode_kernel_steps_equal_the_float64_prefill(dtype, opts):
+    from longattn.kernels.linear import linear_attention_step
+    q, k, v = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
+    with torch.no_grad():
+        ref = linear_attention(q.double(), k.double(), v.double(), causal=True, **opts)
+        out, state = linear_attention_step(q[:, :, :5].to(dtype), k[:, :, :5].to(dtype), v[:, :, :5].to(dtype),
+                                           None, **opts)
+        outs = [out]
+        for t in range(5, 12):
+            out, state = linear_attention_step(q[:, :, t:t + 1].to(dtype), k[:, :, t:t + 1].to(dtype),
+                                               v[:, :, t:t + 1].to(dtype), state, **opts)
+            outs.append(out)
+    assert outs[0].dtype == dtype
+    assert _rel(torch.cat(outs, 2), ref) < TOL[dtype]
+
+
+def test_fused_decode_continues_a_state_built_by_the_pytorch_step():
+    from longattn.kernels.linear import linear_attention_step, linear_attention_step_reference
+    q, k, v = torch.randn(1, 4, 9, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
+    opts = dict(feature_map="elu", sink_tokens=1, local_window=2)
+    with torch.no_grad():
+        _, state = linear_attention_step_reference(q[:, :, :6], k[:, :, :6], v[:, :, :6], None, **opts)
+        fast, _ = linear_attention_step(q[:, :, 6:], k[:, :, 6:], v[:, :, 6:], state, **opts)
+        slow, _ = linear_attention_step_reference(q[:, :, 6:], k[:, :, 6:], v[:, :, 6:], state, **opts)
+    assert _rel(fast, slow) < 1e-5

@@ -14,7 +14,10 @@ JSON gives them):
 """
 from __future__ import annotations
 
-from .decode import LinearAttentionState, linear_attention_step
+import torch
+
+from .decode import LinearAttentionState
+from .decode import linear_attention_step as linear_attention_step_reference
 from .feature_maps import FEATURE_MAPS, apply_feature_map, feature_dim
 from .reference import linear_attention_quadratic, linear_attention_reference
 
@@ -45,5 +48,24 @@ def linear_attention(q, k, v, *, scale=None, causal=False, feature_map="elu", nu
     return linear_attention_reference(q, k, v, far_fn=triton_chunk.far_chunked_triton, **kwargs)
 
 
-__all__ = ["linear_attention", "linear_attention_step", "LinearAttentionState", "linear_attention_reference",
+def linear_attention_step(q, k, v, state=None, *, scale=None, causal=True, feature_map="elu", num_features=256,
+                          seed=0, sink_tokens=0, local_window=0, normalize=True, eps=1e-6, update_rule="add",
+                          beta=None, chunk_size=64, feature_params=None):
+    """Recurrent decode: attend with S new tokens given the state of the tokens before them.
+
+    q (B, Hq, S, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) -> (out (B, Hq, S, Dv) in q's dtype, new
+    `LinearAttentionState`); state None starts a sequence. Equals `linear_attention(..., causal=True)` over
+    the whole sequence at those positions. One fused Triton kernel per token for the additive rule with
+    elu/relu/identity maps (`triton_decode.py`), the PyTorch step (`decode.py`) otherwise.
+    """
+    kwargs = dict(scale=scale, causal=causal, feature_map=feature_map, num_features=num_features, seed=seed,
+                  sink_tokens=sink_tokens, local_window=local_window, normalize=normalize, eps=eps,
+                  update_rule=update_rule, beta=beta, chunk_size=chunk_size, feature_params=feature_params)
+    from . import triton_decode
+    if triton_decode.supports(q, feature_map, update_rule) and not torch.is_grad_enabled():
+        return triton_decode.linear_attention_step_triton(q, k, v, state, **kwargs)
+    return linear_attention_step_reference(q, k, v, state, **kwargs)
+
+
+__all__ = ["linear_attention", "linear_attention_step", "linear_attention_step_reference", "LinearAttentionState", "linear_attention_reference",
            "linear_attention_quadratic", "apply_feature_map", "feature_dim", "FEATURE_MAPS", "HYBRID_DEFAULTS"]
