@@ -46,9 +46,13 @@ def flash_attention(q, k, v, *, scale=None, causal=False, attn_mask=None, dropou
                                          dropout_p=dropout_p, generator=generator)
     check_qkv(q, k, v, "flash_attention")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    from .autograd import FlashAttentionFunction
+    if not scale > 0.0:  # the kernels fold the scale into exp2 and take row maxima of unscaled scores
+        return flash_attention_reference(q, k, v, scale=scale, causal=causal, attn_mask=attn_mask)
+    from .autograd import FlashAttentionFunction, forward_kernels
     if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.requires_grad:
         attn_mask = attn_mask.detach()  # grad disabled: nothing will ask for its gradient
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return forward_kernels(q, k, v, scale, bool(causal), attn_mask)  # no autograd bookkeeping (decode)
     return FlashAttentionFunction.apply(q, k, v, attn_mask, scale, bool(causal))
 
 

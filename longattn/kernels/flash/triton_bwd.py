@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_fwd import (LOG2E, _load_2d, _score_bias, interpreting, last_dim_contiguous, mask_as_4d,
+from .triton_fwd import (LOG2E, _load_2d, _score_bias, autotuning, dot_precision, interpreting, last_dim_contiguous, mask_as_4d,
                          padded_dim, triton)
 
 if triton is not None:
@@ -48,7 +48,8 @@ if triton is not None:
                     stride_qm, stride_gm, stride_mask_m, qk_scale, Sq, Sk, causal_offset,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
                     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_MASK: tl.constexpr,
-                    MASK_IS_BOOL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr):
+                    MASK_IS_BOOL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         offs_dv = tl.arange(0, DV_PAD)
@@ -58,7 +59,7 @@ if triton is not None:
             rows_ok = rows < Sq
             qt = _load_2d(q_base + rows[None, :] * stride_qm + offs_d[:, None], offs_d < HEAD_DIM, rows_ok,
                           HEAD_DIM != HEAD_DIM_PAD, not EVEN_M)
-            st = tl.dot(k, qt) * qk_scale  # (BLOCK_N, BLOCK_M): scores transposed
+            st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M): scores transposed
             if HAS_MASK:
                 st = _score_bias(st, mask_base + rows[None, :] * stride_mask_m, cols_ok, rows_ok,
                                  not EVEN_N, not EVEN_M, MASK_IS_BOOL)
@@ -69,11 +70,11 @@ if triton is not None:
                 pt = tl.where(cols[:, None] <= rows[None, :] + causal_offset, pt, 0.0)
             do = _load_2d(do_base + rows[:, None] * stride_gm + offs_dv[None, :], rows_ok, offs_dv < DV,
                           not EVEN_M, DV != DV_PAD)
-            dv += tl.dot(pt.to(do.dtype), do)
-            dpt = tl.dot(v, tl.trans(do))
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             delta = tl.load(delta_base + rows, mask=rows_ok, other=0.0)
             dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
+            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
         return dk, dv
 
     @triton.jit
@@ -85,7 +86,8 @@ if triton is not None:
         Hq, Hkv, Sq, Sk, GROUP, scale, qk_scale, causal_offset, SQ_BUCKET, SK_BUCKET,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-        EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         pid_bh = tl.program_id(1)
         b = pid_bh // Hkv
@@ -118,11 +120,11 @@ if triton is not None:
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base, mask_base,
                                  cols, lo, full, stride_qm, stride_gm, stride_mm, qk_scale, Sq, Sk, causal_offset,
                                  HEAD_DIM, HEAD_DIM_PAD, DV, DV_PAD, BLOCK_M, True, HAS_MASK, MASK_IS_BOOL,
-                                 EVEN_M, EVEN_N)
+                                 EVEN_M, EVEN_N, DOT_PRECISION)
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base, mask_base,
                                  cols, full, Sq, stride_qm, stride_gm, stride_mm, qk_scale, Sq, Sk, causal_offset,
                                  HEAD_DIM, HEAD_DIM_PAD, DV, DV_PAD, BLOCK_M, False, HAS_MASK, MASK_IS_BOOL,
-                                 EVEN_M, EVEN_N)
+                                 EVEN_M, EVEN_N, DOT_PRECISION)
         dk = dk * scale
         dk_ptrs = dK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dkn \
             + offs_d[None, :]
@@ -136,7 +138,7 @@ if triton is not None:
                   stride_kn, stride_vn, stride_mask_n, qk_scale, Sq, Sk, causal_offset,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                  MASK_IS_BOOL: tl.constexpr, EVEN_M: tl.constexpr):
+                  MASK_IS_BOOL: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         offs_dv = tl.arange(0, DV_PAD)
@@ -146,7 +148,7 @@ if triton is not None:
             cols_ok = cols < Sk
             kt = _load_2d(k_base + offs_d[:, None] + cols[None, :] * stride_kn, offs_d < HEAD_DIM, cols_ok,
                           HEAD_DIM != HEAD_DIM_PAD, MASKED)
-            s = tl.dot(q, kt) * qk_scale
+            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
             if HAS_MASK:
                 s = _score_bias(s, mask_base + cols[None, :] * stride_mask_n, rows_ok, cols_ok,
                                 not EVEN_M, MASKED, MASK_IS_BOOL)
@@ -158,9 +160,9 @@ if triton is not None:
                 p = tl.where(keep, p, 0.0)
             vt = _load_2d(v_base + offs_dv[:, None] + cols[None, :] * stride_vn, offs_dv < DV, cols_ok,
                           DV != DV_PAD, MASKED)
-            dp = tl.dot(do, vt)
+            dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
         return dq
 
     @triton.jit
@@ -172,7 +174,8 @@ if triton is not None:
         Hq, Sq, Sk, GROUP, scale, qk_scale, causal_offset, SQ_BUCKET, SK_BUCKET,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-        EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         num_m = tl.cdiv(Sq, BLOCK_M)
         pid_m = tl.program_id(0)
@@ -208,10 +211,10 @@ if triton is not None:
         dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
         dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, 0, full,
                        stride_kn, stride_vn, stride_mn, qk_scale, Sq, Sk, causal_offset,
-                       HEAD_DIM, HEAD_DIM_PAD, DV, DV_PAD, BLOCK_N, False, CAUSAL, HAS_MASK, MASK_IS_BOOL, EVEN_M)
+                       HEAD_DIM, HEAD_DIM_PAD, DV, DV_PAD, BLOCK_N, False, CAUSAL, HAS_MASK, MASK_IS_BOOL, EVEN_M, DOT_PRECISION)
         dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, full, hi,
                        stride_kn, stride_vn, stride_mn, qk_scale, Sq, Sk, causal_offset,
-                       HEAD_DIM, HEAD_DIM_PAD, DV, DV_PAD, BLOCK_N, True, CAUSAL, HAS_MASK, MASK_IS_BOOL, EVEN_M)
+                       HEAD_DIM, HEAD_DIM_PAD, DV, DV_PAD, BLOCK_N, True, CAUSAL, HAS_MASK, MASK_IS_BOOL, EVEN_M, DOT_PRECISION)
         dq = dq * scale
         tl.store(dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm
                  + offs_d[None, :], dq.to(dQ.dtype.element_ty),
@@ -270,15 +273,20 @@ def flash_backward(dout, dlse, q, k, v, out, lse, scale: float, causal: bool, at
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *dout.stride()[:3])
     buckets = (triton.next_power_of_2(Sq), triton.next_power_of_2(Sk))
     meta = dict(HEAD_DIM=D, HEAD_DIM_PAD=padded_dim(D), DV=Dv, DV_PAD=dv_pad, CAUSAL=bool(causal),
-                HAS_MASK=mask is not None, MASK_IS_BOOL=mask is not None and mask.dtype == torch.uint8)
+                HAS_MASK=mask is not None, MASK_IS_BOOL=mask is not None and mask.dtype == torch.uint8,
+                DOT_PRECISION=dot_precision(q.dtype))
     dkdv_args = (q, k, v, mask_arg, dout, lse2, delta, dk, dv, *common, *dk.stride()[:3], *dv.stride()[:3],
                  Hq, Hkv, Sq, Sk, Hq // Hkv, scale, scale * LOG2E, Sk - Sq, *buckets)
     dq_args = (q, k, v, mask_arg, dout, lse2, delta, dq, *common, *dq.stride()[:3],
                Hq, Sq, Sk, Hq // Hkv, scale, scale * LOG2E, Sk - Sq, *buckets)
-    if interpreting():
-        cfg = INTERPRETER_BWD_CONFIG
-        _dkdv_heuristic[(triton.cdiv(Sk, cfg["BLOCK_N"]), B * Hkv)](*dkdv_args, **meta, **cfg)
-        _dq_heuristic[(triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq)](*dq_args, **meta, **cfg)
+    if not autotuning():
+        big = max(meta["HEAD_DIM_PAD"], dv_pad) > 128
+        dkdv_cfg = INTERPRETER_BWD_CONFIG if interpreting() else \
+            {"BLOCK_M": 32, "BLOCK_N": 64 if big else 128, "num_warps": 4, "num_stages": 2}
+        dq_cfg = INTERPRETER_BWD_CONFIG if interpreting() else \
+            {"BLOCK_M": 64 if big else 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+        _dkdv_heuristic[(triton.cdiv(Sk, dkdv_cfg["BLOCK_N"]), B * Hkv)](*dkdv_args, **meta, **dkdv_cfg)
+        _dq_heuristic[(triton.cdiv(Sq, dq_cfg["BLOCK_M"]), B * Hq)](*dq_args, **meta, **dq_cfg)
     else:
         _dkdv_tuned[lambda c: (triton.cdiv(Sk, c["BLOCK_N"]), B * Hkv)](*dkdv_args, **meta)
         _dq_tuned[lambda c: (triton.cdiv(Sq, c["BLOCK_M"]), B * Hq)](*dq_args, **meta)

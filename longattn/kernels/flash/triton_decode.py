@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from .triton_fwd import (LOG2E, _load_2d, interpreting, last_dim_contiguous, mask_as_4d, padded_dim,
+from .triton_fwd import (LOG2E, _load_2d, autotuning, dot_precision, interpreting, last_dim_contiguous, mask_as_4d, padded_dim,
                          triton)
 
 DECODE_MAX_QUERIES = 16
@@ -36,7 +36,7 @@ if triton is not None:
         Hkv, Sq, Sk, GROUP, qk_scale, causal_offset, keys_per_split, num_splits, SK_BUCKET,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         ROWS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         pid_s = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -65,7 +65,7 @@ if triton is not None:
             cols_ok = cols < end
             kt = _load_2d(k_base + offs_d[:, None] + cols[None, :] * stride_kn, offs_d < HEAD_DIM, cols_ok,
                           HEAD_DIM != HEAD_DIM_PAD, True)
-            s = tl.dot(q, kt) * qk_scale
+            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
             keep = cols_ok[None, :] & rows_ok[:, None]
             if HAS_MASK:
                 mv = tl.load(mask_rows + cols[None, :] * stride_mn, mask=keep, other=0)
@@ -83,7 +83,7 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             v = _load_2d(v_base + cols[:, None] * stride_vn + offs_dv[None, :], cols_ok, offs_dv < DV,
                          True, DV != DV_PAD)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
             m_i = m_new
         seen = l_i > 0.0
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -168,9 +168,11 @@ def decode_forward(q, k, v, scale: float, causal: bool, attn_mask=None):
             triton.next_power_of_2(Sk))
     meta = dict(HEAD_DIM=D, HEAD_DIM_PAD=padded_dim(D), DV=Dv, DV_PAD=padded_dim(Dv),
                 ROWS=max(16, triton.next_power_of_2(n_rows)), CAUSAL=bool(causal), HAS_MASK=mask is not None,
-                MASK_IS_BOOL=mask is not None and mask.dtype == torch.uint8)
-    if interpreting():
-        _decode_split_kernel[(splits, B * Hkv)](*args, **meta, BLOCK_N=16, num_warps=4, num_stages=1)
+                MASK_IS_BOOL=mask is not None and mask.dtype == torch.uint8, DOT_PRECISION=dot_precision(q.dtype))
+    if not autotuning():
+        block_n = 16 if interpreting() else 64
+        _decode_split_kernel[(splits, B * Hkv)](*args, **meta, BLOCK_N=block_n, num_warps=4,
+                                                num_stages=1 if interpreting() else 3)
     else:
         _decode_tuned[(splits, B * Hkv)](*args, **meta)
     out = torch.empty(B, Hq, Sq, Dv, dtype=q.dtype, device=q.device)

@@ -26,6 +26,10 @@ try:
     import triton.language as tl
 except ImportError:  # the package imports without triton; __init__ falls back to the reference
     triton = None
+try:  # host-side TMA descriptors (Triton >= 3.4); without them the pointer path runs everywhere
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -35,6 +39,17 @@ MAX_HEAD_DIM = 256
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def autotuning() -> bool:
+    """Autotune on a real GPU unless LONGATTN_FLASH_AUTOTUNE=0 (tests: one compile per variant)."""
+    return not interpreting() and os.environ.get("LONGATTN_FLASH_AUTOTUNE", "1") != "0"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs: three-pass tf32 (about fp32 accuracy; one tf32 pass misses 1e-3 relative error).
+    Half inputs ignore it."""
+    return "tf32x3" if dtype == torch.float32 else None
 
 
 def padded_dim(d: int) -> int:
@@ -69,11 +84,12 @@ if triton is not None:
         return qk
 
     @triton.jit
-    def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, hi,
+    def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_row0, mask_base, offs_m, lo, hi,
                    stride_kn, stride_vn, stride_mask_n, qk_scale, Sq, Sk, causal_offset,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                   MASK_IS_BOOL: tl.constexpr, EVEN_M: tl.constexpr):
+                   MASK_IS_BOOL: tl.constexpr, EVEN_M: tl.constexpr, USE_TMA: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         offs_dv = tl.arange(0, DV_PAD)
@@ -83,37 +99,49 @@ if triton is not None:
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
             cols_ok = cols < Sk
-            # K loaded transposed (HEAD_DIM_PAD, BLOCK_N): the product below is a plain q @ kT
-            kt = _load_2d(k_base + offs_d[:, None] + cols[None, :] * stride_kn, d_ok, cols_ok,
-                          HEAD_DIM != HEAD_DIM_PAD, MASKED)
-            qk = tl.dot(q, kt) * qk_scale
+            if USE_TMA:
+                # the copy engine reads the tile; rows past this head's keys are masked below (p = 0)
+                k = k_desc.load([kv_row0 + start_n, 0])
+                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            else:
+                # K loaded transposed (HEAD_DIM_PAD, BLOCK_N): the product below is a plain q @ kT
+                kt = _load_2d(k_base + offs_d[:, None] + cols[None, :] * stride_kn, d_ok, cols_ok,
+                              HEAD_DIM != HEAD_DIM_PAD, MASKED)
+                qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
             if HAS_MASK:
-                qk = _score_bias(qk, mask_base + cols[None, :] * stride_mask_n, rows_ok, cols_ok,
+                qk = _score_bias(qk * qk_scale, mask_base + cols[None, :] * stride_mask_n, rows_ok, cols_ok,
                                  not EVEN_M, MASKED, MASK_IS_BOOL)
+                tile_scale = 1.0
+            else:
+                # scale folded into the exponent: one FMA per score (qk_scale > 0, so max commutes)
+                tile_scale = qk_scale
             if MASKED:
                 keep = cols_ok[None, :]
                 if CAUSAL:
                     keep = keep & (cols[None, :] <= offs_m[:, None] + causal_offset)
                 qk = tl.where(keep, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * tile_scale)
             if MASKED or HAS_MASK:
                 # a row with no visible key yet keeps m = -inf; subtract 0 instead (avoids -inf - -inf)
                 m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
             else:
                 m_sub = m_new
-            p = tl.math.exp2(qk - m_sub[:, None])
+            p = tl.math.exp2(qk * tile_scale - m_sub[:, None])
             alpha = tl.math.exp2(m_i - m_sub)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
-            v = _load_2d(v_base + cols[:, None] * stride_vn + offs_dv[None, :], cols_ok, dv_ok,
-                         MASKED, DV != DV_PAD)
-            acc = tl.dot(p.to(v.dtype), v, acc)
+            if USE_TMA:
+                v = v_desc.load([kv_row0 + start_n, 0])
+            else:
+                v = _load_2d(v_base + cols[:, None] * stride_vn + offs_dv[None, :], cols_ok, dv_ok,
+                             MASKED, DV != DV_PAD)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
             m_i = m_new
         return acc, l_i, m_i
 
     @triton.jit
     def _flash_fwd_kernel(
-        Q, K, V, Mask, Out, Lse,
+        Q, K, V, K_desc, V_desc, Mask, Out, Lse,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
@@ -124,7 +152,8 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
         EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        TMA_OK: tl.constexpr, DOT_PRECISION: tl.constexpr,  # TMA_OK: read by the config pruner only
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
     ):
         num_m = tl.cdiv(Sq, BLOCK_M)
         pid_m = tl.program_id(0)
@@ -146,6 +175,7 @@ if triton is not None:
         k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
         v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
         mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + offs_m[:, None] * stride_mm
+        kv_row0 = (b * (Hq // GROUP) + hk) * Sk  # first row of this kv head in the (B·Hkv·Sk, D) TMA view
 
         # key ranges: [0, full) unmasked, [full, hi) masked (see module docstring)
         if CAUSAL:
@@ -161,14 +191,14 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, 0, full,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, kv_row0, mask_base, offs_m, 0, full,
                                    stride_kn, stride_vn, stride_mn, qk_scale, Sq, Sk, causal_offset,
                                    HEAD_DIM, HEAD_DIM_PAD, DV, DV_PAD, BLOCK_N, False, CAUSAL, HAS_MASK,
-                                   MASK_IS_BOOL, EVEN_M)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, full, hi,
+                                   MASK_IS_BOOL, EVEN_M, USE_TMA, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, K_desc, V_desc, kv_row0, mask_base, offs_m, full, hi,
                                    stride_kn, stride_vn, stride_mn, qk_scale, Sq, Sk, causal_offset,
                                    HEAD_DIM, HEAD_DIM_PAD, DV, DV_PAD, BLOCK_N, True, CAUSAL, HAS_MASK,
-                                   MASK_IS_BOOL, EVEN_M)
+                                   MASK_IS_BOOL, EVEN_M, USE_TMA, DOT_PRECISION)
 
         seen = l_i > 0.0
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -193,27 +223,40 @@ if triton is not None:
         })(kernel)
 
     def _prune_by_shared_memory(configs, named_args, **kwargs):
-        """Drop configs whose K/V pipeline cannot fit Hopper's 228 KB of shared memory."""
+        """Drop configs whose K/V pipeline cannot fit Hopper's 228 KB of shared memory, and TMA
+        configs where the inputs do not allow TMA."""
         args = {**named_args, **kwargs}
         d, dv = args["HEAD_DIM_PAD"], args["DV_PAD"]
         kept = []
         for c in configs:
+            if c.kwargs["USE_TMA"] and not args["TMA_OK"]:
+                continue
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
             smem = 2 * (bm * d + max(c.num_stages - 1, 1) * bn * (d + dv))
             if smem <= 200 * 1024 and not (d >= 256 and bm * bn > 128 * 64):
                 kept.append(c)
         return kept or configs[-1:]
 
-    # Hopper: 128-row query tiles with 8 warps feed wgmma; 64/128 key tiles, 2-4 stages of cp.async.
-    # The last config is the small fallback that fits any GPU (and d256).
+    def _set_tma_block_shapes(nargs):
+        """Config pre-hook: the descriptors' tile shape follows the config's BLOCK_N."""
+        if nargs.get("USE_TMA"):
+            nargs["K_desc"].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+            nargs["V_desc"].block_shape = [nargs["BLOCK_N"], nargs["DV"]]
+
+    # Hopper: 128-row query tiles feed wgmma; 64/128 key tiles, 2-4 stages of cp.async, or the same
+    # tiles read by the copy engine (TMA). The autotuner picks per shape; the pruner drops TMA
+    # configs where the inputs do not allow it. (64, 32, 4, 2) is the fallback that fits any GPU.
     FWD_CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 4, 3),
-            (128, 128, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma}, num_warps=w, num_stages=s,
+                      pre_hook=_set_tma_block_shapes)
+        for bm, bn, w, s, tma in [
+            (128, 128, 8, 3, False), (128, 64, 4, 4, False), (128, 64, 4, 3, False), (128, 64, 8, 3, False),
+            (128, 128, 8, 3, True), (128, 128, 8, 2, True), (128, 64, 4, 3, True), (128, 64, 4, 4, True),
+            (128, 64, 8, 3, True), (64, 64, 4, 3, False), (64, 32, 4, 2, False),
         ]
     ]
-    INTERPRETER_FWD_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    INTERPRETER_FWD_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "USE_TMA": False, "num_warps": 4, "num_stages": 1}
+
 
     _fwd_heuristic = _even_heuristics(_flash_fwd_kernel)
     _fwd_tuned = triton.autotune(
@@ -221,6 +264,30 @@ if triton is not None:
         key=["SQ_BUCKET", "SK_BUCKET", "HEAD_DIM_PAD", "DV_PAD", "CAUSAL", "HAS_MASK", "MASK_IS_BOOL"],
         prune_configs_by={"early_config_prune": _prune_by_shared_memory},
     )(_fwd_heuristic)
+
+
+
+def default_fwd_config(head_dim_pad: int) -> dict:
+    """The config used without autotuning: safe on any GPU of the last generations."""
+    if interpreting():
+        return INTERPRETER_FWD_CONFIG
+    if head_dim_pad <= 64:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "USE_TMA": False, "num_warps": 4, "num_stages": 3}
+    if head_dim_pad <= 128:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "USE_TMA": False, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 64, "BLOCK_N": 32, "USE_TMA": False, "num_warps": 4, "num_stages": 2}
+
+
+def tma_allowed(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """TMA reads K/V as one (B·Hkv·Sk, D) matrix: contiguous, power-of-two head dims, Hopper or newer."""
+    if TensorDescriptor is None or interpreting() or not k.is_cuda:
+        return False
+    if os.environ.get("LONGATTN_FLASH_TMA", "1") == "0":
+        return False
+    d, dv = k.shape[-1], v.shape[-1]
+    pow2 = lambda x: x >= 16 and x & (x - 1) == 0
+    return (k.is_contiguous() and v.is_contiguous() and pow2(d) and pow2(dv) and d <= 256 and dv <= 256
+            and torch.cuda.get_device_capability(k.device)[0] >= 9)
 
 
 def mask_as_4d(attn_mask: torch.Tensor | None, B: int, Hq: int, Sq: int, Sk: int, where: str):
@@ -244,10 +311,11 @@ def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def flash_forward(q, k, v, scale: float, causal: bool, attn_mask=None):
+def flash_forward(q, k, v, scale: float, causal: bool, attn_mask=None, config: dict | None = None):
     """Launch the forward kernel. q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), one dtype
     among fp16/bf16/fp32; attn_mask bool or float, broadcastable to (B, Hq, Sq, Sk).
-    Returns (out (B, Hq, Sq, Dv) in q's dtype, lse (B, Hq, Sq) float32)."""
+    scale must be > 0 (it is folded into the exponent). `config` (BLOCK_M, BLOCK_N, USE_TMA, num_warps,
+    num_stages) bypasses the autotuner. Returns (out (B, Hq, Sq, Dv) in q's dtype, lse (B, Hq, Sq) float32)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
@@ -258,14 +326,25 @@ def flash_forward(q, k, v, scale: float, causal: bool, attn_mask=None):
     mask = mask_as_4d(attn_mask, B, Hq, Sq, Sk, "flash_attention")
     mask_arg = mask if mask is not None else q  # never read when HAS_MASK is False
     mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
-    args = (q, k, v, mask_arg, out, lse,
+    tma_ok = tma_allowed(k, v)
+    if tma_ok:  # block_shape is set per config by _set_tma_block_shapes
+        k_desc = TensorDescriptor(k, [B * Hkv * Sk, D], [D, 1], [16, D])
+        v_desc = TensorDescriptor(v, [B * Hkv * Sk, Dv], [Dv, 1], [16, Dv])
+    else:
+        k_desc, v_desc = k, v
+    args = (q, k, v, k_desc, v_desc, mask_arg, out, lse,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
             Hq, Sq, Sk, Hq // Hkv, scale * LOG2E, Sk - Sq,
             triton.next_power_of_2(Sq), triton.next_power_of_2(max(Sk, 1)))
     meta = dict(HEAD_DIM=D, HEAD_DIM_PAD=padded_dim(D), DV=Dv, DV_PAD=padded_dim(Dv), CAUSAL=bool(causal),
-                HAS_MASK=mask is not None, MASK_IS_BOOL=mask is not None and mask.dtype == torch.uint8)
-    if interpreting():
-        cfg = INTERPRETER_FWD_CONFIG
+                HAS_MASK=mask is not None, MASK_IS_BOOL=mask is not None and mask.dtype == torch.uint8,
+                TMA_OK=tma_ok, DOT_PRECISION=dot_precision(q.dtype))
+    if config is not None or not autotuning():
+        cfg = dict(config or default_fwd_config(max(meta["HEAD_DIM_PAD"], meta["DV_PAD"])))
+        if cfg["USE_TMA"]:
+            if not tma_ok:
+                raise ValueError(f"flash_forward: config {config} asks for TMA, which these inputs do not allow")
+            _set_tma_block_shapes({**meta, **cfg, "K_desc": k_desc, "V_desc": v_desc})
         grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq)
         _fwd_heuristic[grid](*args, **meta, **cfg)
     else:

@@ -1,0 +1,269 @@
+"""Exact attention on one GPU, one run: our Triton flash kernels against torch SDPA's cuDNN,
+flash (FA2) and memory-efficient backends.
+
+    PYTHONPATH=. python benchmarks/bench_flash.py [--out DIR] [--fwd-lengths 4096,...]
+        [--bwd-lengths 4096,...] [--decode-lengths 8192,...] [--skip fwd,bwd,decode]
+
+bf16, batch 1, random normal inputs (fresh per shape), no mask.
+  fwd:    heads×dim 32×64 and 16×128, causal and not; TFLOP/s counts 4·S²·D·H (halved when causal).
+  fwdbwd: the same shapes, forward + backward (out.backward(g)); TFLOP/s counts 3.5× the forward's
+          FLOPs (backward = 2.5× forward, the FlashAttention convention).
+  decode: one query against S keys, d64, heads 32/32 and GQA 9/3 (SDPA with enable_gqa), effective
+          bandwidth = K and V bytes read once / time; timed as CUDA-graph replays (so that all
+          contenders are measured without Python launch gaps) and eagerly.
+Timing (device METHOD.md): CUDA events, warm-up (which also runs our autotuning) then repeats up to
+~0.3 s per case, median. Every contender's output is checked against cuDNN's (relative error).
+Writes <date>-<device>-flash.jsonl (first line: environment) and .md (table) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from longattn.kernels.flash import flash_attention  # noqa: E402
+
+T0 = time.time()
+BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "fa2": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def time_ms(fn, budget_ms=300.0, max_reps=100, warmup=2):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    stop.record()
+    torch.cuda.synchronize()
+    first = start.elapsed_time(stop)
+    reps = int(max(3, min(max_reps, budget_ms / max(first, 1e-3))))
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def time_graph_ms(fn, replays_per_sample=20, samples=15):
+    """Median time of one call, from CUDA-graph replays of `replays_per_sample` calls."""
+    fn()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(replays_per_sample):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(samples):
+        start.record()
+        graph.replay()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / replays_per_sample)
+    return statistics.median(times)
+
+
+def sdpa(backend, q, k, v, causal, gqa=False):
+    with sdpa_kernel(BACKENDS[backend]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
+
+def ours(q, k, v, causal):
+    return flash_attention(q, k, v, causal=causal)[0]
+
+
+def rel_err(x, ref):
+    return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+class Recorder:
+    def __init__(self, out_dir, device_tag):
+        today = datetime.date.today().isoformat()
+        self.stem = os.path.join(out_dir, f"{today}-{device_tag}-flash")
+        self.jsonl = open(self.stem + ".jsonl", "w")
+        self.rows = []
+
+    def write(self, obj):
+        obj.setdefault("elapsed_s", round(time.time() - T0, 1))
+        self.jsonl.write(json.dumps(obj) + "\n")
+        self.jsonl.flush()
+        if obj.get("kind") not in ("env", "autotune", "note"):
+            self.rows.append(obj)
+            print(json.dumps(obj), flush=True)
+
+
+def bench_attention(rec, mode, lengths, shapes):
+    """mode 'fwd' or 'fwdbwd'."""
+    for h, d in shapes:
+        for causal in (False, True):
+            for s in lengths:
+                torch.manual_seed(s + d)
+                q, k, v = (torch.randn(1, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                flops = 4 * s * s * d * h / (2 if causal else 1) * (3.5 if mode == "fwdbwd" else 1.0)
+                fns = {"ours": lambda: ours(q, k, v, causal)}
+                for name in BACKENDS:
+                    if name == "efficient" and s > (16384 if mode == "fwdbwd" else 32768):
+                        continue  # 1-4 s a call and far behind: not worth the device budget
+                    fns[name] = (lambda name=name: sdpa(name, q, k, v, causal))
+                ref = None
+                with torch.no_grad():
+                    try:
+                        ref = sdpa("cudnn", q, k, v, causal)
+                    except RuntimeError:
+                        pass
+                for name, fn in fns.items():
+                    row = {"kind": mode, "impl": name, "h": h, "d": d, "s": s, "causal": causal}
+                    try:
+                        if mode == "fwd":
+                            with torch.no_grad():
+                                if ref is not None:
+                                    row["rel_err_vs_cudnn"] = rel_err(fn(), ref)
+                                ms = time_ms(fn)
+                        else:
+                            qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+                            g = torch.randn_like(q)
+                            step = (lambda fn=fn, qg=qg, kg=kg, vg=vg, g=g, name=name:
+                                    (ours(qg, kg, vg, causal) if name == "ours" else sdpa(name, qg, kg, vg, causal))
+                                    .backward(g))
+                            ms = time_ms(step)
+                        row.update(ms=ms, tflops=flops / ms / 1e9)
+                    except (RuntimeError, torch.OutOfMemoryError) as e:
+                        row["error"] = str(e).splitlines()[0][:200]
+                        torch.cuda.empty_cache()
+                    rec.write(row)
+                del q, k, v, ref
+                torch.cuda.empty_cache()
+
+
+def bench_decode(rec, lengths):
+    for hq, hkv in ((32, 32), (9, 3)):
+        for s in lengths:
+            torch.manual_seed(s + hq)
+            q = torch.randn(1, hq, 1, 64, device="cuda", dtype=torch.bfloat16)
+            k, v = (torch.randn(1, hkv, s, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            gqa = hq != hkv
+            nbytes = 2 * k.numel() * k.element_size()
+            fns = {"ours": lambda: flash_attention(q, k, v)[0]}
+            for name in BACKENDS:
+                fns[name] = (lambda name=name: sdpa(name, q, k, v, False, gqa))
+            with torch.no_grad():
+                ref = sdpa("cudnn", q, k, v, False, gqa) if True else None
+                for name, fn in fns.items():
+                    row = {"kind": "decode", "impl": name, "hq": hq, "hkv": hkv, "d": 64, "s": s}
+                    try:
+                        row["rel_err_vs_cudnn"] = rel_err(fn(), ref)
+                        ms = time_graph_ms(fn)
+                        eager = time_ms(fn, budget_ms=100, max_reps=500)
+                        row.update(ms=ms, GBps=nbytes / ms / 1e6, eager_ms=eager, eager_GBps=nbytes / eager / 1e6)
+                    except RuntimeError as e:
+                        row["error"] = str(e).splitlines()[0][:200]
+                    rec.write(row)
+
+
+def dump_autotune(rec):
+    """The configs our autotuners chose, per key (for the notes; not timings)."""
+    from longattn.kernels.flash import triton_bwd, triton_decode, triton_fwd
+    for label, tuner in (("fwd", triton_fwd._fwd_tuned), ("dkdv", triton_bwd._dkdv_tuned),
+                         ("dq", triton_bwd._dq_tuned), ("decode", triton_decode._decode_tuned)):
+        for key, cfg in getattr(tuner, "cache", {}).items():
+            rec.write({"kind": "autotune", "kernel": label, "key": [str(x) for x in key], "config": str(cfg)})
+
+
+def markdown(rec, env):
+    lines = [f"# Flash attention benchmark, {env['date']}", "",
+             f"{env['gpu']} ({env['sms']} SMs), torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}. "
+             "bf16, batch 1, random normal inputs. Generated by `benchmarks/bench_flash.py`; "
+             "ratios are only meaningful within this run.", ""]
+    for mode, title in (("fwd", "Forward"), ("fwdbwd", "Forward + backward")):
+        rows = [r for r in rec.rows if r["kind"] == mode]
+        if not rows:
+            continue
+        lines += [f"## {title} (TFLOP/s; ours / cuDNN, ours / FA2)", "",
+                  "| h×d | causal | S | ours | cuDNN | FA2 | mem-eff | ours/cuDNN | ours/FA2 |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        keys = sorted({(r["h"], r["d"], r["causal"], r["s"]) for r in rows})
+        for h, d, causal, s in keys:
+            get = {r["impl"]: r.get("tflops") for r in rows if (r["h"], r["d"], r["causal"], r["s"]) == (h, d, causal, s)}
+            fmt = lambda x: f"{x:.0f}" if x else "–"
+            ratio = lambda a, b: f"{a / b:.2f}" if a and b else "–"
+            lines.append(f"| {h}×{d} | {causal} | {s} | {fmt(get.get('ours'))} | {fmt(get.get('cudnn'))} | "
+                         f"{fmt(get.get('fa2'))} | {fmt(get.get('efficient'))} | "
+                         f"{ratio(get.get('ours'), get.get('cudnn'))} | {ratio(get.get('ours'), get.get('fa2'))} |")
+        lines.append("")
+    rows = [r for r in rec.rows if r["kind"] == "decode"]
+    if rows:
+        lines += ["## Decode, one query, d64 (GB/s of K+V read once; CUDA-graph replay, eager in brackets)", "",
+                  "| heads q/kv | S | ours | cuDNN | FA2 | mem-eff |", "|---|---|---|---|---|---|"]
+        for hq, hkv, s in sorted({(r["hq"], r["hkv"], r["s"]) for r in rows}):
+            get = {r["impl"]: r for r in rows if (r["hq"], r["hkv"], r["s"]) == (hq, hkv, s)}
+            cell = lambda r: f"{r['GBps']:.0f} ({r['eager_GBps']:.0f})" if r and "GBps" in r else "–"
+            lines.append(f"| {hq}/{hkv} | {s} | " + " | ".join(cell(get.get(n)) for n in ("ours", "cudnn", "fa2",
+                                                                                            "efficient")) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--fwd-lengths", default="1024,4096,8192,16384,32768,131072")
+    ap.add_argument("--bwd-lengths", default="4096,8192,16384,32768")
+    ap.add_argument("--decode-lengths", default="8192,32768,131072")
+    ap.add_argument("--skip", default="")
+    args = ap.parse_args()
+    ints = lambda s: [int(x) for x in s.split(",") if x]
+    props = torch.cuda.get_device_properties(0)
+    import triton
+    env = {"kind": "env", "gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+           "triton": triton.__version__, "cuda": torch.version.cuda,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")}
+    tag = "h100" if "H100" in props.name else ("h200" if "H200" in props.name else props.name.split()[-1].lower())
+    os.makedirs(args.out, exist_ok=True)
+    rec = Recorder(args.out, tag)
+    rec.write(env)
+    skip = set(args.skip.split(","))
+    # `timeout` sends SIGTERM: turn it into an exception so that the tables below are still written
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt("SIGTERM")))
+    shapes = [(32, 64), (16, 128)]
+    try:
+        if "decode" not in skip:
+            bench_decode(rec, ints(args.decode_lengths))
+        if "fwd" not in skip:
+            bench_attention(rec, "fwd", ints(args.fwd_lengths), shapes)
+        if "bwd" not in skip:
+            bench_attention(rec, "fwdbwd", ints(args.bwd_lengths), shapes)
+    except KeyboardInterrupt as e:
+        rec.write({"kind": "note", "text": f"stopped early: {e}"})
+    finally:
+        dump_autotune(rec)
+        text = markdown(rec, env)
+        with open(rec.stem + ".md", "w") as f:
+            f.write(text + "\n")
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
