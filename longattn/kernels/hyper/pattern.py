@@ -161,8 +161,11 @@ def sort_within_ranges(rank: torch.Tensor, bounds: torch.Tensor, bits: int) -> t
     range [start, start+len) whose ends are in `bounds` are that range's positions sorted by rank."""
     piece = torch.bucketize(torch.arange(rank.shape[-1], device=rank.device), bounds, right=True)
     key = (piece << bits) + rank
-    if (bounds.numel() + 1) << bits < 2**31:
-        key = key.to(torch.int32)  # a 32-bit radix sort does half the passes of a 64-bit one
+    # the narrowest integer type that holds the key: a radix sort's passes scale with the key width
+    for dtype, limit in ((torch.int16, 2**15), (torch.int32, 2**31)):
+        if (bounds.numel() + 1) << bits < limit:
+            key = key.to(dtype)
+            break
     return torch.argsort(key, dim=-1, stable=True)
 
 

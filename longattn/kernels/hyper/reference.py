@@ -16,11 +16,12 @@ from .pattern import HyperPattern, block_of_rank, build_pattern, check_params, n
 
 
 def _softmax_part(scores, values):
-    """scores (..., n) with -inf for skipped keys, values (..., n, Dv) -> (out, lse); empty rows -> (0, -inf)."""
+    """scores (..., q, n) with -inf for skipped keys, values (..., n, Dv) with batch dims broadcasting
+    against the scores' -> (out (..., q, Dv), lse (..., q)); empty rows -> (0, -inf)."""
     lse = torch.logsumexp(scores, dim=-1)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     p = torch.exp(scores - safe.unsqueeze(-1))
-    return torch.matmul(p.unsqueeze(-2), values).squeeze(-2), lse
+    return torch.matmul(p, values), lse
 
 
 def _merge(out_1, lse_1, out_2, lse_2):
@@ -60,7 +61,7 @@ def _exact_part(q, k, v, pattern: HyperPattern, scale, causal, acc_dtype, row_bl
         qb = q[:, :, r0:r1].to(acc_dtype).reshape(B, Hkv, group, r1 - r0, -1)
         s = torch.einsum("bhgqd,bhkd->bhgqk", qb, kb) * scale
         s = s.masked_fill(~take, float("-inf"))
-        o, l = _softmax_part(s, vb[:, :, None, None])
+        o, l = _softmax_part(s, vb[:, :, None])
         out[:, :, r0:r1] = o.reshape(B, Hq, r1 - r0, -1)
         lse[:, :, r0:r1] = l.reshape(B, Hq, r1 - r0)
     return out, lse
@@ -107,7 +108,7 @@ def _rectangle(q, k, v, pattern: HyperPattern, level, r, scale, acc_dtype):
     s_samp = s_samp.masked_fill(skip, float("-inf"))
 
     s = torch.cat([s_block, s_samp], dim=-1)
-    vals = torch.cat([vb, vsm[:, :, None].expand(-1, -1, nb, -1, -1)], dim=-2)[:, :, None, :, None]
+    vals = torch.cat([vb, vsm[:, :, None].expand(-1, -1, nb, -1, -1)], dim=-2)[:, :, None]  # (B, Hkv, 1, nb, n, Dv)
     out, lse = _softmax_part(s, vals)                     # (B, Hkv, group, nb, mq, Dv)
     keep = q_ok.reshape(-1)
     rows = rows.reshape(B, Hq, -1)[:, :, keep]
