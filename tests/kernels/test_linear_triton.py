@@ -82,7 +82,10 @@ def test_additive_backward_kernels_give_the_gradients_of_the_pytorch_form(fmap, 
     dict(causal=True, feature_map="relu", normalize=False),
     dict(causal=True, feature_map="elu", update_rule="delta", beta=0.8, local_window=4),
     dict(causal=False, feature_map="elu", update_rule="delta", normalize=False),
-], ids=["elu", "favor-cross", "taylor2-hybrid", "relu-unnormalised", "delta-hybrid", "delta-noncausal"])
+    dict(causal=True, feature_map="identity", update_rule="delta", normalize=False, sq=20, sk=50),
+    dict(causal=True, feature_map="favor", num_features=24, update_rule="delta", normalize=False, sq=50, sk=30),
+], ids=["elu", "favor-cross", "taylor2-hybrid", "relu-unnormalised", "delta-hybrid", "delta-noncausal",
+        "delta-decode-like", "delta-favor-more-queries"])
 def test_linear_attention_on_triton_matches_the_float64_reference(dtype, opts):
     opts = dict(opts)
     sq, sk = opts.pop("sq", 40), opts.pop("sk", 40)
@@ -94,11 +97,12 @@ def test_linear_attention_on_triton_matches_the_float64_reference(dtype, opts):
     assert _rel(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("rule", ["add", "delta"])
-def test_triton_path_gradients_equal_the_reference_gradients(rule):
+@pytest.mark.parametrize("rule,hybrid", [("add", True), ("delta", True), ("delta", False)])
+def test_triton_path_gradients_equal_the_reference_gradients(rule, hybrid):
     q, k, v = (torch.randn(1, 2, 20, 8, requires_grad=True), torch.randn(1, 1, 20, 8, requires_grad=True),
                torch.randn(1, 1, 20, 8, requires_grad=True))
-    opts = dict(causal=True, feature_map="elu", update_rule=rule, sink_tokens=1, local_window=3, chunk_size=16)
+    opts = dict(causal=True, feature_map="elu", update_rule=rule, chunk_size=16)
+    opts.update(dict(sink_tokens=1, local_window=3) if hybrid else dict(normalize=False, beta=0.7))
     g = torch.randn(1, 2, 20, 8)
     fast = torch.autograd.grad(linear_attention(q, k, v, **opts), (q, k, v), g)
     slow = torch.autograd.grad(linear_attention_reference(q, k, v, **opts), (q, k, v), g)

@@ -31,8 +31,9 @@ def linear_attention(q, k, v, *, scale=None, causal=False, feature_map="elu", nu
 
     Causal is bottom-right aligned; non-causal works for any Sq, Sk. The far part runs the Triton chunked
     kernels where they run (CUDA tensors or TRITON_INTERPRET=1, not float64, chunk_size 16/32/64/128;
-    `triton_additive` for the additive rule, `triton_chunk` for the delta rule), else the PyTorch chunked
-    form. Differentiable (backward recomputes the PyTorch form).
+    `triton_additive` for the additive rule, `triton_delta` for the unnormalised delta rule with at most 256
+    features, `triton_chunk` for the other delta cases), else the PyTorch chunked form. Differentiable: the
+    additive kernels have Triton backward kernels, the delta-rule ones recompute the PyTorch form.
     See `reference.py` for the exact definition and `linear_attention_reference` for every argument.
     """
     kwargs = dict(scale=scale, causal=causal, feature_map=feature_map, num_features=num_features, seed=seed,
@@ -45,6 +46,11 @@ def linear_attention(q, k, v, *, scale=None, causal=False, feature_map="elu", nu
         from .triton_additive import linear_attention_additive_triton
         kwargs.pop("update_rule"), kwargs.pop("beta")
         return linear_attention_additive_triton(q, k, v, **kwargs)
+    from .triton_delta import MAX_FEATURES, linear_attention_delta_triton
+    if not normalize and feature_map != "none" and \
+            feature_dim(feature_map, q.shape[-1], num_features, feature_params) <= MAX_FEATURES:
+        kwargs.pop("update_rule")
+        return linear_attention_delta_triton(q, k, v, **kwargs)
     return linear_attention_reference(q, k, v, far_fn=triton_chunk.far_chunked_triton, **kwargs)
 
 

@@ -89,7 +89,10 @@ if triton is not None:
     def _output_kernel(Q, K, V, H, Z, O, DEN, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
                        so_b, so_h, so_s, Hq, G, Sq, L, P, N, F, Dv, shift, eps,
                        FMAP: tl.constexpr, HAS_DEN: tl.constexpr, DIVIDE: tl.constexpr, BF16: tl.constexpr,
-                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       KMAP: tl.constexpr = -1, QL2: tl.constexpr = False):
+        """KMAP: the keys' map when it differs from the queries' (-1: FMAP); QL2: unit-length φ(q) rows,
+        for the delta rule (needs BK >= F: one feature tile)."""
         iv, c, bhq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, hq = bhq // Hq, bhq % Hq
         hk = hq // G
@@ -118,6 +121,8 @@ if triton is not None:
                 qmask = mask_i[:, None] & mask_k[None, :]
                 qt = tl.load(q_base + i.to(tl.int64)[:, None] * sq_s + offs_k[None, :], mask=qmask, other=0.0)
                 qt = tl.where(qmask, _phi(qt.to(tl.float32), FMAP), 0.0)
+                if QL2:
+                    qt = qt / tl.maximum(tl.sqrt(tl.sum(qt * qt, 1)), 1e-12)[:, None]
                 ht = tl.load(h_base + offs_k[:, None] * Dv + offs_v[None, :], mask=mask_k[:, None] & mask_v[None, :],
                              other=0.0)
                 if BF16:
@@ -130,7 +135,7 @@ if triton is not None:
                 if t < N:
                     kmask = mask_r[:, None] & mask_k[None, :]
                     kt = tl.load(k_base + r.to(tl.int64)[:, None] * sk_s + offs_k[None, :], mask=kmask, other=0.0)
-                    kt = tl.where(kmask, _phi(kt.to(tl.float32), FMAP), 0.0)
+                    kt = tl.where(kmask, _phi(kt.to(tl.float32), FMAP if KMAP < 0 else KMAP), 0.0)
                     if BF16:
                         scores += tl.dot(qt.to(tl.bfloat16), tl.trans(kt.to(tl.bfloat16)))
                     else:
@@ -162,7 +167,7 @@ if triton is not None and os.environ.get("TRITON_INTERPRET") != "1":
     _states_tuned = triton.autotune(
         configs=[triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
                  for bk, bv in ((64, 64), (64, 32), (32, 64), (32, 32)) for w in (4,) for s in (2, 3, 4)],
-        key=["F", "Dv", "N", "FMAP", "BF16"])(_states_kernel)
+        key=["F", "Dv", "Hkv", "FMAP", "BF16"])(_states_kernel)  # not the length: no re-tuning per new length
     _output_tuned = triton.autotune(
         configs=[triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
                  for bk, bv in ((64, 64), (64, 32), (32, 64), (128, 64)) for w in (4, 8) for s in (1, 2, 3)],
