@@ -94,8 +94,12 @@ def main():
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--layers", default="10-29")
     ap.add_argument("--error-layers", default="2,10,15,20,25,28")
+    ap.add_argument("--settings", default=None,
+                    help='JSON {name: hyper params} replacing the default and paper settings, e.g. for a sweep')
+    ap.add_argument("--tag", default="", help="suffix of the result file names")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
+    variants = json.loads(args.settings) if args.settings else VARIANTS
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
     torch.set_grad_enabled(False)
     lo, hi = (int(x) for x in args.layers.split("-"))
@@ -106,7 +110,7 @@ def main():
     env = {"kind": "env", "model": "SmolLM2-135M-Instruct " + args.gguf_file, "tokens": ids.shape[1],
            "text": "python3.11-doc tutorial+library HTML, markup stripped", "torch": torch.__version__,
            "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-               timespec="seconds"), "hyper_layers": args.layers, "variants": VARIANTS}
+               timespec="seconds"), "hyper_layers": args.layers, "variants": variants}
     records = [env]
     print(json.dumps(env), flush=True)
 
@@ -115,15 +119,15 @@ def main():
         ppl_exact = perplexity(model, ids)
     records.append({"kind": "ppl", "attention": "exact", "ppl": ppl_exact, "s": time.time() - t})
     print(json.dumps(records[-1]), flush=True)
-    error_layers = {int(x) for x in args.error_layers.split(",")}
-    for name, params in VARIANTS.items():
+    error_layers = {int(x) for x in args.error_layers.split(",") if x}
+    for name, params in variants.items() if error_layers else ():
         approx = lambda q, k, v, params=params, **kw: hyper_attention(q, k, v, **params, **kw)
         for row in error_table(sites, approx, layers=error_layers):
             records.append({"kind": "layer_error", "variant": name, "layer": row.pop("site"), **row})
             print(json.dumps({k: v for k, v in records[-1].items() if not isinstance(v, list)}), flush=True)
     del sites
 
-    for name, params in VARIANTS.items():
+    for name, params in variants.items():
         AttentionInterface.register(f"longattn_hyper_{name}", hyper_in_layers(layers, params))
         model.set_attn_implementation(f"longattn_hyper_{name}")
         t = time.time()
@@ -133,7 +137,7 @@ def main():
         print(json.dumps(records[-1]), flush=True)
 
     os.makedirs(args.out_dir, exist_ok=True)
-    base = os.path.join(args.out_dir, f"{datetime.date.today().isoformat()}-cpu-quality-hyper")
+    base = os.path.join(args.out_dir, f"{datetime.date.today().isoformat()}-cpu-quality-hyper{args.tag}")
     with open(base + ".jsonl", "w") as f:
         for rec in records:
             f.write(json.dumps(rec) + "\n")
@@ -150,16 +154,18 @@ def format_md(records):
     for r in records:
         if r["kind"] == "ppl":
             lines.append(f"| {r['attention']} | {r['ppl']:.3f} | {r.get('rel_to_exact', 0) * 100:+.1f}% |")
-    lines += ["", "## Relative error per layer (causal, mean over heads; captured from the exact model)", "",
-              "| layer | output, default | output, paper | row sums, default | row sums, paper |", "|---|---|---|---|---|"]
+    names = list(env["variants"])
+    lines += ["", "## Relative error per layer (causal, mean over heads; Q/K/V captured from the exact model)", "",
+              "| layer | " + " | ".join(f"output, {n}" for n in names) + " | " +
+              " | ".join(f"row sums, {n}" for n in names) + " |", "|---|" + "---|" * (2 * len(names))]
     errs = {}
     for r in records:
         if r["kind"] == "layer_error":
             errs.setdefault(r["layer"], {})[r["variant"]] = r
     for layer, e in sorted(errs.items()):
         cell = lambda v, key: f"{e[v][key]:.3f}" if v in e else "—"
-        lines.append(f"| {layer} | {cell('default', 'out_rel_err_mean')} | {cell('paper', 'out_rel_err_mean')} | "
-                     f"{cell('default', 'rowsum_rel_err_mean')} | {cell('paper', 'rowsum_rel_err_mean')} |")
+        lines.append(f"| {layer} | " + " | ".join(cell(n, "out_rel_err_mean") for n in names) + " | " +
+                     " | ".join(cell(n, "rowsum_rel_err_mean") for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 
