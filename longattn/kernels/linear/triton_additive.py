@@ -70,9 +70,9 @@ if triton is not None:
             r = t * C + offs_c - P  # key index; the first P slots of the sequence are empty
             mask_r = (r >= 0) & (r < L)
             kmask = mask_r[:, None] & mask_k[None, :]
-            kt = tl.load(k_base + r.to(tl.int64)[:, None] * sk_s + offs_k[None, :], mask=kmask, other=0.0)
+            kt = tl.load(k_base + r[:, None] * sk_s + offs_k[None, :], mask=kmask, other=0.0)
             kt = tl.where(kmask, _phi(kt.to(tl.float32), FMAP), 0.0)  # φ(0) = 1 for elu: empty slots stay 0
-            vt = tl.load(v_base + r.to(tl.int64)[:, None] * sv_s + offs_v[None, :],
+            vt = tl.load(v_base + r[:, None] * sv_s + offs_v[None, :],
                          mask=mask_r[:, None] & mask_v[None, :], other=0.0)
             if BF16:
                 state += tl.dot(tl.trans(kt.to(tl.bfloat16)), vt.to(tl.bfloat16))
@@ -119,7 +119,7 @@ if triton is not None:
                 offs_k = f0 + tl.arange(0, BK)
                 mask_k = offs_k < F
                 qmask = mask_i[:, None] & mask_k[None, :]
-                qt = tl.load(q_base + i.to(tl.int64)[:, None] * sq_s + offs_k[None, :], mask=qmask, other=0.0)
+                qt = tl.load(q_base + i[:, None] * sq_s + offs_k[None, :], mask=qmask, other=0.0)
                 qt = tl.where(qmask, _phi(qt.to(tl.float32), FMAP), 0.0)
                 if QL2:
                     qt = qt / tl.maximum(tl.sqrt(tl.sum(qt * qt, 1)), 1e-12)[:, None]
@@ -134,7 +134,7 @@ if triton is not None:
                     den += tl.sum(qt * zt[None, :], 1)
                 if t < N:
                     kmask = mask_r[:, None] & mask_k[None, :]
-                    kt = tl.load(k_base + r.to(tl.int64)[:, None] * sk_s + offs_k[None, :], mask=kmask, other=0.0)
+                    kt = tl.load(k_base + r[:, None] * sk_s + offs_k[None, :], mask=kmask, other=0.0)
                     kt = tl.where(kmask, _phi(kt.to(tl.float32), FMAP if KMAP < 0 else KMAP), 0.0)
                     if BF16:
                         scores += tl.dot(qt.to(tl.bfloat16), tl.trans(kt.to(tl.bfloat16)))
@@ -142,7 +142,7 @@ if triton is not None:
                         scores += tl.dot(qt, tl.trans(kt))
             if t < N:
                 scores = tl.where(offs_c[:, None] >= offs_c[None, :], scores, 0.0)
-                vt = tl.load(v_base + r.to(tl.int64)[:, None] * sv_s + offs_v[None, :],
+                vt = tl.load(v_base + r[:, None] * sv_s + offs_v[None, :],
                              mask=mask_r[:, None] & mask_v[None, :], other=0.0)
                 if BF16:
                     acc += tl.dot(scores.to(tl.bfloat16), vt.to(tl.bfloat16))
@@ -150,7 +150,7 @@ if triton is not None:
                     acc += tl.dot(scores, vt.to(tl.float32))
                 if HAS_DEN:
                     den += tl.sum(scores, 1)
-        o_ptrs = O + b.to(tl.int64) * so_b + hq.to(tl.int64) * so_h + i.to(tl.int64)[:, None] * so_s + offs_v[None, :]
+        o_ptrs = O + b.to(tl.int64) * so_b + hq.to(tl.int64) * so_h + i[:, None] * so_s + offs_v[None, :]
         o_mask = mask_i[:, None] & mask_v[None, :]
         if DIVIDE:
             tl.store(o_ptrs, (acc / (den + eps)[:, None]).to(O.dtype.element_ty), mask=o_mask)
@@ -169,8 +169,9 @@ if triton is not None and os.environ.get("TRITON_INTERPRET") != "1":
                  for bk, bv in ((64, 64), (64, 32), (32, 64), (32, 32)) for w in (4,) for s in (2, 3, 4)],
         key=["F", "Dv", "Hkv", "FMAP", "BF16"])(_states_kernel)  # not the length: no re-tuning per new length
     _output_tuned = triton.autotune(
+        # 4 warps on 64 × 64 tiles spill registers (ptxas, sm_90): those configs are left out
         configs=[triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
-                 for bk, bv in ((64, 64), (64, 32), (32, 64), (128, 64)) for w in (4, 8) for s in (1, 2, 3)],
+                 for bk, bv, w in ((64, 64, 8), (64, 32, 8), (32, 64, 8), (32, 64, 4), (128, 64, 8)) for s in (1, 2, 3)],
         key=["F", "Dv", "FMAP", "BF16", "DIVIDE"])(_output_kernel)
 else:
     _states_tuned = _output_tuned = None
@@ -257,7 +258,7 @@ def far_additive_triton(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: in
     else:
         OK = min(64, max(16, triton.next_power_of_2(Fd)))
         OV = min(64, max(16, triton.next_power_of_2(Dv)))
-        _output_kernel[(triton.cdiv(Dv, OV), nq, B * Hq)](*out_args, **out_meta, BK=OK, BV=OV)
+        _output_kernel[(triton.cdiv(Dv, OV), nq, B * Hq)](*out_args, **out_meta, BK=OK, BV=OV, num_warps=8)
     if normalize and not divide:
         out[..., Dv] = den.view(B, Hq, Sq)
     if return_den:  # an empty tensor rather than None: autograd marks it non-differentiable

@@ -45,7 +45,7 @@ if triton is not None:
 
     @triton.jit
     def _load_dn(DO, RS, base, i, mask_i, sd_s, offs_v, mask_v, HAS_RS: tl.constexpr, bhq, Sq):
-        dn = tl.load(DO + base + i.to(tl.int64)[:, None] * sd_s + offs_v[None, :],
+        dn = tl.load(DO + base + i[:, None] * sd_s + offs_v[None, :],
                      mask=mask_i[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
         if HAS_RS:
             dn = dn * tl.load(RS + bhq.to(tl.int64) * Sq + i, mask=mask_i, other=0.0)[:, None]
@@ -77,7 +77,7 @@ if triton is not None:
             i = c * C + offs_c
             mask_i = i < Sq
             qmask = mask_i[:, None] & mask_k[None, :]
-            qt = tl.load(q_base + i.to(tl.int64)[:, None] * sq_s + offs_k[None, :], mask=qmask, other=0.0)
+            qt = tl.load(q_base + i[:, None] * sq_s + offs_k[None, :], mask=qmask, other=0.0)
             qt = tl.where(qmask, _phi(qt.to(tl.float32), FMAP), 0.0)
             dn = _load_dn(DO, RS, d_base, i, mask_i, sd_s, offs_v, mask_v, HAS_RS, bhq, Sq)
             state += _dot(tl.trans(qt), dn, BF16)
@@ -121,7 +121,7 @@ if triton is not None:
                              other=0.0)
                 acc += _dot(dn, tl.trans(ht), BF16)
                 if t < N:
-                    vt = tl.load(v_base + r.to(tl.int64)[:, None] * sv_s + offs_v[None, :],
+                    vt = tl.load(v_base + r[:, None] * sv_s + offs_v[None, :],
                                  mask=mask_r[:, None] & mask_v[None, :], other=0.0)
                     s += _dot(dn, tl.trans(vt), BF16)
             if HAS_DEN:
@@ -132,11 +132,11 @@ if triton is not None:
             if t < N:
                 s = tl.where(offs_c[:, None] >= offs_c[None, :], s, 0.0)
                 kmask = mask_r[:, None] & mask_k[None, :]
-                kt = tl.load(k_base + r.to(tl.int64)[:, None] * sk_s + offs_k[None, :], mask=kmask, other=0.0)
+                kt = tl.load(k_base + r[:, None] * sk_s + offs_k[None, :], mask=kmask, other=0.0)
                 kt = tl.where(kmask, _phi(kt.to(tl.float32), FMAP), 0.0)
                 acc += _dot(s, kt, BF16)
         qmask = mask_i[:, None] & mask_k[None, :]
-        q_off = b.to(tl.int64) * sq_b + hq.to(tl.int64) * sq_h + i.to(tl.int64)[:, None] * sq_s + offs_k[None, :]
+        q_off = b.to(tl.int64) * sq_b + hq.to(tl.int64) * sq_h + i[:, None] * sq_s + offs_k[None, :]
         qt = tl.load(Q + q_off, mask=qmask, other=0.0).to(tl.float32)
         tl.store(DQ + q_off, (acc * _dphi(qt, FMAP)).to(DQ.dtype.element_ty), mask=qmask)
 
@@ -178,7 +178,7 @@ if triton is not None:
                 for v0 in range(0, Dv, BV):
                     offs_vv = v0 + tl.arange(0, BV)
                     mask_vv = offs_vv < Dv
-                    vt = tl.load(v_base + r.to(tl.int64)[:, None] * sv_s + offs_vv[None, :],
+                    vt = tl.load(v_base + r[:, None] * sv_s + offs_vv[None, :],
                                  mask=mask_r[:, None] & mask_vv[None, :], other=0.0)
                     rt = tl.load(r_base + offs_k[:, None] * Dv + offs_vv[None, :],
                                  mask=mask_k[:, None] & mask_vv[None, :], other=0.0)
@@ -195,7 +195,7 @@ if triton is not None:
                 if has_intra:
                     s = tl.where(offs_c[:, None] <= offs_c[None, :], s, 0.0)
                     qmask = mask_i[:, None] & mask_k[None, :]
-                    qt = tl.load(q_base + i.to(tl.int64)[:, None] * sq_s + offs_k[None, :], mask=qmask, other=0.0)
+                    qt = tl.load(q_base + i[:, None] * sq_s + offs_k[None, :], mask=qmask, other=0.0)
                     qt = tl.where(qmask, _phi(qt.to(tl.float32), FMAP), 0.0)
                     acc += _dot(s, qt, BF16)
             else:
@@ -203,14 +203,14 @@ if triton is not None:
                     offs_kk = f0 + tl.arange(0, BK)
                     mask_kk = offs_kk < F
                     kmask = mask_r[:, None] & mask_kk[None, :]
-                    kt = tl.load(k_base + r.to(tl.int64)[:, None] * sk_s + offs_kk[None, :], mask=kmask, other=0.0)
+                    kt = tl.load(k_base + r[:, None] * sk_s + offs_kk[None, :], mask=kmask, other=0.0)
                     kt = tl.where(kmask, _phi(kt.to(tl.float32), FMAP), 0.0)
                     rt = tl.load(r_base + offs_kk[:, None] * Dv + offs_v[None, :],
                                  mask=mask_kk[:, None] & mask_v[None, :], other=0.0)
                     acc += _dot(kt, rt, BF16)
                     if has_intra:
                         qmask = mask_i[:, None] & mask_kk[None, :]
-                        qt = tl.load(q_base + i.to(tl.int64)[:, None] * sq_s + offs_kk[None, :], mask=qmask,
+                        qt = tl.load(q_base + i[:, None] * sq_s + offs_kk[None, :], mask=qmask,
                                      other=0.0)
                         qt = tl.where(qmask, _phi(qt.to(tl.float32), FMAP), 0.0)
                         s += _dot(kt, tl.trans(qt), BF16)
@@ -220,12 +220,12 @@ if triton is not None:
                     acc += _dot(s, dn, BF16)
         if WANT_DK:
             kmask = mask_r[:, None] & mask_k[None, :]
-            k_off = b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h + r.to(tl.int64)[:, None] * sk_s + offs_k[None, :]
+            k_off = b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h + r[:, None] * sk_s + offs_k[None, :]
             kt = tl.load(K + k_off, mask=kmask, other=0.0).to(tl.float32)
             tl.store(DK + k_off, (acc * _dphi(kt, FMAP)).to(DK.dtype.element_ty), mask=kmask)
         else:
             vmask = mask_r[:, None] & mask_v[None, :]
-            v_off = b.to(tl.int64) * sv_b + hk.to(tl.int64) * sv_h + r.to(tl.int64)[:, None] * sv_s + offs_v[None, :]
+            v_off = b.to(tl.int64) * sv_b + hk.to(tl.int64) * sv_h + r[:, None] * sv_s + offs_v[None, :]
             tl.store(DV + v_off, acc.to(DV.dtype.element_ty), mask=vmask)
 
 
@@ -276,9 +276,11 @@ def far_additive_backward(grad, fq, fk, v, *, out, den, fmap: str, causal: bool,
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     _dq_kernel[(triton.cdiv(Fd, TK), nq, B * Hq)](
         fq, fk, v, H, Z, do, rs_arg, dden_arg, dq, *strides, Hq, G, Sq, L, P, N, Fd, Dv, shift,
-        **flags, BK=TK, BV=TV)
-    for want_dk, tiles in ((True, triton.cdiv(Fd, TK)), (False, triton.cdiv(Dv, TV))):
+        **flags, BK=TK, BV=TV, num_warps=8)
+    # value tiles of 32 and 8 warps keep the dk/dv programs within the register file (ptxas, sm_90)
+    TV2 = min(32, TV)
+    for want_dk, tiles in ((True, triton.cdiv(Fd, TK)), (False, triton.cdiv(Dv, TV2))):
         _dkv_kernel[(tiles, N, B * Hkv)](
             fq, fk, v, do, rs_arg, dden_arg, R, RZ, dk, dv, *strides, Hq, G, Sq, L, P, N, nq, Fd, Dv, shift,
-            WANT_DK=want_dk, **flags, BK=TK, BV=TV)
+            WANT_DK=want_dk, **flags, BK=TK, BV=TV2, num_warps=8)
     return dq, dk, dv

@@ -154,7 +154,7 @@ def linear_attention_step_triton(q, k, v, state, *, scale=None, causal=True, fea
             dummy if k_old is None else k_old, dummy if v_old is None else v_old, sk, sv, wk, wv, c, out,
             Hq, G, sk.shape[2], wk.shape[2], D, Dv, width, scale, float(eps), FMAP=FUSED_MAPS[feature_map],
             HAS_FAR=far_in is not None, FOLD=fold, NORMALIZE=normalize, BD=max(16, triton.next_power_of_2(D)),
-            BDV=max(16, triton.next_power_of_2(Dv)), BN=64)
+            BDV=max(16, triton.next_power_of_2(Dv)), BN=64, num_warps=8 if D * Dv > 64 * 64 else 4)
         outs.append(out)
         state = LinearAttentionState(p + 1, far_out, sk, sv, wk, wv, wb)
     return torch.cat(outs, dim=2) if S > 1 else outs[0], state

@@ -42,7 +42,7 @@ if triton is not None:
         r = t * C + offs_c - P
         mask_r = (r >= 0) & (r < L)
         kmask = mask_r[:, None] & mask_f[None, :]
-        kt = tl.load(K + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h + r.to(tl.int64)[:, None] * sk_s
+        kt = tl.load(K + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h + r[:, None] * sk_s
                      + offs_f[None, :], mask=kmask, other=0.0)
         kt = tl.where(kmask, _phi(kt.to(tl.float32), FMAP), 0.0)
         # unit rows keep every I − β k kᵀ a contraction (F.normalize's 1e-12 floor: zero rows stay zero)
@@ -66,7 +66,7 @@ if triton is not None:
         for v0 in range(0, Dv, BV):
             offs_v = v0 + tl.arange(0, BV)
             mask_v = offs_v < Dv
-            vt = tl.load(V + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h + r.to(tl.int64)[:, None] * sv_s
+            vt = tl.load(V + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h + r[:, None] * sv_s
                          + offs_v[None, :], mask=mask_r[:, None] & mask_v[None, :], other=0.0)
             u = tl.dot(T, vt.to(tl.float32))
             tl.store(UT + rows[:, None] * Dv + offs_v[None, :], u.to(UT.dtype.element_ty), mask=mask_v[None, :])
@@ -122,7 +122,8 @@ def far_delta_triton(fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk:
     UT = torch.empty(B * Hkv, N * chunk, Dv, dtype=kdt, device=dev)
     _delta_prep_kernel[(N, B * Hkv)](
         fk, v, beta, KN, WT, UT, fk.stride(0), fk.stride(1), fk.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        beta.stride(0), beta.stride(1), beta.stride(2), Hkv, L, P, N, Fd, Dv, FMAP=fmap_id, C=chunk, BF=BF, BV=BV)
+        beta.stride(0), beta.stride(1), beta.stride(2), Hkv, L, P, N, Fd, Dv, FMAP=fmap_id, C=chunk, BF=BF, BV=BV,
+        num_warps=8)
     H = torch.empty(B * Hkv, N + 1, Fd, Dv, dtype=kdt, device=dev)
     UNEW = torch.empty_like(UT)
     HV = 32 if Dv > 32 else BV  # more programs for the sequential walk
@@ -134,7 +135,7 @@ def far_delta_triton(fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk:
         fq, KN, UNEW, H, H, out, out, fq.stride(0), fq.stride(1), fq.stride(2), Hkv * N * chunk * Fd,
         N * chunk * Fd, Fd, Hkv * N * chunk * Dv, N * chunk * Dv, Dv, out.stride(0), out.stride(1), out.stride(2),
         Hq, G, Sq, N * chunk, 0, N, Fd, Dv, shift, 0.0, FMAP=fmap_id, HAS_DEN=False, DIVIDE=False, BF16=bf16,
-        C=chunk, BK=BF, BV=OV, KMAP=0, QL2=True)
+        C=chunk, BK=BF, BV=OV, KMAP=0, QL2=True, num_warps=8)
     return out
 
 
