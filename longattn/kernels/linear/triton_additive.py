@@ -177,6 +177,17 @@ else:
     _states_tuned = _output_tuned = None
 
 
+def rows_addressable(x: torch.Tensor, name: str) -> torch.Tensor:
+    """The kernels offset rows within one (batch, head) in 32 bits: make x contiguous when its sequence
+    stride would overflow that, and refuse sequences too long even then."""
+    if x.stride(-1) != 1 or x.shape[2] * x.stride(2) >= 2 ** 31:
+        x = x.contiguous()
+    if x.shape[2] * x.stride(2) >= 2 ** 31:
+        raise ValueError(f"linear_attention: {name} has {x.shape[2]} positions of {x.stride(2)} elements, "
+                         "more than 2³¹ elements per head")
+    return x
+
+
 def _sm_count(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -238,7 +249,7 @@ def far_additive_triton(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: in
     Hkv, L, Dv = fk.shape[1], fk.shape[2], v.shape[-1]
     G = Hq // Hkv
     P, shift, N, nq = chunk_geometry(Sq, L, causal, offset, chunk)
-    fq, fk, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (fq, fk, v))
+    fq, fk, v = rows_addressable(fq, "q"), rows_addressable(fk, "k"), rows_addressable(v, "v")
     bf16 = out_dtype == torch.bfloat16
     fmap_id = FUSED_MAPS.get(fmap, 0)
     dev = fq.device

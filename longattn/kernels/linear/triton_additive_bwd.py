@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_additive import FUSED_MAPS, _sm_count, _state_blocks, chunk_geometry, launch_states
+from .triton_additive import FUSED_MAPS, _sm_count, _state_blocks, chunk_geometry, launch_states, rows_addressable
 
 try:
     import triton
@@ -243,7 +243,8 @@ def far_additive_backward(grad, fq, fk, v, *, out, den, fmap: str, causal: bool,
     dev = fq.device
     # each gradient is written with its input's strides: inputs that are not dense (slices) are copied first
     grads = []
-    for x in (fq, fk, v):
+    for x, name in ((fq, "q"), (fk, "k"), (v, "v")):
+        x = rows_addressable(x, name)
         gx = torch.empty_like(x)
         if gx.stride() != x.stride():
             x = x.contiguous()
@@ -259,7 +260,7 @@ def far_additive_backward(grad, fq, fk, v, *, out, den, fmap: str, causal: bool,
         do, dden = grad[..., :Dv], grad[..., Dv].float().reshape(B * Hq, Sq).contiguous()
     else:
         do = grad
-    do = do if do.stride(-1) == 1 else do.contiguous()
+    do = rows_addressable(do, "grad_out")
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     rs_arg, dden_arg = (dummy if rs is None else rs), (dummy if dden is None else dden)
     H, Z = launch_states(fk, v, fmap_id=fmap_id, normalize=normalize, bf16=bf16, chunk=chunk, P=P, N=N)

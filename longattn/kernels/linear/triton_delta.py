@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .reference import far_chunked
-from .triton_additive import FUSED_MAPS, chunk_geometry
+from .triton_additive import FUSED_MAPS, chunk_geometry, rows_addressable
 
 try:
     import triton
@@ -110,7 +110,7 @@ def far_delta_triton(fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk:
     Hkv, L, Dv = fk.shape[1], fk.shape[2], v.shape[-1]
     G = Hq // Hkv
     P, shift, N, nq = chunk_geometry(Sq, L, causal, offset, chunk)
-    fq, fk, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (fq, fk, v))
+    fq, fk, v = rows_addressable(fq, "q"), rows_addressable(fk, "k"), rows_addressable(v, "v")
     bf16 = out_dtype == torch.bfloat16
     kdt = torch.bfloat16 if bf16 else torch.float32
     fmap_id = FUSED_MAPS.get(fmap, 0)
