@@ -96,3 +96,17 @@ def test_public_function_keeps_float64_on_the_reference_and_agrees_with_the_kern
     out64, _ = hyper_attention(q.double(), k.double(), v.double(), causal=True, **SMALL)
     assert out64.dtype == torch.float64
     torch.testing.assert_close(out32.double(), out64, **TOL[torch.float32])
+
+
+def test_kernels_read_transposed_views_as_models_produce_them():
+    # (B, S, H, D) projections viewed as (B, H, S, D), as Hugging Face attention layers pass them
+    q = torch.randn(1, 30, 4, 16).transpose(1, 2).requires_grad_()
+    k = torch.randn(1, 30, 2, 16).transpose(1, 2).requires_grad_()
+    v = torch.randn(1, 30, 2, 16).transpose(1, 2).requires_grad_()
+    out, lse = hyper_attention(q, k, v, causal=True, **SMALL)
+    qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = hyper_attention(qc, kc, vc, causal=True, **SMALL)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (qc, kc, vc), g)):
+        torch.testing.assert_close(a, b)
