@@ -5,7 +5,9 @@ flash (FA2) and memory-efficient backends.
         [--bwd-lengths 4096,...] [--decode-lengths 8192,...] [--skip fwd,bwd,decode]
 
 bf16, batch 1, random normal inputs (fresh per shape), no mask.
-  fwd:    heads×dim 32×64 and 16×128, causal and not; TFLOP/s counts 4·S²·D·H (halved when causal).
+  fwd:    heads×dim 32×64 and 16×128, causal and not; TFLOP/s counts 4·S²·D·H (halved when causal);
+          up to 8K also timed as CUDA-graph replays (graph_ms in the jsonl): eager calls that short
+          measure each library's Python/launch overhead as much as its kernel.
   fwdbwd: the same shapes, forward + backward (out.backward(g)); TFLOP/s counts 3.5× the forward's
           FLOPs (backward = 2.5× forward, the FlashAttention convention).
   decode: one query against S keys, d64, heads 32/32 and GQA 9/3 (SDPA with enable_gqa), effective
@@ -142,6 +144,9 @@ def bench_attention(rec, mode, lengths, shapes):
                                 if ref is not None:
                                     row["rel_err_vs_cudnn"] = rel_err(fn(), ref)
                                 ms = time_ms(fn)
+                                if s <= 8192:  # short calls: also without Python launch gaps
+                                    row["graph_ms"] = time_graph_ms(fn, replays_per_sample=5, samples=10)
+                                    row["graph_tflops"] = flops / row["graph_ms"] / 1e9
                         else:
                             qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
                             g = torch.randn_like(q)

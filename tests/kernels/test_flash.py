@@ -186,3 +186,21 @@ def test_tma_forward_matches_reference_including_tiles_that_run_into_the_next_he
     _, ref_out, ref_lse = reference(q, k, v, scale=0.1, causal=causal)
     assert relative_error(out, ref_out) < TOLERANCE[dtype]
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-3, rtol=1e-3)
+
+
+def test_a_config_that_does_not_fit_the_gpu_falls_back_to_smaller_tiles():
+    from longattn.kernels.flash.triton_fwd import OutOfResources, fallback_configs, launch_first_that_fits
+    launched = []
+
+    class FakeKernel:  # "compiles" only tiles of at most 64×32, like fp32 with d128 on a real GPU
+        def __getitem__(self, grid):
+            def run(*args, BLOCK_M, BLOCK_N, **meta):
+                if BLOCK_M * BLOCK_N > 64 * 32:
+                    raise OutOfResources(300000, 232448, "shared memory")
+                launched.append((grid, BLOCK_M, BLOCK_N))
+            return run
+
+    first = {"BLOCK_M": 128, "BLOCK_N": 128, "USE_TMA": False, "num_warps": 8, "num_stages": 3}
+    cfg = launch_first_that_fits(FakeKernel(), lambda c: (c["BLOCK_M"],), (), {}, fallback_configs(first))
+    assert launched == [((cfg["BLOCK_M"],), cfg["BLOCK_M"], cfg["BLOCK_N"])]
+    assert cfg["BLOCK_M"] * cfg["BLOCK_N"] == 64 * 32

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .triton_fwd import (LOG2E, _load_2d, _score_bias, autotuning, dot_precision, interpreting, last_dim_contiguous, mask_as_4d,
+from .triton_fwd import (LOG2E, OutOfResources, _load_2d, _score_bias, autotuning, dot_precision,
+                         fallback_configs, interpreting, launch_first_that_fits, last_dim_contiguous, mask_as_4d,
                          padded_dim, triton)
 
 if triton is not None:
@@ -279,15 +280,21 @@ def flash_backward(dout, dlse, q, k, v, out, lse, scale: float, causal: bool, at
                  Hq, Hkv, Sq, Sk, Hq // Hkv, scale, scale * LOG2E, Sk - Sq, *buckets)
     dq_args = (q, k, v, mask_arg, dout, lse2, delta, dq, *common, *dq.stride()[:3],
                Hq, Sq, Sk, Hq // Hkv, scale, scale * LOG2E, Sk - Sq, *buckets)
-    if not autotuning():
-        big = max(meta["HEAD_DIM_PAD"], dv_pad) > 128
-        dkdv_cfg = INTERPRETER_BWD_CONFIG if interpreting() else \
-            {"BLOCK_M": 32, "BLOCK_N": 64 if big else 128, "num_warps": 4, "num_stages": 2}
-        dq_cfg = INTERPRETER_BWD_CONFIG if interpreting() else \
-            {"BLOCK_M": 64 if big else 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
-        _dkdv_heuristic[(triton.cdiv(Sk, dkdv_cfg["BLOCK_N"]), B * Hkv)](*dkdv_args, **meta, **dkdv_cfg)
-        _dq_heuristic[(triton.cdiv(Sq, dq_cfg["BLOCK_M"]), B * Hq)](*dq_args, **meta, **dq_cfg)
-    else:
-        _dkdv_tuned[lambda c: (triton.cdiv(Sk, c["BLOCK_N"]), B * Hkv)](*dkdv_args, **meta)
-        _dq_tuned[lambda c: (triton.cdiv(Sq, c["BLOCK_M"]), B * Hq)](*dq_args, **meta)
+    dkdv_grid = lambda c: (triton.cdiv(Sk, c["BLOCK_N"]), B * Hkv)
+    dq_grid = lambda c: (triton.cdiv(Sq, c["BLOCK_M"]), B * Hq)
+    if autotuning():
+        try:
+            _dkdv_tuned[dkdv_grid](*dkdv_args, **meta)
+            _dq_tuned[dq_grid](*dq_args, **meta)
+            return dq, dk, dv
+        except OutOfResources:  # no tuned config fits: shrink below (both kernels rerun; they only write)
+            pass
+    if interpreting():
+        dkdv_cfg = dq_cfg = INTERPRETER_BWD_CONFIG
+    else:  # wide operands (d > 128 or fp32) take half the tiles
+        big = max(meta["HEAD_DIM_PAD"], dv_pad) * q.element_size() > 256
+        dkdv_cfg = {"BLOCK_M": 32, "BLOCK_N": 64 if big else 128, "num_warps": 4, "num_stages": 2}
+        dq_cfg = {"BLOCK_M": 64 if big else 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    launch_first_that_fits(_dkdv_heuristic, dkdv_grid, dkdv_args, meta, fallback_configs(dkdv_cfg))
+    launch_first_that_fits(_dq_heuristic, dq_grid, dq_args, meta, fallback_configs(dq_cfg))
     return dq, dk, dv

@@ -16,7 +16,7 @@ The head dim is padded to a power of two with masked loads (80 -> 128, 24 -> 32)
 """
 from __future__ import annotations
 
-import math
+import functools
 import os
 
 import torch
@@ -26,6 +26,10 @@ try:
     import triton.language as tl
 except ImportError:  # the package imports without triton; __init__ falls back to the reference
     triton = None
+try:
+    from triton.runtime.errors import OutOfResources
+except ImportError:
+    OutOfResources = RuntimeError
 try:  # host-side TMA descriptors (Triton >= 3.4); without them the pointer path runs everywhere
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:
@@ -227,12 +231,13 @@ if triton is not None:
         configs where the inputs do not allow TMA."""
         args = {**named_args, **kwargs}
         d, dv = args["HEAD_DIM_PAD"], args["DV_PAD"]
+        elem = args["Q"].element_size()
         kept = []
         for c in configs:
             if c.kwargs["USE_TMA"] and not args["TMA_OK"]:
                 continue
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            smem = 2 * (bm * d + max(c.num_stages - 1, 1) * bn * (d + dv))
+            smem = elem * (bm * d + max(c.num_stages - 1, 1) * bn * (d + dv))
             if smem <= 200 * 1024 and not (d >= 256 and bm * bn > 128 * 64):
                 kept.append(c)
         return kept or configs[-1:]
@@ -267,15 +272,46 @@ if triton is not None:
 
 
 
-def default_fwd_config(head_dim_pad: int) -> dict:
-    """The config used without autotuning: safe on any GPU of the last generations."""
+def default_fwd_config(head_dim_pad: int, element_size: int = 2) -> dict:
+    """The config used without autotuning; `fallback_configs` shrinks it where it does not fit."""
     if interpreting():
         return INTERPRETER_FWD_CONFIG
+    if element_size > 2:  # fp32 tiles take twice the registers and shared memory
+        return {"BLOCK_M": 64, "BLOCK_N": 32 if head_dim_pad >= 128 else 64, "USE_TMA": False,
+                "num_warps": 4, "num_stages": 2}
     if head_dim_pad <= 64:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "USE_TMA": False, "num_warps": 4, "num_stages": 3}
     if head_dim_pad <= 128:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "USE_TMA": False, "num_warps": 8, "num_stages": 2}
     return {"BLOCK_M": 64, "BLOCK_N": 32, "USE_TMA": False, "num_warps": 4, "num_stages": 2}
+
+
+def fallback_configs(first: dict) -> list[dict]:
+    """`first`, then ever smaller tiles with fewer stages: the first that compiles runs."""
+    chain = [dict(first)]
+    bm, bn = first["BLOCK_M"], first["BLOCK_N"]
+    while bm > 16 or bn > 16:
+        bm, bn = (bm, max(bn // 2, 16)) if bn > bm // 2 and bn > 16 else (max(bm // 2, 16), bn)
+        chain.append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4, "num_stages": 1,
+                      **({"USE_TMA": False} if "USE_TMA" in first else {})})
+    return chain
+
+
+def launch_first_that_fits(kernel, grid, args, meta, configs: list[dict]):
+    """Launch `kernel` with the first config that fits the GPU (shared memory / registers)."""
+    error = None
+    for cfg in configs:
+        try:
+            kernel[grid(cfg)](*args, **meta, **cfg)
+            return cfg
+        except OutOfResources as e:  # compile-time: nothing ran, so retrying is safe
+            error = e
+    raise error
+
+
+@functools.lru_cache(maxsize=16)
+def _compute_capability(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
 
 
 def tma_allowed(k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -287,7 +323,7 @@ def tma_allowed(k: torch.Tensor, v: torch.Tensor) -> bool:
     d, dv = k.shape[-1], v.shape[-1]
     pow2 = lambda x: x >= 16 and x & (x - 1) == 0
     return (k.is_contiguous() and v.is_contiguous() and pow2(d) and pow2(dv) and d <= 256 and dv <= 256
-            and torch.cuda.get_device_capability(k.device)[0] >= 9)
+            and _compute_capability(k.device.index if k.device.index is not None else 0) >= 9)
 
 
 def mask_as_4d(attn_mask: torch.Tensor | None, B: int, Hq: int, Sq: int, Sk: int, where: str):
@@ -339,15 +375,21 @@ def flash_forward(q, k, v, scale: float, causal: bool, attn_mask=None, config: d
     meta = dict(HEAD_DIM=D, HEAD_DIM_PAD=padded_dim(D), DV=Dv, DV_PAD=padded_dim(Dv), CAUSAL=bool(causal),
                 HAS_MASK=mask is not None, MASK_IS_BOOL=mask is not None and mask.dtype == torch.uint8,
                 TMA_OK=tma_ok, DOT_PRECISION=dot_precision(q.dtype))
-    if config is not None or not autotuning():
-        cfg = dict(config or default_fwd_config(max(meta["HEAD_DIM_PAD"], meta["DV_PAD"])))
+    grid = lambda c: (triton.cdiv(Sq, c["BLOCK_M"]), B * Hq)
+    if config is not None:
+        cfg = dict(config)
         if cfg["USE_TMA"]:
             if not tma_ok:
                 raise ValueError(f"flash_forward: config {config} asks for TMA, which these inputs do not allow")
             _set_tma_block_shapes({**meta, **cfg, "K_desc": k_desc, "V_desc": v_desc})
-        grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq)
-        _fwd_heuristic[grid](*args, **meta, **cfg)
-    else:
-        grid = lambda c: (triton.cdiv(Sq, c["BLOCK_M"]), B * Hq)
-        _fwd_tuned[grid](*args, **meta)
+        _fwd_heuristic[grid(cfg)](*args, **meta, **cfg)
+        return out, lse
+    if autotuning():
+        try:
+            _fwd_tuned[grid](*args, **meta)
+            return out, lse
+        except OutOfResources:  # no tuned config fits (e.g. fp32 with d256): shrink below
+            pass
+    first = default_fwd_config(max(meta["HEAD_DIM_PAD"], meta["DV_PAD"]), q.element_size())
+    launch_first_that_fits(_fwd_heuristic, grid, args, meta, fallback_configs(first))
     return out, lse
