@@ -5,8 +5,10 @@ multiplicity (1 for exact / block keys, kl/m per sample occurrence). With Delta_
 and an incoming gradient g_i on lse_i, the usual flash-attention backward holds part by part:
 dS_ij = P_ij (dO_i . v_j - Delta_i + g_i), dq_i = scale sum_j dS_ij k_j, dk_j = scale sum_i dS_ij q_i,
 dv_j = sum_i P_ij dO_i. The launches mirror the forward (exact part, then one per level); each
-program recomputes P for its query tile from the final lse, accumulates dq in registers and adds
-its dk / dv contributions with float32 atomics (keys are shared by blocks, samples and GQA heads).
+program recomputes P for its query tile from the final lse and accumulates dq in registers. The
+exact part's dk / dv come from a key-major pass (no atomics: its keys are the bulk of a causal
+row's work); the rectangles add their dk / dv contributions with float32 atomics (their keys are
+shared by blocks, samples and the heads of a GQA group).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ if HAVE_TRITON:
     @triton.jit
     def _grad_step(q, do, lse2, delta, dq, k_base, v_base, dk_base, dv_base, kidx, kvalid, keep, bias,
                    sks, svs, scale_log2, scale, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, KV_GRADS: tl.constexpr = True):
         d = tl.arange(0, BLOCK_D)
         dv = tl.arange(0, BLOCK_DV)
         kidx = kidx.to(tl.int64)
@@ -37,10 +39,11 @@ if HAVE_TRITON:
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        dk_part = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
-        dv_part = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        tl.atomic_add(dk_base + kidx[:, None] * D + d[None, :], dk_part, mask=kmask)
-        tl.atomic_add(dv_base + kidx[:, None] * DV + dv[None, :], dv_part, mask=vmask)
+        if KV_GRADS:
+            dk_part = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
+            dv_part = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            tl.atomic_add(dk_base + kidx[:, None] * D + d[None, :], dk_part, mask=kmask)
+            tl.atomic_add(dv_base + kidx[:, None] * DV + dv[None, :], dv_part, mask=vmask)
         return dq
 
     @triton.jit
@@ -92,7 +95,7 @@ if HAVE_TRITON:
             if CAUSAL:
                 keep = keep & (kidx[None, :] <= last_key[:, None])
             dq = _grad_step(q, do, lse2, delta, dq, k_base, v_base, dk_base, dv_base, kidx, kidx < sinks, keep, 0.0,
-                            sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION)
+                            sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION, False)
         lo_tile = tl.maximum(tl.min(lo, axis=0), sinks)
         hi_tile = tl.max(hi, axis=0)
         for start in range(lo_tile, hi_tile, BLOCK_N):
@@ -100,10 +103,62 @@ if HAVE_TRITON:
             keep = row_ok[:, None] & (kidx[None, :] >= lo[:, None]) & (kidx[None, :] < hi[:, None]) & \
                 (kidx[None, :] >= sinks)
             dq = _grad_step(q, do, lse2, delta, dq, k_base, v_base, dk_base, dv_base, kidx, kidx < hi_tile, keep,
-                            0.0, sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION)
+                            0.0, sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION, False)
         d = tl.arange(0, BLOCK_D)
         tl.store(DQ + (bh * Sq + rows[:, None].to(tl.int64)) * D + d[None, :], dq * scale,
                  mask=row_ok[:, None] & (d[None, :] < D))
+
+    @triton.jit(do_not_specialize=["Hq", "Hkv", "group", "Sq", "Sk", "sinks"])
+    def _exact_part_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, LO, HI, ROW_LO, ROW_HI,
+                                sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
+                                Hq, Hkv, group, Sq, Sk, sinks, scale_log2, scale,
+                                CAUSAL: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+        """dk / dv of the exact part, key-major: a program owns a key tile and walks the rows whose
+        exact set can hold it (ROW_LO/ROW_HI, from the monotone exact ranges), so no atomics; it
+        writes every key of its tile, so it runs before the rectangles add theirs."""
+        pid_n = tl.program_id(0)
+        bkh = tl.program_id(1).to(tl.int64)
+        b = bkh // Hkv
+        kh = bkh % Hkv
+        kidx = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        kvalid = kidx < Sk
+        d = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        k_off = kidx[:, None].to(tl.int64)
+        k = tl.load(K + b * skb + kh * skh + k_off * sks + d[None, :], mask=kvalid[:, None] & (d[None, :] < D),
+                    other=0.0)
+        v = tl.load(V + b * svb + kh * svh + k_off * svs + dv[None, :], mask=kvalid[:, None] & (dv[None, :] < DV),
+                    other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+        r_lo = tl.load(ROW_LO + pid_n)
+        r_hi = tl.load(ROW_HI + pid_n)
+        for g in range(0, group):
+            h = kh * group + g
+            bh = b * Hq + h
+            for start in range(r_lo, r_hi, BLOCK_M):
+                rows = start + tl.arange(0, BLOCK_M)
+                row_ok = rows < r_hi
+                q, do, lse2, delta = _load_rows(Q, DO, LSE, DELTA, b, h, bh, rows, row_ok, sqb, sqh, sqs, Sq,
+                                                D, DV, BLOCK_D, BLOCK_DV)
+                lo = tl.load(LO + rows, mask=row_ok, other=0)
+                hi = tl.load(HI + rows, mask=row_ok, other=0)
+                # (BN, BM): key j is in row i's exact set, as the forward counted it
+                in_range = (kidx[:, None] >= lo[None, :]) & (kidx[:, None] < hi[None, :]) & (kidx[:, None] >= sinks)
+                in_sinks = kidx[:, None] < sinks
+                if CAUSAL:
+                    in_sinks = in_sinks & (kidx[:, None] <= rows[None, :] + (Sk - Sq))
+                keep = (in_range | in_sinks) & row_ok[None, :] & kvalid[:, None]
+                s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
+                p = tl.where(keep, tl.exp2(s - lse2[None, :]), 0.0)
+                dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+                ds = p * (dp - delta[None, :])
+                dvacc += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
+                dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
+        tl.store(DK + (bkh * Sk + k_off) * D + d[None, :], dk * scale, mask=kvalid[:, None] & (d[None, :] < D))
+        tl.store(DV_ + (bkh * Sk + k_off) * DV + dv[None, :], dvacc, mask=kvalid[:, None] & (dv[None, :] < DV))
 
     @triton.jit(do_not_specialize=["Hq", "Hkv", "group", "Sq", "Sk", "sinks", "n_samples", "block_size",
                                    "tiles_per_block", "n_rects"])
@@ -184,8 +239,8 @@ def hyper_backward_triton(q, k, v, out, lse, grad_out, grad_lse, pattern: HyperP
         delta = delta - grad_lse.float()
     delta = delta.contiguous()
     dq = torch.empty(B, Hq, Sq, D, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(B, Hkv, Sk, D, dtype=torch.float32, device=q.device)
-    dv = torch.zeros(B, Hkv, Sk, Dv, dtype=torch.float32, device=q.device)
+    dk = torch.empty(B, Hkv, Sk, D, dtype=torch.float32, device=q.device)  # every key written by the exact part
+    dv = torch.empty(B, Hkv, Sk, Dv, dtype=torch.float32, device=q.device)
     # index tensors stay int64 as the pattern made them: converting would cost a launch each
     lo, hi = pattern.exact_lo.contiguous(), pattern.exact_hi.contiguous()
     block_m, block_n, warps, stages = tiles
@@ -197,6 +252,19 @@ def hyper_backward_triton(q, k, v, out, lse, grad_out, grad_lse, pattern: HyperP
     scale_log2 = float(scale) * 1.4426950408889634
     _exact_part_bwd_kernel[(triton.cdiv(Sq, block_m), B * Hq)](
         q, k, v, do, lse, delta, dq, dk, dv, lo, hi, *strides, Hq, Hkv, group, Sq, Sk, pattern.sinks,
+        scale_log2, float(scale), CAUSAL=bool(causal), num_warps=warps, num_stages=stages, **dims)
+    # rows whose exact set can hold a key of each key tile: exact_lo and exact_hi never decrease
+    # along the rows, so they are a contiguous run; tiles holding sinks take every row that sees them
+    starts = torch.arange(0, Sk, block_n, device=q.device)
+    row_lo = torch.searchsorted(hi, starts, right=True)
+    row_hi = torch.searchsorted(lo, starts + block_n, right=False)
+    if pattern.sinks > 0:
+        with_sinks = starts < pattern.sinks
+        first_seeing = (starts - (Sk - Sq)).clamp(min=0) if causal else torch.zeros_like(starts)
+        row_lo = torch.where(with_sinks, torch.minimum(row_lo, first_seeing), row_lo)
+        row_hi = torch.where(with_sinks, torch.full_like(row_hi, Sq), row_hi)
+    _exact_part_dkdv_kernel[(starts.numel(), B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv, lo, hi, row_lo, row_hi, *strides, Hq, Hkv, group, Sq, Sk, pattern.sinks,
         scale_log2, float(scale), CAUSAL=bool(causal), num_warps=warps, num_stages=stages, **dims)
     for level in pattern.levels:
         rects = level.rect_list
