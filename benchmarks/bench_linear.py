@@ -13,7 +13,8 @@ modules produce them: fla reads that layout, ours reads the (B, H, S, D) view of
     ours-delta          update_rule="delta", identity map (unit-normalised q/k), per-token β, unnormalised
                         ~ fla chunk_delta_rule(use_qk_l2norm_in_kernel=True, scale=1)
     rel_err compares each of ours with its fla twin (same function up to rounding) where there is one.
-    Our backward is an exact PyTorch recompute (no Triton backward yet): fwdbwd shows what that costs.
+    Backward: Triton kernels for the additive rule; the delta rule's is an exact PyTorch recompute (timed only
+    up to --slow-limit).
   decode, one new token per call against a context of S tokens, h32 d64 (and GQA 9/3):
     ours-linear-step    linear_attention_step, pure elu linear attention (state 64×65 per head)
     ours-hybrid-step    linear_attention_step, 64 sinks + 256-key window exact + elu far part
@@ -145,6 +146,9 @@ def _fla_delta(q, k, v, beta):
         return chunk_delta_rule(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, beta, scale=1.0)[0]
 
 
+args_slow_limit = 32768  # set from --slow-limit in main()
+
+
 def bench_prefill(rec, mode, lengths, shapes):
     for h, d in shapes:
         for s in lengths:
@@ -162,6 +166,8 @@ def bench_prefill(rec, mode, lengths, shapes):
                             outs[name] = fn(q, k, v).float()
                             ms = time_ms(lambda: fn(q, k, v))
                     else:
+                        if name == "ours-delta" and s > args_slow_limit:
+                            continue  # its backward is a PyTorch recompute: seconds a call at these lengths
                         qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
                         g = torch.randn(1, h, s, d, device="cuda", dtype=torch.bfloat16)
                         ms = time_ms(lambda: fn(qg, kg, vg).backward(g), budget_ms=500, max_reps=30)
@@ -296,7 +302,11 @@ def main():
     ap.add_argument("--decode-lengths", default="4096,32768,131072")
     ap.add_argument("--shapes", default="32x64,16x128")
     ap.add_argument("--skip", default="")
+    ap.add_argument("--slow-limit", type=int, default=32768,
+                    help="longest length at which fwdbwd times ours-delta (PyTorch-recompute backward)")
     args = ap.parse_args()
+    global args_slow_limit
+    args_slow_limit = args.slow_limit
     if not torch.cuda.is_available():
         sys.exit("bench_linear.py needs a CUDA GPU")
     props = torch.cuda.get_device_properties(0)
