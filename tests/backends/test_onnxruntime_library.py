@@ -130,6 +130,36 @@ def test_hyper_kernel_is_exact_below_min_seq_len_and_finds_the_heavy_keys_above(
     assert np.abs(approx - exact).mean() < 0.2 * np.abs(exact).mean()  # a broken merge gives ~1x
 
 
+@pytest.mark.parametrize("variant", ["default", "paper"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_hyper_pattern_covers_every_key_once(library, variant, causal):
+    # one LSH block per rectangle and no samples: sinks, window, causal leaves and blocks must then
+    # add up to exact attention, each key counted once
+    shape = (1, 4, 700, 32)
+    kv = (1, 2, 700, 32)
+    feeds = feeds_for(shape, kv)
+    params = {"min_seq_len": 100, "block_size": 100000, "sample_size": 0, "variant": variant, "sink_tokens": 5,
+              "local_window": 40}
+    got = with_library(node_model("HyperAttention", shape, kv, causal=causal, bands=(Band("hyper", None, params),)),
+                       feeds)
+    np.testing.assert_allclose(got, stock(node_model("FlashAttention", shape, kv, causal=causal), feeds),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_hyper_samples_estimate_the_keys_outside_the_blocks(library, causal):
+    shape = (1, 2, 600, 16)
+    feeds = feeds_for(shape, shape)
+    exact = stock(node_model("FlashAttention", shape, shape, causal=causal), feeds)
+    params = {"min_seq_len": 64, "block_size": 32, "lsh_bits": 4, "variant": "paper"}
+    errors = []
+    for samples in (16, 4096):
+        got = with_library(node_model("HyperAttention", shape, shape, causal=causal,
+                                      bands=(Band("hyper", None, dict(params, sample_size=samples)),)), feeds)
+        errors.append(np.abs(got - exact).mean())
+    assert errors[1] < 0.5 * errors[0]  # more samples, a better estimate of the far keys
+
+
 def test_converted_model_runs_on_the_library_and_matches_the_original(library, tmp_path):
     from tests.patterns.test_onnx_zoo import ALL_FLASH, export, zoo_feeds
     path, _ = export("llama", "eager", False, 17, tmp_path)
@@ -182,7 +212,7 @@ def test_linear_favor_features_estimate_softmax_attention(library, causal):
 
 def test_unsupported_parameters_are_refused_not_ignored(library):
     shape = (1, 2, 64, 16)
-    m = node_model("HyperAttention", shape, shape, bands=(Band("hyper", None, {"sink_tokens": 4}),))
+    m = node_model("LinearAttention", shape, shape, bands=(Band("linear", None, {"sink_tokens": 4}),))
     with pytest.raises(Exception, match="sink_tokens"):
         with_library(m, feeds_for(shape, shape))
 

@@ -303,29 +303,133 @@ inline void merge_by_lse(float* out_a, float* lse_a, const float* out_b, const f
 }
 
 // --- HyperAttention ---------------------------------------------------------------------------
+//
+// The pattern of longattn/kernels/hyper/pattern.py (read it for the definition), per query row i at
+// key position p_i = i + Sk - Sq:
+//  * exact keys X_i: the first `sinks` keys and the range [lo_i, hi_i) (the causal recursion's
+//    leaves and, for variant "default", the local window), each key once;
+//  * per rectangle (queries x keys) holding the row: queries and keys stably sorted by their LSH
+//    bucket's Gray rank, cut into nb = ceil(kl / block_size) balanced blocks; the row attends its
+//    block's keys (weight 1) and `sample_size` uniform samples of the rectangle's keys (weight
+//    kl / m) outside its block; keys of X_i are skipped in both.
+// All parts meet in one online softmax per row. Randomness (hyperplanes, samples) comes from
+// std::mt19937_64 seeded with `seed` per key head: the same algorithm as the PyTorch kernel, not
+// the same random draws.
 
 struct HyperParams {
-  int64_t block_size = 256, sample_size = 256, lsh_bits = 7, min_seq_len = 4096;
+  int64_t block_size = 256, sample_size = 256, lsh_bits = 7, min_seq_len = 4096, sink_tokens = 64,
+          local_window = 256;
+  bool paper = false;
   uint64_t seed = 0;
 };
 
-// Angular LSH bucket of each row, numbered so that neighbouring buckets differ in one bit
-// (Gray code order), as in the HyperAttention authors' sortLSH.
-inline std::vector<int64_t> lsh_buckets(const float* X, int64_t ld, int64_t n, int D, const std::vector<float>& planes,
-                                        int bits) {
-  std::vector<int64_t> bucket(n);
+struct Rect { int64_t qs, ql, ks, kl; };
+
+// Rectangles per recursion level and the causal leaves (query start, length), as plan_rectangles.
+inline void plan_rectangles(int64_t sq, int64_t sk, bool causal, int64_t min_seq_len,
+                            std::vector<std::vector<Rect>>& levels, std::vector<std::pair<int64_t, int64_t>>& leaves) {
+  if (!causal) { levels.push_back({Rect{0, sq, 0, sk}}); return; }
+  const int64_t off = sk - sq;
+  if (off > 0) levels.push_back({Rect{0, sq, 0, off}});
+  std::vector<std::pair<int64_t, int64_t>> segments;
+  if (sq > 0) segments.push_back({0, sq});
+  while (!segments.empty()) {
+    std::vector<Rect> level;
+    std::vector<std::pair<int64_t, int64_t>> next;
+    for (auto [start, length] : segments) {
+      if (length < std::max<int64_t>(min_seq_len, 2)) { leaves.push_back({start, length}); continue; }
+      const int64_t h = length / 2;
+      level.push_back(Rect{start + h, length - h, off + start, h});
+      next.push_back({start, h});
+      next.push_back({start + h, length - h});
+    }
+    if (!level.empty()) levels.push_back(level);
+    segments = next;
+  }
+}
+
+// Per-row online-softmax state of one head, scores in log2 units.
+struct RowState {
+  std::vector<float> m, l, acc;
+  int Dv = 0;
+  void reset(int64_t rows, int dv) {
+    Dv = dv;
+    m.assign(rows, kNegInf);
+    l.assign(rows, 0.f);
+    acc.assign((size_t)rows * dv, 0.f);
+  }
+};
+
+// Which keys a row takes: original key index o is kept iff vis_lo[r] <= o < vis_hi[r] and not
+// (o < ex_sinks or ex_lo[r] <= o < ex_hi[r]). Arrays are per local row; null means no bound.
+struct KeyFilter {
+  const int64_t *vis_lo = nullptr, *vis_hi = nullptr, *ex_lo = nullptr, *ex_hi = nullptr;
+  int64_t ex_sinks = 0;
+};
+
+// Accumulate rows (pre-scaled queries, Q rows of D; their state rows `row_ids`) against keys packed
+// by pack_keys_panels (Kt) with values V (nk x Dv, contiguous) whose original indices are key_ids
+// (or key_base + j), each score raised by log2_weight.
+inline void accumulate_rows(const float* Q, int64_t nq, const int64_t* row_ids, int D, const float* Kt,
+                            const float* V, int64_t nk, const int64_t* key_ids, int64_t key_base,
+                            const KeyFilter& f, float log2_weight, RowState& st, Workspace& ws) {
+  const int Dv = st.Dv;
+  const int64_t dvp = round_up(Dv, 32);
+  ws.scores.resize((size_t)kStripe * kScoreStride);
+  ws.out.resize((size_t)kStripe * dvp);
+  for (int64_t r0 = 0; r0 < nq; r0 += kStripe) {
+    const int rows = (int)std::min<int64_t>(kStripe, nq - r0);
+    for (int64_t k0 = 0; k0 < nk; k0 += kKeyBlock) {
+      const int kb = (int)std::min<int64_t>(kKeyBlock, nk - k0), kbp = (int)round_up(kb, 32);
+      for (int p = 0; p < kbp; p += kPanel)
+        gemm(rows, kPanel, D, Q + r0 * D, D, Kt + (k0 + p) * D, kPanel, ws.scores.data() + p, kScoreStride, false);
+      bool any = false;
+      for (int r = 0; r < rows; ++r) {
+        float* s = ws.scores.data() + (size_t)r * kScoreStride;
+        const int64_t lr = r0 + r, row = row_ids[lr];
+        for (int j = 0; j < kb; ++j) {
+          const int64_t o = key_ids ? key_ids[k0 + j] : key_base + k0 + j;
+          bool keep = true;
+          if (f.vis_lo && (o < f.vis_lo[lr] || o >= f.vis_hi[lr])) keep = false;
+          if (o < f.ex_sinks || (f.ex_lo && o >= f.ex_lo[lr] && o < f.ex_hi[lr])) keep = false;
+          s[j] = keep ? s[j] + log2_weight : kNegInf;
+        }
+        for (int j = kb; j < kbp; ++j) s[j] = kNegInf;
+        const float m_new = std::max(st.m[row], row_max(s, kbp));
+        if (m_new == kNegInf) { std::fill(s, s + kbp, 0.f); continue; }
+        any = true;
+        const float correction = std::exp2(st.m[row] - m_new);
+        st.l[row] = st.l[row] * correction + exp2_shift_sum(s, kbp, m_new);
+        if (correction != 1.f)
+          for (int d = 0; d < Dv; ++d) st.acc[(size_t)row * Dv + d] *= correction;
+        st.m[row] = m_new;
+      }
+      if (!any) continue;
+      gemm(rows, Dv, kb, ws.scores.data(), kScoreStride, V + k0 * Dv, Dv, ws.out.data(), (int)dvp, false);
+      for (int r = 0; r < rows; ++r) {
+        float* a = st.acc.data() + (size_t)row_ids[r0 + r] * Dv;
+        const float* o = ws.out.data() + (size_t)r * dvp;
+        for (int d = 0; d < Dv; ++d) a[d] += o[d];
+      }
+    }
+  }
+}
+
+// Angular LSH bucket of each row as its Gray rank (neighbouring ranks differ in one hyperplane).
+inline void lsh_ranks(const float* X, int64_t n, int D, const std::vector<float>& planes, int bits,
+                      std::vector<int64_t>& rank) {
+  rank.resize(n);
   for (int64_t i = 0; i < n; ++i) {
     int64_t code = 0;
     for (int b = 0; b < bits; ++b) {
       float dot = 0.f;
-      for (int d = 0; d < D; ++d) dot += X[i * ld + d] * planes[(size_t)b * D + d];
+      for (int d = 0; d < D; ++d) dot += X[i * D + d] * planes[(size_t)b * D + d];
       code |= (int64_t)(dot > 0.f) << b;
     }
-    int64_t rank = code;  // Gray decode: position of `code` along the Gray sequence
-    for (int64_t shift = code >> 1; shift; shift >>= 1) rank ^= shift;
-    bucket[i] = rank;
+    int64_t r = code;
+    for (int shift = 1; shift < 32; shift *= 2) r ^= r >> shift;
+    rank[i] = r;
   }
-  return bucket;
 }
 
 inline void gather_rows(const float* X, int64_t ld, const int64_t* idx, int64_t n, int D, std::vector<float>& dst) {
@@ -333,90 +437,145 @@ inline void gather_rows(const float* X, int64_t ld, const int64_t* idx, int64_t 
   for (int64_t i = 0; i < n; ++i) std::memcpy(dst.data() + i * D, X + idx[i] * ld, sizeof(float) * D);
 }
 
-// Non-causal HyperAttention of nq queries against nk keys; out (nq x Dv, ldo), lse (nq).
-inline void hyper_noncausal(const float* Q, int64_t ldq, int64_t nq, const float* K, int64_t ldk, const float* V,
-                            int64_t ldv, int64_t nk, int D, int Dv, float scale, const HyperParams& p, uint64_t salt,
-                            float* out, int64_t ldo, float* lse, Workspace& ws) {
-  std::vector<float> kt;
-  int64_t ldkt;
-  if (nk <= std::max<int64_t>(p.min_seq_len, p.block_size) || nq <= p.block_size) {
-    pack_keys_transposed(K, ldk, nk, D, kt, ldkt);
-    attend_rows(Q, ldq, nq, D, scale, kt.data(), ldkt, V, ldv, nk, Dv, MaskView{}, false, 0, 0, out, ldo, lse, ws);
-    return;
+// HyperAttention of the query heads [h0, h0 + group) of one batch against one key/value head.
+// Q: (group, Sq, D) rows, K (Sk, D), V (Sk, Dv), out (group, Sq, Dv); contiguous.
+inline void hyper_attention_heads(const float* Q, int group, int64_t Sq, const float* K, const float* V, int64_t Sk,
+                                  int D, int Dv, float scale, bool causal, const HyperParams& p, uint64_t stream,
+                                  float* out, Workspace& ws) {
+  const int64_t off = Sk - Sq;
+  std::vector<std::vector<Rect>> levels;
+  std::vector<std::pair<int64_t, int64_t>> leaves;
+  plan_rectangles(Sq, Sk, causal, p.min_seq_len, levels, leaves);
+  // exact ranges (exact_ranges in pattern.py) and sinks
+  const int64_t window = p.paper ? 0 : p.local_window, sinks = p.paper ? 0 : std::min(p.sink_tokens, Sk);
+  std::vector<int64_t> lo(Sq), hi(Sq);
+  for (int64_t i = 0; i < Sq; ++i) {
+    const int64_t pos = i + off;
+    if (causal) { lo[i] = pos + 1; hi[i] = pos + 1; }
+    else if (window > 0) { lo[i] = pos - window / 2; hi[i] = lo[i] + window; }
+    else { lo[i] = 0; hi[i] = 0; }
   }
-  std::mt19937_64 rng(p.seed * 0x9E3779B97F4A7C15ull + salt);
+  if (causal) {
+    for (auto [start, length] : leaves)
+      for (int64_t i = start; i < start + length; ++i) lo[i] = off + start;
+    if (window > 0)
+      for (int64_t i = 0; i < Sq; ++i) lo[i] = std::min(lo[i], i + off - window + 1);
+  }
+  for (int64_t i = 0; i < Sq; ++i) {
+    lo[i] = std::clamp<int64_t>(lo[i], 0, Sk);
+    hi[i] = std::max(lo[i], std::clamp<int64_t>(hi[i], 0, Sk));
+  }
+  // hyperplanes and samples belong to the key head
+  std::mt19937_64 rng(p.seed * 0x9E3779B97F4A7C15ull + stream);
   std::normal_distribution<float> normal;
-  const int bits = (int)std::clamp<int64_t>(p.lsh_bits, 1, 30);
+  const int bits = (int)std::clamp<int64_t>(p.lsh_bits, 1, 16);
   std::vector<float> planes((size_t)bits * D);
   for (float& x : planes) x = normal(rng);
-  const auto qb = lsh_buckets(Q, ldq, nq, D, planes, bits), kb = lsh_buckets(K, ldk, nk, D, planes, bits);
-  std::vector<int64_t> q_order(nq), k_order(nk), k_block(nk);
-  std::iota(q_order.begin(), q_order.end(), 0);
-  std::iota(k_order.begin(), k_order.end(), 0);
-  std::stable_sort(q_order.begin(), q_order.end(), [&](int64_t a, int64_t b) { return qb[a] < qb[b]; });
-  std::stable_sort(k_order.begin(), k_order.end(), [&](int64_t a, int64_t b) { return kb[a] < kb[b]; });
-  const int64_t blocks = (nq + p.block_size - 1) / p.block_size;
-  for (int64_t b = 0; b < blocks; ++b)
-    for (int64_t i = b * nk / blocks; i < (b + 1) * nk / blocks; ++i) k_block[k_order[i]] = b;
-  // uniform key samples, shared by every block; each block drops the ones it already holds
-  const int64_t m = std::max<int64_t>(1, std::min(p.sample_size, nk));
-  std::uniform_int_distribution<int64_t> pick(0, nk - 1);
-  std::vector<int64_t> samples(m);
-  for (auto& s : samples) s = pick(rng);
-  const float sample_weight = std::log((float)nk / (float)m);  // each sample stands for nk/m keys
-  std::vector<float> qg, kg, vg, og, lg, og2, lg2;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t q_lo = b * p.block_size, q_hi = std::min(nq, q_lo + p.block_size), n_q = q_hi - q_lo;
-    const int64_t k_lo = b * nk / blocks, k_hi = (b + 1) * nk / blocks, n_k = k_hi - k_lo;
-    gather_rows(Q, ldq, q_order.data() + q_lo, n_q, D, qg);
-    og.assign((size_t)n_q * Dv, 0.f);
-    lg.assign(n_q, kNegInf);
-    gather_rows(K, ldk, k_order.data() + k_lo, n_k, D, kg);
-    gather_rows(V, ldv, k_order.data() + k_lo, n_k, Dv, vg);
-    pack_keys_transposed(kg.data(), D, n_k, D, kt, ldkt);
-    attend_rows(qg.data(), D, n_q, D, scale, kt.data(), ldkt, vg.data(), Dv, n_k, Dv, MaskView{}, false, 0, 0,
-                og.data(), Dv, lg.data(), ws);
-    std::vector<int64_t> kept;
-    for (int64_t s : samples)
-      if (k_block[s] != b) kept.push_back(s);
-    if (!kept.empty()) {
-      gather_rows(K, ldk, kept.data(), (int64_t)kept.size(), D, kg);
-      gather_rows(V, ldv, kept.data(), (int64_t)kept.size(), Dv, vg);
-      pack_keys_transposed(kg.data(), D, (int64_t)kept.size(), D, kt, ldkt);
-      og2.assign((size_t)n_q * Dv, 0.f);
-      lg2.assign(n_q, kNegInf);
-      attend_rows(qg.data(), D, n_q, D, scale, kt.data(), ldkt, vg.data(), Dv, (int64_t)kept.size(), Dv, MaskView{},
-                  false, 0, 0, og2.data(), Dv, lg2.data(), ws);
-      for (auto& x : lg2) x += sample_weight;
-      merge_by_lse(og.data(), lg.data(), og2.data(), lg2.data(), n_q, Dv, Dv, Dv);
+  std::vector<int64_t> k_rank;
+  lsh_ranks(K, Sk, D, planes, bits, k_rank);
+  std::vector<std::vector<std::vector<int64_t>>> samples(levels.size());
+  for (size_t lv = 0; lv < levels.size(); ++lv)
+    for (const Rect& rc : levels[lv]) {
+      std::uniform_int_distribution<int64_t> pick(rc.ks, rc.ks + rc.kl - 1);
+      std::vector<int64_t> s(rc.kl > 0 ? p.sample_size : 0);
+      for (auto& x : s) x = pick(rng);
+      samples[lv].push_back(std::move(s));
     }
-    for (int64_t i = 0; i < n_q; ++i) {  // scatter back to the original query order
-      std::memcpy(out + q_order[q_lo + i] * ldo, og.data() + i * Dv, sizeof(float) * Dv);
-      if (lse) lse[q_order[q_lo + i]] = lg[i];
+  const float log2e = 1.44269504088896341f;
+  std::vector<float> qs((size_t)Sq * D), qg, kg, vg, kt;
+  std::vector<int64_t> q_rank, ids(Sq), row_lo, row_hi, ex_lo, ex_hi, gathered_rows, gathered_keys;
+  std::iota(ids.begin(), ids.end(), 0);
+  RowState st;
+  for (int g = 0; g < group; ++g) {
+    const float* qh = Q + (int64_t)g * Sq * D;
+    for (int64_t i = 0; i < Sq * D; ++i) qs[i] = qh[i] * scale * log2e;
+    st.reset(Sq, Dv);
+    // exact part: the sinks, then each row's range above the sinks
+    if (sinks > 0) {
+      row_lo.assign(Sq, 0);
+      row_hi.resize(Sq);
+      for (int64_t i = 0; i < Sq; ++i) row_hi[i] = causal ? std::min(sinks, i + off + 1) : sinks;
+      int64_t ldkt;
+      pack_keys_transposed(K, D, sinks, D, kt, ldkt);
+      KeyFilter f;
+      f.vis_lo = row_lo.data(); f.vis_hi = row_hi.data();
+      accumulate_rows(qs.data(), Sq, ids.data(), D, kt.data(), V, sinks, nullptr, 0, f, 0.f, st, ws);
+    }
+    for (int64_t r0 = 0; r0 < Sq; r0 += kRowBlock) {
+      const int64_t rows = std::min<int64_t>(kRowBlock, Sq - r0);
+      int64_t span_lo = Sk, span_hi = 0;
+      row_lo.resize(rows); row_hi.resize(rows);
+      for (int64_t r = 0; r < rows; ++r) {
+        row_lo[r] = std::max(lo[r0 + r], sinks);
+        row_hi[r] = hi[r0 + r];
+        if (row_hi[r] > row_lo[r]) { span_lo = std::min(span_lo, row_lo[r]); span_hi = std::max(span_hi, row_hi[r]); }
+      }
+      if (span_hi <= span_lo) continue;
+      int64_t ldkt;
+      pack_keys_transposed(K + span_lo * D, D, span_hi - span_lo, D, kt, ldkt);
+      KeyFilter f;
+      f.vis_lo = row_lo.data(); f.vis_hi = row_hi.data();
+      accumulate_rows(qs.data() + r0 * D, rows, ids.data() + r0, D, kt.data(), V + span_lo * Dv, span_hi - span_lo,
+                      nullptr, span_lo, f, 0.f, st, ws);
+    }
+    // rectangles: LSH blocks and samples, skipping each row's exact keys
+    lsh_ranks(qs.data(), Sq, D, planes, bits, q_rank);  // scaling q does not change its bucket
+    for (size_t lv = 0; lv < levels.size(); ++lv)
+      for (size_t ri = 0; ri < levels[lv].size(); ++ri) {
+        const Rect rc = levels[lv][ri];
+        if (rc.ql <= 0 || rc.kl <= 0) continue;
+        std::vector<int64_t> q_order(rc.ql), k_order(rc.kl), k_pos(rc.kl);
+        std::iota(q_order.begin(), q_order.end(), rc.qs);
+        std::iota(k_order.begin(), k_order.end(), rc.ks);
+        std::stable_sort(q_order.begin(), q_order.end(), [&](int64_t a, int64_t b) { return q_rank[a] < q_rank[b]; });
+        std::stable_sort(k_order.begin(), k_order.end(), [&](int64_t a, int64_t b) { return k_rank[a] < k_rank[b]; });
+        for (int64_t t = 0; t < rc.kl; ++t) k_pos[k_order[t] - rc.ks] = t;
+        const int64_t nb = std::max<int64_t>(1, (rc.kl + p.block_size - 1) / p.block_size);
+        const auto& smp = samples[lv][ri];
+        const float sample_log2w = smp.empty() ? 0.f : std::log2((float)rc.kl / (float)smp.size());
+        for (int64_t b = 0; b < nb; ++b) {
+          const int64_t q_lo = b * rc.ql / nb, q_hi = (b + 1) * rc.ql / nb;
+          const int64_t k_lo = b * rc.kl / nb, k_hi = (b + 1) * rc.kl / nb;
+          if (q_hi <= q_lo) continue;
+          gathered_rows.assign(q_order.begin() + q_lo, q_order.begin() + q_hi);
+          const int64_t n_q = (int64_t)gathered_rows.size();
+          gather_rows(qs.data(), D, gathered_rows.data(), n_q, D, qg);
+          ex_lo.resize(n_q); ex_hi.resize(n_q);
+          for (int64_t r = 0; r < n_q; ++r) { ex_lo[r] = lo[gathered_rows[r]]; ex_hi[r] = hi[gathered_rows[r]]; }
+          KeyFilter f;
+          f.ex_lo = ex_lo.data(); f.ex_hi = ex_hi.data(); f.ex_sinks = sinks;
+          // the block's keys, weight 1
+          gathered_keys.assign(k_order.begin() + k_lo, k_order.begin() + k_hi);
+          if (!gathered_keys.empty()) {
+            gather_rows(K, D, gathered_keys.data(), (int64_t)gathered_keys.size(), D, kg);
+            gather_rows(V, Dv, gathered_keys.data(), (int64_t)gathered_keys.size(), Dv, vg);
+            int64_t ldkt;
+            pack_keys_transposed(kg.data(), D, (int64_t)gathered_keys.size(), D, kt, ldkt);
+            accumulate_rows(qg.data(), n_q, gathered_rows.data(), D, kt.data(), vg.data(),
+                            (int64_t)gathered_keys.size(), gathered_keys.data(), 0, f, 0.f, st, ws);
+          }
+          // samples outside the block, weight kl / m
+          gathered_keys.clear();
+          for (int64_t s : smp) {
+            const int64_t t = k_pos[s - rc.ks];
+            if (((t + 1) * nb - 1) / rc.kl != b) gathered_keys.push_back(s);  // block_of_rank
+          }
+          if (!gathered_keys.empty()) {
+            gather_rows(K, D, gathered_keys.data(), (int64_t)gathered_keys.size(), D, kg);
+            gather_rows(V, Dv, gathered_keys.data(), (int64_t)gathered_keys.size(), Dv, vg);
+            int64_t ldkt;
+            pack_keys_transposed(kg.data(), D, (int64_t)gathered_keys.size(), D, kt, ldkt);
+            accumulate_rows(qg.data(), n_q, gathered_rows.data(), D, kt.data(), vg.data(),
+                            (int64_t)gathered_keys.size(), gathered_keys.data(), 0, f, sample_log2w, st, ws);
+          }
+        }
+      }
+    float* oh = out + (int64_t)g * Sq * Dv;
+    for (int64_t i = 0; i < Sq; ++i) {
+      const float inv = st.l[i] > 0.f ? 1.f / st.l[i] : 0.f;
+      for (int d = 0; d < Dv; ++d) oh[i * Dv + d] = st.acc[(size_t)i * Dv + d] * inv;
     }
   }
-}
-
-// Causal HyperAttention for n queries against n keys (aligned): the diagonal halves recurse,
-// the off-diagonal quarter is non-causal HyperAttention, merged by log-sum-exp.
-inline void hyper_causal(const float* Q, int64_t ldq, const float* K, int64_t ldk, const float* V, int64_t ldv,
-                         int64_t n, int D, int Dv, float scale, const HyperParams& p, uint64_t salt, float* out,
-                         int64_t ldo, float* lse, Workspace& ws) {
-  if (n <= std::max<int64_t>(p.min_seq_len, 2 * p.block_size)) {
-    std::vector<float> kt;
-    int64_t ldkt;
-    pack_keys_transposed(K, ldk, n, D, kt, ldkt);
-    attend_rows(Q, ldq, n, D, scale, kt.data(), ldkt, V, ldv, n, Dv, MaskView{}, true, 0, 0, out, ldo, lse, ws);
-    return;
-  }
-  const int64_t h = n / 2;
-  hyper_causal(Q, ldq, K, ldk, V, ldv, h, D, Dv, scale, p, salt * 3 + 1, out, ldo, lse, ws);
-  hyper_causal(Q + h * ldq, ldq, K + h * ldk, ldk, V + h * ldv, ldv, n - h, D, Dv, scale, p, salt * 3 + 2,
-               out + h * ldo, ldo, lse + h, ws);
-  std::vector<float> o2((size_t)(n - h) * Dv), l2(n - h);
-  hyper_noncausal(Q + h * ldq, ldq, n - h, K, ldk, V, ldv, h, D, Dv, scale, p, salt * 3 + 3, o2.data(), Dv,
-                  l2.data(), ws);
-  merge_by_lse(out + h * ldo, lse + h, o2.data(), l2.data(), n - h, Dv, ldo, Dv);
 }
 
 // --- linear attention -------------------------------------------------------------------------

@@ -138,34 +138,31 @@ struct AttentionOp {
     };
     const bool approximate = (kind == "hyper" || kind == "linear");
     if (approximate && mask_data) throw std::runtime_error(kind + " takes no mask; the rewriter uses flash for such sites");
-    if (approximate)  // parameters the C++ kernels do not implement: refuse rather than compute something else
+    if (kind == "linear")  // parameters the C++ linear kernel does not implement: refuse rather than compute something else
       for (const char* unsupported : {"sink_tokens", "local_window"})
         if (band.number(unsupported, 0) != 0)
-          throw std::runtime_error(kind + " with " + unsupported + " != 0 is not implemented in the onnxruntime "
-                                   "library (use the function fallback or the torch backend)");
-    if (kind == "hyper" && band.string("variant", "") != "" && band.string("variant", "") != "null" &&
-        band.string("variant", "") != "sortlsh" && band.string("variant", "") != "default")
-      throw std::runtime_error("hyper variant '" + band.string("variant", "") + "' is not implemented in the "
-                               "onnxruntime library (it implements sortLSH blocks + uniform samples)");
-    if (kind == "hyper" && !(causal && Sq != Sk)) {
+          throw std::runtime_error(std::string("linear with ") + unsupported + " != 0 is not implemented in the "
+                                   "onnxruntime library (use the function fallback or the torch backend)");
+    if (kind == "hyper" && Sk >= (int64_t)band.number("min_seq_len", 4096) && !(causal && Sq > Sk)) {
+      // defaults are the PyTorch kernel's (longattn/kernels/hyper/__init__.py)
       HyperParams p;
-      p.block_size = (int64_t)band.number("block_size", 256);
-      p.sample_size = (int64_t)band.number("sample_size", 256);
+      p.block_size = std::max<int64_t>(1, (int64_t)band.number("block_size", 256));
+      p.sample_size = std::max<int64_t>(0, (int64_t)band.number("sample_size", 256));
       p.lsh_bits = (int64_t)band.number("lsh_bits", 7);
       p.min_seq_len = (int64_t)band.number("min_seq_len", 4096);
+      p.sink_tokens = std::max<int64_t>(0, (int64_t)band.number("sink_tokens", 64));
+      p.local_window = std::max<int64_t>(0, (int64_t)band.number("local_window", 256));
       p.seed = (uint64_t)band.number("seed", 0);
-      parallel_for(ctx, (size_t)(B * Hq), [&](size_t item) {
+      const std::string variant = band.string("variant", "default");
+      if (variant != "default" && variant != "paper" && variant != "null")
+        throw std::runtime_error("hyper variant '" + variant + "' is not one of default, paper");
+      p.paper = variant == "paper";
+      parallel_for(ctx, (size_t)(B * Hkv), [&](size_t item) {
         thread_local Workspace ws;
-        const int64_t b = item / Hq, h = item % Hq, hk = h / groups;
-        const float* qh = qd + (b * Hq + h) * Sq * D;
-        const float* kh = kd + (b * Hkv + hk) * Sk * D;
-        const float* vh = vd + (b * Hkv + hk) * Sk * Dv;
-        float* oh = o + (b * Hq + h) * Sq * Dv;
-        std::vector<float> lse(Sq);
-        if (causal)
-          hyper_causal(qh, D, kh, D, vh, Dv, Sq, (int)D, (int)Dv, scale, p, item + 1, oh, Dv, lse.data(), ws);
-        else
-          hyper_noncausal(qh, D, Sq, kh, D, vh, Dv, Sk, (int)D, (int)Dv, scale, p, item + 1, oh, Dv, lse.data(), ws);
+        const int64_t b = item / Hkv, hk = item % Hkv;
+        hyper_attention_heads(qd + (b * Hq + hk * groups) * Sq * D, (int)groups, Sq, kd + (b * Hkv + hk) * Sk * D,
+                              vd + (b * Hkv + hk) * Sk * Dv, Sk, (int)D, (int)Dv, scale, causal, p, item + 1,
+                              o + (b * Hq + hk * groups) * Sq * Dv, ws);
       });
       return;
     }
@@ -189,7 +186,7 @@ struct AttentionOp {
       });
       return;
     }
-    // exact (flash, exact, and hyper with causal q_len != k_len): keys packed once per K/V head,
+    // exact (flash, exact, and hyper below min_seq_len keys): keys packed once per K/V head,
     // then query blocks of every head in parallel
     int64_t ldkt = round_up(std::max<int64_t>(Sk, 1), 32);
     std::unique_ptr<float[]> packed(new float[(size_t)(B * Hkv) * D * ldkt]);  // filled by the packing below
