@@ -210,11 +210,31 @@ def test_linear_favor_features_estimate_softmax_attention(library, causal):
     assert np.abs(got - exact).mean() < 0.5 * np.abs(exact - exact.mean(-2, keepdims=True)).mean()
 
 
-def test_unsupported_parameters_are_refused_not_ignored(library):
+def test_linear_settings_the_library_lacks_run_exact_attention(library):
     shape = (1, 2, 64, 16)
-    m = node_model("LinearAttention", shape, shape, bands=(Band("linear", None, {"sink_tokens": 4}),))
-    with pytest.raises(Exception, match="sink_tokens"):
-        with_library(m, feeds_for(shape, shape))
+    m = node_model("LinearAttention", shape, shape, bands=(Band("linear", None, {"update_rule": "delta"}),))
+    feeds = feeds_for(shape, shape)
+    np.testing.assert_allclose(with_library(m, feeds), stock(m, feeds), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("params", [
+    {"sink_tokens": 8, "local_window": 32},                            # the hybrid the default policy uses
+    {"feature_map": "taylor2", "sink_tokens": 4, "local_window": 16},
+    {"feature_map": "relu"},
+    {"feature_map": "none", "sink_tokens": 4, "local_window": 16},    # sinks + sliding window alone
+])
+def test_linear_kernel_matches_the_pytorch_reference(library, causal, params):
+    import torch
+    from longattn.kernels.linear import linear_attention_reference
+    q_shape, kv_shape = (1, 4, 150, 16), (1, 2, 200, 16)
+    if causal:
+        q_shape = (1, 4, 120, 16)
+    feeds = feeds_for(q_shape, kv_shape)
+    expected = linear_attention_reference(*(torch.from_numpy(feeds[n]).double() for n in "qkv"), scale=0.25,
+                                          causal=causal, **params).numpy()
+    m = node_model("LinearAttention", q_shape, kv_shape, causal=causal, scale=0.25, bands=(Band("linear", None, params),))
+    np.testing.assert_allclose(with_library(m, feeds), expected, rtol=2e-4, atol=2e-5)
 
 
 def test_float16_models_fall_back_to_the_function_body_with_a_warning(library):

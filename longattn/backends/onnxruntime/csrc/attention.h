@@ -579,108 +579,164 @@ inline void hyper_attention_heads(const float* Q, int group, int64_t Sq, const f
 }
 
 // --- linear attention -------------------------------------------------------------------------
+//
+// longattn/kernels/linear/reference.py, additive rule: row i stands at key position p_i (i + Sk - Sq
+// causal, Sk - 1 otherwise) and sees exact keys (the first `sink_tokens` and the `local_window` most
+// recent, j in (p - W, p], weight exp(scale q.k_j)) and far keys (every other visible key, weight
+// exp(log_scale) phi(q).phi(k_j)) under one normaliser: out = sum_j w_j v_j / (sum_j w_j + eps).
 
 struct LinearParams {
-  std::string feature_map = "elu";  // elu (elu(x)+1), relu, or favor (positive random features of exp)
-  int64_t num_features = 64, chunk_size = 64;
+  std::string feature_map = "elu";  // elu, relu, identity, favor, taylor2, none
+  int64_t num_features = 256, sink_tokens = 0, local_window = 0;
+  float eps = 1e-6f;
   uint64_t seed = 0;
 };
 
-// phi(X) (n x F): for favor, exp(w.x*sqrt(scale) - |x|^2 scale/2 - stabiliser) / sqrt(F), whose
-// products estimate exp(scale q.k) (Choromanski et al. 2021, positive random features).
-inline int feature_rows(const float* X, int64_t ld, int64_t n, int D, const LinearParams& p, float scale,
-                        const std::vector<float>& w, bool per_row_stabiliser, std::vector<float>& phi) {
-  if (p.feature_map == "favor") {
+// phi(X) (n x F) and the natural-log scale of each row's features (favor: the true features are
+// exp(log_scale) * phi; others 0). Maps as in longattn/kernels/linear/feature_maps.py: elu, relu
+// and identity take x as it is; favor and taylor2 take x sqrt(scale).
+inline int feature_rows(const float* X, int64_t n, int D, const LinearParams& p, float scale,
+                        const std::vector<float>& w, bool is_query, std::vector<float>& phi,
+                        std::vector<float>& log_scale) {
+  log_scale.assign(n, 0.f);
+  const std::string& map = p.feature_map;
+  if (map == "none") { phi.clear(); return 0; }
+  if (map == "favor") {  // positive random features: E[phi(q).phi(k)] = exp(scale q.k)
     const int F = (int)p.num_features;
     const float root = std::sqrt(scale);
-    phi.assign((size_t)n * F, 0.f);
-    float global_max = kNegInf;
-    std::vector<float> norms(n);
+    phi.resize((size_t)n * F);
+    float shared = kNegInf;
     for (int64_t i = 0; i < n; ++i) {
       float nn = 0.f;
-      for (int d = 0; d < D; ++d) nn += X[i * ld + d] * X[i * ld + d];
-      norms[i] = 0.5f * nn * scale;
+      for (int d = 0; d < D; ++d) nn += X[i * D + d] * X[i * D + d];
+      float row = kNegInf;
       for (int f = 0; f < F; ++f) {
         float dot = 0.f;
-        for (int d = 0; d < D; ++d) dot += w[(size_t)f * D + d] * X[i * ld + d];
-        phi[i * F + f] = dot * root - norms[i];
-        global_max = std::max(global_max, phi[i * F + f]);
+        for (int d = 0; d < D; ++d) dot += w[(size_t)f * D + d] * X[i * D + d];
+        phi[i * F + f] = dot * root - 0.5f * nn * scale;
+        row = std::max(row, phi[i * F + f]);
       }
+      log_scale[i] = row;
+      shared = std::max(shared, row);
     }
+    // queries: each row by its own maximum; keys: one shift for all (it must be common to them)
     const float inv = 1.f / std::sqrt((float)F);
     for (int64_t i = 0; i < n; ++i) {
-      float shift = global_max;
-      if (per_row_stabiliser) {  // a per-query factor cancels in the normalisation
-        shift = kNegInf;
-        for (int f = 0; f < F; ++f) shift = std::max(shift, phi[i * F + f]);
-      }
+      const float shift = is_query ? log_scale[i] : shared;
+      log_scale[i] = shift;
       for (int f = 0; f < F; ++f) phi[i * F + f] = std::exp(phi[i * F + f] - shift) * inv;
     }
     return F;
   }
-  phi.resize((size_t)n * D);
-  const bool relu = p.feature_map == "relu";
-  for (int64_t i = 0; i < n; ++i)
-    for (int d = 0; d < D; ++d) {
-      const float x = X[i * ld + d];
-      phi[i * D + d] = relu ? std::max(x, 0.f) : (x > 0.f ? x + 1.f : std::exp(x));
+  if (map == "taylor2") {  // [1, x, x_a^2/sqrt2, x_a x_b (a<b)]: phi(q).phi(k) = 1 + s + s^2/2
+    const int F = 1 + D + D * (D + 1) / 2;
+    const float root = std::sqrt(scale), half = 1.f / std::sqrt(2.f);
+    phi.resize((size_t)n * F);
+    for (int64_t i = 0; i < n; ++i) {
+      float* o = phi.data() + i * F;
+      const float* x = X + i * D;
+      int t = 0;
+      o[t++] = 1.f;
+      for (int a = 0; a < D; ++a) o[t++] = x[a] * root;
+      for (int a = 0; a < D; ++a)
+        for (int b = a; b < D; ++b) o[t++] = x[a] * root * x[b] * root * (a == b ? half : 1.f);
     }
+    return F;
+  }
+  phi.resize((size_t)n * D);
+  for (int64_t i = 0; i < n * D; ++i) {
+    const float x = X[i];
+    phi[i] = map == "relu" ? std::max(x, 0.f) : map == "identity" ? x : (x > 0.f ? x + 1.f : std::exp(x));
+  }
   return D;
 }
 
-// out_i = sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j) over visible keys; causal in
-// chunks: a running (F x Dv) state for earlier chunks, an exact masked product inside a chunk.
-inline void linear_attention(const float* Q, int64_t ldq, int64_t nq, const float* K, int64_t ldk, const float* V,
-                             int64_t ldv, int64_t nk, int D, int Dv, float scale, bool causal, const LinearParams& p,
-                             uint64_t salt, float* out, int64_t ldo) {
+// The query heads [0, group) of one key head. Q (group, Sq, D), K (Sk, D), V (Sk, Dv), out (group, Sq, Dv).
+inline void linear_attention_heads(const float* Q, int group, int64_t Sq, const float* K, const float* V, int64_t Sk,
+                                   int D, int Dv, float scale, bool causal, const LinearParams& p, uint64_t stream,
+                                   float* out, Workspace& ws) {
   std::vector<float> w;
   if (p.feature_map == "favor") {
-    std::mt19937_64 rng(p.seed * 0x9E3779B97F4A7C15ull + salt);
+    std::mt19937_64 rng(p.seed * 0x9E3779B97F4A7C15ull + stream);
     std::normal_distribution<float> normal;
     w.resize((size_t)p.num_features * D);
     for (float& x : w) x = normal(rng);
   }
-  std::vector<float> pq, pk;
-  const int F = feature_rows(Q, ldq, nq, D, p, scale, w, true, pq);
-  feature_rows(K, ldk, nk, D, p, scale, w, false, pk);
-  std::vector<float> state((size_t)F * Dv, 0.f), z(F, 0.f), num(Dv);
-  auto absorb = [&](int64_t j) {  // key j joins the running state
-    for (int f = 0; f < F; ++f) {
-      const float a = pk[j * F + f];
-      z[f] += a;
-      for (int d = 0; d < Dv; ++d) state[(size_t)f * Dv + d] += a * V[j * ldv + d];
+  const int64_t off = Sk - Sq, sinks = std::min(p.sink_tokens, Sk), W = p.local_window;
+  std::vector<float> pk, lk, pq, lq, state, z, num(Dv), qs((size_t)Sq * D), kt;
+  const int F = feature_rows(K, Sk, D, p, scale, w, false, pk, lk);
+  const float key_log_scale = Sk > 0 ? lk[0] : 0.f;
+  std::vector<int64_t> ids(Sq), row_lo(Sq), row_hi(Sq);
+  std::iota(ids.begin(), ids.end(), 0);
+  RowState st;
+  const float log2e = 1.44269504088896341f, ln2 = 0.69314718055994531f;
+  for (int g = 0; g < group; ++g) {
+    const float* qh = Q + (int64_t)g * Sq * D;
+    feature_rows(qh, Sq, D, p, scale, w, true, pq, lq);
+    st.reset(Sq, Dv);
+    auto pos = [&](int64_t i) { return causal ? i + off : Sk - 1; };
+    if (sinks > 0 || W > 0) {  // the exact keys, as softmax attention
+      for (int64_t i = 0; i < Sq * D; ++i) qs[i] = qh[i] * scale * log2e;
+      if (sinks > 0) {
+        for (int64_t i = 0; i < Sq; ++i) { row_lo[i] = 0; row_hi[i] = std::min(sinks, pos(i) + 1); }
+        int64_t ldkt;
+        pack_keys_transposed(K, D, sinks, D, kt, ldkt);
+        KeyFilter f;
+        f.vis_lo = row_lo.data(); f.vis_hi = row_hi.data();
+        accumulate_rows(qs.data(), Sq, ids.data(), D, kt.data(), V, sinks, nullptr, 0, f, 0.f, st, ws);
+      }
+      for (int64_t r0 = 0; r0 < Sq && W > 0; r0 += kRowBlock) {
+        const int64_t rows = std::min<int64_t>(kRowBlock, Sq - r0);
+        int64_t span_lo = Sk, span_hi = 0;
+        for (int64_t r = r0; r < r0 + rows; ++r) {
+          row_lo[r] = std::clamp<int64_t>(std::max(pos(r) - W + 1, sinks), 0, Sk);
+          row_hi[r] = std::clamp<int64_t>(pos(r) + 1, 0, Sk);
+          if (row_hi[r] > row_lo[r]) { span_lo = std::min(span_lo, row_lo[r]); span_hi = std::max(span_hi, row_hi[r]); }
+        }
+        if (span_hi <= span_lo) continue;
+        int64_t ldkt;
+        pack_keys_transposed(K + span_lo * D, D, span_hi - span_lo, D, kt, ldkt);
+        KeyFilter f;
+        f.vis_lo = row_lo.data() + r0; f.vis_hi = row_hi.data() + r0;
+        accumulate_rows(qs.data() + r0 * D, rows, ids.data() + r0, D, kt.data(), V + span_lo * Dv,
+                        span_hi - span_lo, nullptr, span_lo, f, 0.f, st, ws);
+      }
     }
-  };
-  auto emit = [&](int64_t i, int64_t extra_lo, int64_t extra_hi) {  // state plus keys [lo, hi) exactly
-    std::fill(num.begin(), num.end(), 0.f);
-    float den = 0.f;
-    for (int f = 0; f < F; ++f) {
-      const float a = pq[i * F + f];
-      den += a * z[f];
-      for (int d = 0; d < Dv; ++d) num[d] += a * state[(size_t)f * Dv + d];
+    // far keys j in [sinks, p - W]: a running state, the keys absorbed in order (rows by position)
+    state.assign((size_t)F * Dv, 0.f);
+    z.assign(F, 0.f);
+    int64_t absorbed = sinks;
+    float* oh = out + (int64_t)g * Sq * Dv;
+    for (int64_t i = 0; i < Sq; ++i) {
+      const int64_t far_end = std::clamp<int64_t>(pos(i) - W + 1, sinks, Sk);
+      for (; absorbed < far_end; ++absorbed)
+        for (int f = 0; f < F; ++f) {
+          const float a = pk[absorbed * F + f];
+          z[f] += a;
+          float* srow = state.data() + (size_t)f * Dv;
+          const float* vrow = V + absorbed * Dv;
+          for (int d = 0; d < Dv; ++d) srow[d] += a * vrow[d];
+        }
+      std::fill(num.begin(), num.end(), 0.f);
+      float den = 0.f;
+      for (int f = 0; f < F && absorbed > sinks; ++f) {
+        const float a = pq[i * F + f];
+        den += a * z[f];
+        const float* srow = state.data() + (size_t)f * Dv;
+        for (int d = 0; d < Dv; ++d) num[d] += a * srow[d];
+      }
+      // one normaliser: exact weights are 2^(m) l, far ones exp(far_log) den (natural logs below)
+      const float exact_log = st.l[i] > 0.f ? st.m[i] * ln2 : kNegInf;
+      const float far_log = den > 0.f ? lq[i] + key_log_scale : kNegInf;
+      const float M = std::max(exact_log, far_log);
+      float* dst = oh + i * Dv;
+      if (M == kNegInf) { std::fill(dst, dst + Dv, 0.f); continue; }
+      const float we = exact_log == kNegInf ? 0.f : std::exp(exact_log - M);
+      const float wf = far_log == kNegInf ? 0.f : std::exp(far_log - M);
+      const float denominator = st.l[i] * we + den * wf + p.eps * std::exp(-M);
+      const float inv = denominator > 0.f ? 1.f / denominator : 0.f;
+      for (int d = 0; d < Dv; ++d) dst[d] = (st.acc[(size_t)i * Dv + d] * we + num[d] * wf) * inv;
     }
-    for (int64_t j = extra_lo; j < extra_hi; ++j) {
-      float a = 0.f;
-      for (int f = 0; f < F; ++f) a += pq[i * F + f] * pk[j * F + f];
-      den += a;
-      for (int d = 0; d < Dv; ++d) num[d] += a * V[j * ldv + d];
-    }
-    const float inv = den > 0.f ? 1.f / den : 0.f;
-    for (int d = 0; d < Dv; ++d) out[i * ldo + d] = num[d] * inv;
-  };
-  if (!causal) {
-    for (int64_t j = 0; j < nk; ++j) absorb(j);
-    for (int64_t i = 0; i < nq; ++i) emit(i, 0, 0);
-    return;
-  }
-  const int64_t offset = nk - nq;  // bottom-right: query i sees keys j <= i + offset
-  int64_t absorbed = 0;
-  for (; absorbed < std::max<int64_t>(offset, 0); ++absorbed) absorb(absorbed);
-  const int64_t C = std::max<int64_t>(1, p.chunk_size);
-  for (int64_t c0 = 0; c0 < nq; c0 += C) {
-    const int64_t c1 = std::min(nq, c0 + C);
-    for (int64_t i = c0; i < c1; ++i) emit(i, absorbed, std::min(nk, i + offset + 1));
-    for (; absorbed < std::min(nk, c1 + offset); ++absorbed) absorb(absorbed);
   }
 }
 

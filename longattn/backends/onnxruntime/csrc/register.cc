@@ -71,6 +71,18 @@ void parallel_for(OrtKernelContext* ctx, size_t total, const std::function<void(
   if (!job.error.empty()) throw std::runtime_error(job.error);
 }
 
+// The linear-attention settings the C++ kernel implements: the additive rule, normalised, with a
+// fixed feature map (no calibrated feature_params). Others run exact attention.
+bool linear_supported(const Band& band) {
+  const std::string map = band.string("feature_map", "elu");
+  if (map != "elu" && map != "relu" && map != "identity" && map != "favor" && map != "taylor2" && map != "none")
+    return false;
+  if (band.string("update_rule", "add") != "add" || band.number("normalize", 1) == 0) return false;
+  if (band.strings.count("feature_params") || band.numbers.count("feature_params") || band.numbers.count("beta"))
+    return false;
+  return !(map == "none" && band.number("sink_tokens", 0) == 0 && band.number("local_window", 0) == 0);
+}
+
 template <const char* DefaultKind>
 struct AttentionOp {
   float scale = 1.f;
@@ -138,11 +150,6 @@ struct AttentionOp {
     };
     const bool approximate = (kind == "hyper" || kind == "linear");
     if (approximate && mask_data) throw std::runtime_error(kind + " takes no mask; the rewriter uses flash for such sites");
-    if (kind == "linear")  // parameters the C++ linear kernel does not implement: refuse rather than compute something else
-      for (const char* unsupported : {"sink_tokens", "local_window"})
-        if (band.number(unsupported, 0) != 0)
-          throw std::runtime_error(std::string("linear with ") + unsupported + " != 0 is not implemented in the "
-                                   "onnxruntime library (use the function fallback or the torch backend)");
     if (kind == "hyper" && Sk >= (int64_t)band.number("min_seq_len", 4096) && !(causal && Sq > Sk)) {
       // defaults are the PyTorch kernel's (longattn/kernels/hyper/__init__.py)
       HyperParams p;
@@ -166,26 +173,26 @@ struct AttentionOp {
       });
       return;
     }
-    if (kind == "linear") {
+    if (kind == "linear" && linear_supported(band)) {
+      // defaults are the PyTorch kernel's (longattn/kernels/linear/__init__.py)
       LinearParams p;
       p.feature_map = band.string("feature_map", "elu");
-      if (p.feature_map == "elu+1" || p.feature_map == "null") p.feature_map = "elu";
-      if (p.feature_map == "favor+" || p.feature_map == "performer" || p.feature_map == "prf" ||
-          p.feature_map == "softmax_kernel" || p.feature_map == "positive_random")
-        p.feature_map = "favor";
-      p.num_features = (int64_t)band.number("num_features", 64);
-      p.chunk_size = (int64_t)band.number("chunk_size", 64);
+      p.num_features = std::max<int64_t>(1, (int64_t)band.number("num_features", 256));
+      p.sink_tokens = std::max<int64_t>(0, (int64_t)band.number("sink_tokens", 0));
+      p.local_window = std::max<int64_t>(0, (int64_t)band.number("local_window", 0));
+      p.eps = (float)band.number("eps", 1e-6);
       p.seed = (uint64_t)band.number("seed", 0);
-      if (p.feature_map != "elu" && p.feature_map != "relu" && p.feature_map != "favor")
-        throw std::runtime_error("linear feature_map '" + p.feature_map + "' is not one of elu, relu, favor");
-      parallel_for(ctx, (size_t)(B * Hq), [&](size_t item) {
-        const int64_t b = item / Hq, h = item % Hq, hk = h / groups;
-        linear_attention(qd + (b * Hq + h) * Sq * D, D, Sq, kd + (b * Hkv + hk) * Sk * D, D,
-                         vd + (b * Hkv + hk) * Sk * Dv, Dv, Sk, (int)D, (int)Dv, scale, causal, p, item + 1,
-                         o + (b * Hq + h) * Sq * Dv, Dv);
+      parallel_for(ctx, (size_t)(B * Hkv), [&](size_t item) {
+        thread_local Workspace ws;
+        const int64_t b = item / Hkv, hk = item % Hkv;
+        linear_attention_heads(qd + (b * Hq + hk * groups) * Sq * D, (int)groups, Sq, kd + (b * Hkv + hk) * Sk * D,
+                               vd + (b * Hkv + hk) * Sk * Dv, Sk, (int)D, (int)Dv, scale, causal, p, item + 1,
+                               o + (b * Hq + hk * groups) * Sq * Dv, ws);
       });
       return;
     }
+    // exact attention also stands in for linear-attention settings this library does not implement
+    // (see linear_supported), as the node's ONNX function body does
     // exact (flash, exact, and hyper below min_seq_len keys): keys packed once per K/V head,
     // then query blocks of every head in parallel
     int64_t ldkt = round_up(std::max<int64_t>(Sk, 1), 32);
