@@ -54,6 +54,7 @@ def rewrite_model(model: onnx.ModelProto, policy: "Policy", *, verify: bool = Tr
             continue
         decision = policy.decide(site.layer, site.layer_index, num_layers)
         bands, notes = fit_bands(list(decision.bands), site)
+        notes += library_notes(bands)
         row = SiteReport.from_site(site, bands=bands, rule=getattr(decision, "source", None), notes=notes)
         if all(b.kind == "exact" for b in bands):
             row.status = "exact"
@@ -78,6 +79,16 @@ def inline_small_external_data(model: onnx.ModelProto, base_dir: str) -> None:
         if t.data_location == TensorProto.EXTERNAL and int(np.prod(t.dims)) <= SMALL_INITIALIZER:
             model.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t, base_dir=base_dir),
                                                                         t.name))
+
+
+def library_notes(bands) -> list[str]:
+    from ..backends.onnxruntime import library_fallback_reason
+    notes = []
+    for b in bands:
+        why = library_fallback_reason(b.kind, b.params)
+        if why:
+            notes.append(f"the onnxruntime library runs {b.kind} ({why}) as exact attention")
+    return notes
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -26,3 +26,20 @@ def library_path() -> Optional[str]:
         return explicit if os.path.exists(explicit) else None
     path = os.path.join(default_build_dir(), LIBRARY_NAME)
     return path if os.path.exists(path) else None
+
+
+def library_fallback_reason(kind: str, params: dict):
+    """Why the library runs this band as exact attention instead of `kind`, or None when it runs the
+    kind itself (mirrors linear_supported in csrc/register.cc)."""
+    if kind != "linear":
+        return None
+    fmap = params.get("feature_map", "elu")
+    if fmap not in ("elu", "relu", "identity", "favor", "taylor2", "none"):
+        return f"feature_map={fmap}"
+    if params.get("update_rule", "add") != "add":
+        return f"update_rule={params['update_rule']}"
+    if params.get("normalize", True) is False:
+        return "normalize=false"
+    if "feature_params" in params or "beta" in params:
+        return "calibrated feature_params" if "feature_params" in params else "beta"
+    return None
