@@ -14,8 +14,9 @@ convention aligns it):
   into nb = ceil(kl / block_size) blocks, key block b = sorted ranks [b*kl//nb, (b+1)*kl//nb), query
   block b = sorted ranks [b*ql//nb, (b+1)*ql//nb) (balanced, so no padding keys are needed: a block
   never exceeds block_size keys). A query attends its block's keys with weight 1, and `sample_size`
-  keys drawn uniformly with replacement from the rectangle with weight kl/m each, skipping samples
-  that lie in its own block. Keys in X_i are skipped in both, so no key is counted twice.
+  keys drawn uniformly with replacement from the rectangle with weight kl/m each (the default
+  variant stratifies them: one uniform draw in each of m equal slices), skipping samples that lie
+  in its own block. Keys in X_i are skipped in both, so no key is counted twice.
 
 Causal attention is the paper's recursive halving: a segment of length L >= min_seq_len splits at
 h = L // 2 into two causal halves and one rectangle (the second half's queries against the first
@@ -176,7 +177,8 @@ def block_of_rank(rank, length, nb):
 
 
 @functools.lru_cache(maxsize=64)
-def _drawn_and_planned(B, Hkv, Sq, Sk, D, causal, sample_size, lsh_bits, min_seq_len, local_window, seed, device):
+def _drawn_and_planned(B, Hkv, Sq, Sk, D, causal, sample_size, lsh_bits, min_seq_len, local_window, stratified,
+                       seed, device):
     """Everything that depends on shapes, parameters and seed only: hyperplanes, recursion plan, exact
     ranges, samples, piece bounds. Drawn on the CPU and moved in one copy (a host-to-device copy of
     pageable memory waits for the queued GPU work), and cached, so a repeated call moves nothing.
@@ -190,6 +192,11 @@ def _drawn_and_planned(B, Hkv, Sq, Sk, D, causal, sample_size, lsh_bits, min_seq
     for rects in level_rects:
         rt = torch.tensor(rects, dtype=torch.int64).view(-1, 4)
         u = torch.rand(B, Hkv, len(rects), sample_size, generator=g, dtype=torch.float64)
+        if stratified:
+            # one sample in each of m equal slices of the keys: every key is still drawn with
+            # probability m/kl (unbiased with weight kl/m), with less variance where attention drifts
+            # with position
+            u = (torch.arange(sample_size, dtype=torch.float64) + u) / max(sample_size, 1)
         samples = rt[:, 2, None] + torch.floor(u * rt[:, 3, None].double()).to(torch.int64)
         q_bounds = torch.unique(torch.cat([rt[:, 0], rt[:, 0] + rt[:, 1]]))
         k_bounds = torch.unique(torch.cat([rt[:, 2], rt[:, 2] + rt[:, 3]]))
@@ -212,7 +219,8 @@ def build_pattern(q, k, *, causal=False, block_size=256, sample_size=256, lsh_bi
     dev = q.device
     paper = variant == "paper"
     planes, level_rects, parts = _drawn_and_planned(B, Hkv, Sq, Sk, D, bool(causal), sample_size, lsh_bits,
-                                                    min_seq_len, 0 if paper else local_window, int(seed), str(dev))
+                                                    min_seq_len, 0 if paper else local_window, not paper, int(seed),
+                                                    str(dev))
     planes_dev = parts[0].to(torch.int32).view(torch.float32).view(Hkv, D, lsh_bits)
     lo, hi = parts[1], parts[2]
 
