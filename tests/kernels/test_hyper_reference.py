@@ -208,3 +208,15 @@ def test_default_variant_counts_sinks_and_window_once_and_nothing_twice(causal):
             assert all(w[i, j] == 1 for j in [*sinks, *window])
             if causal:
                 assert w[i, i + 1:].sum() == 0
+
+
+def test_default_variant_draws_one_sample_in_each_equal_slice_of_a_rectangle():
+    q, k, _ = _qkv(sq=40, sk=40)
+    pattern = build_pattern(q, k, causal=True, **SMALL)
+    for level in pattern.levels:
+        for r, (_, _, ks, kl) in enumerate(level.rect_list):
+            offsets = level.samples[0, 0, r] - ks
+            m = offsets.numel()
+            slot = torch.arange(m)
+            assert torch.all(offsets >= torch.floor(slot * kl / m))
+            assert torch.all(offsets < torch.ceil((slot + 1) * kl / m)) and torch.all(offsets < kl)
