@@ -101,3 +101,17 @@ def test_no_models_is_a_usage_error(tmp_path):
 def test_output_never_overwrites_the_input(folder):
     code = onnx_cli.main(["convert", str(folder / "plain.onnx"), "--out", str(folder)])
     assert code == 1
+
+
+def test_yaml_policy_bands_reach_the_nodes(folder, tmp_path, monkeypatch):
+    monkeypatch.undo()  # the real policy loader
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\nrules:\n  - layers: '*'\n    by_length:\n      - {below: 4096, use: flash}\n"
+                      "      - {use: linear, sink_tokens: 64, local_window: 256}\n")
+    out = tmp_path / "out"
+    assert onnx_cli.main(["convert", str(folder / "plain.onnx"), "--out", str(out), "--policy", str(policy)]) == 0
+    (node,) = [n for n in onnx.load(str(out / "plain.onnx")).graph.node if n.domain == "ai.longattn"]
+    assert node.op_type == "LinearAttention"
+    plan = json.loads(onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "plan")))
+    assert plan == [{"below": 4096, "kind": "flash", "params": {}},
+                    {"below": None, "kind": "linear", "params": {"sink_tokens": 64, "local_window": 256}}]
