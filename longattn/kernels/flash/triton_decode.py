@@ -17,8 +17,8 @@ import functools
 
 import torch
 
-from .triton_fwd import (LOG2E, _load_2d, autotuning, dot_precision, interpreting, last_dim_contiguous, mask_as_4d, padded_dim,
-                         triton)
+from .triton_fwd import (LOG2E, _load_2d, autotuning, dot_precision, interpreting, last_dim_contiguous, mask_as_4d,
+                         padded_dim, triton)
 
 DECODE_MAX_QUERIES = 16
 MAX_GROUP_ROWS = 128  # group·Sq rows per program; beyond that the tiled forward is as good

@@ -262,14 +262,12 @@ if triton is not None:
     ]
     INTERPRETER_FWD_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "USE_TMA": False, "num_warps": 4, "num_stages": 1}
 
-
     _fwd_heuristic = _even_heuristics(_flash_fwd_kernel)
     _fwd_tuned = triton.autotune(
         configs=FWD_CONFIGS,
         key=["SQ_BUCKET", "SK_BUCKET", "HEAD_DIM_PAD", "DV_PAD", "CAUSAL", "HAS_MASK", "MASK_IS_BOOL"],
         prune_configs_by={"early_config_prune": _prune_by_shared_memory},
     )(_fwd_heuristic)
-
 
 
 def default_fwd_config(head_dim_pad: int, element_size: int = 2) -> dict:
