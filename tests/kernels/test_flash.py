@@ -20,8 +20,9 @@ TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 1e-2}  # 
 
 # (batch, q heads, kv heads, q len, k len, head dim)
 if ON_CUDA:
+    # each shape compiles its own kernels (several seconds each on the GPU): keep the list short
     SHAPES = [(2, 8, 8, 1024, 1024, 64), (1, 16, 4, 1000, 1537, 128), (2, 6, 2, 777, 513, 80),
-              (1, 4, 1, 300, 300, 96), (1, 2, 2, 256, 384, 256), (1, 4, 2, 1100, 900, 40)]
+              (1, 2, 2, 256, 384, 256)]
 else:
     SHAPES = [(1, 2, 2, 32, 32, 16), (2, 4, 2, 19, 37, 24), (1, 6, 2, 33, 17, 40), (1, 2, 1, 21, 21, 80)]
 

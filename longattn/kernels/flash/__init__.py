@@ -15,7 +15,8 @@ from .triton_fwd import MAX_HEAD_DIM, SUPPORTED_DTYPES, interpreting, triton
 def triton_supports(q, k, v, attn_mask=None, dropout_p=0.0) -> bool:
     """True when the Triton kernels compute this call: triton importable, CUDA tensors (or CPU under
     TRITON_INTERPRET=1, unless LONGATTN_FLASH_CPU=reference), no dropout, fp16/bf16/fp32 with one dtype,
-    head dims <= 256, a scale > 0 (checked by the caller), and a mask that needs no gradient (a float mask that requires grad takes the reference, which gives it)."""
+    head dims <= 256 and a mask that needs no gradient (a float mask that requires grad takes the
+    reference, which gives it). `flash_attention` also sends scale <= 0 to the reference."""
     if triton is None or dropout_p > 0.0:
         return False
     if not (q.is_cuda or (q.device.type == "cpu" and interpreting()
