@@ -8,8 +8,9 @@ model with the attention alone (MultiHeadAttention takes (B, S, H·D); the other
 Timing: after one warm-up each, rounds that run every case once in turn (so load from other
 processes on a shared machine falls on all of them alike); median and min over rounds. Writes one JSON object
 a line (the first line is the environment) and prints a table; ratios are only meaningful
-within one run. The hyper and linear rows run their default parameters (block 256, 256 samples,
-7 LSH bits, exact below 4096 keys; elu feature map): they are approximations, see the docs.
+within one run. The hyper and linear rows run the kernels' default parameters (HyperAttention's
+default variant: 64 exact sink keys and a 256-key local window, LSH blocks of 256, 256 samples,
+7 bits, exact below 4096 keys; linear: elu+1 features, no sinks or window): approximations.
 """
 from __future__ import annotations
 

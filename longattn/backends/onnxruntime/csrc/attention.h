@@ -387,12 +387,24 @@ inline void accumulate_rows(const float* Q, int64_t nq, const int64_t* row_ids, 
       for (int r = 0; r < rows; ++r) {
         float* s = ws.scores.data() + (size_t)r * kScoreStride;
         const int64_t lr = r0 + r, row = row_ids[lr];
-        for (int j = 0; j < kb; ++j) {
-          const int64_t o = key_ids ? key_ids[k0 + j] : key_base + k0 + j;
-          bool keep = true;
-          if (f.vis_lo && (o < f.vis_lo[lr] || o >= f.vis_hi[lr])) keep = false;
-          if (o < f.ex_sinks || (f.ex_lo && o >= f.ex_lo[lr] && o < f.ex_hi[lr])) keep = false;
-          s[j] = keep ? s[j] + log2_weight : kNegInf;
+        if (!key_ids && !f.ex_lo && f.ex_sinks == 0) {  // contiguous keys, a visible range per row
+          int lo = 0, hi = kb;
+          if (f.vis_lo) {
+            lo = (int)std::clamp<int64_t>(f.vis_lo[lr] - key_base - k0, 0, kb);
+            hi = (int)std::clamp<int64_t>(f.vis_hi[lr] - key_base - k0, lo, kb);
+          }
+          for (int j = 0; j < lo; ++j) s[j] = kNegInf;
+          if (log2_weight != 0.f)
+            for (int j = lo; j < hi; ++j) s[j] += log2_weight;
+          for (int j = hi; j < kb; ++j) s[j] = kNegInf;
+        } else {
+          for (int j = 0; j < kb; ++j) {
+            const int64_t o = key_ids ? key_ids[k0 + j] : key_base + k0 + j;
+            bool keep = true;
+            if (f.vis_lo && (o < f.vis_lo[lr] || o >= f.vis_hi[lr])) keep = false;
+            if (o < f.ex_sinks || (f.ex_lo && o >= f.ex_lo[lr] && o < f.ex_hi[lr])) keep = false;
+            s[j] = keep ? s[j] + log2_weight : kNegInf;
+          }
         }
         for (int j = kb; j < kbp; ++j) s[j] = kNegInf;
         const float m_new = std::max(st.m[row], row_max(s, kbp));
