@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..kernels.dispatch import encode_plan
+from ..kernels.dispatch import Band, encode_plan
 from ..patterns.onnx_attention import find_attention_sites
 from ..patterns.onnx_graph import GraphView, NotStatic, size_choices
 from ..patterns.record import AttentionSite
