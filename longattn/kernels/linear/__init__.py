@@ -73,5 +73,6 @@ def linear_attention_step(q, k, v, state=None, *, scale=None, causal=True, featu
     return linear_attention_step_reference(q, k, v, state, **kwargs)
 
 
-__all__ = ["linear_attention", "linear_attention_step", "linear_attention_step_reference", "LinearAttentionState", "linear_attention_reference",
-           "linear_attention_quadratic", "apply_feature_map", "feature_dim", "FEATURE_MAPS", "HYBRID_DEFAULTS"]
+__all__ = ["linear_attention", "linear_attention_step", "linear_attention_step_reference", "LinearAttentionState",
+           "linear_attention_reference", "linear_attention_quadratic", "apply_feature_map", "feature_dim",
+           "FEATURE_MAPS", "HYBRID_DEFAULTS"]
