@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover - other triton layouts
     GPUTarget = ASTSource = None
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-INTS = {"N", "NQ", "F", "G", "Hq", "Hkv", "D", "Dv", "W", "L", "P", "Sq"}
+INTS = {"N", "NQ", "F", "G", "Hq", "Hkv", "D", "Dv", "W", "L", "P", "Sq", "Sk"}
 FLOATS = {"eps", "scale"}
 
 pytestmark = pytest.mark.skipif(GPUTarget is None or not os.path.exists(os.path.join(TOOLS, "ptxas"))
@@ -58,6 +58,7 @@ def _cases():
     from longattn.kernels.linear import triton_additive_bwd as bwd
     from longattn.kernels.linear import triton_decode as dec
     from longattn.kernels.linear import triton_delta as delta
+    from longattn.kernels.linear import triton_exact as exact
     io = {"Q", "K", "V", "O", "H", "DO", "R", "DQ", "DK", "DV", "KN", "WT", "UT", "UNEW"}
     # (name, kernel, constexprs, num_warps) as the launchers use them, bf16 runs, d64
     return [
@@ -71,10 +72,11 @@ def _cases():
         ("delta-states", delta._delta_h_kernel, dict(BF16=True, C=64, BF=64, BV=32), 4, io),
         ("decode", dec._decode_kernel, dict(FMAP=1, HAS_FAR=True, FOLD=True, NORMALIZE=True, BD=64, BDV=64, BN=64),
          4, {"Q", "O"}),
+        ("exact", exact._exact_kernel, dict(CAUSAL=True, BF16=True, BM=64, BN=64, BD=64, BDV=64), 4, {"Q", "K", "V"}),
     ]
 
 
-NAMES = ["states", "output", "dq", "dk", "delta-prep", "delta-states", "decode"]
+NAMES = ["states", "output", "dq", "dk", "delta-prep", "delta-states", "decode", "exact"]
 
 
 def _report_all() -> dict:

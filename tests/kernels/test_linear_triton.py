@@ -168,3 +168,25 @@ def test_fused_decode_continues_a_state_built_by_the_pytorch_step():
         fast, _ = linear_attention_step(q[:, :, 6:], k[:, :, 6:], v[:, :, 6:], state, **opts)
         slow, _ = linear_attention_step_reference(q[:, :, 6:], k[:, :, 6:], v[:, :, 6:], state, **opts)
     assert _rel(fast, slow) < 1e-5
+
+
+@pytest.mark.parametrize("causal,sq,sk,sinks,window", [
+    (True, 70, 70, 3, 5), (True, 20, 90, 2, 200), (True, 90, 40, 100, 0), (True, 1, 33, 0, 7),
+    (False, 20, 90, 3, 5), (False, 70, 70, 0, 70)])
+def test_exact_part_kernel_equals_the_reference_softmax_pieces(causal, sq, sk, sinks, window):
+    from longattn.kernels.linear.reference import exact_part
+    from longattn.kernels.linear.triton_exact import exact_part_triton
+    q, k, v = torch.randn(2, 4, sq, 16), torch.randn(2, 2, sk, 16), torch.randn(2, 2, sk, 12)
+    xs = [x.requires_grad_() for x in (q.clone(), k.clone(), v.clone())]
+    m, l, acc = exact_part_triton(*xs, scale=0.3, causal=causal, sink_tokens=sinks, local_window=window)
+    ys = [x.double().requires_grad_() for x in (q, k, v)]
+    m_ref, l_ref, acc_ref = exact_part(*ys, scale=0.3, causal=causal, sink_tokens=sinks, local_window=window)
+    assert torch.equal(torch.isinf(m), torch.isinf(m_ref))  # the same rows see no exact key
+    # compare e^m l and e^m acc: the pieces are relative to each one's own row maximum
+    shift = torch.exp(torch.where(torch.isfinite(m), m, 0).double() - torch.where(torch.isfinite(m_ref), m_ref, 0))
+    assert _rel(l * shift, l_ref) < 1e-5 and _rel(acc * shift[..., None], acc_ref) < 1e-5
+    g_l, g_acc = torch.randn_like(l), torch.randn_like(acc)
+    fast = torch.autograd.grad((l * g_l).sum() + (acc * g_acc).sum(), xs)
+    slow = torch.autograd.grad((l_ref * g_l.double() * shift).sum() + (acc_ref * g_acc.double() * shift[..., None]).sum(), ys)
+    for a, b in zip(fast, slow):
+        assert _rel(a, b) < 1e-5

@@ -342,7 +342,7 @@ def linear_attention_additive_triton(q, k, v, *, scale=None, causal=False, featu
 
     from ..masks import check_qkv
     from .feature_maps import apply_feature_map
-    from .reference import check_options, combine, exact_part, far_keys, far_scale_per_head
+    from .reference import check_options, combine, far_keys, far_scale_per_head
 
     check_qkv(q, k, v, "linear_attention")
     check_options(causal=causal, feature_map=feature_map, sink_tokens=sink_tokens, local_window=local_window,
@@ -350,7 +350,8 @@ def linear_attention_additive_triton(q, k, v, *, scale=None, causal=False, featu
     B, Hq, Sq, D = q.shape
     Sk, Dv = k.shape[2], v.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    exact = exact_part(q, k, v, scale=scale, causal=causal, sink_tokens=sink_tokens, local_window=local_window)
+    from .triton_exact import exact_part_triton
+    exact = exact_part_triton(q, k, v, scale=scale, causal=causal, sink_tokens=sink_tokens, local_window=local_window)
     fr = far_keys(Sq, Sk, causal, sink_tokens, local_window)
     far_num, lq = None, None
     if feature_map != "none" and fr.stop > fr.start:
