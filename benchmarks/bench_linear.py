@@ -10,11 +10,12 @@ modules produce them: fla reads that layout, ours reads the (B, H, S, D) view of
     ours-identity-raw   feature_map="identity", normalize=False  ~ fla chunk_linear_attn(normalize=False, scale=1)
     ours-identity-norm  feature_map="identity", normalize=True   ~ fla chunk_linear_attn(normalize=True, scale=1)
     ours-elu-norm       feature_map="elu" (the kind's default), normalised; no fla twin (fla applies maps outside)
+    ours-elu-hybrid     64 exact sinks + 256-key exact window + elu far part, one normaliser (HYBRID_DEFAULTS)
     ours-delta          update_rule="delta", identity map (unit-normalised q/k), per-token β, unnormalised
                         ~ fla chunk_delta_rule(use_qk_l2norm_in_kernel=True, scale=1)
     rel_err compares each of ours with its fla twin (same function up to rounding) where there is one.
-    Backward: Triton kernels for the additive rule; the delta rule's is an exact PyTorch recompute (timed only
-    up to --slow-limit).
+    Backward: Triton kernels for the additive far part; the delta rule's and the exact window's are exact
+    PyTorch recomputes (ours-delta and ours-elu-hybrid fwd+bwd timed only up to --slow-limit).
   decode, one new token per call against a context of S tokens, h32 d64 (and GQA 9/3):
     ours-linear-step    linear_attention_step, pure elu linear attention (state 64×65 per head)
     ours-hybrid-step    linear_attention_step, 64 sinks + 256-key window exact + elu far part
@@ -125,6 +126,8 @@ def contenders(beta):
         "ours-identity-norm": (lambda q, k, v: linear_attention(t(q), t(k), t(v), causal=True,
                                                                 feature_map="identity"), "fla-linear-norm"),
         "ours-elu-norm": (lambda q, k, v: linear_attention(t(q), t(k), t(v), causal=True, feature_map="elu"), None),
+        "ours-elu-hybrid": (lambda q, k, v: linear_attention(t(q), t(k), t(v), causal=True, feature_map="elu",
+                                                             sink_tokens=64, local_window=256), None),
         "ours-delta": (lambda q, k, v: linear_attention(t(q), t(k), t(v), causal=True, feature_map="identity",
                                                         update_rule="delta", beta=t(beta),
                                                         normalize=False), "fla-delta"),
@@ -166,7 +169,7 @@ def bench_prefill(rec, mode, lengths, shapes):
                             outs[name] = fn(q, k, v).float()
                             ms = time_ms(lambda: fn(q, k, v))
                     else:
-                        if name == "ours-delta" and s > args_slow_limit:
+                        if name in ("ours-delta", "ours-elu-hybrid") and s > args_slow_limit:
                             continue  # its backward is a PyTorch recompute: seconds a call at these lengths
                         qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
                         g = torch.randn(1, h, s, d, device="cuda", dtype=torch.bfloat16)

@@ -32,8 +32,9 @@ def linear_attention(q, k, v, *, scale=None, causal=False, feature_map="elu", nu
     Causal is bottom-right aligned; non-causal works for any Sq, Sk. The far part runs the Triton chunked
     kernels where they run (CUDA tensors or TRITON_INTERPRET=1, not float64, chunk_size 16/32/64/128;
     `triton_additive` for the additive rule, `triton_delta` for the unnormalised delta rule with at most 256
-    features, `triton_chunk` for the other delta cases), else the PyTorch chunked form. Differentiable: the
-    additive kernels have Triton backward kernels, the delta-rule ones recompute the PyTorch form.
+    features, `triton_chunk` for the other delta cases; `triton_exact` for the sinks and window), else the
+    PyTorch chunked form. Differentiable: the additive far part has Triton backward kernels; the delta-rule
+    far part and the exact part recompute their PyTorch forms.
     See `reference.py` for the exact definition and `linear_attention_reference` for every argument.
     """
     kwargs = dict(scale=scale, causal=causal, feature_map=feature_map, num_features=num_features, seed=seed,
@@ -51,7 +52,9 @@ def linear_attention(q, k, v, *, scale=None, causal=False, feature_map="elu", nu
             feature_dim(feature_map, q.shape[-1], num_features, feature_params) <= MAX_FEATURES:
         kwargs.pop("update_rule")
         return linear_attention_delta_triton(q, k, v, **kwargs)
-    return linear_attention_reference(q, k, v, far_fn=triton_chunk.far_chunked_triton, **kwargs)
+    from .triton_exact import exact_part_triton
+    return linear_attention_reference(q, k, v, far_fn=triton_chunk.far_chunked_triton, exact_fn=exact_part_triton,
+                                      **kwargs)
 
 
 def linear_attention_step(q, k, v, state=None, *, scale=None, causal=True, feature_map="elu", num_features=256,

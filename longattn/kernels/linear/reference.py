@@ -326,13 +326,14 @@ def far_chunked(fq, fk, vals, beta, *, causal: bool, offset: Optional[int], upda
 
 def linear_attention_reference(q, k, v, *, scale=None, causal=False, feature_map="elu", num_features=256, seed=0,
                                sink_tokens=0, local_window=0, normalize=True, eps=1e-6, update_rule="add",
-                               beta=None, chunk_size=64, feature_params=None, form="chunked", far_fn=None):
+                               beta=None, chunk_size=64, feature_params=None, form="chunked", far_fn=None,
+                               exact_fn=None):
     """Hybrid linear attention (see the module docstring), far part in `form` "chunked" or "recurrent".
 
     q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), Hq a multiple of Hkv (never repeated);
     accumulation in float32 (float64 for float64 inputs). Returns (B, Hq, Sq, Dv) in q's dtype.
     `far_fn` replaces the far part's computation (the Triton path plugs in here): `far_chunked`'s contract plus
-    an `input_dtype` keyword (q's dtype).
+    an `input_dtype` keyword (q's dtype). `exact_fn` replaces `exact_part` (same contract) likewise.
     """
     check_qkv(q, k, v, "linear_attention")
     check_options(causal=causal, feature_map=feature_map, sink_tokens=sink_tokens, local_window=local_window,
@@ -343,7 +344,8 @@ def linear_attention_reference(q, k, v, *, scale=None, causal=False, feature_map
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dt = feature_dtype(q.dtype)
-    exact = exact_part(q, k, v, scale=scale, causal=causal, sink_tokens=sink_tokens, local_window=local_window)
+    exact = (exact_fn or exact_part)(q, k, v, scale=scale, causal=causal, sink_tokens=sink_tokens,
+                                     local_window=local_window)
     fr = far_keys(Sq, Sk, causal, sink_tokens, local_window)
     far_num, lq = None, None
     if feature_map != "none" and fr.stop > fr.start:
