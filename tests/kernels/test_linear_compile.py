@@ -73,10 +73,14 @@ def _cases():
         ("decode", dec._decode_kernel, dict(FMAP=1, HAS_FAR=True, FOLD=True, NORMALIZE=True, BD=64, BDV=64, BN=64),
          4, {"Q", "O"}),
         ("exact", exact._exact_kernel, dict(CAUSAL=True, BF16=True, BM=64, BN=64, BD=64, BDV=64), 4, {"Q", "K", "V"}),
+        ("exact-dq", exact._exact_dq_kernel, dict(CAUSAL=True, BF16=True, BM=64, BN=64, BD=64, BDV=64), 8,
+         {"Q", "K", "V", "DQ"}),
+        ("exact-dkv", exact._exact_dkv_kernel, dict(CAUSAL=True, BM=64, BN=64, BD=64, BDV=64), 8,
+         {"Q", "K", "V", "DK", "DV"}),
     ]
 
 
-NAMES = ["states", "output", "dq", "dk", "delta-prep", "delta-states", "decode", "exact"]
+NAMES = ["states", "output", "dq", "dk", "delta-prep", "delta-states", "decode", "exact", "exact-dq", "exact-dkv"]
 
 
 def _report_all() -> dict:
