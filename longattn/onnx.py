@@ -14,12 +14,13 @@ import os
 import shutil
 import tempfile
 import warnings
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 import onnx
 
-from .rewriter.report import Report
+if TYPE_CHECKING:  # the rewriter (and torch) load only when converting, not to run a model
+    from .rewriter.report import Report
 
 # Protobuf cannot serialise a message of 2 GiB or more: such models keep their weights outside.
 PROTO_LIMIT = (1 << 31) - (1 << 26)
@@ -42,7 +43,7 @@ def load(path: str) -> onnx.ModelProto:
 
 
 def convert(model_or_path: Union[str, os.PathLike, onnx.ModelProto], policy=None, check: bool = False, *,
-            verify: bool = True, check_length: Optional[int] = None) -> tuple[onnx.ModelProto, Report]:
+            verify: bool = True, check_length: Optional[int] = None) -> tuple[onnx.ModelProto, "Report"]:
     """Rewrite every attention site of an ONNX model by `policy` (a path, dict, Policy or None for
     the built-in policy). Returns (converted model, report); the input is never modified. Models
     given by path may use external data (any size: the graph is rewritten before the weights are
