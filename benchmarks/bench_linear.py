@@ -14,8 +14,8 @@ modules produce them: fla reads that layout, ours reads the (B, H, S, D) view of
     ours-delta          update_rule="delta", identity map (unit-normalised q/k), per-token β, unnormalised
                         ~ fla chunk_delta_rule(use_qk_l2norm_in_kernel=True, scale=1)
     rel_err compares each of ours with its fla twin (same function up to rounding) where there is one.
-    Backward: Triton kernels for the additive far part; the delta rule's and the exact window's are exact
-    PyTorch recomputes (ours-delta and ours-elu-hybrid fwd+bwd timed only up to --slow-limit).
+    Backward: Triton kernels for the additive far part and the exact sinks/window; the delta rule's is an
+    exact PyTorch recompute (ours-delta fwd+bwd timed only up to --slow-limit).
   decode, one new token per call against a context of S tokens, h32 d64 (and GQA 9/3):
     ours-linear-step    linear_attention_step, pure elu linear attention (state 64×65 per head)
     ours-hybrid-step    linear_attention_step, 64 sinks + 256-key window exact + elu far part
@@ -169,7 +169,7 @@ def bench_prefill(rec, mode, lengths, shapes):
                             outs[name] = fn(q, k, v).float()
                             ms = time_ms(lambda: fn(q, k, v))
                     else:
-                        if name in ("ours-delta", "ours-elu-hybrid") and s > args_slow_limit:
+                        if name == "ours-delta" and s > args_slow_limit:
                             continue  # its backward is a PyTorch recompute: seconds a call at these lengths
                         qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
                         g = torch.randn(1, h, s, d, device="cuda", dtype=torch.bfloat16)
