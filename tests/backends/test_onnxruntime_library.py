@@ -252,3 +252,15 @@ def test_float16_models_fall_back_to_the_function_body_with_a_warning(library):
     assert got.dtype == np.float16
     np.testing.assert_allclose(got.astype(np.float32), stock(m, {k: v.astype(np.float32) for k, v in feeds.items()}),
                                rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kind,params", [("hyper", {"min_seq_len": 4}), ("linear", {"sink_tokens": 2, "local_window": 4})])
+def test_converted_hyper_and_linear_models_run_on_the_library(library, tmp_path, kind, params):
+    from tests.patterns.test_onnx_zoo import FixedPolicy, export, zoo_feeds
+    path, zoo_model = export("qwen2", "eager", False, 17, tmp_path)
+    converted, report = lo.convert(path, policy=FixedPolicy(Band(kind, None, params)))
+    assert report.count("rewritten") == zoo_model.attention_modules
+    out = tmp_path / "converted.onnx"
+    lo.save(converted, out)
+    got = lo.session(out).run(None, zoo_feeds("qwen2", "eager"))[0]
+    assert np.isfinite(got).all()
