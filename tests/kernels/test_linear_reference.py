@@ -164,6 +164,19 @@ def test_decode_steps_equal_the_prefill_output_position_by_position(opts):
     assert state.sink_k.shape[2] <= opts.get("sink_tokens", 0)
 
 
+def test_decode_state_survives_a_round_trip_through_plain_tensors():
+    from longattn.kernels.linear import LinearAttentionState
+    q, k, v = _qkv(sq=6, sk=6)
+    opts = dict(feature_map="elu", sink_tokens=1, local_window=2)
+    _, state = linear_attention_step(q[:, :, :4], k[:, :, :4], v[:, :, :4], None, **opts)
+    again = LinearAttentionState.from_tensors(state.as_tensors())
+    a, _ = linear_attention_step(q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], state, **opts)
+    b, _ = linear_attention_step(q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], again, **opts)
+    torch.testing.assert_close(a, b, **F64)
+    fresh = LinearAttentionState.from_tensors(LinearAttentionState.empty(k, v).as_tensors())
+    assert fresh.far is None and fresh.position == 0
+
+
 # ----------------------------------------------------------------------------------------------- gradients
 
 @pytest.mark.parametrize("opts", [

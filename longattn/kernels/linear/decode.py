@@ -32,6 +32,19 @@ class LinearAttentionState:
     window_v: torch.Tensor
     window_beta: torch.Tensor
 
+    def as_tensors(self) -> list[torch.Tensor]:
+        """Plain tensors for an op boundary (torch.library ops take no dataclasses): [position (int64 scalar),
+        far (empty when None), sink_k, sink_v, window_k, window_v, window_beta]. Inverse: `from_tensors`."""
+        far = self.far if self.far is not None else self.sink_k.new_empty(0)
+        return [torch.tensor(self.position, dtype=torch.int64), far, self.sink_k, self.sink_v, self.window_k,
+                self.window_v, self.window_beta]
+
+    @staticmethod
+    def from_tensors(tensors) -> "LinearAttentionState":
+        position, far, sink_k, sink_v, window_k, window_v, window_beta = tensors
+        return LinearAttentionState(int(position), far if far.numel() else None, sink_k, sink_v, window_k,
+                                    window_v, window_beta)
+
     @staticmethod
     def empty(k: torch.Tensor, v: torch.Tensor) -> "LinearAttentionState":
         B, Hkv = k.shape[:2]
