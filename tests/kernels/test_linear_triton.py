@@ -190,3 +190,37 @@ def test_exact_part_kernel_equals_the_reference_softmax_pieces(causal, sq, sk, s
     slow = torch.autograd.grad((l_ref * g_l.double() * shift).sum() + (acc_ref * g_acc.double() * shift[..., None]).sum(), ys)
     for a, b in zip(fast, slow):
         assert _rel(a, b) < 1e-5
+
+
+@pytest.fixture
+def bf16_dot_in_the_interpreter(monkeypatch):
+    """The interpreter keeps bfloat16 as raw uint16 bits and multiplies the bits in tl.dot; read them as
+    floats first (test-only: the bfloat16 code paths are then checked on the CPU like the others)."""
+    import numpy as np
+    from triton.runtime import interpreter as interp
+    original = interp.InterpreterBuilder.create_dot
+
+    def as_float(handle):
+        if handle.dtype.scalar == triton.language.bfloat16:
+            data = (handle.data.astype(np.uint32) << 16).view(np.float32)
+            return interp.TensorHandle(data, triton.language.float32)
+        return handle
+
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_dot",
+                        lambda self, a, b, d, *rest: original(self, as_float(a), as_float(b), d, *rest))
+
+
+@pytest.mark.parametrize("opts", [
+    dict(), dict(sink_tokens=3, local_window=8), dict(update_rule="delta", normalize=False),
+    dict(feature_map="favor", num_features=32)], ids=["elu", "elu-hybrid", "delta", "favor"])
+def test_bfloat16_paths_match_the_float64_reference(bf16_dot_in_the_interpreter, opts):
+    q, k, v = torch.randn(1, 4, 70, 16), torch.randn(1, 2, 70, 16), torch.randn(1, 2, 70, 16)
+    xs = [x.bfloat16().requires_grad_() for x in (q, k, v)]
+    out = linear_attention(*xs, causal=True, chunk_size=16, **opts)
+    ys = [x.double().requires_grad_() for x in (q, k, v)]
+    ref = linear_attention_reference(*ys, causal=True, chunk_size=16, **opts)
+    assert out.dtype == torch.bfloat16
+    assert _rel(out, ref) < 2e-2
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, xs, g.bfloat16()), torch.autograd.grad(ref, ys, g)):
+        assert _rel(a, b) < 3e-2
