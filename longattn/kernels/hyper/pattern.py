@@ -18,9 +18,10 @@ convention aligns it):
   variant stratifies them: one uniform draw in each of m equal slices), skipping samples that lie
   in its own block. Keys in X_i are skipped in both, so no key is counted twice.
 
-Causal attention is the paper's recursive halving: a segment of length L >= min_seq_len splits at
+Causal attention is the paper's recursive halving: a segment of length L > min_seq_len splits at
 h = L // 2 into two causal halves and one rectangle (the second half's queries against the first
-half's keys); shorter segments are exact leaves (part of X_i). With Sq < Sk the Sk - Sq keys before
+half's keys); segments of at most min_seq_len are exact leaves (part of X_i), as in the authors'
+code (so at 8K with min_seq_len 4096 only the 4096 x 4096 off-diagonal quarter is approximated). With Sq < Sk the Sk - Sq keys before
 the square part form one more rectangle seen by every query. Rectangles of one recursion level have
 disjoint query and key ranges, so a level is one batched launch with one sort of q and one of k.
 
@@ -122,7 +123,8 @@ def plan_rectangles(sq: int, sk: int, causal: bool, min_seq_len: int):
     while segments:
         level, nxt = [], []
         for start, length in segments:
-            if length < max(min_seq_len, 2):
+            # as the authors' code does: a causal segment of at most min_seq_len is one exact leaf
+            if length <= max(min_seq_len, 1):
                 leaves.append((start, length))
                 continue
             h = length // 2
