@@ -150,6 +150,10 @@ def format_md(records):
     env = records[0]
     lines = [f"# HyperAttention quality: {env['model']}, {env['tokens']} tokens of {env['text']}", "",
              f"CPU float32, torch {env['torch']}, {env['date']}. Hyper settings: {json.dumps(env['variants'])}.", "",
+             "Causal leaves: segments of at most min_seq_len keys are exact (the authors' rule). Default variant: "
+             "exact sinks and causal window, LSH blocks and stratified uniform samples over the rest; paper: blocks "
+             "and i.i.d. uniform samples. Relative errors are over all rows of the layer (exact leaf rows included).",
+             "",
              "## Perplexity", "", "| attention | perplexity | vs exact |", "|---|---|---|"]
     for r in records:
         if r["kind"] == "ppl":
