@@ -311,7 +311,7 @@ inline void merge_by_lse(float* out_a, float* lse_a, const float* out_b, const f
 //  * per rectangle (queries x keys) holding the row: queries and keys stably sorted by their LSH
 //    bucket's Gray rank, cut into nb = ceil(kl / block_size) balanced blocks; the row attends its
 //    block's keys (weight 1) and `sample_size` uniform samples of the rectangle's keys (weight
-//    kl / m) outside its block; keys of X_i are skipped in both.
+//    kl / m; the default variant stratifies them) outside its block; keys of X_i are skipped in both.
 // All parts meet in one online softmax per row. Randomness (hyperplanes, samples) comes from
 // std::mt19937_64 seeded with `seed` per key head: the same algorithm as the PyTorch kernel, not
 // the same random draws.
@@ -337,7 +337,8 @@ inline void plan_rectangles(int64_t sq, int64_t sk, bool causal, int64_t min_seq
     std::vector<Rect> level;
     std::vector<std::pair<int64_t, int64_t>> next;
     for (auto [start, length] : segments) {
-      if (length < std::max<int64_t>(min_seq_len, 2)) { leaves.push_back({start, length}); continue; }
+      // a causal segment of at most min_seq_len is one exact leaf, as in the authors' code
+      if (length <= std::max<int64_t>(min_seq_len, 1)) { leaves.push_back({start, length}); continue; }
       const int64_t h = length / 2;
       level.push_back(Rect{start + h, length - h, off + start, h});
       next.push_back({start, h});
@@ -488,9 +489,15 @@ inline void hyper_attention_heads(const float* Q, int group, int64_t Sq, const f
   std::vector<std::vector<std::vector<int64_t>>> samples(levels.size());
   for (size_t lv = 0; lv < levels.size(); ++lv)
     for (const Rect& rc : levels[lv]) {
-      std::uniform_int_distribution<int64_t> pick(rc.ks, rc.ks + rc.kl - 1);
+      std::uniform_real_distribution<double> unit(0.0, 1.0);
       std::vector<int64_t> s(rc.kl > 0 ? p.sample_size : 0);
-      for (auto& x : s) x = pick(rng);
+      const double m = (double)std::max<int64_t>(p.sample_size, 1);
+      for (size_t t = 0; t < s.size(); ++t) {
+        // the default variant stratifies: one uniform draw in each of m equal slices of the keys
+        // (each key still drawn with probability m / kl); the paper's are i.i.d. uniform
+        const double u = p.paper ? unit(rng) : ((double)t + unit(rng)) / m;
+        s[t] = rc.ks + std::min<int64_t>(rc.kl - 1, (int64_t)std::floor(u * (double)rc.kl));
+      }
       samples[lv].push_back(std::move(s));
     }
   const float log2e = 1.44269504088896341f;
