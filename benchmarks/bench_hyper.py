@@ -154,7 +154,8 @@ def main():
             print(json.dumps(rec), flush=True)
 
     if args.sweep_tiles:
-        candidates = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 2)]
+        candidates = [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 1), (64, 32, 8, 2), (32, 64, 8, 1), (128, 64, 8, 2),
+                      (64, 64, 4, 2)]
         for h, d in shapes:
             best = None
             for tiles in candidates:
@@ -173,7 +174,7 @@ def main():
             if args.no_backward:
                 continue
             best = None
-            for tiles in [(128, 32, 8, 1), (64, 32, 4, 1), (64, 64, 4, 1), (128, 64, 8, 1), (64, 32, 4, 2)]:
+            for tiles in [(128, 32, 8, 1), (64, 32, 8, 1), (32, 32, 8, 1), (64, 64, 8, 1), (64, 32, 8, 2)]:
                 triton_attention.TILES_BWD[max(64, d)] = tiles
                 try:
                     ms = bench(runners(h, d, 32768, True, True)["hyper"][0])

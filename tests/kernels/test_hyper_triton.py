@@ -110,3 +110,17 @@ def test_kernels_read_transposed_views_as_models_produce_them():
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (qc, kc, vc), g)):
         torch.testing.assert_close(a, b)
+
+
+def test_kernels_with_64_bit_offsets_give_the_same_result(monkeypatch):
+    from longattn.kernels.hyper import triton_attention, triton_backward
+    q, k, v = _qkv(sq=30, sk=30, grad=True)
+    out, lse = hyper_attention(q, k, v, causal=True, **SMALL)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    for module in (triton_attention, triton_backward):
+        monkeypatch.setattr(module, "needs_wide_offsets", lambda *tensors: True)
+    out64, lse64 = hyper_attention(q, k, v, causal=True, **SMALL)
+    torch.testing.assert_close(out64, out)
+    for a, b in zip(torch.autograd.grad(out64, (q, k, v), g), grads):
+        torch.testing.assert_close(a, b)

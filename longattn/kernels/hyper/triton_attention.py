@@ -29,13 +29,22 @@ LOG2E = 1.4426950408889634
 
 if HAVE_TRITON:
     @triton.jit
+    def _offset_index(idx, WIDE: tl.constexpr):
+        """Row indices for address arithmetic within one head: 32-bit unless a head's rows span 2^31
+        elements (64-bit offset tensors cost registers the gathers need)."""
+        if WIDE:
+            return idx.to(tl.int64)
+        else:
+            return idx.to(tl.int32)
+
+    @triton.jit
     def _attend(q, m_i, l_i, acc, k_base, v_base, kidx, kvalid, keep, bias, sks, svs,
                 scale_log2, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                PRECISION: tl.constexpr):
+                PRECISION: tl.constexpr, WIDE: tl.constexpr):
         """One online-softmax step of rows q (BM, BD) over gathered keys kidx (BN,); keep (BM, BN)."""
         d = tl.arange(0, BLOCK_D)
         dv = tl.arange(0, BLOCK_DV)
-        kidx = kidx.to(tl.int64)
+        kidx = _offset_index(kidx, WIDE)
         k = tl.load(k_base + kidx[:, None] * sks + d[None, :], mask=kvalid[:, None] & (d[None, :] < D), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 + bias
         s = tl.where(keep, s, float("-inf"))
@@ -62,7 +71,7 @@ if HAVE_TRITON:
                            Hq, group, Sq, Sk, sinks, scale_log2,
                            CAUSAL: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                           BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+                           BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         b = bh // Hq
@@ -72,7 +81,7 @@ if HAVE_TRITON:
         row_ok = rows < Sq
         d = tl.arange(0, BLOCK_D)
         dv = tl.arange(0, BLOCK_DV)
-        q = tl.load(Q + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sqs + d[None, :],
+        q = tl.load(Q + b * sqb + h * sqh + _offset_index(rows, WIDE)[:, None] * sqs + d[None, :],
                     mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
         lo = tl.load(LO + rows, mask=row_ok, other=Sk)
         hi = tl.load(HI + rows, mask=row_ok, other=0)
@@ -89,7 +98,7 @@ if HAVE_TRITON:
             if CAUSAL:
                 keep = keep & (kidx[None, :] <= last_key[:, None])
             m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_base, v_base, kidx, kidx < sinks, keep, 0.0, sks, svs,
-                                    scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION)
+                                    scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE)
         # the tile's rows span [min lo, max hi); keys below `sinks` were counted above
         lo_tile = tl.maximum(tl.min(lo, axis=0), sinks)
         hi_tile = tl.max(hi, axis=0)
@@ -97,11 +106,11 @@ if HAVE_TRITON:
             kidx = start + cols
             keep = (kidx[None, :] >= lo[:, None]) & (kidx[None, :] < hi[:, None]) & (kidx[None, :] >= sinks)
             m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_base, v_base, kidx, kidx < hi_tile, keep, 0.0, sks, svs,
-                                    scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION)
+                                    scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE)
         seen = l_i > 0
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
         lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-        tl.store(O + b * sob + h * soh + rows[:, None].to(tl.int64) * sos + dv[None, :], out,
+        tl.store(O + b * sob + h * soh + _offset_index(rows, WIDE)[:, None] * sos + dv[None, :], out,
                  mask=row_ok[:, None] & (dv[None, :] < DV))
         tl.store(LSE + bh * Sq + rows, lse, mask=row_ok)
 
@@ -112,7 +121,8 @@ if HAVE_TRITON:
                            Hq, Hkv, group, Sq, Sk, sinks, n_samples, block_size, tiles_per_block, n_rects,
                            scale_log2, log2_samples,
                            D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+                           BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+                           WIDE: tl.constexpr):
         pid = tl.program_id(0)
         r = tl.program_id(1)
         bh = tl.program_id(2).to(tl.int64)
@@ -134,7 +144,7 @@ if HAVE_TRITON:
         rows = tl.load(QORD + bh * Sq + ranks, mask=row_ok, other=0)
         d = tl.arange(0, BLOCK_D)
         dv = tl.arange(0, BLOCK_DV)
-        row_off = rows[:, None].to(tl.int64)
+        row_off = _offset_index(rows, WIDE)[:, None]
         q = tl.load(Q + b * sqb + h * sqh + row_off * sqs + d[None, :],
                     mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
         lo = tl.load(LO + rows, mask=row_ok, other=0)
@@ -157,7 +167,7 @@ if HAVE_TRITON:
             kidx = tl.load(kord + pos, mask=kvalid, other=0)
             keep = row_ok[:, None] & kvalid[None, :] & ~_excluded(kidx, lo, hi, sinks)
             m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_base, v_base, kidx, kvalid, keep, 0.0, sks, svs,
-                                    scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION)
+                                    scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE)
         # uniform samples of the rectangle, each standing for kl / m keys; those in the row's own
         # block were counted exactly above
         n_s = n_samples * active
@@ -170,7 +180,7 @@ if HAVE_TRITON:
             sblk = tl.load(SBLK + samp + si, mask=svalid, other=-1)
             keep = row_ok[:, None] & (svalid & (sblk != blk))[None, :] & ~_excluded(kidx, lo, hi, sinks)
             m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_base, v_base, kidx, svalid, keep, weight_log2, sks, svs,
-                                    scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION)
+                                    scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE)
         seen = l_i > 0
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
         lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
@@ -181,10 +191,12 @@ if HAVE_TRITON:
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by largest head size; not autotuned because the
 # rectangle kernel updates its output in place (a tuning rerun would merge twice). The benchmark
 # sweeps candidates by assigning TILES.
-TILES = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1)}
+# Chosen without a GPU run: the largest tiles whose sm_90 build (triton 3.9, bf16) spills no
+# registers (the gathers' per-element offsets cost registers that 4 warps do not have).
+TILES = {64: (64, 64, 8, 2), 128: (64, 32, 8, 1), 256: (32, 32, 8, 1)}
 # backward: every program adds its dk / dv contributions with atomics, so taller query tiles mean
 # fewer atomics on the shared sample keys
-TILES_BWD = {64: (128, 32, 8, 1), 128: (64, 32, 4, 1), 256: (32, 16, 4, 1)}
+TILES_BWD = {64: (128, 32, 8, 1), 128: (32, 32, 8, 1), 256: (16, 32, 8, 1)}
 
 
 def _tiles(head_dim, dv, table=None):
@@ -196,6 +208,11 @@ def _tiles(head_dim, dv, table=None):
         if width <= limit:
             return table[limit]
     raise ValueError(f"hyper_attention (triton): head dims up to {max(table)} are supported, got {width}")
+
+
+def needs_wide_offsets(*tensors) -> bool:
+    """Whether offsets within one (batch, head) slice of any of these (B, H, S, D) tensors reach 2^31."""
+    return any(t.shape[2] * t.stride(2) + t.shape[3] >= 2**31 for t in tensors)
 
 
 def hyper_forward_triton(q, k, v, pattern: HyperPattern, *, scale, causal):
@@ -215,7 +232,7 @@ def hyper_forward_triton(q, k, v, pattern: HyperPattern, *, scale, causal):
     block_m, block_n, warps, stages = _tiles(D, Dv)
     dims = dict(D=D, DV=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
                 BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
-                PRECISION="ieee" if q.dtype == torch.float32 else None)
+                PRECISION="ieee" if q.dtype == torch.float32 else None, WIDE=needs_wide_offsets(q, k, v, out))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
     scale_log2 = float(scale) * LOG2E

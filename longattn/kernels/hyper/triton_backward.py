@@ -17,6 +17,7 @@ import math
 import torch
 
 from .pattern import HyperPattern, num_blocks
+from .triton_attention import _offset_index, needs_wide_offsets
 from .triton_hash import HAVE_TRITON
 
 if HAVE_TRITON:
@@ -26,10 +27,10 @@ if HAVE_TRITON:
     @triton.jit
     def _grad_step(q, do, lse2, delta, dq, k_base, v_base, dk_base, dv_base, kidx, kvalid, keep, bias,
                    sks, svs, scale_log2, scale, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, KV_GRADS: tl.constexpr = True):
+                   BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr, KV_GRADS: tl.constexpr = True):
         d = tl.arange(0, BLOCK_D)
         dv = tl.arange(0, BLOCK_DV)
-        kidx = kidx.to(tl.int64)
+        kidx = _offset_index(kidx, WIDE)
         kmask = kvalid[:, None] & (d[None, :] < D)
         vmask = kvalid[:, None] & (dv[None, :] < DV)
         k = tl.load(k_base + kidx[:, None] * sks + d[None, :], mask=kmask, other=0.0)
@@ -53,13 +54,14 @@ if HAVE_TRITON:
 
     @triton.jit
     def _load_rows(Q, DO, LSE, DELTA, b, h, bh, rows, row_ok, sqb, sqh, sqs, Sq,
-                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   WIDE: tl.constexpr):
         d = tl.arange(0, BLOCK_D)
         dv = tl.arange(0, BLOCK_DV)
-        row_off = rows[:, None].to(tl.int64)
+        row_off = _offset_index(rows, WIDE)[:, None]
         q = tl.load(Q + b * sqb + h * sqh + row_off * sqs + d[None, :], mask=row_ok[:, None] & (d[None, :] < D),
                     other=0.0)
-        do = tl.load(DO + (bh * Sq + row_off) * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV),
+        do = tl.load(DO + bh * Sq * DV + row_off * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV),
                      other=0.0)
         lse2 = tl.load(LSE + bh * Sq + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + bh * Sq + rows, mask=row_ok, other=0.0)
@@ -71,7 +73,7 @@ if HAVE_TRITON:
                                Hq, Hkv, group, Sq, Sk, sinks, scale_log2, scale,
                                CAUSAL: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                               BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+                               BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         b = bh // Hq
@@ -80,7 +82,7 @@ if HAVE_TRITON:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Sq
         q, do, lse2, delta = _load_rows(Q, DO, LSE, DELTA, b, h, bh, rows, row_ok, sqb, sqh, sqs, Sq,
-                                        D, DV, BLOCK_D, BLOCK_DV)
+                                        D, DV, BLOCK_D, BLOCK_DV, WIDE)
         lo = tl.load(LO + rows, mask=row_ok, other=Sk)
         hi = tl.load(HI + rows, mask=row_ok, other=0)
         last_key = rows + (Sk - Sq)
@@ -96,7 +98,7 @@ if HAVE_TRITON:
             if CAUSAL:
                 keep = keep & (kidx[None, :] <= last_key[:, None])
             dq = _grad_step(q, do, lse2, delta, dq, k_base, v_base, dk_base, dv_base, kidx, kidx < sinks, keep, 0.0,
-                            sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION, False)
+                            sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE, False)
         lo_tile = tl.maximum(tl.min(lo, axis=0), sinks)
         hi_tile = tl.max(hi, axis=0)
         for start in range(lo_tile, hi_tile, BLOCK_N):
@@ -104,9 +106,9 @@ if HAVE_TRITON:
             keep = row_ok[:, None] & (kidx[None, :] >= lo[:, None]) & (kidx[None, :] < hi[:, None]) & \
                 (kidx[None, :] >= sinks)
             dq = _grad_step(q, do, lse2, delta, dq, k_base, v_base, dk_base, dv_base, kidx, kidx < hi_tile, keep,
-                            0.0, sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION, False)
+                            0.0, sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE, False)
         d = tl.arange(0, BLOCK_D)
-        tl.store(DQ + (bh * Sq + rows[:, None].to(tl.int64)) * D + d[None, :], dq * scale,
+        tl.store(DQ + bh * Sq * D + _offset_index(rows, WIDE)[:, None] * D + d[None, :], dq * scale,
                  mask=row_ok[:, None] & (d[None, :] < D))
 
     @triton.jit(do_not_specialize=["Hq", "Hkv", "group", "Sq", "Sk", "sinks"])
@@ -115,7 +117,7 @@ if HAVE_TRITON:
                                 Hq, Hkv, group, Sq, Sk, sinks, scale_log2, scale,
                                 CAUSAL: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                                BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+                                BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
         """dk / dv of the exact part, key-major: a program owns a key tile and walks the rows whose
         exact set can hold it (ROW_LO/ROW_HI, from the monotone exact ranges), so no atomics; it
         writes every key of its tile, so it runs before the rectangles add theirs."""
@@ -127,7 +129,7 @@ if HAVE_TRITON:
         kvalid = kidx < Sk
         d = tl.arange(0, BLOCK_D)
         dv = tl.arange(0, BLOCK_DV)
-        k_off = kidx[:, None].to(tl.int64)
+        k_off = _offset_index(kidx, WIDE)[:, None]
         k = tl.load(K + b * skb + kh * skh + k_off * sks + d[None, :], mask=kvalid[:, None] & (d[None, :] < D),
                     other=0.0)
         v = tl.load(V + b * svb + kh * svh + k_off * svs + dv[None, :], mask=kvalid[:, None] & (dv[None, :] < DV),
@@ -143,7 +145,7 @@ if HAVE_TRITON:
                 rows = start + tl.arange(0, BLOCK_M)
                 row_ok = rows < r_hi
                 q, do, lse2, delta = _load_rows(Q, DO, LSE, DELTA, b, h, bh, rows, row_ok, sqb, sqh, sqs, Sq,
-                                                D, DV, BLOCK_D, BLOCK_DV)
+                                                D, DV, BLOCK_D, BLOCK_DV, WIDE)
                 lo = tl.load(LO + rows, mask=row_ok, other=0)
                 hi = tl.load(HI + rows, mask=row_ok, other=0)
                 # (BN, BM): key j is in row i's exact set, as the forward counted it
@@ -158,8 +160,8 @@ if HAVE_TRITON:
                 ds = p * (dp - delta[None, :])
                 dvacc += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
                 dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
-        tl.store(DK + (bkh * Sk + k_off) * D + d[None, :], dk * scale, mask=kvalid[:, None] & (d[None, :] < D))
-        tl.store(DV_ + (bkh * Sk + k_off) * DV + dv[None, :], dvacc, mask=kvalid[:, None] & (dv[None, :] < DV))
+        tl.store(DK + bkh * Sk * D + k_off * D + d[None, :], dk * scale, mask=kvalid[:, None] & (d[None, :] < D))
+        tl.store(DV_ + bkh * Sk * DV + k_off * DV + dv[None, :], dvacc, mask=kvalid[:, None] & (dv[None, :] < DV))
 
     @triton.jit(do_not_specialize=["Hq", "Hkv", "group", "Sq", "Sk", "sinks", "n_samples", "block_size",
                                    "tiles_per_block", "n_rects"])
@@ -168,7 +170,8 @@ if HAVE_TRITON:
                                Hq, Hkv, group, Sq, Sk, sinks, n_samples, block_size, tiles_per_block, n_rects,
                                scale_log2, scale, log2_samples,
                                D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+                               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+                               WIDE: tl.constexpr):
         pid = tl.program_id(0)
         r = tl.program_id(1)
         bh = tl.program_id(2).to(tl.int64)
@@ -188,7 +191,7 @@ if HAVE_TRITON:
         row_ok = ranks < q_hi
         rows = tl.load(QORD + bh * Sq + ranks, mask=row_ok, other=0)
         q, do, lse2, delta = _load_rows(Q, DO, LSE, DELTA, b, h, bh, rows, row_ok, sqb, sqh, sqs, Sq,
-                                        D, DV, BLOCK_D, BLOCK_DV)
+                                        D, DV, BLOCK_D, BLOCK_DV, WIDE)
         lo = tl.load(LO + rows, mask=row_ok, other=0)
         hi = tl.load(HI + rows, mask=row_ok, other=0)
         k_base = K + b * skb + kh * skh
@@ -206,7 +209,7 @@ if HAVE_TRITON:
             kidx = tl.load(kord + pos, mask=kvalid, other=0)
             keep = row_ok[:, None] & kvalid[None, :] & ~_excluded(kidx, lo, hi, sinks)
             dq = _grad_step(q, do, lse2, delta, dq, k_base, v_base, dk_base, dv_base, kidx, kvalid, keep, 0.0,
-                            sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION)
+                            sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE)
         n_s = n_samples * active
         weight_log2 = tl.log2(kl.to(tl.float32)) - log2_samples
         samp = ((b * Hkv + kh) * n_rects + r) * n_samples
@@ -217,10 +220,10 @@ if HAVE_TRITON:
             sblk = tl.load(SBLK + samp + si, mask=svalid, other=-1)
             keep = row_ok[:, None] & (svalid & (sblk != blk))[None, :] & ~_excluded(kidx, lo, hi, sinks)
             dq = _grad_step(q, do, lse2, delta, dq, k_base, v_base, dk_base, dv_base, kidx, svalid, keep,
-                            weight_log2, sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION)
+                            weight_log2, sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE)
         # rows of one launch belong to one program each: read-add-write of dq is race free
         d = tl.arange(0, BLOCK_D)
-        dq_ptr = DQ + (bh * Sq + rows[:, None].to(tl.int64)) * D + d[None, :]
+        dq_ptr = DQ + bh * Sq * D + _offset_index(rows, WIDE)[:, None] * D + d[None, :]
         dq_mask = row_ok[:, None] & (d[None, :] < D)
         tl.store(dq_ptr, tl.load(dq_ptr, mask=dq_mask, other=0.0) + dq * scale, mask=dq_mask)
 
@@ -247,7 +250,7 @@ def hyper_backward_triton(q, k, v, out, lse, grad_out, grad_lse, pattern: HyperP
     block_m, block_n, warps, stages = tiles
     dims = dict(D=D, DV=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
                 BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
-                PRECISION="ieee" if q.dtype == torch.float32 else None)
+                PRECISION="ieee" if q.dtype == torch.float32 else None, WIDE=needs_wide_offsets(q, k, v, dq, dk, dv))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2))
     scale_log2 = float(scale) * 1.4426950408889634
