@@ -142,7 +142,8 @@ def main(argv=None) -> int:
                 continue
             options = ort.SessionOptions()
             options.intra_op_num_threads = args.threads
-            options.enable_cpu_mem_arena = False  # give the S x S buffers back between runs
+            # the sessions of one length stay alive to interleave their runs: idle pools must not spin
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if ours:
                 options.register_custom_ops_library(library)
             sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

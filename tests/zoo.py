@@ -115,6 +115,7 @@ def _torch_encoder(impl: str):
     return _TorchEncoder().eval(), {"x": torch.randn(2, SEQ, 32, generator=torch.Generator().manual_seed(1))}
 
 
-ZOO.append(ZooModel("torch-transformer", _torch_encoder, attention_modules=LAYERS + 1, implementations=("native",)))
+ZOO.append(ZooModel("torch-transformer", _torch_encoder, attention_modules=LAYERS + 1, causal_sites=LAYERS,
+                    implementations=("native",)))
 
 ZOO_BY_NAME = {m.name: m for m in ZOO}

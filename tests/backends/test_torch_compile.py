@@ -13,32 +13,20 @@ def _llama(impl="sdpa"):
     return ZOO_BY_NAME["llama"].build(impl)
 
 
-def _count_compiles(monkeypatch):
-    from longattn.backends import torch_compile as backend_module
-    calls = []
-    original = backend_module.rewrite_graph
-
-    def counting(gm, policy, **kw):
-        calls.append(gm)
-        return original(gm, policy, **kw)
-
-    monkeypatch.setattr(backend_module, "rewrite_graph", counting)
-    return calls
-
-
-def test_dynamic_compile_runs_two_length_bands_without_recompiling(monkeypatch):
+def test_dynamic_compile_runs_two_length_bands_without_recompiling():
     model, inputs = _llama("eager")
     policy = {"version": 1, "rules": [{"layers": "*", "by_length": [
         {"below": 16, "use": "flash"}, {"use": "exact"}]}]}
-    calls = _count_compiles(monkeypatch)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="longattn", dynamic=True, options={"policy": policy, "inner": "aot_eager"})
     with torch.no_grad():
-        for length in (12, 20):  # below and above the band boundary
+        for i, length in enumerate((12, 20)):  # below and above the band boundary
             ids = torch.randint(0, 64, (2, length), generator=torch.Generator().manual_seed(length))
-            got = compiled(input_ids=ids).last_hidden_state
+            # the second length must reuse the first compile (dynamo may restart its own analysis
+            # once within a compile, so count recompiles, not backend calls)
+            with torch._dynamo.config.patch(error_on_recompile=i > 0):
+                got = compiled(input_ids=ids).last_hidden_state
             torch.testing.assert_close(got, model(input_ids=ids).last_hidden_state, rtol=1e-4, atol=1e-4)
-    assert len(calls) == 1, f"recompiled: {len(calls)} graphs"
     bands = longattn.last_report().sites[0].bands
     assert [(b["kind"], b["below"]) for b in bands] == [("flash", 16), ("exact", None)]
 
@@ -119,6 +107,7 @@ def test_explain_reports_every_site_with_the_policy_choice_as_table_and_json():
 
 def test_rewrite_returns_an_exported_graph_module_that_matches_and_trains():
     model, inputs = _llama("sdpa")
+    inputs = dict(inputs, use_cache=False)  # torch.export cannot return transformers' DynamicCache
     gm, report = longattn.rewrite(model, inputs, policy={"version": 1, "rules": [{"layers": "*", "use": "flash"}]})
     assert report.count("rewritten") == 2, str(report)
     assert sum(n.target is torch.ops.longattn.attention.default for n in gm.graph.nodes) == 2

@@ -1,0 +1,79 @@
+"""The FX rewriter: verification catches a wrong match, policies adapt to what a site allows."""
+import torch
+
+from longattn.kernels.dispatch import Band, decode_plan
+from longattn.patterns import fx_attention
+from longattn.rewriter.fx_rewrite import fit_bands, rewrite_graph
+from longattn.rewriter.policy import Policy
+
+ALL_FLASH = Policy.from_dict({"version": 1, "rules": [{"layers": "*", "use": "flash"}]})
+
+
+def _graph(fn, *args):
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return graphs[0]
+
+
+def _attention(q, k, v):
+    return torch.softmax(q @ k.mT * 0.25, -1) @ v
+
+
+def _qkv():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(1, 2, 6, 4, generator=g) for _ in range(3)]
+
+
+def test_verification_rejects_a_match_that_computes_something_else(monkeypatch):
+    original = fx_attention._match_softmax
+
+    def wrong_scale(node, op, site):
+        original(node, op, site)
+        site.scale *= 2.0  # a matcher bug: the replacement would compute different attention
+
+    monkeypatch.setattr(fx_attention, "_match_softmax", wrong_scale)
+    gm = _graph(_attention, *_qkv())
+    args = _qkv()  # in the graph's placeholder order, whatever dynamo chose: compare the graph with itself
+    expected = gm(*args)[0]
+    report = rewrite_graph(gm, ALL_FLASH)
+    (site,) = report.sites
+    assert site.status == "skipped" and "disagrees" in site.reason
+    assert not any(n.target is torch.ops.longattn.attention.default for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(*args)[0], expected, rtol=0, atol=0)
+
+
+def test_rewritten_graph_carries_the_policy_bands_in_the_op_call():
+    policy = Policy.from_dict({"version": 1, "rules": [{"layers": "*", "by_length": [
+        {"below": 4096, "use": "flash"}, {"use": "hyper", "block_size": 64}]}]})
+    gm = _graph(_attention, *_qkv())
+    rewrite_graph(gm, policy)
+    (call,) = [n for n in gm.graph.nodes if n.target is torch.ops.longattn.attention.default]
+    bands = decode_plan(call.args[-1])
+    assert [(b.kind, b.below) for b in bands] == [("flash", 4096), ("hyper", None)]
+    assert bands[1].params["block_size"] == 64
+
+
+def test_masked_sites_fall_back_to_flash_for_kinds_that_take_no_mask():
+    class Site:
+        masks = ["a mask"]
+        dropout_p = 0.0
+
+    bands, notes = fit_bands([Band("flash", 100), Band("hyper", 1000, {"block_size": 64}), Band("linear")], Site())
+    assert [b.kind for b in bands] == ["flash", "flash", "flash"]
+    assert [b.below for b in bands] == [100, 1000, None]
+    assert len(notes) == 2 and "hyper cannot take a mask" in notes[0]
+
+
+def test_policy_choosing_exact_leaves_the_graph_untouched():
+    policy = Policy.from_dict({"version": 1, "rules": [{"layers": "*", "use": "exact"}]})
+    gm = _graph(_attention, *_qkv())
+    before = [n.target for n in gm.graph.nodes]
+    report = rewrite_graph(gm, policy)
+    assert report.sites[0].status == "exact"
+    assert [n.target for n in gm.graph.nodes] == before
