@@ -49,3 +49,14 @@ def longattn_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
     report = rewrite_graph(gm, policy, verify=options.get("verify", True))
     _remember(report)
     return compile_inner(gm, example_inputs, options.get("inner", "inductor"))
+
+
+def _register() -> None:
+    """Make backend="longattn" work on `import longattn` too, not only through the pip entry
+    point (e.g. when run from a source tree on PYTHONPATH)."""
+    from torch._dynamo import list_backends, register_backend
+    if "longattn" not in list_backends(exclude_tags=()):
+        register_backend(longattn_backend, name="longattn")
+
+
+_register()

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One batched GPU session (device tool): the test suite on the GPU image's versions, the flash
+# tests at real sizes on CUDA, and the benchmarks, each under its own time cap. Results to $OUT.
+#   bash benchmarks/run_gpu.sh            (run from the repo root; .whl/ carries pydantic & fla)
+set -uo pipefail
+OUT=${OUT:-/tmp/longattn-gpu}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+LOG=$OUT/log.txt
+{ nvidia-smi -L; python3 -c "import sys,torch,triton,transformers,onnx,onnxruntime; print(sys.version.split()[0], torch.__version__, triton.__version__, transformers.__version__, onnx.__version__, onnxruntime.__version__)"; } > "$LOG" 2>&1
+# the CPU suite (interpreter kernels) with the GPU image's torch/triton/transformers, beside the GPU work
+(timeout ${CPU_SUITE_S:-420} python3 -m pytest -q -p no:cacheprovider -n 6 tests --ignore=tests/kernels/test_flash.py --ignore=tests/kernels/test_context_parallel.py > "$OUT/cpu_suite.txt" 2>&1; echo "rc=$?" >> "$OUT/cpu_suite.txt") &
+echo "== flash tests on CUDA" >> "$LOG"
+LONGATTN_TEST_CUDA=1 LONGATTN_FLASH_AUTOTUNE=0 timeout ${FLASH_TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -x tests/kernels/test_flash.py >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
+echo "== e2e" >> "$LOG"
+timeout ${E2E_S:-200} python3 benchmarks/bench_e2e.py --inductor-lengths 8192 --out "$OUT" >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
+echo "== hyper" >> "$LOG"
+timeout ${HYPER_S:-100} python3 benchmarks/bench_hyper.py --lengths 32768,131072 --shapes 32x64 --out-dir "$OUT" >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
+echo "== linear" >> "$LOG"
+timeout ${LINEAR_S:-90} python3 benchmarks/bench_linear.py --lengths 32768,131072 --shapes 32x64 --skip fwdbwd --decode-lengths 4096,131072 --out "$OUT" >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
+wait
