@@ -17,6 +17,8 @@ import tempfile
 
 import torch
 
+from .onnx_cli import add_convert_parser
+
 SMALL_CONFIG = {  # enough to show every layer's attention; cheap on a CPU
     "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
     "num_key_value_heads": 2, "d_model": 64, "d_ff": 128, "d_kv": 16, "num_layers": 4, "num_heads": 4,
@@ -113,10 +115,11 @@ def main(argv=None) -> int:
     c = pol.add_parser("check", help="validate a policy file and summarise its rules")
     c.add_argument("path")
     c.set_defaults(run=cmd_policy_check)
+    add_convert_parser(sub)  # imports onnx only when it runs
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (CliError, ValueError, FileNotFoundError) as e:
+    except (CliError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"longattn: error: {e}", file=sys.stderr)
         return 2
 
