@@ -115,3 +115,11 @@ def test_yaml_policy_bands_reach_the_nodes(folder, tmp_path, monkeypatch):
     plan = json.loads(onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "plan")))
     assert plan == [{"below": 4096, "kind": "flash", "params": {}},
                     {"below": None, "kind": "linear", "params": {"sink_tokens": 64, "local_window": 256}}]
+
+
+def test_longattn_command_has_convert(folder, tmp_path, capsys):
+    from longattn import cli
+    out = tmp_path / "via-cli"
+    assert cli.main(["convert", str(folder / "plain.onnx"), "--out", str(out), "--check"]) == 0
+    assert (out / "plain.onnx").exists()
+    assert "1 of 1 models converted" in capsys.readouterr().out
