@@ -8,6 +8,13 @@ knows nothing of policies or graphs.
 
 Backward recomputes the chosen implementation under autograd (the hash / sample / dropout
 pattern is replayed from the same seed), so every kind trains exactly through its own output.
+
+A band may carry `context_parallel: {mesh_dim, load_balance}`: when torch.distributed is initialised
+with more than one rank in that group, q/k/v are this rank's sequence shards and the band runs the
+sharded implementation (`parallel/`); otherwise the key is ignored. Bands are then chosen by the
+global key length (local length x ranks). The sharded kinds' collectives are custom ops with their own
+autograd, so the recomputing backward (torch.func.vjp) runs them too: the backward redoes the forward's
+communication before its own.
 """
 from __future__ import annotations
 
@@ -57,6 +64,17 @@ def band_for_length(plan: str, key_length: int) -> Band:
     raise AssertionError("unreachable: the last band is unbounded")
 
 
+def _band_for_keys(plan: str, k) -> Band:
+    """The band for the key length: the global one when a context-parallel band is active (k is a shard)."""
+    length = k.shape[-2]
+    cp = next((b.params["context_parallel"] for b in decode_plan(plan) if "context_parallel" in b.params), None)
+    if cp is not None:
+        from . import parallel
+        if parallel.active(cp):
+            length *= torch.distributed.get_world_size(parallel.cp_group(cp))
+    return band_for_length(plan, length)
+
+
 def _generator(seed: Optional[torch.Tensor], device) -> Optional[torch.Generator]:
     if seed is None:
         return None
@@ -67,6 +85,14 @@ def _generator(seed: Optional[torch.Tensor], device) -> Optional[torch.Generator
 
 def run_band(band: Band, q, k, v, attn_mask, scale, causal, dropout_p, seed):
     """Run one band's implementation; differentiable through torch autograd."""
+    if "context_parallel" in band.params:
+        params = dict(band.params)
+        cp = params.pop("context_parallel")
+        from . import parallel
+        if parallel.active(cp):
+            return parallel.run_sharded(band.kind, q, k, v, attn_mask=attn_mask, scale=scale, causal=causal,
+                                        dropout_p=dropout_p, params=params, cp=cp)
+        band = Band(band.kind, band.below, params)
     if band.kind in ("hyper", "linear") and (attn_mask is not None or dropout_p > 0):
         raise ValueError(f"longattn::attention: kind {band.kind!r} takes no attn_mask or dropout; "
                          "the rewriter should have chosen flash for this site")
@@ -90,7 +116,7 @@ def run_band(band: Band, q, k, v, attn_mask, scale, causal, dropout_p, seed):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
               scale: float, causal: bool, dropout_p: float, seed: Optional[torch.Tensor], plan: str) -> torch.Tensor:
     """q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) -> (B, Hq, Sq, Dv) in q's dtype."""
-    band = band_for_length(plan, k.shape[-2])
+    band = _band_for_keys(plan, k)
     with torch.no_grad():
         return run_band(band, q, k, v, attn_mask, scale, causal, dropout_p, seed).contiguous()
 
@@ -106,7 +132,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                        seed: Optional[torch.Tensor], plan: str) -> list[torch.Tensor]:
     """Gradients (dq, dk, dv, dmask) by recomputing the band's forward under autograd.
     dmask is empty when the mask is absent or boolean."""
-    band = band_for_length(plan, k.shape[-2])
+    band = _band_for_keys(plan, k)
     mask_grad = attn_mask is not None and attn_mask.is_floating_point()
     # torch.func.vjp rather than torch.autograd: inside a custom op the autograd keys are excluded,
     # functorch's transform still differentiates whatever the band runs
@@ -116,7 +142,9 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     else:
         fn = lambda q_, k_, v_: run_band(band, q_, k_, v_, attn_mask, scale, causal, dropout_p, seed)
         _, vjp = torch.func.vjp(fn, q, k, v)
-    grads = [g.contiguous() for g in vjp(grad_out.to(q.dtype))]  # the fake impl promises contiguous
+    # the fake impl promises contiguous; views (grads of one gathered buffer, context parallel) would alias
+    grads = [g.contiguous() if g._base is None else g.clone(memory_format=torch.contiguous_format)
+             for g in vjp(grad_out.to(q.dtype))]
     if not mask_grad:
         grads.append(q.new_empty(0))
     return grads

@@ -1,0 +1,181 @@
+"""Context parallelism on CPU: gloo process groups of 2 and 4 ranks, each rank's output and q/k/v
+gradients compared with the matching slices of the single-device result (float64 references).
+
+One spawn per world size runs every case (process start-up dominates); each case is then its own
+pytest item reading that run's verdicts."""
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+import socket
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLDS = (2, 4)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _inputs(S, hq=4, hkv=2, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, h, S, d, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv))
+    return q, k, v, torch.randn(1, hq, S, d, generator=g, dtype=torch.float64)
+
+
+def _check(full_fn, local_fn, S, lb, rank, world, **shape):
+    """full_fn(q, k, v) -> out on the whole sequence; local_fn(q, k, v) -> out of the local shards."""
+    from longattn.kernels.parallel import shard_sequence
+    q, k, v, gout = _inputs(S, **shape)
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = full_fn(*full)
+    ref_grads = torch.autograd.grad(ref, full, gout)
+    local = [shard_sequence(t, rank, world, 2, lb).clone().requires_grad_() for t in (q, k, v)]
+    out = local_fn(*local)
+    grads = torch.autograd.grad(out, local, shard_sequence(gout, rank, world, 2, lb))
+    torch.testing.assert_close(out, shard_sequence(ref, rank, world, 2, lb), rtol=1e-9, atol=1e-10)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(g, shard_sequence(r, rank, world, 2, lb), rtol=1e-8, atol=1e-9,
+                                   msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def _flash(rank, world, causal, lb):
+    from longattn.kernels.flash import flash_attention
+    from longattn.kernels.parallel import ring_flash_attention
+    _check(lambda q, k, v: flash_attention(q, k, v, scale=0.4, causal=causal)[0],
+           lambda q, k, v: ring_flash_attention(q, k, v, scale=0.4, causal=causal, load_balance=lb)[0],
+           32, lb, rank, world)
+
+
+def _flash_lse(rank, world):
+    """lse is an output too: its gradient flows (dlse path of the ring backward)."""
+    from longattn.kernels.flash import flash_attention
+    from longattn.kernels.parallel import ring_flash_attention
+    _check(lambda q, k, v: _with_lse(flash_attention(q, k, v, causal=True)),
+           lambda q, k, v: _with_lse(ring_flash_attention(q, k, v, causal=True, load_balance="zigzag")),
+           32, "zigzag", rank, world)
+
+
+def _with_lse(res):
+    out, lse = res
+    return out + lse.unsqueeze(-1).to(out.dtype).sin()
+
+
+LINEAR = {
+    "pure_add": dict(sink_tokens=0, local_window=0),
+    "hybrid_add": dict(sink_tokens=3, local_window=6),
+    "hybrid_delta": dict(sink_tokens=3, local_window=6, update_rule="delta", beta=0.7),
+    "pure_delta": dict(sink_tokens=0, local_window=0, update_rule="delta"),
+    "window_only": dict(feature_map="none", sink_tokens=2, local_window=5),
+}
+
+
+def _linear(rank, world, name, causal, lb):
+    from longattn.kernels.linear import linear_attention
+    from longattn.kernels.parallel import linear_attention_cp
+    kw = dict(LINEAR[name], scale=0.3, causal=causal, chunk_size=4)
+    _check(lambda q, k, v: linear_attention(q, k, v, **kw),
+           lambda q, k, v: linear_attention_cp(q, k, v, load_balance=lb, **kw), 32, lb, rank, world)
+
+
+def _hyper(rank, world, causal, lb):
+    from longattn.kernels.hyper import hyper_attention
+    from longattn.kernels.parallel import hyper_attention_cp
+    kw = dict(scale=0.3, causal=causal, block_size=8, sample_size=4, lsh_bits=3, min_seq_len=16, sink_tokens=4,
+              local_window=8, seed=7)
+    _check(lambda q, k, v: hyper_attention(q, k, v, **kw)[0],
+           lambda q, k, v: hyper_attention_cp(q, k, v, load_balance=lb, **kw)[0], 64, lb, rank, world)
+
+
+def _dispatch(rank, world, kind, lb):
+    """The custom op with a context_parallel band: its backward is the dispatcher's torch.func.vjp."""
+    from longattn.kernels import Band, encode_plan
+    params = {"linear": dict(sink_tokens=2, local_window=4, chunk_size=4), "hyper": dict(min_seq_len=16, block_size=8,
+              sample_size=4, lsh_bits=3, sink_tokens=2, local_window=4)}.get(kind, {})
+    cp = dict(params, context_parallel={"load_balance": lb})
+    single, sharded = encode_plan([Band(kind, params=params)]), encode_plan([Band(kind, params=cp)])
+    op = torch.ops.longattn.attention
+    _check(lambda q, k, v: op(q, k, v, None, 0.35, True, 0.0, None, single),
+           lambda q, k, v: op(q, k, v, None, 0.35, True, 0.0, None, sharded), 32, lb, rank, world)
+
+
+def _dispatch_bands(rank, world):
+    """Bands are chosen by the global key length (local length x world)."""
+    from longattn.kernels import Band, encode_plan
+    cp = {"context_parallel": {}}
+    plan = encode_plan([Band("linear", below=32, params=dict(cp, local_window=4)), Band("flash", params=cp)])
+    op = torch.ops.longattn.attention
+    _check(lambda q, k, v: op(q, k, v, None, 0.35, True, 0.0, None, encode_plan([Band("flash")])),
+           lambda q, k, v: op(q, k, v, None, 0.35, True, 0.0, None, plan), 32, "contiguous", rank, world)
+
+
+CASES = {
+    **{f"flash-{'causal' if c else 'full'}-{lb}": functools.partial(_flash, causal=c, lb=lb)
+       for c in (True, False) for lb in ("contiguous", "zigzag")},
+    "flash-lse-grad": _flash_lse,
+    **{f"linear-{n}-causal-{lb}": functools.partial(_linear, name=n, causal=True, lb=lb)
+       for n in LINEAR for lb in ("contiguous", "zigzag")},
+    **{f"linear-{n}-full": functools.partial(_linear, name=n, causal=False, lb="zigzag")
+       for n in ("hybrid_add", "hybrid_delta", "pure_add")},
+    **{f"hyper-{'causal' if c else 'full'}-{lb}": functools.partial(_hyper, causal=c, lb=lb)
+       for c, lb in ((True, "contiguous"), (True, "zigzag"), (False, "zigzag"))},
+    **{f"dispatch-{kind}-{lb}": functools.partial(_dispatch, kind=kind, lb=lb)
+       for kind, lb in (("flash", "zigzag"), ("linear", "contiguous"), ("hyper", "zigzag"))},
+    "dispatch-bands-global-length": _dispatch_bands,
+}
+
+
+def _worker(rank, world, port, path):
+    os.environ["LONGATTN_FLASH_CPU"] = "reference"  # no Triton interpreter here: float64 takes the references
+    torch.set_num_threads(1)
+    # a failing rank leaves the others in a collective: the timeout turns that hang into an error
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    import longattn.kernels  # noqa: F401  (registers the op)
+    failures = {}
+    for name, fn in CASES.items():
+        try:
+            fn(rank=rank, world=world)
+        except Exception:  # noqa: BLE001 - reported per case below
+            failures[name] = f"rank {rank}: " + traceback.format_exc(limit=-4)
+    torch.save(failures, f"{path}.{rank}")
+    dist.destroy_process_group()
+
+
+@functools.lru_cache(maxsize=None)
+def _run(world):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "verdicts")
+        mp.spawn(_worker, args=(world, _free_port(), path), nprocs=world, join=True)
+        merged = {}
+        for r in range(world):
+            for name, err in torch.load(f"{path}.{r}").items():
+                merged.setdefault(name, err)
+        return merged
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_context_parallel_matches_single_device(case, world):
+    failures = _run(world)
+    if case in failures:
+        pytest.fail(failures[case], pytrace=False)
+
+
+def test_shard_and_unshard_round_trip():
+    from longattn.kernels.parallel import chunk_ids, shard_sequence, unshard_sequence
+    x = torch.arange(48).view(1, 1, 48, 1)
+    for world in (1, 2, 3):
+        for lb in ("contiguous", "zigzag"):
+            shards = [shard_sequence(x, r, world, 2, lb) for r in range(world)]
+            assert torch.equal(unshard_sequence(torch.cat(shards, 2), world, 2, lb), x)
+    assert chunk_ids(1, 4, "zigzag") == [1, 6]
