@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from .fx_canonicalize import expand_multihead_attention
-from .fx_eval import meta_value
+from .fx_eval import hint, is_symbolic, meta_value
 from .fx_ops import Op, canonical, fill_kind, real_users, scalar_value
 from .masks import is_zero_mask, prove_causal
 from .record import AttentionSite, MaskTerm
@@ -78,6 +78,17 @@ def _single_user(node: fx.Node, what: str):
 
 def _same_size(a, b) -> bool:
     return a is b or str(a) == str(b)
+
+
+def _equal_when_it_runs(a, b) -> bool:
+    """Sizes the attention's own ops require to be equal (k/v length, batch): the same, or two
+    symbols equal at trace time, e.g. a KV cache's key and value lengths. The original ops fail
+    when they differ (dynamo specialises sizes 0 and 1, so two symbols cannot broadcast), and so
+    does our op (check_qkv): an error either way, never a different result. Not for is_causal's
+    q_len == k_len, where a mismatch would silently change the alignment."""
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(_equal_when_it_runs(x, y) for x, y in zip(a, b))
+    return _same_size(a, b) or ((is_symbolic(a) or is_symbolic(b)) and hint(a) == hint(b))
 
 
 def _swaps_last_two(op: Op, rank: int) -> bool:
@@ -350,7 +361,7 @@ def _fill_operands(site: AttentionSite, q, k, v, rank: int, k_transposed: bool) 
         raise Skip("q and k head dims differ")
     if rank == 4:
         hq, hk = q_shape[1], k_shape[1]
-        if not _same_size(q_shape[0], k_shape[0]) or not _same_size(k_shape[:3], v_shape[:3]):
+        if not _equal_when_it_runs(q_shape[0], k_shape[0]) or not _equal_when_it_runs(k_shape[:3], v_shape[:3]):
             raise Skip("q, k and v disagree in batch, heads or length")
         if groups == 1 and not _same_size(hq, hk):
             if hk == 1:
@@ -408,7 +419,7 @@ def _match_sdpa(node: fx.Node, op: Op, site: AttentionSite) -> None:
     if k_groups == v_groups and k_groups > 1:
         k, v = k_src, v_src
     qs, ks, vs = _shape(q), _shape(k), _shape(v)
-    if not _same_size(ks[:3], vs[:3]) or not _same_size(qs[0], ks[0]):
+    if not _equal_when_it_runs(ks[:3], vs[:3]) or not _equal_when_it_runs(qs[0], ks[0]):
         raise Skip("SDPA q, k and v disagree in batch, heads or length")
     hq, hk = qs[1], ks[1]
     groups = 1
