@@ -83,8 +83,24 @@ NonNegative = Annotated[int, _int_in(0)]
 Positive = Annotated[int, _int_in(1)]
 
 
+def _mesh_dim(value: Any):
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, int) and value < 0) \
+            or value == "":
+        raise ValueError("must be a non-negative integer or a mesh dimension name")
+    return value
+
+
+class ContextParallel(BaseModel):
+    """Run the band over a sequence sharded across ranks (torch.distributed initialised, > 1 rank);
+    ignored otherwise. The model's inputs must then be each rank's shard, cut as `load_balance` says."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    mesh_dim: Annotated[Optional[Any], PlainValidator(_mesh_dim)] = None  # None: the WORLD group
+    load_balance: Annotated[Literal["contiguous", "zigzag"], _one_of("contiguous", "zigzag")] = "contiguous"
+
+
 class KindParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    context_parallel: Optional[ContextParallel] = None  # any kind: see `ContextParallel`
 
 
 class ExactParams(KindParams):
@@ -128,7 +144,9 @@ PARAMS: dict[str, type[KindParams]] = {
 
 
 def allowed_keys(kind: str) -> tuple[str, ...]:
-    return tuple(PARAMS[kind].model_fields)
+    """The kind's own keys, then the one every kind takes (context_parallel)."""
+    own = tuple(k for k in PARAMS[kind].model_fields if k not in KindParams.model_fields)
+    return own + tuple(KindParams.model_fields)
 
 
 def defaults(kind: str) -> dict[str, Any]:
@@ -155,8 +173,11 @@ def _describe(kind: str, err: dict) -> tuple[tuple, str]:
     if err["type"] == "extra_forbidden":
         key = loc[-1]
         allowed = allowed_keys(kind)
-        if not allowed:
-            return loc, f"unknown key {key!r}: use: {kind} takes no parameters"
+        if len(loc) > 1 and loc[0] == "context_parallel":
+            allowed = tuple(ContextParallel.model_fields)
+            return loc, f"unknown key {key!r} in context_parallel (allowed: {', '.join(allowed)})"
+        if allowed == tuple(KindParams.model_fields):
+            return loc, f"unknown key {key!r}: use: {kind} takes no parameters other than context_parallel"
         msg = f"unknown key {key!r} for use: {kind} (allowed: {', '.join(allowed)})"
         close = _closest(str(key), allowed)
         return loc, msg + (f"; did you mean {close!r}?" if close else "")

@@ -179,3 +179,24 @@ def test_shard_and_unshard_round_trip():
             shards = [shard_sequence(x, r, world, 2, lb) for r in range(world)]
             assert torch.equal(unshard_sequence(torch.cat(shards, 2), world, 2, lb), x)
     assert chunk_ids(1, 4, "zigzag") == [1, 6]
+
+
+def test_context_parallel_band_runs_single_device_without_a_process_group():
+    """A policy with context_parallel works everywhere: no process group -> the normal kernel."""
+    from longattn.kernels import Band, encode_plan
+    from longattn.kernels.flash import flash_attention
+    q, k, v, _ = _inputs(16)
+    plan = encode_plan([Band("flash", params={"context_parallel": {"load_balance": "zigzag"}})])
+    out = torch.ops.longattn.attention(q, k, v, None, 0.3, True, 0.0, None, plan)
+    torch.testing.assert_close(out, flash_attention(q, k, v, scale=0.3, causal=True)[0])
+
+
+def test_policy_schema_accepts_context_parallel_on_every_kind():
+    from longattn.rewriter.policy_schema import validate_params
+    for kind in ("exact", "flash", "hyper", "linear"):
+        given, problems = validate_params(kind, {"context_parallel": {"mesh_dim": "cp", "load_balance": "zigzag"}})
+        assert not problems and given == {"context_parallel": {"mesh_dim": "cp", "load_balance": "zigzag"}}
+    _, problems = validate_params("flash", {"context_parallel": {"load_balance": "ring"}})
+    assert "must be one of 'contiguous', 'zigzag'" in problems[0][1]
+    _, problems = validate_params("flash", {"context_parallel": {"mesh": 0}})
+    assert "unknown key 'mesh' in context_parallel" in problems[0][1]
