@@ -2,7 +2,10 @@
 gradients compared with the matching slices of the single-device result (float64 references).
 
 One spawn per world size runs every case (process start-up dominates); each case is then its own
-pytest item reading that run's verdicts."""
+pytest item reading that run's verdicts.
+
+On GPUs: LONGATTN_TEST_CP_CUDA=1 runs the same cases with NCCL, one GPU per rank, float32 inputs through the
+Triton kernels, at float32 tolerances (world sizes above the GPU count are skipped)."""
 from __future__ import annotations
 
 import datetime
@@ -18,6 +21,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 WORLDS = (2, 4)
+CUDA = os.environ.get("LONGATTN_TEST_CP_CUDA") == "1"
+DTYPE = torch.float32 if CUDA else torch.float64
+TOL = dict(rtol=2e-3, atol=2e-3) if CUDA else dict(rtol=1e-8, atol=1e-9)
 
 
 def _free_port() -> int:
@@ -26,10 +32,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _inputs(S, hq=4, hkv=2, d=8, seed=0):
+def _inputs(S, hq=4, hkv=2, d=16 if CUDA else 8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(1, h, S, d, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv))
-    return q, k, v, torch.randn(1, hq, S, d, generator=g, dtype=torch.float64)
+    dev = f"cuda:{dist.get_rank()}" if CUDA and dist.is_initialized() else "cpu"
+    q, k, v = (torch.randn(1, h, S, d, generator=g, dtype=torch.float64).to(dev, DTYPE) for h in (hq, hkv, hkv))
+    return q, k, v, torch.randn(1, hq, S, d, generator=g, dtype=torch.float64).to(dev, DTYPE)
 
 
 def _check(full_fn, local_fn, S, lb, rank, world, **shape):
@@ -42,9 +49,9 @@ def _check(full_fn, local_fn, S, lb, rank, world, **shape):
     local = [shard_sequence(t, rank, world, 2, lb).clone().requires_grad_() for t in (q, k, v)]
     out = local_fn(*local)
     grads = torch.autograd.grad(out, local, shard_sequence(gout, rank, world, 2, lb))
-    torch.testing.assert_close(out, shard_sequence(ref, rank, world, 2, lb), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(out, shard_sequence(ref, rank, world, 2, lb), **TOL)
     for name, g, r in zip("qkv", grads, ref_grads):
-        torch.testing.assert_close(g, shard_sequence(r, rank, world, 2, lb), rtol=1e-8, atol=1e-9,
+        torch.testing.assert_close(g, shard_sequence(r, rank, world, 2, lb), **TOL,
                                    msg=lambda m, n=name: f"d{n}: {m}")
 
 
@@ -138,8 +145,10 @@ def _worker(rank, world, port, path):
     os.environ["LONGATTN_FLASH_CPU"] = "reference"  # no Triton interpreter here: float64 takes the references
     torch.set_num_threads(1)
     # a failing rank leaves the others in a collective: the timeout turns that hang into an error
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    if CUDA:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if CUDA else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60 if not CUDA else 300))
     import longattn.kernels  # noqa: F401  (registers the op)
     failures = {}
     for name, fn in CASES.items():
@@ -166,6 +175,8 @@ def _run(world):
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_context_parallel_matches_single_device(case, world):
+    if CUDA and world > torch.cuda.device_count():
+        pytest.skip(f"{world} ranks need {world} GPUs")
     failures = _run(world)
     if case in failures:
         pytest.fail(failures[case], pytrace=False)
