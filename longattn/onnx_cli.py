@@ -299,16 +299,9 @@ def write_report(path: str, outcomes: list[Outcome], policy: str) -> None:
 
 
 def main(argv=None) -> int:
-    """`python -m longattn.onnx_cli convert ...`; the same subcommand as `longattn convert`."""
-    parser = argparse.ArgumentParser(prog="longattn")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_convert_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except (UsageError, ValueError, FileNotFoundError, ImportError) as e:
-        print(f"longattn: error: {e}", file=sys.stderr)
-        return 2
+    """`python -m longattn.onnx_cli convert ...`: the same as `longattn convert ...`."""
+    from .cli import main as cli_main
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Anything it does not understand makes the site skipped, with the reason.
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -368,16 +367,7 @@ def _fill_operands(site: AttentionSite, q, k, v, rank: int, k_transposed: bool) 
                 groups = hq  # MQA by broadcasting one key head
             else:
                 raise Skip(f"{hq} query heads against {hk} key heads")
-    site.q, site.k, site.v = q, k, v
-    site.layout = "bhsd" if rank == 4 else "(b·h)sd"
-    site.k_transposed = k_transposed
-    site.groups = groups
-    site.head_dim = q_shape[-1]
-    site.q_len, site.k_len = q_shape[-2], k_shape[-2]
-    if rank == 4:
-        site.num_heads, site.num_kv_heads = q_shape[1], k_shape[1]
-    else:
-        site.num_heads = site.num_kv_heads = q_shape[0]
+    site.set_operands(q, k, v, q_shape, k_shape, rank, k_transposed, groups)
 
 
 def _broadcasts(shape: tuple, target: tuple) -> bool:

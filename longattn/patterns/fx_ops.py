@@ -7,7 +7,6 @@ so the matcher is written once, against meanings rather than spellings.
 """
 from __future__ import annotations
 
-import math
 import numbers
 import operator
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ from typing import Any, Optional
 
 import torch
 import torch.fx as fx
+
+from .record import fill_kind_of
 
 aten = torch.ops.aten
 
@@ -182,18 +183,5 @@ def scalar_value(x) -> Optional[float]:
 
 
 def fill_kind(value) -> Optional[str]:
-    """How a masked_fill / where fill value can be expressed exactly, or None if it cannot.
-
-    -inf is a plain boolean mask. A dtype's most negative finite value (HF's finfo.min) swallows
-    the score it is added to, so `scores + fill` equals the fill even on rows where every key is
-    masked: it is exact as an additive mask. Any other value (e.g. -1e4) changes fully masked
-    rows, so such sites are not rewritten.
-    """
-    v = scalar_value(value)
-    if v is None:
-        return None
-    if v == -math.inf:
-        return "boolean"
-    if v <= -1e30 or v == -65504.0:
-        return "additive"
-    return None
+    """How a masked_fill / where fill value can be expressed exactly (see record.fill_kind_of)."""
+    return fill_kind_of(scalar_value(value))

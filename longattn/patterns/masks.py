@@ -8,7 +8,6 @@ mask that merely looks causal stays a mask.
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
 
 from .fx_eval import data_inputs, evaluate, hint, is_symbolic, small_sizes
 from .record import MaskTerm

@@ -347,16 +347,7 @@ def fill_operands(view: GraphView, site: AttentionSite, q: str, k: str, v: str, 
                 raise Skip(f"{hq} query heads against {hk} key heads")
     elif not all(same_size(a, b) for a, b in zip(k_shape[:2], v_shape[:2])) or not same_size(q_shape[0], k_shape[0]):
         raise Skip("q, k and v disagree in batch or length")
-    site.q, site.k, site.v = q, k, v
-    site.layout = "bhsd" if rank == 4 else "(b·h)sd"
-    site.k_transposed = k_transposed
-    site.groups = groups
-    site.head_dim = q_shape[-1]
-    site.q_len, site.k_len = q_shape[-2], k_shape[-2]
-    if rank == 4:
-        site.num_heads, site.num_kv_heads = q_shape[1], k_shape[1]
-    else:
-        site.num_heads = site.num_kv_heads = q_shape[0]
+    site.set_operands(q, k, v, q_shape, k_shape, rank, k_transposed, groups)
 
 
 def _broadcasts(shape: tuple, target: tuple) -> bool:

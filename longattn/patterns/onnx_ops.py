@@ -6,7 +6,6 @@ dynamo exporters' spellings and the fused forms of onnxruntime and ONNX.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -14,6 +13,7 @@ import numpy as np
 import onnx
 
 from .onnx_graph import GraphView, attributes
+from .record import fill_kind_of
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
@@ -98,13 +98,5 @@ def canonical(view: GraphView, name: str) -> Optional[Op]:
 
 
 def fill_kind(view: GraphView, name: str) -> Optional[str]:
-    """How a where() fill value can be expressed exactly (see fx_ops.fill_kind): -inf is a boolean
-    mask, a dtype's most negative finite value an additive one; anything else is not exact."""
-    v = view.scalar(name)
-    if v is None:
-        return None
-    if v == -math.inf:
-        return "boolean"
-    if v <= -1e30 or v == -65504.0:
-        return "additive"
-    return None
+    """How a where() fill value can be expressed exactly (see record.fill_kind_of)."""
+    return fill_kind_of(view.scalar(name))

@@ -6,10 +6,27 @@ ONNX front ends never leak graph details into the policy. Value references (`q`,
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+
+def fill_kind_of(value: Optional[float]) -> Optional[str]:
+    """How a masked_fill / where fill value can be expressed exactly, or None if it cannot.
+
+    -inf is a plain boolean mask. A dtype's most negative finite value (HF's finfo.min) swallows
+    the score it is added to, so `scores + fill` equals the fill even on rows where every key is
+    masked: it is exact as an additive mask. Any other value (e.g. -1e4) changes fully masked
+    rows, so such sites are not rewritten.
+    """
+    if value is None:
+        return None
+    if value == -math.inf:
+        return "boolean"
+    if value <= -1e30 or value == -65504.0:
+        return "additive"
+    return None
 
 
 @dataclass
@@ -47,6 +64,20 @@ class AttentionSite:
     output: Any = None              # the value the replacement takes over
     replaced: list = field(default_factory=list)  # nodes that become dead once rewritten
     skip_reason: Optional[str] = None
+
+    def set_operands(self, q, k, v, q_shape: tuple, k_shape: tuple, rank: int, k_transposed: bool,
+                     groups: int) -> None:
+        """Record the operands once a front end has checked them; k_shape is (.., Sk, D)."""
+        self.q, self.k, self.v = q, k, v
+        self.layout = "bhsd" if rank == 4 else "(b·h)sd"
+        self.k_transposed = k_transposed
+        self.groups = groups
+        self.head_dim = q_shape[-1]
+        self.q_len, self.k_len = q_shape[-2], k_shape[-2]
+        if rank == 4:
+            self.num_heads, self.num_kv_heads = q_shape[1], k_shape[1]
+        else:
+            self.num_heads = self.num_kv_heads = q_shape[0]
 
     @property
     def mask_kind(self) -> str:

@@ -42,7 +42,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from ..kernels.dispatch import Band
-from .policy_schema import KINDS, allowed_keys, validate_params
+from .policy_schema import KINDS, validate_params
 
 SUPPORTED_VERSIONS = (1,)
 DEFAULT_POLICY = "policies/default.yaml"   # inside the longattn package

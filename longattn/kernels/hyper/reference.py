@@ -12,7 +12,7 @@ import torch
 
 from ..flash import flash_attention
 from ..masks import check_qkv
-from .pattern import HyperPattern, block_of_rank, build_pattern, check_params, num_blocks
+from .pattern import HyperPattern, build_pattern, check_params, num_blocks
 
 
 def _softmax_part(scores, values):
