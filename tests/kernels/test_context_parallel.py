@@ -211,3 +211,19 @@ def test_policy_schema_accepts_context_parallel_on_every_kind():
     assert "must be one of 'contiguous', 'zigzag'" in problems[0][1]
     _, problems = validate_params("flash", {"context_parallel": {"mesh": 0}})
     assert "unknown key 'mesh' in context_parallel" in problems[0][1]
+
+
+def test_benchmark_smoke_run_on_cpu(tmp_path):
+    """benchmarks/bench_context_parallel.py starts, fails soft (torch CP has no CPU SDPA rule) and writes."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           os.path.join(root, "benchmarks", "bench_context_parallel.py"), "--device", "cpu", "--backend", "gloo",
+           "--lengths", "64", "--heads", "2", "--head-dim", "16", "--reps", "1", "--warmup", "0", "--out", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=root)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    tables = list(tmp_path.glob("*-context-parallel-w2.md"))
+    assert tables and "| 64 | flash | longattn | fwd | 2 |" in tables[0].read_text()
