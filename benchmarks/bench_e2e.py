@@ -59,6 +59,8 @@ def variants(model, inductor_lengths):
     yield "inductor", compiled(), inductor_lengths
     yield "longattn-flash", compiled(backend="longattn", options={"policy": FLASH_POLICY}), None
     yield "longattn-default", compiled(backend="longattn"), None
+    # the rewrite alone, without inductor's fusions (and its compile time): aot_eager inner backend
+    yield "longattn-flash-aot", compiled(backend="longattn", options={"policy": FLASH_POLICY, "inner": "aot_eager"}), None
 
 
 def main(argv=None) -> int:
@@ -66,8 +68,11 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", default="8192,32768,131072")
     ap.add_argument("--inductor-lengths", default="8192,32768",
                     help="lengths for plain inductor (its S x S mask needs 32 GiB at 131K)")
+    ap.add_argument("--variants", default="eager,inductor,longattn-flash,longattn-default",
+                    help="also: longattn-flash-aot (inner backend aot_eager)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
+    chosen = set(args.variants.split(","))
     lengths = [int(x) for x in args.lengths.split(",")]
     inductor_lengths = {int(x) for x in args.inductor_lengths.split(",") if x}
 
@@ -86,6 +91,8 @@ def main(argv=None) -> int:
     reference = {}
     with torch.no_grad():
         for name, fn, only in variants(model, inductor_lengths):
+            if name not in chosen:
+                continue
             first = True
             for s in lengths:
                 if only is not None and s not in only:

@@ -54,6 +54,7 @@ def _check_at(term: MaskTerm, q_len, k_len, sizes) -> tuple[bool, str]:
         return False, f"mask could not be evaluated ({type(e).__name__}: {e})"
     if not isinstance(value, torch.Tensor) or value.dim() < 2 or tuple(value.shape[-2:]) != (sq, sk):
         return False, "mask does not span (q_len, k_len)"
+    value = value.cpu()  # built on the model's device; the pattern is compared on the CPU
     keep_expected = causal_pattern(sq, sk)
     if value.dtype == torch.bool:
         if term.masked_when is None:

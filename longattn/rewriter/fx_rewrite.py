@@ -63,7 +63,8 @@ def rewrite_graph(gm: fx.GraphModule, policy: "Policy", *, verify: bool = True) 
 
 
 def fit_bands(bands: list[Band], site: AttentionSite) -> tuple[list[Band], list[str]]:
-    """Replace kinds the site cannot run: hyper and linear take no mask and no dropout."""
+    """Replace kinds the site cannot run: hyper and linear take no mask and no dropout. A linear band's
+    calibration file gets this site's section ("FILE#layers.N", see kernels/linear/params_file.py)."""
     notes = []
     fitted = []
     for band in bands:
@@ -71,8 +72,28 @@ def fit_bands(bands: list[Band], site: AttentionSite) -> tuple[list[Band], list[
             what = "a mask" if site.masks else "dropout"
             notes.append(f"{band.kind} cannot take {what}: flash used instead")
             band = Band("flash", band.below, {})
+        elif band.kind == "linear" and isinstance(band.params.get("feature_params"), str):
+            band = Band(band.kind, band.below, {**band.params,
+                                                "feature_params": site_feature_params(band.params["feature_params"],
+                                                                                      site)})
         fitted.append(band)
     return fitted, notes
+
+
+def site_feature_params(ref: str, site: AttentionSite) -> str:
+    """The reference for this site's fitted parameters, checked now so that a wrong file or a layer the file
+    lacks fails at rewrite time with the site's name, not on the first call."""
+    from ..kernels.linear.params_file import feature_params_from_file, load_file, section_name, sections, \
+        split_reference
+    path, section = split_reference(ref)
+    try:
+        # a file of per-layer sections: take this layer's
+        if section is None and site.layer_index is not None and sections(load_file(path)[0]):
+            ref = f"{path}#{section_name(site.layer_index)}"
+        feature_params_from_file(ref)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"{site.layer}: {e}") from None
+    return ref
 
 
 # --- emission ------------------------------------------------------------------------------
@@ -175,14 +196,16 @@ def _exact_and_deterministic(site: AttentionSite, op_node: fx.Node):
             n.args, n.kwargs = a, kw
 
 
-def _random_like(node: fx.Node, sizes, masked_when: Optional[bool] = None):
+def _random_like(node: fx.Node, sizes, gen: torch.Generator, masked_when: Optional[bool] = None):
+    """Random values for `node` at `sizes`, on its device; drawn on the CPU from `gen` so the
+    user's random streams (CPU and CUDA) are left alone."""
     val = meta_value(node)
     shape = [int(sizes(d)) for d in val.shape]
     if val.dtype == torch.bool:
-        keep = torch.rand(shape) > 0.3
+        keep = torch.rand(shape, generator=gen) > 0.3
         keep[..., 0] = True  # every row keeps a key: fully masked rows are where kinds may differ
-        return keep if masked_when is False else ~keep
-    return torch.randn(shape, dtype=val.dtype)
+        return (keep if masked_when is False else ~keep).to(val.device)
+    return torch.randn(shape, generator=gen).to(device=val.device, dtype=val.dtype)
 
 
 def check_equivalent(site: AttentionSite, result: fx.Node, op_node: fx.Node) -> None:
@@ -198,12 +221,11 @@ def check_equivalent(site: AttentionSite, result: fx.Node, op_node: fx.Node) -> 
             raise RewriteRejected(f"too large to verify at rewrite time ({scores} scores); "
                                   "compile with dynamic=True to verify at a small length")
         sizes = small_sizes()
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
     try:
-        env = {n: _random_like(n, sizes) for n in {site.q, site.k, site.v}}
+        env = {n: _random_like(n, sizes, gen) for n in (site.q, site.k, site.v)}
         for t in site.masks:
-            env[t.node] = _random_like(t.node, sizes, masked_when=t.masked_when)
+            env[t.node] = _random_like(t.node, sizes, gen, masked_when=t.masked_when)
         if site.scale_ref is not None:
             env[site.scale_ref] = float(sizes(meta_value(site.scale_ref)))
         with _exact_and_deterministic(site, op_node), torch.no_grad():
@@ -212,8 +234,6 @@ def check_equivalent(site: AttentionSite, result: fx.Node, op_node: fx.Node) -> 
         raise
     except Exception as e:
         raise RewriteRejected(f"could not verify the rewrite ({type(e).__name__}: {e})") from None
-    finally:
-        torch.random.set_rng_state(gen_state)
     tol = 1e-4 if expected.dtype in (torch.float32, torch.float64) else 2e-2
     if expected.shape != got.shape or not torch.allclose(got.float(), expected.float(), rtol=tol, atol=tol):
         err = (got.float() - expected.float()).abs().max().item() if expected.shape == got.shape else "shape"

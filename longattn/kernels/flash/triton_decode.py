@@ -17,13 +17,15 @@ import functools
 
 import torch
 
-from .triton_fwd import (LOG2E, _load_2d, autotuning, dot_precision, interpreting, last_dim_contiguous, mask_as_4d,
+from .triton_fwd import (LOG2E, _load_2d, autotuning, dot_precision, interpreting, last_dim_contiguous,
+                         launch_first_that_fits, mask_as_4d,
                          padded_dim, triton)
 
 DECODE_MAX_QUERIES = 16
 MAX_GROUP_ROWS = 128  # group·Sq rows per program; beyond that the tiled forward is as good
 MAX_SPLITS = 128
 MIN_KEYS_PER_SPLIT = 128
+DECODE_FALLBACK_TILES = [(64, 3), (64, 2), (32, 2), (16, 1)]  # (BLOCK_N, num_stages), first that fits
 
 if triton is not None:
     import triton.language as tl
@@ -169,10 +171,12 @@ def decode_forward(q, k, v, scale: float, causal: bool, attn_mask=None):
     meta = dict(HEAD_DIM=D, HEAD_DIM_PAD=padded_dim(D), DV=Dv, DV_PAD=padded_dim(Dv),
                 ROWS=max(16, triton.next_power_of_2(n_rows)), CAUSAL=bool(causal), HAS_MASK=mask is not None,
                 MASK_IS_BOOL=mask is not None and mask.dtype == torch.uint8, DOT_PRECISION=dot_precision(q.dtype))
-    if not autotuning():
-        block_n = 16 if interpreting() else 64
-        _decode_split_kernel[(splits, B * Hkv)](*args, **meta, BLOCK_N=block_n, num_warps=4,
-                                                num_stages=1 if interpreting() else 3)
+    if interpreting():
+        _decode_split_kernel[(splits, B * Hkv)](*args, **meta, BLOCK_N=16, num_warps=4, num_stages=1)
+    elif not autotuning():
+        # tall query groups with wide heads outgrow shared memory at 64 keys x 3 stages: step down
+        launch_first_that_fits(_decode_split_kernel, lambda cfg: (splits, B * Hkv), args, meta,
+                               [dict(BLOCK_N=bn, num_warps=4, num_stages=st) for bn, st in DECODE_FALLBACK_TILES])
     else:
         _decode_tuned[(splits, B * Hkv)](*args, **meta)
     out = torch.empty(B, Hq, Sq, Dv, dtype=q.dtype, device=q.device)
