@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends.torch_compile import last_report, longattn_backend
+from .backends.torch_compile import clear_reports, last_report, longattn_backend, reports
 from .rewriter.fx_rewrite import rewrite_graph
 from .rewriter.policy import load_policy
 from .rewriter.report import Report
@@ -59,4 +59,4 @@ def rewrite(module_or_program, *example_inputs, policy=None, verify: bool = True
     return gm, report
 
 
-__all__ = ["explain", "rewrite", "last_report", "longattn_backend"]
+__all__ = ["explain", "rewrite", "last_report", "reports", "clear_reports", "longattn_backend"]

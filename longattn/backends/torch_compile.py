@@ -10,6 +10,7 @@ inputs at compile time; default True).
 """
 from __future__ import annotations
 
+import collections
 import threading
 
 import torch
@@ -27,8 +28,25 @@ def last_report() -> Report | None:
     return getattr(_state, "last", None)
 
 
+def reports() -> list[Report]:
+    """Reports of the graphs compiled with backend="longattn" in this thread since `clear_reports()`,
+    oldest first (at most the last 1000): a model with graph breaks compiles one graph per piece."""
+    return list(_history())
+
+
+def clear_reports() -> None:
+    _history().clear()
+
+
+def _history() -> collections.deque:
+    if not hasattr(_state, "history"):
+        _state.history = collections.deque(maxlen=1000)
+    return _state.history
+
+
 def _remember(report: Report) -> None:
     _state.last = report
+    _history().append(report)
 
 
 def compile_inner(gm: torch.fx.GraphModule, example_inputs, inner: str):

@@ -118,18 +118,16 @@ def test_rewrite_returns_an_exported_graph_module_that_matches_and_trains():
 
 
 @pytest.mark.parametrize("use", ["flash", "linear"])
-def test_generate_with_a_kv_cache_rewrites_prefill_and_decode_steps(use, monkeypatch):
+def test_generate_with_a_kv_cache_rewrites_prefill_and_decode_steps(use):
     """Decode steps attend one query to the cache: k and v lengths are separate symbols there."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    from longattn.backends import torch_compile as backend_module
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=64, attn_implementation="sdpa")
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))
     expected = model.generate(ids, max_new_tokens=5, do_sample=False)
-    reports = []
-    monkeypatch.setattr(backend_module, "_remember", reports.append)
+    longattn.clear_reports()
     torch._dynamo.reset()
     model.forward = torch.compile(model.forward, backend="longattn", dynamic=True,
                                   options={"policy": {"version": 1, "rules": [{"layers": "*", "use": use}]},
@@ -138,5 +136,5 @@ def test_generate_with_a_kv_cache_rewrites_prefill_and_decode_steps(use, monkeyp
     assert got.shape == expected.shape
     if use == "flash":  # exact: the same tokens
         assert torch.equal(got, expected)
-    decode = [s for r in reports for s in r if s.q_len == 1]
-    assert decode and all(s.status == "rewritten" for s in decode), [str(r) for r in reports]
+    decode = [s for r in longattn.reports() for s in r if s.q_len == 1]
+    assert decode and all(s.status == "rewritten" for s in decode), [str(r) for r in longattn.reports()]
