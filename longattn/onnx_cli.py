@@ -253,9 +253,8 @@ def summary_table(outcomes: list[Outcome], check: bool):
     from rich.table import Table
     ok = sum(o.ok for o in outcomes)
     t = Table(title=f"longattn convert: {ok} of {len(outcomes)} models converted")
-    t.add_column("model", overflow="fold", min_width=12)
-    t.add_column("sites", justify="right", no_wrap=True)
-    t.add_column("rewr/exact/skip", justify="right", no_wrap=True)
+    t.add_column("model", overflow="fold", min_width=16)
+    t.add_column("rewr/exact/skip", justify="right", no_wrap=True)  # sites by outcome
     t.add_column("status", overflow="fold", min_width=6)
     if check:  # max error over the outputs: stock onnxruntime (function bodies) / our library
         t.add_column("err ort", justify="right", no_wrap=True)
@@ -265,7 +264,7 @@ def summary_table(outcomes: list[Outcome], check: bool):
         s = o.report.get("summary", {})
         counts = "/".join(str(s.get(k, "-")) for k in ("rewritten", "exact", "skipped"))
         status = "[green]ok[/]" if o.ok else f"[red]failed[/]: {o.reason}"
-        row = [os.path.relpath(o.source), str(s.get("sites", "-")), counts, status]
+        row = [os.path.relpath(o.source), counts, status]
         if check:
             row += [_max_error(o.checks, library=False), _max_error(o.checks, library=True)]
         row.append(f"{o.seconds:.1f}s")
