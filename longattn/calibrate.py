@@ -1,0 +1,347 @@
+"""Calibration of the linear kind's far part on a model's own activations.
+
+The hybrid linear kind (`kernels/linear/reference.py`) attends exactly to `sink_tokens` first keys and a
+`local_window` of recent keys, and gives every older ("far") key the weight c_h · φ(q)·φ(k) under the same
+normaliser. With a fixed map and c_h = 1 the far part's mass has nothing to do with what softmax gives those
+keys (measured on SmolLM2: worse than dropping them). Per layer, on Q/K/V captured from the exact model:
+
+- `far_scale` c_h (per query head): chosen so that the far part's share of each row's mass,
+  c·A/(E + c·A), matches softmax's share B/(E + B) in least squares over sampled rows (E: exact keys'
+  Σexp(s), B: far keys' Σexp(s), A: far keys' Σφ(q)·φ(k)). One scalar per head: a 1-D search in log c.
+- `hedgehog` maps (Zhang et al. 2024, "The Hedgehog & the Porcupine"): φ(x) = [softmax(x√s·W + b),
+  softmax(−(x√s·W + b))], W per query head for queries and per key head for keys, started at the identity
+  and trained with Adam on the attention-distillation loss: cross-entropy between softmax attention
+  restricted to the far keys (renormalised) and the map's normalised far weights, on sampled query rows.
+  Then c_h is fitted for the trained map as above. Optionally (`hybrid_steps`) a second stage trains the
+  maps and log c_h together on the whole hybrid row (exact + far keys under one normaliser) against
+  softmax's full row.
+
+The result is a file of per-layer sections (`kernels/linear/params_file.py`) that a policy's linear band
+references as `feature_params: FILE`; the rewriter picks each site's section.
+
+    fits = calibrate_model(model, ids, layers=range(20, 30), feature_map="hedgehog", sink_tokens=64,
+                           local_window=256)
+    save_calibration("calib.safetensors", fits, metadata={...})
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from .kernels.linear import apply_feature_map, linear_attention
+from .kernels.linear.params_file import save_file
+
+FITTED_MAPS = ("elu", "relu", "favor", "taylor2", "hedgehog", "identity")
+
+
+@dataclass
+class LayerFit:
+    layer: int
+    params: dict                       # feature_params for this layer: far_scale, q_weight, ...
+    stats: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------------- row targets
+
+@dataclass
+class _Rows:
+    """Sampled causal query rows with far keys, and softmax's view of them (per query head)."""
+    pos: torch.Tensor       # (n,) query positions
+    q: torch.Tensor         # (Hq, n, D)
+    s: torch.Tensor         # (Hq, n, S) scaled scores, -inf where invisible
+    exact: torch.Tensor     # (n, S) bool: sink or window key
+    far: torch.Tensor       # (n, S) bool
+    log_e: torch.Tensor     # (Hq, n) log Σ_exact exp(s)
+    log_b: torch.Tensor     # (Hq, n) log Σ_far exp(s)
+    t_far: torch.Tensor     # (Hq, n, S) softmax restricted to the far keys (0 elsewhere)
+    t_all: torch.Tensor     # (Hq, n, S) softmax over the visible keys
+
+    def take(self, idx) -> "_Rows":
+        return _Rows(self.pos[idx], self.q[:, idx], self.s[:, idx], self.exact[idx], self.far[idx],
+                     self.log_e[:, idx], self.log_b[:, idx], self.t_far[:, idx], self.t_all[:, idx])
+
+
+def _rows(q, k, *, scale, sink_tokens, local_window, rows, generator) -> _Rows:
+    """q (Hq, S, D), k (Hkv, S, D), causal and aligned (Sq = Sk)."""
+    Hq, S, _ = q.shape
+    G = Hq // k.shape[0]
+    first = sink_tokens + local_window   # the first position with a far key
+    if first >= S:
+        raise ValueError(f"calibrate: {S} tokens leave no far keys for sink_tokens={sink_tokens} + "
+                         f"local_window={local_window}; calibrate on a longer text")
+    pos = torch.arange(first, S)
+    if rows and rows < pos.numel():
+        pos = pos[torch.randperm(pos.numel(), generator=generator)[:rows]].sort().values
+    j = torch.arange(S)
+    p = pos[:, None]
+    visible = j[None] <= p
+    exact = visible & ((j[None] < sink_tokens) | (j[None] > p - local_window))
+    far = visible & ~exact
+    kk = k.repeat_interleave(G, dim=0)
+    s = torch.einsum("hnd,hsd->hns", q[:, pos], kk) * scale
+    s = s.masked_fill(~visible, float("-inf"))
+    ninf = torch.tensor(float("-inf"))
+    log_e = torch.where(exact, s, ninf).logsumexp(-1)
+    log_b = torch.where(far, s, ninf).logsumexp(-1)
+    t_far = torch.softmax(s.masked_fill(~far, float("-inf")), -1)
+    return _Rows(pos, q[:, pos], s, exact, far, log_e, log_b, t_far, torch.softmax(s, -1))
+
+
+def _far_phi(rows: _Rows, k, *, feature_map, scale, num_features, seed, feature_params):
+    """Σ-free far weights φ(q_i)·φ(k_j) (Hq, n, S) (0 off the far keys), times exp(q_log_scale)."""
+    Hq = rows.q.shape[0]
+    G = Hq // k.shape[0]
+    feats = apply_feature_map(rows.q.unsqueeze(0), k.unsqueeze(0), feature_map=feature_map, scale=scale,
+                              num_features=num_features, seed=seed, feature_params=feature_params)
+    fk = feats.k[0].repeat_interleave(G, dim=0)
+    phi = torch.einsum("hnf,hsf->hns", feats.q[0], fk)
+    if feats.q_log_scale is not None:
+        phi = phi * torch.exp(feats.q_log_scale[0]).unsqueeze(-1)
+    return phi * rows.far
+
+
+def fit_far_scale(rows: _Rows, phi: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Per-head c minimising Σ_rows (σ(log c + log A − log E) − σ(log B − log E))²; returns (c (Hq,), stats)."""
+    log_a = phi.sum(-1).clamp_min(1e-30).log()
+    x = (log_a - rows.log_e).double()           # (Hq, n)
+    target = torch.sigmoid((rows.log_b - rows.log_e).double())
+
+    def loss(t):                                # t (m,) or (Hq, m) candidates -> (Hq, m)
+        t = t if t.dim() == 2 else t.expand(x.shape[0], -1)
+        return (torch.sigmoid(t[:, :, None] + x[:, None, :]) - target[:, None, :]).pow(2).mean(-1)
+
+    grid = torch.arange(-40.0, 20.0, 0.1, dtype=torch.float64)
+    best = grid[loss(grid).argmin(-1)]          # (Hq,)
+    for step in (0.01, 0.001):
+        fine = best[:, None] + torch.arange(-10, 11, dtype=torch.float64) * step
+        best = fine.gather(1, loss(fine).argmin(-1, keepdim=True)).squeeze(1)
+    rms = lambda t: loss(t[:, None]).squeeze(1).sqrt()
+    stats = {"far_share": target.mean().item(),
+             "share_rms_c1": rms(torch.zeros_like(best)).mean().item(),
+             "share_rms_fitted": rms(best).mean().item(),
+             "log_far_scale": best.tolist()}
+    return torch.exp(best).float(), stats
+
+
+def far_distillation_loss(rows: _Rows, phi: torch.Tensor) -> torch.Tensor:
+    """Hedgehog's loss on far keys: CE(softmax restricted to far keys, φφ normalised over far keys), row mean.
+    (Σ_j t_j log(φ_j / Σφ) = Σ_j t_j log φ_j − log Σφ, t summing to 1 over the far keys.)"""
+    return -((rows.t_far * phi.clamp_min(1e-30).log()).sum(-1) - phi.sum(-1).clamp_min(1e-30).log()).mean()
+
+
+def hybrid_loss(rows: _Rows, phi: torch.Tensor, log_c: torch.Tensor) -> torch.Tensor:
+    """CE(softmax over the whole visible row, hybrid weights: exp(s) on exact keys, c·φφ on far keys)."""
+    s, far, exact, target = rows.s, rows.far, rows.exact, rows.t_all
+    logw = torch.where(exact, s, torch.where(far, log_c[:, None, None] + phi.clamp_min(1e-30).log(),
+                                             torch.tensor(float("-inf"))))
+    logp = logw - logw.logsumexp(-1, keepdim=True)
+    return -(target * torch.where(exact | far, logp, torch.zeros_like(logp))).sum(-1).mean()
+
+
+# ----------------------------------------------------------------------------------------------- one layer
+
+def _hedgehog_phi(rows: _Rows, k, params, scale):
+    return _far_phi(rows, k, feature_map="hedgehog", scale=scale, num_features=0, seed=0, feature_params=params)
+
+
+def fit_layer(q, k, v, *, scale: float, feature_map: str = "hedgehog", sink_tokens: int = 64,
+              local_window: int = 256, rows: int = 512, steps: int = 150, lr: float = 2e-2, batch_rows: int = 32,
+              hedgehog_dim: Optional[int] = None, hybrid_steps: int = 0, num_features: int = 256, seed: int = 0,
+              layer: int = 0, measure_output: bool = True) -> LayerFit:
+    """Fit one causal self-attention layer. q (B=1 or Hq-first) (1, Hq, S, D), k/v (1, Hkv, S, D|Dv).
+
+    Returns the layer's feature_params (far_scale, and the hedgehog weights for feature_map="hedgehog") and
+    stats: far-key distillation loss before/after training, the far share's RMS error at c = 1 and fitted,
+    and (measure_output) the attention output's relative error vs exact for far keys dropped, c = 1 and fitted.
+    """
+    if feature_map not in FITTED_MAPS:
+        raise ValueError(f"calibrate: feature_map must be one of {', '.join(FITTED_MAPS)}, got {feature_map!r}")
+    t0 = time.time()
+    q, k, v = (t.detach().float() for t in (q, k, v))
+    if q.dim() == 4:
+        if q.shape[0] != 1:
+            raise ValueError(f"calibrate: one sequence at a time (batch 1), got batch {q.shape[0]}")
+        q, k, v = q[0], k[0], v[0]
+    g = torch.Generator().manual_seed(seed)
+    r = _rows(q, k, scale=scale, sink_tokens=sink_tokens, local_window=local_window, rows=rows, generator=g)
+    stats: dict = {"rows": int(r.pos.numel()), "tokens": int(q.shape[1])}
+    params: dict = {}
+    if feature_map == "hedgehog":
+        Hq, D = q.shape[0], q.shape[-1]
+        Hkv = k.shape[0]
+        Fd = hedgehog_dim or D
+        eye = torch.eye(D, Fd)
+        p = {"q_weight": eye.repeat(Hq, 1, 1).requires_grad_(), "k_weight": eye.repeat(Hkv, 1, 1).requires_grad_(),
+             "q_bias": torch.zeros(Hq, Fd, requires_grad=True), "k_bias": torch.zeros(Hkv, Fd, requires_grad=True)}
+        with torch.no_grad():
+            stats["far_ce_init"] = far_distillation_loss(r, _hedgehog_phi(r, k, p, scale)).item()
+        opt = torch.optim.Adam(list(p.values()), lr=lr)
+        n = r.pos.numel()
+        for _ in range(steps):
+            idx = torch.randint(0, n, (min(batch_rows, n),), generator=g)
+            sub = r.take(idx)
+            loss = far_distillation_loss(sub, _hedgehog_phi(sub, k, p, scale))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            phi = _hedgehog_phi(r, k, p, scale)
+            stats["far_ce_trained"] = far_distillation_loss(r, phi).item()
+            stats["far_ce_floor"] = _entropy_far(r)
+        params = {name: t.detach() for name, t in p.items()}
+        if hybrid_steps:
+            c, _ = fit_far_scale(r, phi)
+            log_c = c.double().log().float().requires_grad_()
+            p = {name: t.clone().requires_grad_() for name, t in params.items()}
+            opt = torch.optim.Adam([*p.values(), log_c], lr=lr)
+            with torch.no_grad():
+                stats["hybrid_ce_start"] = hybrid_loss(r, phi, log_c).item()
+            for _ in range(hybrid_steps):
+                idx = torch.randint(0, n, (min(batch_rows, n),), generator=g)
+                sub = r.take(idx)
+                loss = hybrid_loss(sub, _hedgehog_phi(sub, k, p, scale), log_c)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            params = {name: t.detach() for name, t in p.items()}
+            with torch.no_grad():
+                phi = _hedgehog_phi(r, k, params, scale)
+                stats["hybrid_ce_trained"] = hybrid_loss(r, phi, log_c).item()
+    with torch.no_grad():
+        phi = _far_phi(r, k, feature_map=feature_map, scale=scale, num_features=num_features, seed=seed,
+                       feature_params=params or None)
+        c, scale_stats = fit_far_scale(r, phi)
+        stats.update(scale_stats)
+        stats["hybrid_ce_c1"] = hybrid_loss(r, phi, torch.zeros_like(c)).item()
+        stats["hybrid_ce_fitted"] = hybrid_loss(r, phi, c.log()).item()
+    params["far_scale"] = c
+    if measure_output:
+        stats.update(output_errors(q, k, v, scale=scale, feature_map=feature_map, sink_tokens=sink_tokens,
+                                   local_window=local_window, params=params, num_features=num_features, seed=seed))
+    return LayerFit(layer, params, stats, time.time() - t0)
+
+
+def _entropy_far(r: _Rows) -> float:
+    """The far loss's floor: the entropy of softmax restricted to far keys."""
+    p = r.t_far
+    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1).mean().item()
+
+
+@torch.no_grad()
+def output_errors(q, k, v, *, scale, feature_map, sink_tokens, local_window, params, num_features=256, seed=0,
+                  from_position: Optional[int] = None) -> dict:
+    """Relative error ||o − o*|| / ||o*|| of the layer's attention output over rows with far keys, vs exact
+    softmax, for: far keys dropped, the map with c = 1, and the fitted parameters."""
+    q4, k4, v4 = q[None], k[None], v[None]
+    exact = torch.nn.functional.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale,
+                                                             enable_gqa=True)
+    start = sink_tokens + local_window if from_position is None else from_position
+    rel = lambda o: ((o - exact)[:, :, start:].norm() / exact[:, :, start:].norm()).item()
+    common = dict(scale=scale, causal=True, sink_tokens=sink_tokens, local_window=local_window)
+    out = {"out_err_dropped": rel(linear_attention(q4, k4, v4, feature_map="none", **common))}
+    uncal = {k_: v_ for k_, v_ in params.items() if k_ != "far_scale"} or None
+    if feature_map != "hedgehog":
+        out["out_err_c1"] = rel(linear_attention(q4, k4, v4, feature_map=feature_map, num_features=num_features,
+                                                 seed=seed, feature_params=uncal, **common))
+    out["out_err_fitted"] = rel(linear_attention(q4, k4, v4, feature_map=feature_map, num_features=num_features,
+                                                 seed=seed, feature_params=params, **common))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- a model
+
+def capture_layers(model, ids: torch.Tensor, layers: Iterable[int]) -> dict:
+    """{layer index: (q, k, v, scale)} of a transformers decoder's attention layers on `ids` (1, S), causal.
+
+    Records through a `transformers.AttentionInterface` function (k/v as the model keeps them, GQA not
+    repeated); the model's attention implementation is restored afterwards."""
+    from transformers import AttentionInterface
+
+    from .quality import attention_in_layers
+    layers = set(layers)
+    got = {}
+
+    def record(query, key, value, scale, layer):
+        got[layer] = (query.detach().clone(), key.detach().clone(), value.detach().clone(), float(scale))
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
+                                                                enable_gqa=True)
+    AttentionInterface.register("longattn_capture", attention_in_layers(layers, record))
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("longattn_capture")
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        model.set_attn_implementation(previous)
+    missing = layers - set(got)
+    if missing:
+        raise ValueError(f"calibrate: the model has no attention layer(s) {sorted(missing)} "
+                         f"(found {sorted(got) or 'none'})")
+    return got
+
+
+def calibrate_model(model, ids: torch.Tensor, layers: Iterable[int], *, progress: Optional[Callable] = None,
+                    **fit_options) -> dict[int, LayerFit]:
+    """Capture `layers` on `ids` (1, S) and fit each (see `fit_layer` for the options)."""
+    captured = capture_layers(model, ids, layers)
+    fits = {}
+    for layer in sorted(captured):
+        q, k, v, scale = captured.pop(layer)
+        fits[layer] = fit_layer(q, k, v, scale=scale, layer=layer, **fit_options)
+        if progress:
+            progress(fits[layer])
+    return fits
+
+
+def save_calibration(path: str, fits: dict, metadata: Optional[dict] = None) -> None:
+    """Write the fitted parameters as per-layer sections (`kernels/linear/params_file.py`), atomically."""
+    save_file(path, {layer: fit.params for layer, fit in fits.items()}, metadata or {})
+
+
+def linear_layers(policy, num_layers: int, module_path: str = "model.layers.{}.self_attn") -> dict[int, dict]:
+    """{layer index: linear band params} for the layers a policy maps to `linear` (any length band)."""
+    found = {}
+    for i in range(num_layers):
+        decision = policy.decide(module_path.format(i), i, num_layers)
+        band = next((b for b in decision.bands if b.kind == "linear"), None)
+        if band is not None:
+            found[i] = dict(band.params)
+    return found
+
+
+def parse_layers(text: str) -> list[int]:
+    """"20-29", "3,5,7-9" -> sorted layer indices."""
+    out = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        try:
+            out.update(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise ValueError(f"layers: expected indices and ranges like 20-29 or 3,5,7-9, got {text!r}") from None
+    return sorted(out)
+
+
+def describe(fit: LayerFit) -> str:
+    s = fit.stats
+    parts = [f"layer {fit.layer}: {fit.seconds:.1f}s"]
+    if "far_ce_init" in s:
+        parts.append(f"far CE {s['far_ce_init']:.3f} -> {s['far_ce_trained']:.3f} (floor {s['far_ce_floor']:.3f})")
+    parts.append(f"far share {s['far_share']:.3f}, share rms {s['share_rms_c1']:.3f} -> {s['share_rms_fitted']:.3f}")
+    c = fit.params["far_scale"]
+    parts.append(f"far_scale {c.min().item():.3g}..{c.max().item():.3g}")
+    if "out_err_fitted" in s:
+        parts.append("out err dropped {:.3f}{} fitted {:.3f}".format(
+            s["out_err_dropped"], f", c=1 {s['out_err_c1']:.3f}," if "out_err_c1" in s else ",",
+            s["out_err_fitted"]))
+    return "; ".join(parts)
+
+
+__all__ = ["LayerFit", "fit_layer", "fit_far_scale", "far_distillation_loss", "hybrid_loss", "output_errors",
+           "capture_layers", "calibrate_model", "save_calibration", "linear_layers", "parse_layers", "describe"]

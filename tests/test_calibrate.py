@@ -1,0 +1,187 @@
+"""Calibration of the linear kind's far part: fits improve their objectives on synthetic data whose softmax
+weights are known, the file round-trips, a policy referencing it runs through torch.compile, and bad files or
+sections give errors naming them."""
+import pytest
+import torch
+
+import longattn
+from longattn import calibrate as cal
+from longattn.kernels.linear import linear_attention
+from longattn.kernels.linear.params_file import feature_params_from_file, file_metadata, save_file
+from tests.zoo import ZOO_BY_NAME
+
+
+def _qkv(Hq=4, Hkv=2, S=192, D=16, seed=0, q_scale=1.0):
+    """Keys with a few shared directions so that softmax over far keys is peaked, as in trained models."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(4, D, generator=g)
+    k = (torch.randn(Hkv, S, 4, generator=g) @ basis + 0.3 * torch.randn(Hkv, S, D, generator=g))
+    q = q_scale * (torch.randn(Hq, S, 4, generator=g) @ basis + 0.3 * torch.randn(Hq, S, D, generator=g))
+    v = torch.randn(Hkv, S, D, generator=g)
+    return q, k, v
+
+
+OPTS = dict(sink_tokens=4, local_window=16, rows=96)
+
+
+def test_far_scale_recovers_the_factor_a_map_is_off_by():
+    # a "map" that is exp(s) divided by 7.3 per far key: the fitted far_scale must be 7.3 in every head
+    q, k, _ = _qkv(S=96)
+    rows = cal._rows(q, k, scale=0.25, sink_tokens=4, local_window=16, rows=0, generator=torch.Generator())
+    c, stats = cal.fit_far_scale(rows, torch.exp(rows.s) * rows.far / 7.3)
+    torch.testing.assert_close(c, torch.full((4,), 7.3), rtol=1e-3, atol=0)
+    assert stats["share_rms_fitted"] < 1e-4 < stats["share_rms_c1"]
+
+
+def test_far_scale_is_near_one_where_the_map_is_near_exp():
+    # taylor2 is exp's second-order expansion: for small scores φ(q)·φ(k) ≈ exp(q·k·scale)
+    q, k, v = _qkv(q_scale=0.1)
+    fit = cal.fit_layer(q, k, v, scale=0.25, feature_map="taylor2", measure_output=False, **OPTS)
+    assert torch.allclose(fit.params["far_scale"], torch.ones(4), rtol=0.1)
+
+
+def test_far_scale_fit_reduces_the_far_share_error():
+    q, k, v = _qkv()
+    fit = cal.fit_layer(q, k, v, scale=0.25, feature_map="elu", **OPTS)
+    assert fit.params["far_scale"].shape == (4,)
+    assert fit.stats["share_rms_fitted"] < 0.8 * fit.stats["share_rms_c1"]
+    assert fit.stats["out_err_fitted"] < fit.stats["out_err_c1"]
+
+
+def test_hedgehog_training_reduces_the_distillation_loss():
+    q, k, v = _qkv()
+    fit = cal.fit_layer(q, k, v, scale=0.25, feature_map="hedgehog", steps=40, lr=3e-2, **OPTS)
+    s = fit.stats
+    assert s["far_ce_floor"] <= s["far_ce_trained"] < s["far_ce_init"] - 0.05
+    p = fit.params
+    assert p["q_weight"].shape == (4, 16, 16) and p["k_weight"].shape == (2, 16, 16)
+    assert p["q_bias"].shape == (4, 16) and p["far_scale"].shape == (4,)
+    # the hybrid-row stage lowers its own loss further
+    fit2 = cal.fit_layer(q, k, v, scale=0.25, feature_map="hedgehog", steps=40, lr=3e-2, hybrid_steps=40,
+                         measure_output=False, **OPTS)
+    assert fit2.stats["hybrid_ce_trained"] < fit2.stats["hybrid_ce_start"]
+
+
+def test_far_distillation_loss_is_at_its_floor_when_the_map_is_exp():
+    q, k, _ = _qkv(S=96)
+    rows = cal._rows(q, k, scale=0.25, sink_tokens=4, local_window=16, rows=0, generator=torch.Generator())
+    exact_phi = torch.exp(rows.s) * rows.far
+    loss = cal.far_distillation_loss(rows, exact_phi)
+    assert abs(loss.item() - cal._entropy_far(rows)) < 1e-4
+
+
+def test_too_short_a_text_is_refused():
+    q, k, v = _qkv(S=16)
+    with pytest.raises(ValueError, match="no far keys"):
+        cal.fit_layer(q, k, v, scale=0.25, feature_map="elu", sink_tokens=4, local_window=16)
+
+
+def test_file_round_trips_and_runs_like_the_tensors(tmp_path):
+    q, k, v = _qkv()
+    fit = cal.fit_layer(q, k, v, scale=0.25, feature_map="hedgehog", steps=5, measure_output=False, layer=3,
+                        **OPTS)
+    path = str(tmp_path / "c.safetensors")
+    cal.save_calibration(path, {3: fit}, {"model": "synthetic"})
+    loaded = feature_params_from_file(path + "#layers.3")
+    assert set(loaded) == set(fit.params)
+    for name, t in fit.params.items():
+        torch.testing.assert_close(loaded[name], t.float())
+    assert file_metadata(path)["model"] == "synthetic"
+    assert feature_params_from_file(path).keys() == loaded.keys()  # the only section
+    opts = dict(scale=0.25, causal=True, feature_map="hedgehog", sink_tokens=4, local_window=16)
+    torch.testing.assert_close(linear_attention(q[None], k[None], v[None], feature_params=loaded, **opts),
+                               linear_attention(q[None], k[None], v[None], feature_params=fit.params, **opts))
+    # torch.save files too
+    save_file(str(tmp_path / "c.pt"), {3: fit.params}, {})
+    assert feature_params_from_file(str(tmp_path / "c.pt") + "#layers.3").keys() == loaded.keys()
+
+
+def test_bad_paths_and_sections_name_the_file_and_key(tmp_path):
+    missing = str(tmp_path / "nope.safetensors")
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        feature_params_from_file(missing + "#layers.0")
+    path = str(tmp_path / "c.safetensors")
+    save_file(path, {1: {"far_scale": torch.ones(4)}, 2: {"far_scale": torch.ones(4)}}, {})
+    with pytest.raises(ValueError, match=r"c\.safetensors has no section 'layers\.7' \(it has: layers\.1, layers\.2\)"):
+        feature_params_from_file(path + "#layers.7")
+    with pytest.raises(ValueError, match="holds 2 sections"):
+        feature_params_from_file(path)
+    with pytest.raises(ValueError, match="unknown parameter 'gamma'"):
+        save_file(path, {1: {"gamma": torch.ones(1)}}, {})
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="cannot read calibration file .*junk.safetensors"):
+        feature_params_from_file(str(tmp_path / "junk.safetensors"))
+
+
+def _llama():
+    model, _ = ZOO_BY_NAME["llama"].build("sdpa")
+    ids = torch.randint(0, 64, (1, 48), generator=torch.Generator().manual_seed(3))
+    return model, ids
+
+
+def _calibrated(tmp_path, model, ids, layers=(0, 1)):
+    with torch.enable_grad():
+        fits = cal.calibrate_model(model, ids, layers, feature_map="hedgehog", sink_tokens=2, local_window=8,
+                                   steps=5, rows=16, measure_output=False)
+    path = tmp_path / "calib.safetensors"
+    cal.save_calibration(str(path), fits, {})
+    return path
+
+
+def test_policy_with_a_calibration_file_runs_through_torch_compile(tmp_path):
+    model, ids = _llama()
+    path = _calibrated(tmp_path, model, ids)
+    (tmp_path / "p.yaml").write_text("version: 1\nrules:\n  - {layers: '*', use: linear, feature_map: hedgehog, "
+                                     "sink_tokens: 2, local_window: 8, feature_params: calib.safetensors}\n")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="longattn",
+                             options={"policy": str(tmp_path / "p.yaml"), "inner": "aot_eager"})
+    with torch.no_grad():
+        got = compiled(input_ids=ids).last_hidden_state
+    assert torch.isfinite(got).all()
+    sites = longattn.last_report().sites
+    refs = sorted(s.bands[0]["params"]["feature_params"] for s in sites)
+    assert refs == [f"{path}#layers.0", f"{path}#layers.1"]
+    # the same as running the kernel with each layer's tensors in eager mode
+    from transformers import AttentionInterface
+
+    from longattn.quality import attention_in_layers
+
+    def fn(q, k, v, scale, layer):
+        return linear_attention(q, k, v, scale=scale, causal=True, feature_map="hedgehog", sink_tokens=2,
+                                local_window=8, feature_params=feature_params_from_file(f"{path}#layers.{layer}"))
+    AttentionInterface.register("test_calibrated", attention_in_layers({0, 1}, fn))
+    model.set_attn_implementation("test_calibrated")
+    with torch.no_grad():
+        want = model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_policy_naming_a_layer_the_file_lacks_fails_at_compile_time(tmp_path):
+    model, ids = _llama()
+    path = _calibrated(tmp_path, model, ids, layers=(0,))
+    policy = {"version": 1, "rules": [{"layers": "*", "use": "linear", "feature_map": "hedgehog",
+                                       "feature_params": str(path)}]}
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="longattn", options={"policy": policy, "inner": "aot_eager"})
+    with pytest.raises(Exception, match=r"layers\.1.*calib\.safetensors has no section 'layers\.1'"):
+        with torch.no_grad():
+            compiled(input_ids=ids)
+
+
+def test_linear_layers_of_a_policy_and_layer_ranges():
+    from longattn.rewriter.policy import Policy
+    policy = Policy.from_dict({"version": 1, "rules": [
+        {"layers": {"last": 2}, "by_length": [{"below": 1024, "use": "flash"},
+                                               {"use": "linear", "sink_tokens": 8, "local_window": 32}]}]})
+    assert cal.linear_layers(policy, 6) == {4: {"sink_tokens": 8, "local_window": 32},
+                                            5: {"sink_tokens": 8, "local_window": 32}}
+    assert cal.parse_layers("20-22,25") == [20, 21, 22, 25]
+    with pytest.raises(ValueError, match="20-29"):
+        cal.parse_layers("twenty")
+
+
+def test_cli_calibrate_needs_layers_or_a_policy(capsys):
+    from longattn.cli import main
+    assert main(["calibrate", "smollm2", "--out", "x.safetensors"]) == 2
+    assert "--layers" in capsys.readouterr().err
