@@ -22,7 +22,7 @@ def library():
         build.compiler()
     except build.BuildError as e:
         pytest.skip(f"no C++ compiler to build the custom-op library: {e}")
-    return build.build(quiet=True)  # a failure to fetch headers or compile fails the tests, with the reason
+    return build.build(quiet=True)  # a failure to compile fails the tests, with the reason
 
 
 def node_model(op, q_shape, kv_shape, *, causal=False, bands=(Band("flash"),), mask_shape=None, scale=None):

@@ -1,7 +1,7 @@
 """The onnxruntime backend: a C++ custom-op library with CPU kernels for the `ai.longattn` nodes.
 
-Build it with `python -m longattn.backends.onnxruntime.build` (fetches the pinned onnxruntime C API
-headers, compiles `kernels.cc` with the system C++ compiler). `library_path()` finds the built
+Build it with `python -m longattn.backends.onnxruntime.build` (compiles `csrc/register.cc` against the
+vendored onnxruntime API headers with the system C++ compiler). `library_path()` finds the built
 library; `longattn.onnx.session` registers it.
 """
 from __future__ import annotations

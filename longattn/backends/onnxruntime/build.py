@@ -2,127 +2,43 @@
 
     python -m longattn.backends.onnxruntime.build [--force] [--out DIR]
 
-The PyPI onnxruntime wheel ships no C headers, so the build fetches them from one pinned
-package: Debian's libonnxruntime-dev 1.21.0+dfsg-1 (about 85 KB, checked against its SHA-256),
-from the machine's Debian mirror or snapshot.debian.org, and unpacks only its headers (pure
-Python: a .deb is an ar archive holding data.tar.xz). Set LONGATTN_ORT_HEADERS to a folder
-holding onnxruntime_c_api.h & co. to use other headers (no download). The library is built
-against C API version 21 and binds to the API of whichever onnxruntime (>= 1.21) loads it, so
-nothing links against onnxruntime at build time. Compiled with the system C++ compiler
-(CXX, default g++/c++) at -O3 -march=native: build it on the machine that runs it.
+The PyPI onnxruntime wheel ships no C headers, so the repo vendors onnxruntime's C/C++ API headers
+of version 1.21.0 (`csrc/onnxruntime-1.21.0/`, unmodified, from Debian's libonnxruntime-dev
+1.21.0+dfsg-1; see the LICENSE there) and nothing else of onnxruntime. Set LONGATTN_ORT_HEADERS to a
+folder holding onnxruntime_c_api.h & co. to build against other headers. The library asks for C
+API version 21 and binds to the API of whichever onnxruntime (>= 1.21) loads it, so nothing links
+against onnxruntime at build time. Compiled with the system C++ compiler (CXX, default
+g++/c++) at -O3 -march=native: build it on the machine that runs it.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
-import urllib.request
 
 from . import LIBRARY_NAME, default_build_dir
 
 ORT_HEADERS_VERSION = "1.21.0"
-DEB_NAME = "libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb"
-DEB_POOL_PATH = "pool/main/o/onnxruntime/" + DEB_NAME
-DEB_SHA256 = "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08"
-SNAPSHOT = "https://snapshot.debian.org/archive/debian/20250315T000000Z"
 NEEDED_HEADERS = ("onnxruntime_c_api.h", "onnxruntime_cxx_api.h", "onnxruntime_cxx_inline.h",
                   "onnxruntime_float16.h", "onnxruntime_lite_custom_op.h")
 SOURCES = ("register.cc",)
 HERE = os.path.dirname(os.path.abspath(__file__))
+VENDORED_HEADERS = os.path.join(HERE, "csrc", f"onnxruntime-{ORT_HEADERS_VERSION}")
 
 
 class BuildError(Exception):
     pass
 
 
-def _mirrors() -> list[str]:
-    mirrors = []
-    if os.environ.get("LONGATTN_DEBIAN_MIRROR"):
-        mirrors.append(os.environ["LONGATTN_DEBIAN_MIRROR"].rstrip("/"))
-    try:  # the machine's own Debian mirror (deb822 sources)
-        with open("/etc/apt/sources.list.d/debian.sources") as f:
-            for line in f:
-                if line.startswith("URIs:"):
-                    mirrors.extend(u.rstrip("/") for u in line.split()[1:] if "security" not in u)
-    except OSError:
-        pass
-    mirrors += ["http://deb.debian.org/debian", SNAPSHOT]
-    return list(dict.fromkeys(mirrors))
-
-
-def _deb_member(data: bytes, prefix: str) -> tuple[str, bytes]:
-    """The member of an ar archive whose name starts with `prefix`."""
-    if not data.startswith(b"!<arch>\n"):
-        raise BuildError("downloaded file is not a Debian package (no ar header)")
-    pos = 8
-    while pos + 60 <= len(data):
-        header = data[pos:pos + 60]
-        name = header[:16].decode().strip().rstrip("/")
-        size = int(header[48:58].decode().strip())
-        body = data[pos + 60:pos + 60 + size]
-        if name.startswith(prefix):
-            return name, body
-        pos += 60 + size + (size & 1)
-    raise BuildError(f"no {prefix}* in the Debian package")
-
-
-def fetch_headers(dest: str) -> str:
-    """Download the pinned package, check it, unpack the headers into dest; return the folder."""
-    errors = []
-    for mirror in _mirrors():
-        url = f"{mirror}/{DEB_POOL_PATH}"
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r:
-                data = r.read()
-        except Exception as e:
-            errors.append(f"{url}: {e}")
-            continue
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != DEB_SHA256:
-            errors.append(f"{url}: SHA-256 {digest} is not the pinned {DEB_SHA256}")
-            continue
-        name, payload = _deb_member(data, "data.tar")
-        tmp = tempfile.mkdtemp(dir=os.path.dirname(dest) or ".", prefix=".headers-")
-        try:
-            with tarfile.open(fileobj=io.BytesIO(payload), mode="r:*") as tar:
-                for member in tar.getmembers():
-                    base = os.path.basename(member.name)
-                    if member.isfile() and "/include/onnxruntime/" in member.name and base.endswith(".h") \
-                            and "/core/" not in member.name:
-                        with tar.extractfile(member) as src, open(os.path.join(tmp, base), "wb") as out:
-                            out.write(src.read())
-            missing = [h for h in NEEDED_HEADERS if not os.path.exists(os.path.join(tmp, h))]
-            if missing:
-                raise BuildError(f"{url}: package lacks {', '.join(missing)}")
-            if os.path.exists(dest):
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-            return dest
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    raise BuildError("could not fetch the onnxruntime C API headers (pinned: Debian libonnxruntime-dev "
-                     f"{ORT_HEADERS_VERSION}+dfsg-1):\n  " + "\n  ".join(errors) +
-                     "\nSet LONGATTN_DEBIAN_MIRROR to a reachable Debian mirror, or LONGATTN_ORT_HEADERS to a "
-                     "folder with the onnxruntime >= 1.21 headers.")
-
-
-def headers_dir(build_dir: str) -> str:
-    explicit = os.environ.get("LONGATTN_ORT_HEADERS")
-    if explicit:
-        missing = [h for h in NEEDED_HEADERS if not os.path.exists(os.path.join(explicit, h))]
-        if missing:
-            raise BuildError(f"LONGATTN_ORT_HEADERS={explicit} lacks {', '.join(missing)}")
-        return explicit
-    dest = os.path.join(build_dir, f"onnxruntime-headers-{ORT_HEADERS_VERSION}")
-    if all(os.path.exists(os.path.join(dest, h)) for h in NEEDED_HEADERS):
-        return dest
-    return fetch_headers(dest)
+def headers_dir() -> str:
+    folder = os.environ.get("LONGATTN_ORT_HEADERS") or VENDORED_HEADERS
+    missing = [h for h in NEEDED_HEADERS if not os.path.exists(os.path.join(folder, h))]
+    if missing:
+        raise BuildError(f"{folder} lacks {', '.join(missing)} (LONGATTN_ORT_HEADERS or the vendored headers)")
+    return folder
 
 
 def compiler() -> str:
@@ -142,7 +58,7 @@ def build(out_dir: str | None = None, force: bool = False, quiet: bool = False) 
     if not force and os.path.exists(target) and \
             os.path.getmtime(target) >= max(os.path.getmtime(d) for d in deps):
         return target
-    include = headers_dir(out_dir)
+    include = headers_dir()
     flags = os.environ.get("LONGATTN_ORT_CXXFLAGS", "-O3 -march=native").split()
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".build-", suffix=".so")
     os.close(fd)
