@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from longattn import calibrate as cal  # noqa: E402
 from longattn.kernels.linear import linear_attention  # noqa: E402
-from longattn.kernels.linear.params_file import feature_params_from_file, section_name  # noqa: E402
+from longattn.kernels.linear.params_file import feature_params_from_file, save_file, section_name  # noqa: E402
 from longattn.quality import DOCS_DIR, attention_in_layers, docs_text, load_model, perplexity  # noqa: E402
 
 
@@ -84,10 +84,9 @@ def main():
 
     tmp = tempfile.mkdtemp(prefix="longattn-calib-")
     calib = {}
-    fits_to_run = [("elu", "elu", 0), ("hedgehog", "hedgehog", 0)]
-    if args.hybrid_steps:
-        fits_to_run.append(("hedgehog+hybrid", "hedgehog", args.hybrid_steps))
-    for name, fmap, hsteps in fits_to_run:
+    # with --hybrid-steps the hedgehog fit's first stage (far-key distillation + far_scale) is kept as the
+    # "hedgehog" variant and the whole run as "hedgehog+hybrid": one calibration, two files
+    for name, fmap, hsteps in (("elu", "elu", 0), ("hedgehog", "hedgehog", args.hybrid_steps)):
         t = time.time()
         with torch.enable_grad():
             fits = cal.calibrate_model(model, calib_ids, layers, feature_map=fmap, steps=args.steps,
@@ -96,6 +95,10 @@ def main():
         seconds = time.time() - t
         calib[name] = os.path.join(tmp, f"{name}.safetensors")
         cal.save_calibration(calib[name], fits, {"feature_map": fmap, "layers": args.layers})
+        if hsteps:
+            calib["hedgehog+hybrid"] = calib.pop(name)
+            calib[name] = os.path.join(tmp, f"{name}-stage1.safetensors")
+            save_file(calib[name], {f.layer: f.stage1_params for f in fits.values()}, {"feature_map": fmap})
         records.append({"kind": "calibration", "fit": name, "feature_map": fmap, "seconds": seconds,
                         "hybrid_steps": hsteps, "layers": {f.layer: {**{k: v for k, v in f.stats.items()
                                                                         if not isinstance(v, list)},

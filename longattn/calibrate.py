@@ -43,6 +43,7 @@ class LayerFit:
     params: dict                       # feature_params for this layer: far_scale, q_weight, ...
     stats: dict = field(default_factory=dict)
     seconds: float = 0.0
+    stage1_params: Optional[dict] = None  # with hybrid_steps: the maps after the far-key stage, far_scale fitted
 
 
 # ----------------------------------------------------------------------------------------------- row targets
@@ -160,6 +161,21 @@ def fit_layer(q, k, v, *, scale: float, feature_map: str = "hedgehog", sink_toke
     """
     if feature_map not in FITTED_MAPS:
         raise ValueError(f"calibrate: feature_map must be one of {', '.join(FITTED_MAPS)}, got {feature_map!r}")
+    # softmax features and their gradients underflow into subnormal floats as training sharpens the maps,
+    # which CPUs compute tens of times slower: flush them to zero while fitting
+    flush = torch.set_flush_denormal(True)
+    try:
+        return _fit_layer(q, k, v, scale=scale, feature_map=feature_map, sink_tokens=sink_tokens,
+                          local_window=local_window, rows=rows, steps=steps, lr=lr, batch_rows=batch_rows,
+                          hedgehog_dim=hedgehog_dim, hybrid_steps=hybrid_steps, num_features=num_features, seed=seed,
+                          layer=layer, measure_output=measure_output)
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+
+
+def _fit_layer(q, k, v, *, scale, feature_map, sink_tokens, local_window, rows, steps, lr, batch_rows, hedgehog_dim,
+               hybrid_steps, num_features, seed, layer, measure_output) -> LayerFit:
     t0 = time.time()
     q, k, v = (t.detach().float() for t in (q, k, v))
     if q.dim() == 4:
@@ -193,8 +209,10 @@ def fit_layer(q, k, v, *, scale: float, feature_map: str = "hedgehog", sink_toke
             stats["far_ce_trained"] = far_distillation_loss(r, phi).item()
             stats["far_ce_floor"] = _entropy_far(r)
         params = {name: t.detach() for name, t in p.items()}
+        stage1 = None
         if hybrid_steps:
             c, _ = fit_far_scale(r, phi)
+            stage1 = {**params, "far_scale": c}
             log_c = c.double().log().float().requires_grad_()
             p = {name: t.clone().requires_grad_() for name, t in params.items()}
             opt = torch.optim.Adam([*p.values(), log_c], lr=lr)
@@ -216,13 +234,20 @@ def fit_layer(q, k, v, *, scale: float, feature_map: str = "hedgehog", sink_toke
                        feature_params=params or None)
         c, scale_stats = fit_far_scale(r, phi)
         stats.update(scale_stats)
+        if feature_map == "hedgehog" and hybrid_steps:
+            # the hybrid stage learned log c with the maps: keep it where the whole-row loss says it is better
+            learned = log_c.detach().exp()
+            if hybrid_loss(r, phi, learned.log()) < hybrid_loss(r, phi, c.log()):
+                c = learned
+                stats["far_scale_from"] = "hybrid stage"
         stats["hybrid_ce_c1"] = hybrid_loss(r, phi, torch.zeros_like(c)).item()
         stats["hybrid_ce_fitted"] = hybrid_loss(r, phi, c.log()).item()
     params["far_scale"] = c
     if measure_output:
         stats.update(output_errors(q, k, v, scale=scale, feature_map=feature_map, sink_tokens=sink_tokens,
                                    local_window=local_window, params=params, num_features=num_features, seed=seed))
-    return LayerFit(layer, params, stats, time.time() - t0)
+    return LayerFit(layer, params, stats, time.time() - t0,
+                    stage1_params=stage1 if feature_map == "hedgehog" and hybrid_steps else None)
 
 
 def _entropy_far(r: _Rows) -> float:

@@ -9,6 +9,9 @@ knows nothing of policies or graphs.
 Backward recomputes the chosen implementation under autograd (the hash / sample / dropout
 pattern is replayed from the same seed), so every kind trains exactly through its own output.
 
+A linear band's `feature_params` may be a calibration file reference "FILE#layers.N" (the rewriter writes
+it per site); it is loaded here once and passed on as tensors (`linear/params_file.py`).
+
 A band may carry `context_parallel: {mesh_dim, load_balance}`: when torch.distributed is initialised
 with more than one rank in that group, q/k/v are this rank's sequence shards and the band runs the
 sharded implementation (`parallel/`); otherwise the key is ignored. Bands are then chosen by the

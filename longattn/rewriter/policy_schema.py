@@ -134,7 +134,8 @@ class LinearParams(KindParams):
     eps: Annotated[float, PlainValidator(_positive_float)] = 1e-6
     update_rule: Annotated[Literal["add", "delta"], _one_of("add", "delta")] = "add"
     chunk_size: Annotated[int, _int_in(16, 256, power_of_two=True)] = 64
-    # fitted maps from `longattn calibrate`; a relative path is taken from the policy file's folder
+    # fitted maps from `longattn calibrate`: a file path (relative: from the policy file's folder), optionally
+    # "#layers.N"; without it the rewriter appends each site's section (kernels/linear/params_file.py)
     feature_params: Annotated[Optional[str], PlainValidator(_string)] = None
 
 

@@ -5,8 +5,9 @@ Defaults (the kernel's own, used when a policy names no parameter): pure normali
 is a policy choice, `HYBRID_DEFAULTS` below (64 sinks + a 256-key window, exact, under one normaliser with
 the far linear part); with `feature_map="none"` it is sinks + sliding window alone.
 
-Calibration hooks (nothing here fits them): `feature_params` is a mapping of tensors (or nested lists, as
-JSON gives them):
+Calibration hooks (`longattn.calibrate` fits them; `params_file.py` reads its files, and the dispatcher turns a
+band's reference string "FILE#layers.N" into the mapping): `feature_params` is a mapping of tensors (or nested
+lists, as JSON gives them):
 - "weight" or "q_weight"/"k_weight" (heads or 1, D, F) and optional "bias"/"q_bias"/"k_bias" (heads or 1, F):
   the Hedgehog map φ(x) = [softmax(x√scale·W + b), softmax(−(x√scale·W + b))];
 - "far_scale" (scalar or (Hq,)): the per-query-head factor c_h on the far part's weights (default 1).
