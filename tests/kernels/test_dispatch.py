@@ -46,7 +46,7 @@ def test_opcheck_passes_for_masked_and_unmasked_calls():
 
 
 def test_dropout_is_replayed_identically_in_backward():
-    q, k, v = _qkv()
+    q, k, v = _qkv(hq=2, hkv=1, sq=5, sk=6, d=4)  # gradcheck perturbs every input element: keep them few
     seed = torch.tensor(1234)
     plan = encode_plan([Band("flash")])
     out = torch.ops.longattn.attention(q, k, v, None, 0.3, False, 0.5, seed, plan)
