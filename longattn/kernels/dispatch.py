@@ -29,6 +29,7 @@ from typing import Any, Optional
 import torch
 
 from .flash import flash_attention, flash_attention_reference
+from .masks import check_qkv
 
 KINDS = ("exact", "flash", "hyper", "linear")
 
@@ -124,6 +125,7 @@ def run_band(band: Band, q, k, v, attn_mask, scale, causal, dropout_p, seed):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
               scale: float, causal: bool, dropout_p: float, seed: Optional[torch.Tensor], plan: str) -> torch.Tensor:
     """q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) -> (B, Hq, Sq, Dv) in q's dtype."""
+    check_qkv(q, k, v, "longattn::attention")  # the rewriter trusts sizes that only have to agree at run time
     band = _band_for_keys(plan, k)
     with torch.no_grad():
         return run_band(band, q, k, v, attn_mask, scale, causal, dropout_p, seed).contiguous()

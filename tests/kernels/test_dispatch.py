@@ -54,3 +54,10 @@ def test_dropout_is_replayed_identically_in_backward():
     torch.testing.assert_close(out, again)
     assert torch.autograd.gradcheck(
         lambda q_, k_, v_: torch.ops.longattn.attention(q_, k_, v_, None, 0.3, False, 0.5, seed, plan), (q, k, v))
+
+
+def test_op_rejects_keys_and_values_of_different_lengths():
+    q, k, _ = _qkv()
+    v = torch.randn(1, 2, 7, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="differ in batch/heads/seq"):
+        torch.ops.longattn.attention(q, k, v, None, 0.3, False, 0.0, None, encode_plan([Band("flash")]))
