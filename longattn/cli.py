@@ -111,7 +111,8 @@ def cmd_calibrate(args) -> int:
     from .quality import DOCS_DIR, load_model, read_text
     if args.policy is None and args.layers is None:
         raise CliError("calibrate: give --layers (e.g. 20-29) or --policy (its linear layers are fitted)")
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.time()
     model, tok = load_model(args.model)
     num_layers = model.config.num_hidden_layers
