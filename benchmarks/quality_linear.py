@@ -54,6 +54,7 @@ def main():
     ap.add_argument("--local-window", type=int, default=256)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--hybrid-steps", type=int, default=0)
+    ap.add_argument("--output-steps", type=int, default=0)
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--skip", default="", help="comma-separated variant names to leave out")
     ap.add_argument("--threads", type=int, default=2)
@@ -79,6 +80,7 @@ def main():
            "calibration_text": f"tokens {start + n_eval}..{start + n_eval + args.tokens} (after the evaluation "
                                "windows)",
            "layers": args.layers, **hybrid, "steps": args.steps, "hybrid_steps": args.hybrid_steps,
+           "output_steps": args.output_steps,
            "rows": args.rows, "torch": torch.__version__, "threads": args.threads,
            "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -89,11 +91,13 @@ def main():
     calib = {}
     # with --hybrid-steps the hedgehog fit's first stage (far-key distillation + far_scale) is kept as the
     # "hedgehog" variant and the whole run as "hedgehog+hybrid": one calibration, two files
-    for name, fmap, hsteps in (("elu", "elu", 0), ("hedgehog", "hedgehog", args.hybrid_steps)):
+    second = args.hybrid_steps or args.output_steps
+    for name, fmap, hsteps in (("elu", "elu", 0), ("hedgehog", "hedgehog", second)):
         t = time.time()
         with torch.enable_grad():
             fits = cal.calibrate_model(model, calib_ids, layers, feature_map=fmap, steps=args.steps,
-                                       hybrid_steps=hsteps, rows=args.rows, **hybrid,
+                                       hybrid_steps=args.hybrid_steps if hsteps else 0,
+                                       output_steps=args.output_steps if hsteps else 0, rows=args.rows, **hybrid,
                                        progress=lambda f: print("  " + cal.describe(f), flush=True))
         seconds = time.time() - t
         calib[name] = os.path.join(tmp, f"{name}.safetensors")
@@ -116,7 +120,8 @@ def main():
         ("sinks+window + hedgehog far, fitted", linear_fn(dict(feature_map="hedgehog", **hybrid), calib["hedgehog"])),
     ]
     if "hedgehog+hybrid" in calib:
-        variants.append(("sinks+window + hedgehog far, fitted + hybrid-row stage",
+        stage2 = " + ".join(x for x, n in (("hybrid-row", args.hybrid_steps), ("output", args.output_steps)) if n)
+        variants.append((f"sinks+window + hedgehog far, fitted + {stage2} stage",
                          linear_fn(dict(feature_map="hedgehog", **hybrid), calib["hedgehog+hybrid"])))
     variants.append(("pure elu linear, uncalibrated", linear_fn(dict(feature_map="elu"))))
     ppl_exact = None
@@ -154,7 +159,8 @@ def format_md(records):
              "under the same normaliser. Calibration on " + env["calibration_text"] +
              f", {env['rows']} sampled query rows per layer, hedgehog: {env['steps']} Adam steps of far-key "
              "distillation" + (f" (+{env['hybrid_steps']} on the whole hybrid row)" if env["hybrid_steps"] else "")
-             + ".", "",
+             + (f" (+{env['output_steps']} on the attention output's squared error)"
+                if env.get("output_steps") else "") + ".", "",
              "## Perplexity", "", "| attention | perplexity | vs exact |", "|---|---|---|"]
     for r in records:
         if r["kind"] == "ppl":

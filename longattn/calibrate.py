@@ -143,6 +143,15 @@ def hybrid_loss(rows: _Rows, phi: torch.Tensor, log_c: torch.Tensor) -> torch.Te
     return -(target * torch.where(exact | far, logp, torch.zeros_like(logp))).sum(-1).mean()
 
 
+def output_loss(rows: _Rows, phi: torch.Tensor, log_c: torch.Tensor, v: torch.Tensor, target: torch.Tensor):
+    """Σ||o − o*||² / Σ||o*||² of the hybrid's attention output on the rows (v (Hq, S, Dv), target o* (Hq, n, Dv))."""
+    s, far, exact = rows.s, rows.far, rows.exact
+    logw = torch.where(exact, s, torch.where(far, log_c[:, None, None] + phi.clamp_min(1e-30).log(),
+                                             torch.tensor(float("-inf"))))
+    out = torch.softmax(logw, -1) @ v
+    return (out - target).pow(2).sum() / target.pow(2).sum()
+
+
 # ----------------------------------------------------------------------------------------------- one layer
 
 def _hedgehog_phi(rows: _Rows, k, params, scale):
@@ -150,9 +159,9 @@ def _hedgehog_phi(rows: _Rows, k, params, scale):
 
 
 def fit_layer(q, k, v, *, scale: float, feature_map: str = "hedgehog", sink_tokens: int = 64,
-              local_window: int = 256, rows: int = 512, steps: int = 150, lr: float = 2e-2, batch_rows: int = 32,
-              hedgehog_dim: Optional[int] = None, hybrid_steps: int = 0, num_features: int = 256, seed: int = 0,
-              layer: int = 0, measure_output: bool = True) -> LayerFit:
+              local_window: int = 256, rows: int = 512, steps: int = 200, lr: float = 2e-2, batch_rows: int = 32,
+              hedgehog_dim: Optional[int] = None, hybrid_steps: int = 0, output_steps: int = 0,
+              num_features: int = 256, seed: int = 0, layer: int = 0, measure_output: bool = True) -> LayerFit:
     """Fit one causal self-attention layer. q (B=1 or Hq-first) (1, Hq, S, D), k/v (1, Hkv, S, D|Dv).
 
     Returns the layer's feature_params (far_scale, and the hedgehog weights for feature_map="hedgehog") and
@@ -167,15 +176,15 @@ def fit_layer(q, k, v, *, scale: float, feature_map: str = "hedgehog", sink_toke
     try:
         return _fit_layer(q, k, v, scale=scale, feature_map=feature_map, sink_tokens=sink_tokens,
                           local_window=local_window, rows=rows, steps=steps, lr=lr, batch_rows=batch_rows,
-                          hedgehog_dim=hedgehog_dim, hybrid_steps=hybrid_steps, num_features=num_features, seed=seed,
-                          layer=layer, measure_output=measure_output)
+                          hedgehog_dim=hedgehog_dim, hybrid_steps=hybrid_steps, output_steps=output_steps,
+                          num_features=num_features, seed=seed, layer=layer, measure_output=measure_output)
     finally:
         if flush:
             torch.set_flush_denormal(False)
 
 
 def _fit_layer(q, k, v, *, scale, feature_map, sink_tokens, local_window, rows, steps, lr, batch_rows, hedgehog_dim,
-               hybrid_steps, num_features, seed, layer, measure_output) -> LayerFit:
+               hybrid_steps, output_steps, num_features, seed, layer, measure_output) -> LayerFit:
     t0 = time.time()
     q, k, v = (t.detach().float() for t in (q, k, v))
     if q.dim() == 4:
@@ -186,6 +195,7 @@ def _fit_layer(q, k, v, *, scale, feature_map, sink_tokens, local_window, rows, 
     r = _rows(q, k, scale=scale, sink_tokens=sink_tokens, local_window=local_window, rows=rows, generator=g)
     stats: dict = {"rows": int(r.pos.numel()), "tokens": int(q.shape[1])}
     params: dict = {}
+    stage1 = None
     if feature_map == "hedgehog":
         Hq, D = q.shape[0], q.shape[-1]
         Hkv = k.shape[0]
@@ -209,35 +219,44 @@ def _fit_layer(q, k, v, *, scale, feature_map, sink_tokens, local_window, rows, 
             stats["far_ce_trained"] = far_distillation_loss(r, phi).item()
             stats["far_ce_floor"] = _entropy_far(r)
         params = {name: t.detach() for name, t in p.items()}
-        stage1 = None
-        if hybrid_steps:
+        if hybrid_steps or output_steps:
             c, _ = fit_far_scale(r, phi)
             stage1 = {**params, "far_scale": c}
             log_c = c.double().log().float().requires_grad_()
             p = {name: t.clone().requires_grad_() for name, t in params.items()}
-            opt = torch.optim.Adam([*p.values(), log_c], lr=lr)
-            with torch.no_grad():
-                stats["hybrid_ce_start"] = hybrid_loss(r, phi, log_c).item()
-            for _ in range(hybrid_steps):
-                idx = torch.randint(0, n, (min(batch_rows, n),), generator=g)
-                sub = r.take(idx)
-                loss = hybrid_loss(sub, _hedgehog_phi(sub, k, p, scale), log_c)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+            G = Hq // Hkv
+            vv = v.repeat_interleave(G, dim=0)
+            o_star = r.t_all @ vv
+            losses = {"hybrid_ce": lambda sub, idx: hybrid_loss(sub, _hedgehog_phi(sub, k, p, scale), log_c),
+                      "out_mse": lambda sub, idx: output_loss(sub, _hedgehog_phi(sub, k, p, scale), log_c, vv,
+                                                              o_star[:, idx])}
+            for name, n_steps in (("hybrid_ce", hybrid_steps), ("out_mse", output_steps)):
+                if not n_steps:
+                    continue
+                opt = torch.optim.Adam([*p.values(), log_c], lr=lr)
+                with torch.no_grad():
+                    stats[f"{name}_start"] = losses[name](r, slice(None)).item()
+                for _ in range(n_steps):
+                    idx = torch.randint(0, n, (min(batch_rows, n),), generator=g)
+                    loss = losses[name](r.take(idx), idx)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                with torch.no_grad():
+                    stats[f"{name}_trained"] = losses[name](r, slice(None)).item()
             params = {name: t.detach() for name, t in p.items()}
-            with torch.no_grad():
-                phi = _hedgehog_phi(r, k, params, scale)
-                stats["hybrid_ce_trained"] = hybrid_loss(r, phi, log_c).item()
+            phi = _hedgehog_phi(r, k, params, scale)
     with torch.no_grad():
         phi = _far_phi(r, k, feature_map=feature_map, scale=scale, num_features=num_features, seed=seed,
                        feature_params=params or None)
         c, scale_stats = fit_far_scale(r, phi)
         stats.update(scale_stats)
-        if feature_map == "hedgehog" and hybrid_steps:
-            # the hybrid stage learned log c with the maps: keep it where the whole-row loss says it is better
+        if feature_map == "hedgehog" and (hybrid_steps or output_steps):
+            # the second stage learned log c with the maps: keep it where the whole-row loss says it is better
             learned = log_c.detach().exp()
-            if hybrid_loss(r, phi, learned.log()) < hybrid_loss(r, phi, c.log()):
+            judge = (lambda c_: output_loss(r, phi, c_.log(), vv, o_star)) if output_steps else \
+                (lambda c_: hybrid_loss(r, phi, c_.log()))
+            if judge(learned) < judge(c):
                 c = learned
                 stats["far_scale_from"] = "hybrid stage"
         stats["hybrid_ce_c1"] = hybrid_loss(r, phi, torch.zeros_like(c)).item()
@@ -247,7 +266,7 @@ def _fit_layer(q, k, v, *, scale, feature_map, sink_tokens, local_window, rows, 
         stats.update(output_errors(q, k, v, scale=scale, feature_map=feature_map, sink_tokens=sink_tokens,
                                    local_window=local_window, params=params, num_features=num_features, seed=seed))
     return LayerFit(layer, params, stats, time.time() - t0,
-                    stage1_params=stage1 if feature_map == "hedgehog" and hybrid_steps else None)
+                    stage1_params=stage1)
 
 
 def _entropy_far(r: _Rows) -> float:

@@ -150,7 +150,8 @@ def cmd_calibrate(args) -> int:
     for layer in sorted(captured):
         q, k, v, scale = captured.pop(layer)
         fits[layer] = cal.fit_layer(q, k, v, scale=scale, layer=layer, steps=args.steps, rows=args.rows, lr=args.lr,
-                                    hybrid_steps=args.hybrid_steps, seed=args.seed, **settings[layer])
+                                    hybrid_steps=args.hybrid_steps, output_steps=args.output_steps,
+                                    seed=args.seed, **settings[layer])
         print(cal.describe(fits[layer]), flush=True)
     seconds = time.time() - t1
     maps = sorted({s["feature_map"] for s in settings.values()})
@@ -158,7 +159,8 @@ def cmd_calibrate(args) -> int:
             "layers": ",".join(map(str, sorted(fits))), "feature_map": ",".join(maps),
             "sink_tokens": ",".join(sorted({str(s["sink_tokens"]) for s in settings.values()})),
             "local_window": ",".join(sorted({str(s["local_window"]) for s in settings.values()})),
-            "steps": args.steps, "hybrid_steps": args.hybrid_steps, "rows": args.rows, "lr": args.lr,
+            "steps": args.steps, "hybrid_steps": args.hybrid_steps,
+            "output_steps": args.output_steps, "rows": args.rows, "lr": args.lr,
             "seconds": f"{seconds:.1f}", "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     cal.save_calibration(args.out, fits, meta)
@@ -182,9 +184,11 @@ def add_calibrate_parser(sub) -> None:
                    "default: the Debian python3.11-doc pages")
     c.add_argument("--tokens", type=int, default=2048, help="calibration length in tokens (default 2048)")
     c.add_argument("--offset", type=int, default=0, help="first token of the calibration window (default 0)")
-    c.add_argument("--steps", type=int, default=150, help="Adam steps of the hedgehog distillation per layer")
-    c.add_argument("--hybrid-steps", type=int, default=0,
-                   help="then Adam steps on the whole hybrid row, maps and far_scale together (default 0)")
+    c.add_argument("--steps", type=int, default=200, help="Adam steps of the hedgehog distillation per layer")
+    c.add_argument("--hybrid-steps", type=int, default=150,
+                   help="then Adam steps on the whole hybrid row, maps and far_scale together (default 150)")
+    c.add_argument("--output-steps", type=int, default=0,
+                   help="then Adam steps on the attention output's squared error, maps and far_scale (default 0)")
     c.add_argument("--rows", type=int, default=512, help="sampled query rows per layer (default 512)")
     c.add_argument("--lr", type=float, default=2e-2)
     c.add_argument("--seed", type=int, default=0)
