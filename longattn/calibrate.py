@@ -60,14 +60,21 @@ class _Rows:
     log_b: torch.Tensor     # (Hq, n) log Σ_far exp(s)
     t_far: torch.Tensor     # (Hq, n, S) softmax restricted to the far keys (0 elsewhere)
     t_all: torch.Tensor     # (Hq, n, S) softmax over the visible keys
+    win: torch.Tensor       # (n,) which calibration sequence (window) each row comes from
 
     def take(self, idx) -> "_Rows":
         return _Rows(self.pos[idx], self.q[:, idx], self.s[:, idx], self.exact[idx], self.far[idx],
-                     self.log_e[:, idx], self.log_b[:, idx], self.t_far[:, idx], self.t_all[:, idx])
+                     self.log_e[:, idx], self.log_b[:, idx], self.t_far[:, idx], self.t_all[:, idx], self.win[idx])
+
+    @staticmethod
+    def cat(parts: list) -> "_Rows":
+        per_head = ("q", "s", "log_e", "log_b", "t_far", "t_all")  # (Hq, n, ...): rows on dim 1
+        return _Rows(*(torch.cat([getattr(x, f) for x in parts], dim=1 if f in per_head else 0)
+                       for f in ("pos", "q", "s", "exact", "far", "log_e", "log_b", "t_far", "t_all", "win")))
 
 
-def _rows(q, k, *, scale, sink_tokens, local_window, rows, generator) -> _Rows:
-    """q (Hq, S, D), k (Hkv, S, D), causal and aligned (Sq = Sk)."""
+def _rows(q, k, *, scale, sink_tokens, local_window, rows, generator, win: int = 0) -> _Rows:
+    """q (Hq, S, D), k (Hkv, S, D), causal and aligned (Sq = Sk); `win` labels the sequence."""
     Hq, S, _ = q.shape
     G = Hq // k.shape[0]
     first = sink_tokens + local_window   # the first position with a far key
@@ -89,17 +96,26 @@ def _rows(q, k, *, scale, sink_tokens, local_window, rows, generator) -> _Rows:
     log_e = torch.where(exact, s, ninf).logsumexp(-1)
     log_b = torch.where(far, s, ninf).logsumexp(-1)
     t_far = torch.softmax(s.masked_fill(~far, float("-inf")), -1)
-    return _Rows(pos, q[:, pos], s, exact, far, log_e, log_b, t_far, torch.softmax(s, -1))
+    return _Rows(pos, q[:, pos], s, exact, far, log_e, log_b, t_far, torch.softmax(s, -1),
+                 torch.full((pos.numel(),), win, dtype=torch.long))
 
 
 def _far_phi(rows: _Rows, k, *, feature_map, scale, num_features, seed, feature_params):
-    """Σ-free far weights φ(q_i)·φ(k_j) (Hq, n, S) (0 off the far keys), times exp(q_log_scale)."""
+    """Σ-free far weights φ(q_i)·φ(k_j) (Hq, n, S) (0 off the far keys), times exp(q_log_scale).
+    k (Hkv, S, D), or (W, Hkv, S, D) for rows from W sequences (`rows.win`)."""
+    k = k if k.dim() == 4 else k.unsqueeze(0)
     Hq = rows.q.shape[0]
-    G = Hq // k.shape[0]
-    feats = apply_feature_map(rows.q.unsqueeze(0), k.unsqueeze(0), feature_map=feature_map, scale=scale,
+    G = Hq // k.shape[1]
+    feats = apply_feature_map(rows.q.unsqueeze(0), k, feature_map=feature_map, scale=scale,
                               num_features=num_features, seed=seed, feature_params=feature_params)
-    fk = feats.k[0].repeat_interleave(G, dim=0)
-    phi = torch.einsum("hnf,hsf->hns", feats.q[0], fk)
+    fk = feats.k.repeat_interleave(G, dim=1)    # (W, Hq, S, F)
+    fq = feats.q[0]
+    if k.shape[0] == 1:
+        phi = torch.einsum("hnf,hsf->hns", fq, fk[0])
+    else:
+        phi = torch.cat([torch.einsum("hnf,hsf->hns", fq[:, rows.win == w], fk[w]) for w in range(k.shape[0])], 1)
+        order = torch.cat([torch.nonzero(rows.win == w).flatten() for w in range(k.shape[0])])
+        phi = phi[:, torch.argsort(order)]
     if feats.q_log_scale is not None:
         phi = phi * torch.exp(feats.q_log_scale[0]).unsqueeze(-1)
     return phi * rows.far
@@ -143,12 +159,23 @@ def hybrid_loss(rows: _Rows, phi: torch.Tensor, log_c: torch.Tensor) -> torch.Te
     return -(target * torch.where(exact | far, logp, torch.zeros_like(logp))).sum(-1).mean()
 
 
+def _rows_times_v(p: torch.Tensor, rows: _Rows, v: torch.Tensor) -> torch.Tensor:
+    """p (Hq, n, S) @ each row's sequence's v; v (W, Hq, S, Dv) -> (Hq, n, Dv)."""
+    out = p.new_zeros(p.shape[0], p.shape[1], v.shape[-1])
+    for w in range(v.shape[0]):
+        sel = rows.win == w
+        if sel.any():
+            out[:, sel] = p[:, sel] @ v[w]
+    return out
+
+
 def output_loss(rows: _Rows, phi: torch.Tensor, log_c: torch.Tensor, v: torch.Tensor, target: torch.Tensor):
-    """Σ||o − o*||² / Σ||o*||² of the hybrid's attention output on the rows (v (Hq, S, Dv), target o* (Hq, n, Dv))."""
+    """Σ||o − o*||² / Σ||o*||² of the hybrid's attention output on the rows (v (W, Hq, S, Dv) per sequence,
+    target o* (Hq, n, Dv))."""
     s, far, exact = rows.s, rows.far, rows.exact
     logw = torch.where(exact, s, torch.where(far, log_c[:, None, None] + phi.clamp_min(1e-30).log(),
                                              torch.tensor(float("-inf"))))
-    out = torch.softmax(logw, -1) @ v
+    out = _rows_times_v(torch.softmax(logw, -1), rows, v)
     return (out - target).pow(2).sum() / target.pow(2).sum()
 
 
@@ -162,7 +189,8 @@ def fit_layer(q, k, v, *, scale: float, feature_map: str = "hedgehog", sink_toke
               local_window: int = 256, rows: int = 512, steps: int = 200, lr: float = 2e-2, batch_rows: int = 32,
               hedgehog_dim: Optional[int] = None, hybrid_steps: int = 0, output_steps: int = 0,
               num_features: int = 256, seed: int = 0, layer: int = 0, measure_output: bool = True) -> LayerFit:
-    """Fit one causal self-attention layer. q (B=1 or Hq-first) (1, Hq, S, D), k/v (1, Hkv, S, D|Dv).
+    """Fit one causal self-attention layer. q (W, Hq, S, D), k/v (W, Hkv, S, D|Dv): W calibration sequences
+    (windows), each its own causal sequence, `rows` query rows sampled from each (3-D tensors: W = 1).
 
     Returns the layer's feature_params (far_scale, and the hedgehog weights for feature_map="hedgehog") and
     stats: far-key distillation loss before/after training, the far share's RMS error at c = 1 and fitted,
@@ -187,35 +215,37 @@ def _fit_layer(q, k, v, *, scale, feature_map, sink_tokens, local_window, rows, 
                hybrid_steps, output_steps, num_features, seed, layer, measure_output) -> LayerFit:
     t0 = time.time()
     q, k, v = (t.detach().float() for t in (q, k, v))
-    if q.dim() == 4:
-        if q.shape[0] != 1:
-            raise ValueError(f"calibrate: one sequence at a time (batch 1), got batch {q.shape[0]}")
-        q, k, v = q[0], k[0], v[0]
+    if q.dim() == 3:
+        q, k, v = q[None], k[None], v[None]
     g = torch.Generator().manual_seed(seed)
-    r = _rows(q, k, scale=scale, sink_tokens=sink_tokens, local_window=local_window, rows=rows, generator=g)
-    stats: dict = {"rows": int(r.pos.numel()), "tokens": int(q.shape[1])}
+    # rows from every sequence of the batch (each its own causal window); stats on the output use the first
+    r = _Rows.cat([_rows(q[w], k[w], scale=scale, sink_tokens=sink_tokens, local_window=local_window, rows=rows,
+                         generator=g, win=w) for w in range(q.shape[0])])
+    stats: dict = {"rows": int(r.pos.numel()), "tokens": int(q.shape[0] * q.shape[2])}
+    kk, vv_all = k, v
+    q, k, v = q[0], k[0], v[0]
     params: dict = {}
     stage1 = None
     if feature_map == "hedgehog":
         Hq, D = q.shape[0], q.shape[-1]
-        Hkv = k.shape[0]
+        Hkv = kk.shape[1]
         Fd = hedgehog_dim or D
         eye = torch.eye(D, Fd)
         p = {"q_weight": eye.repeat(Hq, 1, 1).requires_grad_(), "k_weight": eye.repeat(Hkv, 1, 1).requires_grad_(),
              "q_bias": torch.zeros(Hq, Fd, requires_grad=True), "k_bias": torch.zeros(Hkv, Fd, requires_grad=True)}
         with torch.no_grad():
-            stats["far_ce_init"] = far_distillation_loss(r, _hedgehog_phi(r, k, p, scale)).item()
+            stats["far_ce_init"] = far_distillation_loss(r, _hedgehog_phi(r, kk, p, scale)).item()
         opt = torch.optim.Adam(list(p.values()), lr=lr)
         n = r.pos.numel()
         for _ in range(steps):
             idx = torch.randint(0, n, (min(batch_rows, n),), generator=g)
             sub = r.take(idx)
-            loss = far_distillation_loss(sub, _hedgehog_phi(sub, k, p, scale))
+            loss = far_distillation_loss(sub, _hedgehog_phi(sub, kk, p, scale))
             opt.zero_grad()
             loss.backward()
             opt.step()
         with torch.no_grad():
-            phi = _hedgehog_phi(r, k, p, scale)
+            phi = _hedgehog_phi(r, kk, p, scale)
             stats["far_ce_trained"] = far_distillation_loss(r, phi).item()
             stats["far_ce_floor"] = _entropy_far(r)
         params = {name: t.detach() for name, t in p.items()}
@@ -225,10 +255,10 @@ def _fit_layer(q, k, v, *, scale, feature_map, sink_tokens, local_window, rows, 
             log_c = c.double().log().float().requires_grad_()
             p = {name: t.clone().requires_grad_() for name, t in params.items()}
             G = Hq // Hkv
-            vv = v.repeat_interleave(G, dim=0)
-            o_star = r.t_all @ vv
-            losses = {"hybrid_ce": lambda sub, idx: hybrid_loss(sub, _hedgehog_phi(sub, k, p, scale), log_c),
-                      "out_mse": lambda sub, idx: output_loss(sub, _hedgehog_phi(sub, k, p, scale), log_c, vv,
+            vv = vv_all.repeat_interleave(G, dim=1)
+            o_star = _rows_times_v(r.t_all, r, vv)
+            losses = {"hybrid_ce": lambda sub, idx: hybrid_loss(sub, _hedgehog_phi(sub, kk, p, scale), log_c),
+                      "out_mse": lambda sub, idx: output_loss(sub, _hedgehog_phi(sub, kk, p, scale), log_c, vv,
                                                               o_star[:, idx])}
             for name, n_steps in (("hybrid_ce", hybrid_steps), ("out_mse", output_steps)):
                 if not n_steps:
@@ -245,9 +275,9 @@ def _fit_layer(q, k, v, *, scale, feature_map, sink_tokens, local_window, rows, 
                 with torch.no_grad():
                     stats[f"{name}_trained"] = losses[name](r, slice(None)).item()
             params = {name: t.detach() for name, t in p.items()}
-            phi = _hedgehog_phi(r, k, params, scale)
+            phi = _hedgehog_phi(r, kk, params, scale)
     with torch.no_grad():
-        phi = _far_phi(r, k, feature_map=feature_map, scale=scale, num_features=num_features, seed=seed,
+        phi = _far_phi(r, kk, feature_map=feature_map, scale=scale, num_features=num_features, seed=seed,
                        feature_params=params or None)
         c, scale_stats = fit_far_scale(r, phi)
         stats.update(scale_stats)
@@ -263,7 +293,7 @@ def _fit_layer(q, k, v, *, scale, feature_map, sink_tokens, local_window, rows, 
         stats["hybrid_ce_fitted"] = hybrid_loss(r, phi, c.log()).item()
     params["far_scale"] = c
     if measure_output:
-        stats.update(output_errors(q, k, v, scale=scale, feature_map=feature_map, sink_tokens=sink_tokens,
+        stats.update(output_errors(q, kk[0], vv_all[0], scale=scale, feature_map=feature_map, sink_tokens=sink_tokens,
                                    local_window=local_window, params=params, num_features=num_features, seed=seed))
     return LayerFit(layer, params, stats, time.time() - t0,
                     stage1_params=stage1)
@@ -299,7 +329,7 @@ def output_errors(q, k, v, *, scale, feature_map, sink_tokens, local_window, par
 # ----------------------------------------------------------------------------------------------- a model
 
 def capture_layers(model, ids: torch.Tensor, layers: Iterable[int]) -> dict:
-    """{layer index: (q, k, v, scale)} of a transformers decoder's attention layers on `ids` (1, S), causal.
+    """{layer index: (q, k, v, scale)} of a transformers decoder's attention layers on `ids` (W, S), causal.
 
     Records through a `transformers.AttentionInterface` function (k/v as the model keeps them, GQA not
     repeated); the model's attention implementation is restored afterwards."""
@@ -330,7 +360,7 @@ def capture_layers(model, ids: torch.Tensor, layers: Iterable[int]) -> dict:
 
 def calibrate_model(model, ids: torch.Tensor, layers: Iterable[int], *, progress: Optional[Callable] = None,
                     **fit_options) -> dict[int, LayerFit]:
-    """Capture `layers` on `ids` (1, S) and fit each (see `fit_layer` for the options)."""
+    """Capture `layers` on `ids` (W, S): W calibration windows, and fit each (see `fit_layer` for the options)."""
     captured = capture_layers(model, ids, layers)
     fits = {}
     for layer in sorted(captured):

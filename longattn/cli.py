@@ -135,14 +135,14 @@ def cmd_calibrate(args) -> int:
                 for i, p in per_layer.items()}
     text_source = args.text or DOCS_DIR
     text = read_text(text_source)
-    need = args.offset + args.tokens
+    need = args.offset + args.tokens * args.windows
     ids = tok(text[:8 * need], return_tensors="pt").input_ids
     if ids.shape[1] < need:
         ids = tok(text, return_tensors="pt").input_ids
     if ids.shape[1] < need:
         raise CliError(f"calibrate: {text_source} has {ids.shape[1]} tokens, fewer than --offset + --tokens ({need})")
-    ids = ids[:, args.offset:need]
-    print(f"model {args.model} loaded ({num_layers} layers) and {ids.shape[1]} tokens of {text_source} from token "
+    ids = ids[0, args.offset:need].view(args.windows, args.tokens)
+    print(f"model {args.model} loaded ({num_layers} layers) and {ids.numel()} tokens of {text_source} from token "
           f"{args.offset} in {time.time() - t0:.1f}s", flush=True)
     t1 = time.time()
     captured = cal.capture_layers(model, ids, settings)
@@ -155,7 +155,7 @@ def cmd_calibrate(args) -> int:
         print(cal.describe(fits[layer]), flush=True)
     seconds = time.time() - t1
     maps = sorted({s["feature_map"] for s in settings.values()})
-    meta = {"model": args.model, "text": text_source, "offset": args.offset, "tokens": ids.shape[1],
+    meta = {"model": args.model, "text": text_source, "offset": args.offset, "tokens": args.tokens, "windows": args.windows,
             "layers": ",".join(map(str, sorted(fits))), "feature_map": ",".join(maps),
             "sink_tokens": ",".join(sorted({str(s["sink_tokens"]) for s in settings.values()})),
             "local_window": ",".join(sorted({str(s["local_window"]) for s in settings.values()})),
@@ -183,6 +183,8 @@ def add_calibrate_parser(sub) -> None:
     c.add_argument("--text", help="calibration text (a file; .html is stripped) or a python3.11-doc html folder; "
                    "default: the Debian python3.11-doc pages")
     c.add_argument("--tokens", type=int, default=2048, help="calibration length in tokens (default 2048)")
+    c.add_argument("--windows", type=int, default=1,
+                   help="calibration windows of --tokens each, consecutive (default 1)")
     c.add_argument("--offset", type=int, default=0, help="first token of the calibration window (default 0)")
     c.add_argument("--steps", type=int, default=200, help="Adam steps of the hedgehog distillation per layer")
     c.add_argument("--hybrid-steps", type=int, default=150,

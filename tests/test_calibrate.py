@@ -185,3 +185,17 @@ def test_cli_calibrate_needs_layers_or_a_policy(capsys):
     from longattn.cli import main
     assert main(["calibrate", "smollm2", "--out", "x.safetensors"]) == 2
     assert "--layers" in capsys.readouterr().err
+
+
+def test_rows_from_several_sequences_use_their_own_keys():
+    (q1, k1, _), (q2, k2, _) = _qkv(S=96, seed=1), _qkv(S=96, seed=2)
+    g = torch.Generator().manual_seed(0)
+    r1, r2 = (cal._rows(q, k, scale=0.25, sink_tokens=4, local_window=16, rows=20, generator=g, win=w)
+              for w, (q, k) in enumerate(((q1, k1), (q2, k2))))
+    both = cal._Rows.cat([r1, r2])
+    opts = dict(feature_map="elu", scale=0.25, num_features=0, seed=0, feature_params=None)
+    phi = cal._far_phi(both, torch.stack([k1, k2]), **opts)
+    torch.testing.assert_close(phi, torch.cat([cal._far_phi(r1, k1, **opts), cal._far_phi(r2, k2, **opts)], 1))
+    q, k, v = (torch.stack(x) for x in zip(_qkv(seed=1), _qkv(seed=2)))
+    fit = cal.fit_layer(q, k, v, scale=0.25, feature_map="hedgehog", steps=5, hybrid_steps=5, output_steps=5, **OPTS)
+    assert fit.stats["rows"] == 2 * OPTS["rows"] and fit.params["k_weight"].shape == (2, 16, 16)
