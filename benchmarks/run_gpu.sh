@@ -16,7 +16,13 @@ LOG=$OUT/log.txt
 # the CPU suite (interpreter kernels) with the GPU image's torch/triton/transformers, beside the GPU work
 (timeout ${CPU_SUITE_S:-420} python3 -m pytest -q -p no:cacheprovider -n 6 tests --ignore=tests/kernels/test_flash.py --ignore=tests/kernels/test_context_parallel.py > "$OUT/cpu_suite.txt" 2>&1; echo "rc=$?" >> "$OUT/cpu_suite.txt") &
 echo "== flash tests on CUDA" >> "$LOG"
-LONGATTN_TEST_CUDA=1 LONGATTN_FLASH_AUTOTUNE=0 timeout ${FLASH_TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/backends/test_cuda.py tests/kernels/test_flash.py >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
+# -n 4: each shape compiles its own kernels, and compiling is CPU work
+LONGATTN_TEST_CUDA=1 LONGATTN_FLASH_AUTOTUNE=0 timeout ${FLASH_TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider -n 4 tests/backends/test_cuda.py tests/kernels/test_flash.py >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then  # context parallel: NCCL, one GPU per rank (multicast stays off)
+  echo "== context parallel tests on CUDA" >> "$LOG"
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 LONGATTN_TEST_CUDA=1 LONGATTN_TEST_CP_CUDA=1 \
+    LONGATTN_FLASH_AUTOTUNE=0 timeout ${CP_TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider tests/kernels/test_context_parallel.py >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
+fi
 echo "== e2e" >> "$LOG"
 timeout ${E2E_S:-200} python3 benchmarks/bench_e2e.py --inductor-lengths 8192 --out "$OUT" >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
 echo "== hyper" >> "$LOG"
