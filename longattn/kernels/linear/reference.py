@@ -308,11 +308,23 @@ def far_chunked(fq, fk, vals, beta, *, causal: bool, offset: Optional[int], upda
     H, vn = chunk_states(kc, vc, bc, update_rule)
     if not causal:
         return torch.einsum("bhgqf,bhfv->bhgqv", fq.view(B, Hkv, G, Sq, Fd), H[:, :, N]).reshape(B, Hq, Sq, V)
+    return chunk_readout(fq, kc, vn, H, shift, reads_initial_state=False)
+
+
+def chunk_readout(fq, kc, vn, H, shift: int, reads_initial_state: bool):
+    """Causal outputs from the chunk states: query chunk i reads key chunk t = i + shift, through the
+    state before it (H[:, :, t]) plus its causal intra-chunk part. Query chunks before the first key
+    chunk (t < 0) read H[:, :, 0] when it holds an incoming state (`reads_initial_state`), else nothing.
+    fq (B, Hq, Sq, F); kc (B, Hkv, N, C, F); vn (B, Hkv, N, C, V); H (B, Hkv, N + 1, F, V)."""
+    B, Hq, Sq, Fd = fq.shape
+    Hkv, N, chunk, V = kc.shape[1], kc.shape[2], kc.shape[3], vn.shape[-1]
+    G = Hq // Hkv
     nq = -(-Sq // chunk)
     qc = F.pad(fq, (0, 0, 0, nq * chunk - Sq)).view(B, Hkv, G, nq, chunk, Fd)
     t = torch.arange(nq, device=fq.device) + shift  # the key chunk each query chunk reads
     inter = torch.einsum("bhgncf,bhnfv->bhgncv", qc, H[:, :, t.clamp(0, N)])
-    inter = inter * (t >= 0).to(fq.dtype)[:, None, None]
+    if not reads_initial_state:
+        inter = inter * (t >= 0).to(fq.dtype)[:, None, None]
     has_intra = (t >= 0) & (t < N)
     tc = t.clamp(0, N - 1)
     scores = torch.einsum("bhgncf,bhndf->bhgncd", qc, kc[:, :, tc])

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..linear.feature_maps import feature_dtype
-from ..linear.reference import (beta_per_key, check_options, combine, delta_chunk_ut, exact_part,
+from ..linear.reference import (beta_per_key, check_options, chunk_readout, combine, delta_chunk_ut, exact_part,
                                 far_chunked, far_scale_per_head, pad_for_chunks, prepare_features)
 from ..masks import check_qkv
 from .comm import all_gather, chunk_ids, keep_in_graph, resolve_group
@@ -83,17 +83,7 @@ def _far_from_state(fq, fk, vals, beta, S0, offset, update_rule, chunk):
     N = fk.shape[2] // chunk
     kc = fk.view(B_, Hkv, N, chunk, Fd)
     H, vn = _states_from(kc, vals.view(B_, Hkv, N, chunk, V), beta.reshape(B_, Hkv, N, chunk), S0, update_rule)
-    nq = -(-Sq // chunk)
-    qc = torch.nn.functional.pad(fq, (0, 0, 0, nq * chunk - Sq)).view(B_, Hkv, G, nq, chunk, Fd)
-    t = torch.arange(nq, device=fq.device) + shift
-    inter = torch.einsum("bhgncf,bhnfv->bhgncv", qc, H[:, :, t.clamp(0, N)])  # t < 0 reads S0 (H[0])
-    has_intra = (t >= 0) & (t < N)
-    tc = t.clamp(0, N - 1)
-    scores = torch.einsum("bhgncf,bhndf->bhgncd", qc, kc[:, :, tc])
-    tril = torch.ones(chunk, chunk, dtype=torch.bool, device=fq.device).tril()
-    scores = scores * (tril & has_intra[:, None, None]).to(fq.dtype)
-    out = inter + torch.einsum("bhgncd,bhndv->bhgncv", scores, vn[:, :, tc])
-    return out.reshape(B_, Hq, nq * chunk, V)[:, :, :Sq]
+    return chunk_readout(fq, kc, vn, H, shift, reads_initial_state=True)  # H[0] = S0
 
 
 def linear_attention_cp(q, k, v, *, scale=None, causal=False, group=None, load_balance="contiguous",
@@ -113,7 +103,7 @@ def linear_attention_cp(q, k, v, *, scale=None, causal=False, group=None, load_b
     Hkv, Dv = k.shape[1], v.shape[-1]
     if k.shape[2] != s:
         raise ValueError(f"linear_attention (context parallel): self-attention shards need Sq == Sk, got {s}, {k.shape[2]}")
-    n, c = len(ids), s // len(ids)
+    c = s // len(ids)  # tokens per chunk: contiguous holds one chunk, zigzag two
     S = s * world
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dt = feature_dtype(q.dtype)
