@@ -164,9 +164,9 @@ def test_to_dict_round_trips_and_normalises_selectors():
     assert Policy.from_dict(d) == policy
 
 
-def test_default_policy_is_flash_then_hyper_then_linear():
+def test_default_policy_is_flash_then_hyper():
     bands = load_policy(None).decide("model.layers.0.self_attn", 0, 30).bands
-    assert [(b.kind, b.below) for b in bands] == [("flash", 32768), ("hyper", 131072), ("linear", None)]
+    assert [(b.kind, b.below) for b in bands] == [("flash", 65536), ("hyper", None)]
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
