@@ -23,19 +23,12 @@ import torch
 import torch.distributed as dist
 
 from ..flash import flash_attention, triton_supports
+from ..lse import merge_by_lse
 from .comm import _group, chunk_ids, group_name, ring_shift, wait
 
 
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _merge(out, lse, out_b, lse_b):
-    """Log-sum-exp merge in the accumulator's precision (lse.merge_by_lse rounds through float32)."""
-    new = torch.logaddexp(lse, lse_b)
-    safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
-    out = out * torch.exp(lse - safe).unsqueeze(-1) + out_b.to(out.dtype) * torch.exp(lse_b - safe).unsqueeze(-1)
-    return out, new
 
 
 def _pairs(rank, src, world, load_balance, causal, n_rows):
@@ -128,7 +121,7 @@ def ring_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
         nxt, reqs = ring_shift(kv, pg) if step < world - 1 else (None, None)  # overlap: next shard in flight
         for rows, cols, diag in _pairs(rank, src, world, load_balance, causal, S):
             o, l = _block_forward(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], scale, diag)
-            out[:, :, rows], lse[:, :, rows] = _merge(out[:, :, rows], lse[:, :, rows], o, l.to(dt))
+            out[:, :, rows], lse[:, :, rows] = merge_by_lse(out[:, :, rows], lse[:, :, rows], o, l.to(dt))
         kv = nxt
     return out.to(q.dtype), lse  # lse float64 for float64 inputs: the backward reads it
 
