@@ -14,10 +14,10 @@ import argparse
 import importlib
 import os
 import sys
-import tempfile
 
 import torch
 
+from .files import atomic_path
 from .onnx_cli import add_convert_parser
 
 SMALL_CONFIG = {  # enough to show every layer's attention; cheap on a CPU
@@ -73,15 +73,8 @@ def load_model_spec(spec: str, seq_len: int):
 
 
 def _write_atomically(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".longattn-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def cmd_explain(args) -> int:

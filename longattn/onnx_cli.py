@@ -15,11 +15,12 @@ import glob
 import json
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
+
+from .files import atomic_path
 
 STAGES = ("load", "rewrite", "save", "check", "done")
 LIBRARY_SUFFIX = " (library)"  # checks[name + this]: the output's error when our custom-op library runs it
@@ -286,15 +287,8 @@ def write_report(path: str, outcomes: list[Outcome], policy: str) -> None:
             "models": [{"input": o.source, "output": o.target if o.ok else None, "status": "ok" if o.ok else "failed",
                         "reason": o.reason, "checks": o.checks, "seconds": round(o.seconds, 3), "report": o.report}
                        for o in outcomes]}
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".longattn-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
 
 
 def main(argv=None) -> int:

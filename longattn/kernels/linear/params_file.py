@@ -22,6 +22,8 @@ from typing import Mapping, Optional
 
 import torch
 
+from ...files import atomic_path  # a stdlib-only leaf module
+
 FORMAT = "longattn-linear-calibration/1"
 PARAM_NAMES = ("far_scale", "weight", "bias", "q_weight", "k_weight", "q_bias", "k_bias")
 
@@ -119,7 +121,6 @@ def file_metadata(path: str) -> dict[str, str]:
 
 def save_file(path: str, layers: Mapping[int, Mapping[str, torch.Tensor]], metadata: Mapping[str, str]) -> None:
     """Write {layer index: {name: tensor}} atomically (a temporary file in the same folder, then a rename)."""
-    import tempfile
     tensors = {}
     for layer, params in layers.items():
         for name, t in params.items():
@@ -128,21 +129,13 @@ def save_file(path: str, layers: Mapping[int, Mapping[str, torch.Tensor]], metad
             tensors[f"{section_name(layer)}.{name}"] = torch.as_tensor(t).detach().to("cpu", torch.float32) \
                 .contiguous()
     meta = {"format": FORMAT, **{str(k): str(v) for k, v in metadata.items()}}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".longattn-", suffix=".tmp")
-    os.close(fd)
-    try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path) as tmp:
         if path.endswith(".safetensors"):
             from safetensors.torch import save_file as st_save
             st_save(tensors, tmp, metadata=meta)
         else:
             torch.save({**tensors, "__metadata__": meta}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _list(names) -> str:
