@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from longattn.kernels.hyper import hyper_attention  # noqa: E402
 from longattn.quality import attention_in_layers, capture_attention, docs_text, error_table, perplexity  # noqa: E402
+from longattn.quality import save_results  # noqa: E402
 
 BASE = dict(block_size=256, sample_size=256, lsh_bits=7, min_seq_len=4096)
 VARIANTS = {"default": dict(BASE, variant="default", sink_tokens=64, local_window=256),
@@ -88,13 +89,8 @@ def main():
                         "rel_to_exact": ppl / ppl_exact - 1, "s": time.time() - t})
         print(json.dumps(records[-1]), flush=True)
 
-    os.makedirs(args.out_dir, exist_ok=True)
     base = os.path.join(args.out_dir, f"{datetime.date.today().isoformat()}-cpu-quality-hyper{args.tag}")
-    with open(base + ".jsonl", "w") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
-    with open(base + ".md", "w") as f:
-        f.write(format_md(records))
+    save_results(base, records, format_md(records))
     print(format_md(records))
 
 

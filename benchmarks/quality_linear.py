@@ -34,6 +34,7 @@ from longattn import calibrate as cal  # noqa: E402
 from longattn.kernels.linear import linear_attention  # noqa: E402
 from longattn.kernels.linear.params_file import feature_params_from_file, save_file, section_name  # noqa: E402
 from longattn.quality import DOCS_DIR, attention_in_layers, docs_text, load_model, perplexity  # noqa: E402
+from longattn.quality import save_results  # noqa: E402
 
 
 def linear_fn(params, calib_file=None):
@@ -143,13 +144,8 @@ def main():
                         "rel_to_exact": None if ppl_exact is None else ppl / ppl_exact - 1, "s": time.time() - t})
         print(json.dumps(records[-1]), flush=True)
 
-    os.makedirs(args.out_dir, exist_ok=True)
     base = os.path.join(args.out_dir, f"{datetime.date.today().isoformat()}-cpu-quality-linear{args.tag}")
-    with open(base + ".jsonl", "w") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
-    with open(base + ".md", "w") as f:
-        f.write(format_md(records))
+    save_results(base, records, format_md(records))
     print(format_md(records))
 
 
