@@ -137,6 +137,9 @@ NEGATIVES = {
     "softmax_of_a_linear_layer": (lambda q, k, v: torch.softmax(F.linear(q, torch.ones(D, D)), -1) @ v.mT,
                                   "not understood"),
     "probabilities_times_v_on_the_left": (lambda q, k, v: v.mT @ torch.softmax(q @ k.mT, -1).mT, "not a product"),
+    # SDPA aligns is_causal top-left, our kernels bottom-right: equal only when q_len == k_len
+    "sdpa_is_causal_with_fewer_queries_than_keys": (
+        lambda q, k, v: F.scaled_dot_product_attention(q[:, :, :4], k, v, is_causal=True), "is_causal with q_len"),
 }
 
 
