@@ -296,7 +296,8 @@ def main():
     finally:
         if bench.rank == 0:
             write(bench, env, args.out)
-        dist.destroy_process_group()
+    dist.barrier()  # leave together: a rank tearing gloo down while another still writes can abort it
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
