@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # One batched GPU session (device tool): the test suite on the GPU image's versions, the flash
 # tests at real sizes on CUDA, and the benchmarks, each under its own time cap. Results to $OUT.
-#   bash benchmarks/run_gpu.sh            (run from the repo root; .whl/ carries pydantic & fla)
+#   bash benchmarks/run_gpu.sh [STEP ...]   (run from the repo root; .whl/ carries pydantic & fla)
+# Steps (default: all, in this order): cpu flash cp e2e hyper linear profile. `cpu` runs in the
+# background beside the GPU steps. Each step's time cap is an env var (CPU_SUITE_S, FLASH_TESTS_S, ...).
 set -uo pipefail
 OUT=${OUT:-/tmp/longattn-gpu}; mkdir -p "$OUT"
+STEPS=${*:-cpu flash cp e2e hyper linear profile}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
@@ -12,21 +16,35 @@ else
 fi
 export PYTHONUNBUFFERED=1
 LOG=$OUT/log.txt
-{ nvidia-smi -L; python3 -c "import sys,torch,triton,transformers,onnx,onnxruntime; print(sys.version.split()[0], torch.__version__, triton.__version__, transformers.__version__, onnx.__version__, onnxruntime.__version__)"; } > "$LOG" 2>&1
-# the CPU suite (interpreter kernels) with the GPU image's torch/triton/transformers, beside the GPU work
-(timeout ${CPU_SUITE_S:-420} python3 -m pytest -q -p no:cacheprovider -n 6 tests --ignore=tests/kernels/test_flash.py --ignore=tests/kernels/test_context_parallel.py > "$OUT/cpu_suite.txt" 2>&1; echo "rc=$?" >> "$OUT/cpu_suite.txt") &
-echo "== flash tests on CUDA" >> "$LOG"
-# -n 4: each shape compiles its own kernels, and compiling is CPU work
-LONGATTN_TEST_CUDA=1 LONGATTN_FLASH_AUTOTUNE=0 timeout ${FLASH_TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider -n 4 tests/backends/test_cuda.py tests/kernels/test_flash.py >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
-if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then  # context parallel: NCCL, one GPU per rank (multicast stays off)
-  echo "== context parallel tests on CUDA" >> "$LOG"
+GPUS=$(nvidia-smi -L | wc -l)
+{ nvidia-smi -L; git log --oneline -1 2>/dev/null; python3 -c "import sys,torch,triton,transformers,onnx,onnxruntime; print(sys.version.split()[0], torch.__version__, triton.__version__, transformers.__version__, onnx.__version__, onnxruntime.__version__)"; } > "$LOG" 2>&1
+step() { echo "== $1" >> "$LOG"; }
+if want cpu; then  # the CPU suite (interpreter kernels) with the GPU image's torch/triton/transformers
+  (timeout ${CPU_SUITE_S:-420} python3 -m pytest -q -p no:cacheprovider -n 6 tests --ignore=tests/kernels/test_flash.py --ignore=tests/kernels/test_context_parallel.py > "$OUT/cpu_suite.txt" 2>&1; echo "rc=$?" >> "$OUT/cpu_suite.txt") &
+fi
+if want flash; then  # -n 4: each shape compiles its own kernels, and compiling is CPU work
+  step "flash tests on CUDA"
+  LONGATTN_TEST_CUDA=1 LONGATTN_FLASH_AUTOTUNE=0 timeout ${FLASH_TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider -n 4 tests/backends/test_cuda.py tests/kernels/test_flash.py >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
+fi
+if want cp && [ "$GPUS" -ge 2 ]; then  # context parallel: NCCL, one GPU per rank (multicast stays off)
+  step "context parallel tests on CUDA"
   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 LONGATTN_TEST_CUDA=1 LONGATTN_TEST_CP_CUDA=1 \
     LONGATTN_FLASH_AUTOTUNE=0 timeout ${CP_TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider tests/kernels/test_context_parallel.py >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
 fi
-echo "== e2e" >> "$LOG"
-timeout ${E2E_S:-200} python3 benchmarks/bench_e2e.py --inductor-lengths 8192 --out "$OUT" >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
-echo "== hyper" >> "$LOG"
-timeout ${HYPER_S:-100} python3 benchmarks/bench_hyper.py --lengths 32768,131072 --shapes 32x64 --out-dir "$OUT" >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
-echo "== linear" >> "$LOG"
-timeout ${LINEAR_S:-90} python3 benchmarks/bench_linear.py --lengths 32768,131072 --shapes 32x64 --skip fwdbwd --decode-lengths 4096,131072 --out "$OUT" >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
+if want e2e; then
+  step "e2e"
+  timeout ${E2E_S:-200} python3 benchmarks/bench_e2e.py --inductor-lengths 8192 ${E2E_ARGS:-} --out "$OUT" >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
+fi
+if want hyper; then
+  step "hyper"
+  timeout ${HYPER_S:-100} python3 benchmarks/bench_hyper.py --lengths ${HYPER_LENGTHS:-32768,131072} --shapes 32x64 ${HYPER_ARGS:-} --out-dir "$OUT" >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
+fi
+if want linear; then
+  step "linear"
+  timeout ${LINEAR_S:-90} python3 benchmarks/bench_linear.py --lengths 32768,131072 --shapes 32x64 --skip fwdbwd --decode-lengths 4096,131072 --out "$OUT" >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
+fi
+if want profile; then
+  step "profile"
+  timeout ${PROFILE_S:-120} python3 benchmarks/profile_gpu.py ${PROFILE_ARGS:-} --out "$OUT" >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
+fi
 wait

@@ -1,0 +1,112 @@
+"""Where the time goes, on the GPU: a kernel-by-kernel breakdown of hyper's forward at long lengths and
+the host (Python + launch) cost of flash's forward at short lengths.
+
+    python benchmarks/profile_gpu.py [--hyper-lengths 131072] [--flash-lengths 1024,4096,8192] [--out DIR]
+
+Hyper: torch.profiler over a few forward calls (bf16, h32 d64, batch 1), CUDA time per kernel name, so a
+speed-up can aim at the largest line. Flash: per-call wall time of back-to-back calls (host-bound when it
+exceeds the kernel time), the kernel time from the profiler, and do_bench's median. Writes
+<date>-<device>-profile.md to --out (a diagnosis, not a results table: ratios in the bench_* files).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+
+import torch
+import triton
+import triton.testing
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from longattn.kernels.flash import flash_attention  # noqa: E402
+from longattn.kernels.hyper import hyper_attention  # noqa: E402
+
+PARAMS = dict(block_size=256, sample_size=256, lsh_bits=7, min_seq_len=4096, sink_tokens=64, local_window=256)
+
+
+def kernel_table(fn, reps=3):
+    """[(name, total CUDA ms per call, calls per call)] sorted by time, and the summed ms per call."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = {}
+    for ev in prof.events():
+        if ev.device_type.name != "CUDA":
+            continue
+        name = ev.name[:90]
+        t, n = rows.get(name, (0.0, 0))
+        rows[name] = (t + ev.device_time_total / 1e3, n + 1)  # us -> ms
+    table = sorted(((n, t / reps, c / reps) for n, (t, c) in rows.items()), key=lambda r: -r[1])
+    return table, sum(r[1] for r in table)
+
+
+def host_us(fn, calls=200):
+    """Wall time per call of `calls` back-to-back calls, synchronised once at the end."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hyper-lengths", default="131072")
+    ap.add_argument("--flash-lengths", default="1024,4096,8192")
+    ap.add_argument("--out", default=".")
+    a = ap.parse_args()
+    dev = torch.cuda.get_device_name()
+    lines = [f"# GPU profile: {dev}", "",
+             f"torch {torch.__version__}, triton {triton.__version__}, {datetime.datetime.now().isoformat()[:19]}", ""]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for s in [int(x) for x in a.hyper_lengths.split(",") if x]:
+        q, k, v = (torch.randn(1, 32, s, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+        for causal in (False, True):
+            for variant in ("default", "paper"):
+                fn = lambda: hyper_attention(q, k, v, causal=causal, variant=variant, **PARAMS)
+                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                table, total = kernel_table(fn)
+                lines += [f"## hyper S={s} causal={causal} variant={variant}: do_bench {ms:.3f} ms, "
+                          f"kernels {total:.3f} ms, host/call {host_us(fn, 20) / 1e3:.3f} ms", "",
+                          "| kernel | ms/call | launches/call |", "|---|---|---|"]
+                lines += [f"| `{n}` | {t:.3f} | {c:.0f} |" for n, t, c in table[:14]]
+                lines.append("")
+                print("\n".join(lines[-18:]), flush=True)
+        del q, k, v
+    lines += ["## flash forward, h32 d64 bf16, host vs kernel", "",
+              "| S | causal | grad | host us/call | kernel us/call | do_bench us | sdpa cudnn us |", "|---|---|---|---|---|---|---|"]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    for s in [int(x) for x in a.flash_lengths.split(",") if x]:
+        q, k, v = (torch.randn(1, 32, s, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+        for causal in (False, True):
+            for grad in (False, True):
+                qq, kk, vv = (t.detach().requires_grad_(grad) for t in (q, k, v))
+                fn = lambda: flash_attention(qq, kk, vv, causal=causal)
+                table, total = kernel_table(fn, reps=10)
+                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+                def sdpa():
+                    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                        return torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=causal)
+                ref = triton.testing.do_bench(sdpa, warmup=25, rep=100, return_mode="median")
+                lines.append(f"| {s} | {causal} | {grad} | {host_us(fn):.0f} | {total * 1e3:.0f} | {ms * 1e3:.0f} | "
+                             f"{ref * 1e3:.0f} |")
+                print(lines[-1], flush=True)
+    os.makedirs(a.out, exist_ok=True)
+    slug = "h200" if "H200" in dev else "h100" if "H100" in dev else "gpu"
+    path = os.path.join(a.out, f"{datetime.date.today().isoformat()}-{slug}-profile.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
