@@ -101,6 +101,25 @@ def main():
                 lines.append(f"| {s} | {causal} | {grad} | {host_us(fn):.0f} | {total * 1e3:.0f} | {ms * 1e3:.0f} | "
                              f"{ref * 1e3:.0f} |")
                 print(lines[-1], flush=True)
+    # where the host time of one no-grad call goes (Python, Triton's launcher), by cProfile
+    import cProfile
+    import io
+    import pstats
+    q, k, v = (torch.randn(1, 32, 1024, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    for grad in (False, True):
+        qq, kk, vv = (t.detach().requires_grad_(grad) for t in (q, k, v))
+        flash_attention(qq, kk, vv, causal=True)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200):
+            flash_attention(qq, kk, vv, causal=True)
+        prof.disable()
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        lines += [f"## cProfile: 200 flash calls, S=1024 causal, grad={grad} (tottime order)", "", "```",
+                  *[l for l in text.getvalue().splitlines() if l.strip()][:40], "```", ""]
+        print("\n".join(lines[-44:]), flush=True)
     os.makedirs(a.out, exist_ok=True)
     slug = "h200" if "H200" in dev else "h100" if "H100" in dev else "gpu"
     path = os.path.join(a.out, f"{datetime.date.today().isoformat()}-{slug}-profile.md")
