@@ -8,7 +8,8 @@ Per length and kind, bf16, batch 1, heads x dim 32 x 64 (--heads/--head-dim), ra
   flash causal (fwd and fwd+bwd): ours = ring attention (`ring_flash_attention`, zigzag shards);
       torch_cp = SDPA under `torch.distributed.tensor.experimental.context_parallel` (its load balancing
       on, its default rotate method) on a 1-D DeviceMesh; plus both kernels on one GPU (rank 0 alone).
-  hyper causal (fwd): ours = `hyper_attention_cp` (all-gather, full pattern on every rank).
+  hyper causal (fwd): ours = `hyper_attention_cp` (k/v and query hash ranks all-gathered, the global pattern
+      on every rank, local query rows computed).
   linear (fwd): ours = `linear_attention_cp`, the recommended hybrid (64 sinks, 256-key window, elu).
 Timing: CUDA events (perf_counter on CPU), barrier before each repetition, warm-up, median of --reps;
 a sharded time is the slowest rank's median. TFLOP/s (flash only) counts 2·S²·H·D per causal forward,

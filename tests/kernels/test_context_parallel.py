@@ -2,7 +2,8 @@
 gradients compared with the matching slices of the single-device result (float64 references).
 
 One spawn per world size runs every case (process start-up dominates); each case is then its own
-pytest item reading that run's verdicts.
+pytest item reading that run's verdicts. The hyper-triton cases run float32 through the Triton kernels
+(the ranks inherit TRITON_INTERPRET=1 from tests/conftest.py) against single-device Triton at 1e-4.
 
 On GPUs: LONGATTN_TEST_CP_CUDA=1 runs the same cases with NCCL, one GPU per rank, float32 inputs through the
 Triton kernels, at float32 tolerances (world sizes above the GPU count are skipped)."""
@@ -24,6 +25,8 @@ WORLDS = (2, 4)
 CUDA = os.environ.get("LONGATTN_TEST_CP_CUDA") == "1"
 DTYPE = torch.float32 if CUDA else torch.float64
 TOL = dict(rtol=2e-3, atol=2e-3) if CUDA else dict(rtol=1e-8, atol=1e-9)
+# the hyper-triton cases: float32 Triton kernels (the interpreter on CPU) on both sides
+TRITON_TOL = dict(rtol=2e-3, atol=2e-3) if CUDA else dict(rtol=1e-4, atol=1e-4)
 
 
 def _free_port() -> int:
@@ -32,14 +35,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _inputs(S, hq=4, hkv=2, d=16 if CUDA else 8, seed=0):
+def _inputs(S, hq=4, hkv=2, d=16 if CUDA else 8, seed=0, dtype=DTYPE):
     g = torch.Generator().manual_seed(seed)
     dev = f"cuda:{dist.get_rank()}" if CUDA and dist.is_initialized() else "cpu"
-    q, k, v = (torch.randn(1, h, S, d, generator=g, dtype=torch.float64).to(dev, DTYPE) for h in (hq, hkv, hkv))
-    return q, k, v, torch.randn(1, hq, S, d, generator=g, dtype=torch.float64).to(dev, DTYPE)
+    q, k, v = (torch.randn(1, h, S, d, generator=g, dtype=torch.float64).to(dev, dtype) for h in (hq, hkv, hkv))
+    return q, k, v, torch.randn(1, hq, S, d, generator=g, dtype=torch.float64).to(dev, dtype)
 
 
-def _check(full_fn, local_fn, S, lb, rank, world, **shape):
+def _check(full_fn, local_fn, S, lb, rank, world, tol=TOL, **shape):
     """full_fn(q, k, v) -> out on the whole sequence; local_fn(q, k, v) -> out of the local shards."""
     from longattn.kernels.parallel import shard_sequence
     q, k, v, gout = _inputs(S, **shape)
@@ -49,9 +52,9 @@ def _check(full_fn, local_fn, S, lb, rank, world, **shape):
     local = [shard_sequence(t, rank, world, 2, lb).clone().requires_grad_() for t in (q, k, v)]
     out = local_fn(*local)
     grads = torch.autograd.grad(out, local, shard_sequence(gout, rank, world, 2, lb))
-    torch.testing.assert_close(out, shard_sequence(ref, rank, world, 2, lb), **TOL)
+    torch.testing.assert_close(out, shard_sequence(ref, rank, world, 2, lb), **tol)
     for name, g, r in zip("qkv", grads, ref_grads):
-        torch.testing.assert_close(g, shard_sequence(r, rank, world, 2, lb), **TOL,
+        torch.testing.assert_close(g, shard_sequence(r, rank, world, 2, lb), **tol,
                                    msg=lambda m, n=name: f"d{n}: {m}")
 
 
@@ -103,7 +106,22 @@ def _hyper(rank, world, causal, lb):
            lambda q, k, v: hyper_attention_cp(q, k, v, load_balance=lb, **kw)[0], 64, lb, rank, world)
 
 
-def _dispatch(rank, world, kind, lb):
+def _hyper_triton(rank, world, causal, lb, heads):
+    """float32 through the Triton kernels (the interpreter on CPU): rank-local kernels against the single-device
+    kernels, lse included (its gradient flows too)."""
+    from longattn.kernels.hyper import _use_triton, hyper_attention
+    from longattn.kernels.parallel import hyper_attention_cp
+    # interpreter time grows with the grid: short, but with two causal levels of blocks and samples
+    kw = dict(scale=0.3, causal=causal, block_size=8, sample_size=4, lsh_bits=3, min_seq_len=8, sink_tokens=2,
+              local_window=4, seed=7)
+    probe = _inputs(1, dtype=torch.float32)[0]
+    assert _use_triton(probe, probe), "the Triton path is not taken (no TRITON_INTERPRET=1 on CPU?)"
+    _check(lambda q, k, v: _with_lse(hyper_attention(q, k, v, **kw)),
+           lambda q, k, v: _with_lse(hyper_attention_cp(q, k, v, load_balance=lb, **kw)), 32, lb, rank, world,
+           tol=TRITON_TOL, hq=heads[0], hkv=heads[1], dtype=torch.float32)
+
+
+def _dispatch(rank, world, kind, lb, dtype=DTYPE, **shape):
     """The custom op with a context_parallel band: its backward is the dispatcher's torch.func.vjp."""
     from longattn.kernels import Band, encode_plan
     params = {"linear": dict(sink_tokens=2, local_window=4, chunk_size=4), "hyper": dict(min_seq_len=16, block_size=8,
@@ -112,7 +130,8 @@ def _dispatch(rank, world, kind, lb):
     single, sharded = encode_plan([Band(kind, params=params)]), encode_plan([Band(kind, params=cp)])
     op = torch.ops.longattn.attention
     _check(lambda q, k, v: op(q, k, v, None, 0.35, True, 0.0, None, single),
-           lambda q, k, v: op(q, k, v, None, 0.35, True, 0.0, None, sharded), 32, lb, rank, world)
+           lambda q, k, v: op(q, k, v, None, 0.35, True, 0.0, None, sharded), 32, lb, rank, world,
+           tol=TOL if dtype == DTYPE else TRITON_TOL, dtype=dtype, **shape)
 
 
 def _dispatch_bands(rank, world):
@@ -135,8 +154,14 @@ CASES = {
        for n in ("hybrid_add", "hybrid_delta", "pure_add")},
     **{f"hyper-{'causal' if c else 'full'}-{lb}": functools.partial(_hyper, causal=c, lb=lb)
        for c, lb in ((True, "contiguous"), (True, "zigzag"), (False, "zigzag"))},
+    **{f"hyper-triton-{'causal' if c else 'full'}-{lb}-{'gqa' if heads[1] < heads[0] else 'mha'}":
+       functools.partial(_hyper_triton, causal=c, lb=lb, heads=heads)  # few heads: the interpreter is slow
+       for c, lb, heads in ((True, "zigzag", (2, 1)), (True, "contiguous", (2, 1)), (False, "zigzag", (2, 2)),
+                            (False, "contiguous", (2, 1)))},
     **{f"dispatch-{kind}-{lb}": functools.partial(_dispatch, kind=kind, lb=lb)
        for kind, lb in (("flash", "zigzag"), ("linear", "contiguous"), ("hyper", "zigzag"))},
+    "dispatch-hyper-triton-zigzag": functools.partial(_dispatch, kind="hyper", lb="zigzag", dtype=torch.float32, hq=2,
+                                                      hkv=1),
     "dispatch-bands-global-length": _dispatch_bands,
 }
 
@@ -177,6 +202,8 @@ def _run(world):
 def test_context_parallel_matches_single_device(case, world):
     if CUDA and world > torch.cuda.device_count():
         pytest.skip(f"{world} ranks need {world} GPUs")
+    if "triton" in case and not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton cases need CUDA or TRITON_INTERPRET=1")
     failures = _run(world)
     if case in failures:
         pytest.fail(failures[case], pytrace=False)

@@ -220,3 +220,17 @@ def test_default_variant_draws_one_sample_in_each_equal_slice_of_a_rectangle():
             slot = torch.arange(m)
             assert torch.all(offsets >= torch.floor(slot * kl / m))
             assert torch.all(offsets < torch.ceil((slot + 1) * kl / m)) and torch.all(offsets < kl)
+
+
+def test_pattern_from_given_query_ranks_is_the_pattern_from_q():
+    """Context parallelism hashes q rows with `hyperplanes` and passes the gathered ranks: same pattern."""
+    from longattn.kernels.hyper.pattern import hyperplanes, lsh_rank
+    q, k, _ = _qkv(b=2, sq=21, sk=29)
+    want = build_pattern(q, k, causal=True, seed=5, **SMALL)
+    planes = hyperplanes(2, q.shape[-1], SMALL["lsh_bits"], 5, "cpu")
+    assert torch.equal(planes, want.planes)
+    got = build_pattern(None, k, causal=True, seed=5, q_rank=lsh_rank(q, planes, 2), **SMALL)
+    assert torch.equal(got.q_rank, want.q_rank) and torch.equal(got.exact_lo, want.exact_lo)
+    for a, b in zip(got.levels, want.levels, strict=True):
+        for name in ("q_order", "k_order", "samples", "sample_block"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name

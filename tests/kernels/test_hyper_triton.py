@@ -4,10 +4,11 @@ import torch
 
 from longattn.kernels import Band, encode_plan
 from longattn.kernels.hyper import build_pattern, hyper_attention, hyper_attention_from_pattern
-from longattn.kernels.hyper.pattern import lsh_rank
+from longattn.kernels.hyper.pattern import local_pattern, lsh_rank
 
 triton = pytest.importorskip("triton")
-from longattn.kernels.hyper.triton_attention import hyper_forward_triton  # noqa: E402
+from longattn.kernels.hyper.triton_attention import TILES_BWD, _tiles, hyper_forward_triton  # noqa: E402
+from longattn.kernels.hyper.triton_backward import hyper_backward_triton  # noqa: E402
 from longattn.kernels.hyper.triton_hash import lsh_rank_triton  # noqa: E402
 
 SMALL = dict(block_size=8, sample_size=5, lsh_bits=3, min_seq_len=16, sink_tokens=2, local_window=3)
@@ -124,3 +125,42 @@ def test_kernels_with_64_bit_offsets_give_the_same_result(monkeypatch):
     torch.testing.assert_close(out64, out)
     for a, b in zip(torch.autograd.grad(out64, (q, k, v), g), grads):
         torch.testing.assert_close(a, b)
+
+
+def _row_subset(kind, sq):
+    """Increasing query rows as a rank holds them: one chunk, two chunks (zigzag), or scattered."""
+    c = sq // 4
+    if kind == "contiguous":
+        return torch.arange(c, 3 * c)
+    if kind == "zigzag":
+        return torch.cat([torch.arange(0, c), torch.arange(3 * c, sq)])
+    return torch.randperm(sq)[: sq // 2].sort().values
+
+
+@pytest.mark.parametrize("rows", ["contiguous", "zigzag", "scattered"])
+@pytest.mark.parametrize("causal,sq,sk,params,heads", [
+    (True, 37, 37, {}, (2, 1)), (True, 23, 45, dict(variant="paper"), (3, 1)),
+    (False, 40, 40, dict(block_size=40), (2, 2))])  # one block: local blocks span several query tiles
+def test_local_kernels_equal_the_full_kernels_rows(rows, causal, sq, sk, params, heads):
+    """A pattern restricted to some rows (context parallelism) gives those rows' out / lse, their dq, and
+    the dk / dv of their outputs, as the full-sequence kernels do."""
+    q, k, v = _qkv(b=2, hq=heads[0], hkv=heads[1], sq=sq, sk=sk)
+    pattern = build_pattern(q, k, causal=causal, seed=3, **dict(SMALL, **params))
+    rows = _row_subset(rows, sq)
+    local = local_pattern(pattern, rows)
+    out, lse = hyper_forward_triton(q, k, v, pattern, scale=0.3, causal=causal)
+    out_l, lse_l = hyper_forward_triton(q[:, :, rows], k, v, local, scale=0.3, causal=causal)
+    torch.testing.assert_close(out_l, out[:, :, rows], **TOL[torch.float32])
+    torch.testing.assert_close(lse_l, lse[:, :, rows], **TOL[torch.float32])
+    # gradients flowing into these rows' outputs only
+    mine = torch.zeros(sq, dtype=torch.bool)
+    mine[rows] = True
+    g = torch.randn_like(out) * mine[:, None]
+    g_lse = torch.randn_like(lse) * mine
+    tiles = _tiles(q.shape[-1], v.shape[-1], TILES_BWD)
+    want = hyper_backward_triton(q, k, v, out, lse, g, g_lse, pattern, scale=0.3, causal=causal, tiles=tiles)
+    got = hyper_backward_triton(q[:, :, rows], k, v, out_l, lse_l, g[:, :, rows], g_lse[:, :, rows], local,
+                                scale=0.3, causal=causal, tiles=tiles)
+    torch.testing.assert_close(got[0], want[0][:, :, rows], **TOL[torch.float32])
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])

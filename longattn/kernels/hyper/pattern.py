@@ -33,9 +33,11 @@ and recomputed backward draw the same hyperplanes and samples.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -52,6 +54,9 @@ class HyperLevel:
     k_order: (B, Hkv, Sk) int64, the same for keys.
     samples: (B, Hkv, R, m) int64 original key indices drawn uniformly from each rectangle's keys.
     sample_block: (B, Hkv, R, m) int64, the block each sample falls in within its rectangle.
+    q_start: None, or in a pattern restricted to some rows (`local_pattern`): (B, Hq, R, nb_max + 1) int64;
+        q_order then holds local rows only, and block j of rectangle r is its entries [q_start[.., r, j],
+        q_start[.., r, j + 1]).
     """
     rects: torch.Tensor
     rect_list: list
@@ -59,12 +64,15 @@ class HyperLevel:
     k_order: torch.Tensor
     samples: torch.Tensor
     sample_block: torch.Tensor
+    q_start: Optional[torch.Tensor] = None
 
 
 @dataclass
 class HyperPattern:
     """planes (Hkv, D, lsh_bits) float32; q_rank (B, Hq, Sq) / k_rank (B, Hkv, Sk) int64 Gray ranks;
-    exact_lo / exact_hi (Sq,) int64; sinks: number of leading keys attended exactly."""
+    exact_lo / exact_hi (Sq,) int64; sinks: number of leading keys attended exactly.
+    rows: None, or for a pattern restricted to some query rows (`local_pattern`) their global indices (n,):
+    the per-row tensors then have n rows, in that order."""
     block_size: int
     sample_size: int
     planes: torch.Tensor
@@ -74,6 +82,7 @@ class HyperPattern:
     exact_hi: torch.Tensor
     sinks: int
     levels: list
+    rows: Optional[torch.Tensor] = None
 
 
 def check_params(*, block_size, sample_size, lsh_bits, min_seq_len, sink_tokens, local_window, variant):
@@ -178,6 +187,17 @@ def block_of_rank(rank, length, nb):
     return ((rank + 1) * nb - 1) // length
 
 
+def _draw_planes(g, Hkv, D, lsh_bits):
+    return torch.randn(Hkv, D, lsh_bits, generator=g, dtype=torch.float32)  # the generator's first draw
+
+
+@functools.lru_cache(maxsize=64)
+def hyperplanes(Hkv, D, lsh_bits, seed, device) -> torch.Tensor:
+    """(Hkv, D, lsh_bits) float32 on `device`: the hyperplanes `build_pattern` draws from `seed`, to hash
+    queries outside it (context parallelism: each rank its own rows). Cached and shared: never modify."""
+    return _draw_planes(torch.Generator().manual_seed(seed), Hkv, D, lsh_bits).to(device)
+
+
 @functools.lru_cache(maxsize=64)
 def _drawn_and_planned(B, Hkv, Sq, Sk, D, causal, sample_size, lsh_bits, min_seq_len, local_window, stratified,
                        seed, device):
@@ -187,7 +207,7 @@ def _drawn_and_planned(B, Hkv, Sq, Sk, D, causal, sample_size, lsh_bits, min_seq
     Returns (planes on CPU, rectangles per level, device tensors [planes bits, lo, hi, then per level:
     rects, samples, q bounds, k bounds]). The device tensors are shared: never modify them in place."""
     g = torch.Generator().manual_seed(seed)
-    planes = torch.randn(Hkv, D, lsh_bits, generator=g, dtype=torch.float32)
+    planes = _draw_planes(g, Hkv, D, lsh_bits)
     level_rects, leaves = plan_rectangles(Sq, Sk, causal, min_seq_len)
     lo, hi = exact_ranges(Sq, Sk, causal, leaves, local_window, "cpu")
     host = [planes.view(torch.int32).to(torch.int64).flatten(), lo, hi]
@@ -209,16 +229,19 @@ def _drawn_and_planned(B, Hkv, Sq, Sk, D, causal, sample_size, lsh_bits, min_seq
 
 
 def build_pattern(q, k, *, causal=False, block_size=256, sample_size=256, lsh_bits=7, min_seq_len=4096,
-                  sink_tokens=64, local_window=256, variant="default", seed=0, rank_fn=None) -> HyperPattern:
+                  sink_tokens=64, local_window=256, variant="default", seed=0, rank_fn=None,
+                  q_rank=None) -> HyperPattern:
     """Draw hyperplanes and samples from `seed`, hash, and sort. q (B, Hq, Sq, D), k (B, Hkv, Sk, D).
 
-    rank_fn(x, planes, group) -> (B, H, S) int64 may replace the torch hash (the Triton path passes its kernel)."""
+    rank_fn(x, planes, group) -> (B, H, S) int64 may replace the torch hash (the Triton path passes its kernel).
+    q_rank (B, Hq, Sq) int64, the queries' ranks for `hyperplanes(Hkv, D, lsh_bits, seed, device)`, replaces
+    hashing q (context parallelism gathers them from the ranks); q is then not read and may be None."""
     check_params(block_size=block_size, sample_size=sample_size, lsh_bits=lsh_bits, min_seq_len=min_seq_len,
                  sink_tokens=sink_tokens, local_window=local_window, variant=variant)
-    B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
+    B, Hq, Sq = q.shape[:3] if q_rank is None else q_rank.shape
+    Hkv, Sk, D = k.shape[1:]
     group = Hq // Hkv
-    dev = q.device
+    dev = k.device
     paper = variant == "paper"
     planes, level_rects, parts = _drawn_and_planned(B, Hkv, Sq, Sk, D, bool(causal), sample_size, lsh_bits,
                                                     min_seq_len, 0 if paper else local_window, not paper, int(seed),
@@ -227,7 +250,8 @@ def build_pattern(q, k, *, causal=False, block_size=256, sample_size=256, lsh_bi
     lo, hi = parts[1], parts[2]
 
     rank_fn = rank_fn or lsh_rank
-    q_rank = rank_fn(q, planes_dev, group)
+    if q_rank is None:
+        q_rank = rank_fn(q, planes_dev, group)
     k_rank = rank_fn(k, planes_dev, 1)
     levels = []
     for i, rects in enumerate(level_rects):
@@ -250,3 +274,31 @@ def build_pattern(q, k, *, causal=False, block_size=256, sample_size=256, lsh_bi
 
 def num_blocks(k_len: int, block_size: int) -> int:
     return max(1, math.ceil(k_len / block_size))
+
+
+def local_pattern(pattern: HyperPattern, rows: torch.Tensor) -> HyperPattern:
+    """`pattern` restricted to query rows `rows` ((n,) increasing global indices, on the pattern's device):
+    the same blocks and samples, for those rows only (context parallelism: a rank's shard). Per-row tensors
+    keep the n rows; each level's q_order becomes the global sorted order filtered to these rows (local
+    indices, order kept) and q_start marks where each block's share of it starts. No host sync."""
+    n = rows.numel()
+    local = torch.full_like(pattern.exact_lo, -1)
+    local[rows] = torch.arange(n, device=rows.device)  # global row -> local row, -1 elsewhere
+    levels = []
+    for level in pattern.levels:
+        loc = local[level.q_order]  # (B, Hq, Sq)
+        mine = loc >= 0
+        before = torch.nn.functional.pad(mine.cumsum(-1), (1, 0))  # local rows before each sorted rank
+        # compact: a local row goes to its count of earlier local rows; the others to a dropped slot n
+        slot = torch.where(mine, before[..., :-1], n)
+        q_order = loc.new_empty(*loc.shape[:2], n + 1).scatter_(-1, slot, loc)[..., :n]
+        # block j of rectangle r covers sorted ranks [qs + j*ql//nb, qs + (j+1)*ql//nb); j is clamped to nb
+        qs, ql, kl = level.rects[:, 0, None], level.rects[:, 1, None], level.rects[:, 3, None]
+        nb = (kl + pattern.block_size - 1) // pattern.block_size
+        nb_max = max(num_blocks(r[3], pattern.block_size) for r in level.rect_list)
+        j = torch.arange(nb_max + 1, device=rows.device)
+        bounds = qs + (torch.minimum(j, nb) * ql) // nb  # (R, nb_max + 1)
+        q_start = before[..., bounds.flatten()].view(*loc.shape[:2], *bounds.shape)
+        levels.append(dataclasses.replace(level, q_order=q_order, q_start=q_start))
+    return dataclasses.replace(pattern, q_rank=pattern.q_rank[..., rows], exact_lo=pattern.exact_lo[rows],
+                               exact_hi=pattern.exact_hi[rows], levels=levels, rows=rows)

@@ -16,15 +16,15 @@ from . import triton_attention as fwd
 from . import triton_backward as bwd
 
 TYPES = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "O": "*fp32", "LSE": "*fp32", "DELTA": "*fp32",
-         "DQ": "*fp32", "DK": "*fp32", "DV_": "*fp32", "LO": "*i64", "HI": "*i64", "QORD": "*i64", "KORD": "*i64",
-         "SAMP": "*i64", "SBLK": "*i64", "RECTS": "*i64", "ROW_LO": "*i64", "ROW_HI": "*i64",
+         "DQ": "*fp32", "DK": "*fp32", "DV_": "*fp32", "LO": "*i64", "HI": "*i64", "QORD": "*i64", "QSTART": "*i64",
+         "KORD": "*i64", "SAMP": "*i64", "SBLK": "*i64", "RECTS": "*i64", "ROW_LO": "*i64", "ROW_HI": "*i64",
          "scale_log2": "fp32", "log2_samples": "fp32", "scale": "fp32"}
 
 
-def build(kernel, tiles, head_dim, causal):
+def build(kernel, tiles, head_dim, causal, local=False):
     block_m, block_n, warps, stages = tiles
     consts = dict(D=head_dim, DV=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim, BLOCK_DV=head_dim,
-                  PRECISION=None, WIDE=False, CAUSAL=causal)
+                  PRECISION=None, WIDE=False, CAUSAL=causal, LOCAL=local)
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
     sig = {n: "constexpr" if n in consts else TYPES.get(n, "i32") for n in kernel.arg_names}
     src = ASTSource(fn=kernel, signature=sig, constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
@@ -43,12 +43,14 @@ def main():
     for head_dim in (64, 128):
         f_tiles = fwd._tiles(head_dim, head_dim)
         b_tiles = fwd._tiles(head_dim, head_dim, fwd.TILES_BWD)
-        for name, kernel, tiles in (("forward exact part", fwd._exact_part_kernel, f_tiles),
-                                    ("forward rectangles", fwd._rectangles_kernel, f_tiles),
-                                    ("backward exact dq", bwd._exact_part_bwd_kernel, b_tiles),
-                                    ("backward exact dk/dv", bwd._exact_part_dkdv_kernel, b_tiles),
-                                    ("backward rectangles", bwd._rectangles_bwd_kernel, b_tiles)):
-            use = build(kernel, tiles, head_dim, True)
+        for name, kernel, tiles, local in (("forward exact part", fwd._exact_part_kernel, f_tiles, False),
+                                           ("forward rectangles", fwd._rectangles_kernel, f_tiles, False),
+                                           ("forward rectangles local", fwd._rectangles_kernel, f_tiles, True),
+                                           ("backward exact dq", bwd._exact_part_bwd_kernel, b_tiles, False),
+                                           ("backward exact dk/dv", bwd._exact_part_dkdv_kernel, b_tiles, False),
+                                           ("backward rectangles", bwd._rectangles_bwd_kernel, b_tiles, False),
+                                           ("backward rectangles local", bwd._rectangles_bwd_kernel, b_tiles, True)):
+            use = build(kernel, tiles, head_dim, True, local)
             print(f"{name} d{head_dim} tiles={tiles} REG={use['REG']} STACK={use['STACK']}", flush=True)
 
 

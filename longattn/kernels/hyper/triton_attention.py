@@ -9,10 +9,15 @@ online softmax, gathering q/k/v rows by index (no permuted copies), and writes t
 back to the same rows. Rows of one level belong to one program each, so there is no race, and
 every merge is the log-sum-exp merge done in registers. Scores are kept in the log2 domain.
 
+A pattern restricted to some query rows (`pattern.local_pattern`, context parallelism) runs the same
+launches over those rows only: q / out / lse / exact ranges hold the local rows, and a rectangle program
+takes its block's share of the compacted local sorted order (`LOCAL`, start offsets in `q_start`).
+
 Backward (`triton_backward.py`) differentiates this forward for its own pattern, exactly.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -85,7 +90,9 @@ if HAVE_TRITON:
                     mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
         lo = tl.load(LO + rows, mask=row_ok, other=Sk)
         hi = tl.load(HI + rows, mask=row_ok, other=0)
-        last_key = rows + (Sk - Sq)  # bottom-right causal: the last key each row sees
+        # causal: the exact range ends at the row's diagonal (bottom-right aligned), so hi - 1 is the last key
+        # the row sees; read from hi, it holds for a local pattern's rows too
+        last_key = hi - 1
         k_base = K + b * skb + kh * skh
         v_base = V + b * svb + kh * svh
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -114,34 +121,50 @@ if HAVE_TRITON:
                  mask=row_ok[:, None] & (dv[None, :] < DV))
         tl.store(LSE + bh * Sq + rows, lse, mask=row_ok)
 
+    @triton.jit
+    def _block_rows(QORD, QSTART, RECTS, bh, r, blk, tile, nb, Sq, n_rects, nbq,
+                    BLOCK_M: tl.constexpr, LOCAL: tl.constexpr):
+        """This program's query rows: tile `tile` of block `blk` of rectangle r (sorted order), as
+        (rows, row_ok, active); active = 0 when the tile is empty or past the rectangle's last block."""
+        if LOCAL:
+            # a local pattern: the block's local rows are a slice of the compacted order
+            at = QSTART + (bh * n_rects + r) * nbq + blk
+            q_lo = tl.load(at)
+            q_hi = tl.load(at + 1)
+        else:
+            qs = tl.load(RECTS + r * 4)
+            ql = tl.load(RECTS + r * 4 + 1)
+            q_lo = qs + (blk * ql) // nb
+            q_hi = qs + ((blk + 1) * ql) // nb
+        q_lo += tile * BLOCK_M
+        # empty programs get empty ranges (no early return needed)
+        active = ((blk < nb) & (q_lo < q_hi)).to(tl.int32)
+        ranks = q_lo + tl.arange(0, BLOCK_M)
+        row_ok = ranks < q_hi * active
+        rows = tl.load(QORD + bh * Sq + ranks, mask=row_ok, other=0)
+        return rows, row_ok, active
+
     @triton.jit(do_not_specialize=["Hq", "Hkv", "group", "Sq", "Sk", "sinks", "n_samples", "block_size",
-                                   "tiles_per_block", "n_rects"])
-    def _rectangles_kernel(Q, K, V, O, LSE, LO, HI, QORD, KORD, SAMP, SBLK, RECTS,
+                                   "tiles_per_block", "n_rects", "nbq"])
+    def _rectangles_kernel(Q, K, V, O, LSE, LO, HI, QORD, QSTART, KORD, SAMP, SBLK, RECTS,
                            sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
-                           Hq, Hkv, group, Sq, Sk, sinks, n_samples, block_size, tiles_per_block, n_rects,
+                           Hq, Hkv, group, Sq, Sk, sinks, n_samples, block_size, tiles_per_block, n_rects, nbq,
                            scale_log2, log2_samples,
                            D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-                           WIDE: tl.constexpr):
+                           WIDE: tl.constexpr, LOCAL: tl.constexpr):
         pid = tl.program_id(0)
         r = tl.program_id(1)
         bh = tl.program_id(2).to(tl.int64)
         b = bh // Hq
         h = bh % Hq
         kh = h // group
-        qs = tl.load(RECTS + r * 4)
-        ql = tl.load(RECTS + r * 4 + 1)
         ks = tl.load(RECTS + r * 4 + 2)
         kl = tl.load(RECTS + r * 4 + 3)
         nb = (kl + block_size - 1) // block_size
         blk = pid // tiles_per_block
-        tile = pid % tiles_per_block
-        # programs past this rectangle's last block get empty ranges (no early return needed)
-        active = (blk < nb).to(tl.int32)
-        q_hi = (qs + ((blk + 1) * ql) // nb) * active
-        ranks = qs + (blk * ql) // nb + tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = ranks < q_hi
-        rows = tl.load(QORD + bh * Sq + ranks, mask=row_ok, other=0)
+        rows, row_ok, active = _block_rows(QORD, QSTART, RECTS, bh, r, blk, pid % tiles_per_block, nb, Sq, n_rects,
+                                           nbq, BLOCK_M, LOCAL)
         d = tl.arange(0, BLOCK_D)
         dv = tl.arange(0, BLOCK_DV)
         row_off = _offset_index(rows, WIDE)[:, None]
@@ -240,19 +263,31 @@ def hyper_forward_triton(q, k, v, pattern: HyperPattern, *, scale, causal):
         q, k, v, out, lse, lo, hi, *strides, Hq, group, Sq, Sk, pattern.sinks, scale_log2,
         CAUSAL=bool(causal), num_warps=warps, num_stages=stages, **dims)
     for level in pattern.levels:
-        rects = level.rect_list
-        nbs = [num_blocks(kl, pattern.block_size) for (_, _, _, kl) in rects]
-        widest = max(-(-ql // nb) for (_, ql, _, _), nb in zip(rects, nbs))
-        tiles_per_block = triton.cdiv(widest, block_m)
+        grid, tiles_per_block, nbq = level_grid(level, pattern.block_size, block_m, B * Hq)
         m = level.samples.shape[-1]
-        grid = (max(nbs) * tiles_per_block, len(rects), B * Hq)
         _rectangles_kernel[grid](
-            q, k, v, out, lse, lo, hi,
-            *(t.contiguous() for t in (level.q_order, level.k_order, level.samples, level.sample_block,
-                                       level.rects)),
-            *strides, Hq, Hkv, group, Sq, Sk, pattern.sinks, m, pattern.block_size, tiles_per_block, len(rects),
-            scale_log2, math.log2(max(m, 1)), num_warps=warps, num_stages=stages, **dims)
+            q, k, v, out, lse, lo, hi, *level_indices(level), *strides, Hq, Hkv, group, Sq, Sk, pattern.sinks, m,
+            pattern.block_size, tiles_per_block, len(level.rect_list), nbq, scale_log2, math.log2(max(m, 1)),
+            LOCAL=level.q_start is not None, num_warps=warps, num_stages=stages, **dims)
     return out.to(q.dtype), lse
+
+
+def level_grid(level, block_size, block_m, heads):
+    """(grid, tiles per block, q_start's row length) of a level's rectangle launch. A local pattern's
+    blocks are at most the global ones' sizes, so the same grid covers them (empty tiles exit at once)."""
+    rects = level.rect_list
+    nbs = [num_blocks(kl, block_size) for (_, _, _, kl) in rects]
+    widest = max(-(-ql // nb) for (_, ql, _, _), nb in zip(rects, nbs))
+    tiles_per_block = triton.cdiv(widest, block_m)
+    return (max(nbs) * tiles_per_block, len(rects), heads), tiles_per_block, max(nbs) + 1
+
+
+def level_indices(level):
+    """The index tensors a rectangle launch reads: QORD, QSTART (q_order again when unused), KORD, SAMP,
+    SBLK, RECTS."""
+    q_start = level.q_order if level.q_start is None else level.q_start
+    return tuple(t.contiguous() for t in (level.q_order, q_start, level.k_order, level.samples,
+                                          level.sample_block, level.rects))
 
 
 class _PatternBox:
@@ -281,13 +316,13 @@ class HyperAttentionTriton(torch.autograd.Function):
     """Triton forward; Triton backward for the pattern the forward used (or the reference's vjp)."""
 
     @staticmethod
-    def forward(q, k, v, scale, causal, params, box):
-        box.pattern = build_pattern(q, k, causal=causal, rank_fn=lsh_rank_triton, **params)
+    def forward(q, k, v, scale, causal, make_pattern, box):
+        box.pattern = make_pattern(q, k)
         return hyper_forward_triton(q, k, v, box.pattern, scale=scale, causal=causal)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, scale, causal, params, box = inputs
+        q, k, v, scale, causal, make_pattern, box = inputs
         ctx.save_for_backward(q, k, v, *output)
         ctx.scale, ctx.causal, ctx.box = scale, causal, box
         ctx.set_materialize_grads(False)
@@ -296,7 +331,7 @@ class HyperAttentionTriton(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         pattern = ctx.box.pattern
-        if BACKWARD == "triton":
+        if BACKWARD == "triton" or pattern.rows is not None:  # the reference computes every row of a pattern
             from .triton_backward import hyper_backward_triton
             q_, k_, v_, out_, lse_ = map(_plain, (q, k, v, out, lse))
             grad_out = torch.zeros_like(out_) if grad_out is None else _plain(grad_out)
@@ -312,6 +347,10 @@ class HyperAttentionTriton(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def hyper_attention_triton(q, k, v, *, scale, causal, **params):
-    """Differentiable Triton HyperAttention; params are `build_pattern`'s keyword arguments."""
-    return HyperAttentionTriton.apply(q, k, v, scale, causal, params, _PatternBox())
+def hyper_attention_triton(q, k, v, *, scale, causal, make_pattern=None, **params):
+    """Differentiable Triton HyperAttention; params are `build_pattern`'s keyword arguments.
+    make_pattern(q, k) -> HyperPattern replaces `build_pattern` (called inside the autograd Function, where
+    tensors are plain); context parallelism passes one that returns this rank's `local_pattern`."""
+    if make_pattern is None:
+        make_pattern = functools.partial(build_pattern, causal=causal, rank_fn=lsh_rank_triton, **params)
+    return HyperAttentionTriton.apply(q, k, v, scale, causal, make_pattern, _PatternBox())

@@ -16,8 +16,8 @@ import math
 
 import torch
 
-from .pattern import HyperPattern, num_blocks
-from .triton_attention import _offset_index, needs_wide_offsets
+from .pattern import HyperPattern
+from .triton_attention import _block_rows, _offset_index, level_grid, level_indices, needs_wide_offsets
 from .triton_hash import HAVE_TRITON
 
 if HAVE_TRITON:
@@ -85,7 +85,7 @@ if HAVE_TRITON:
                                         D, DV, BLOCK_D, BLOCK_DV, WIDE)
         lo = tl.load(LO + rows, mask=row_ok, other=Sk)
         hi = tl.load(HI + rows, mask=row_ok, other=0)
-        last_key = rows + (Sk - Sq)
+        last_key = hi - 1  # causal: the exact range ends at the diagonal (see the forward)
         k_base = K + b * skb + kh * skh
         v_base = V + b * svb + kh * svh
         dk_base = DK + (b * Hkv + kh) * Sk * D
@@ -152,7 +152,7 @@ if HAVE_TRITON:
                 in_range = (kidx[:, None] >= lo[None, :]) & (kidx[:, None] < hi[None, :]) & (kidx[:, None] >= sinks)
                 in_sinks = kidx[:, None] < sinks
                 if CAUSAL:
-                    in_sinks = in_sinks & (kidx[:, None] <= rows[None, :] + (Sk - Sq))
+                    in_sinks = in_sinks & (kidx[:, None] < hi[None, :])  # hi - 1 is the row's last key
                 keep = (in_range | in_sinks) & row_ok[None, :] & kvalid[:, None]
                 s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
                 p = tl.where(keep, tl.exp2(s - lse2[None, :]), 0.0)
@@ -164,32 +164,26 @@ if HAVE_TRITON:
         tl.store(DV_ + bkh * Sk * DV + k_off * DV + dv[None, :], dvacc, mask=kvalid[:, None] & (dv[None, :] < DV))
 
     @triton.jit(do_not_specialize=["Hq", "Hkv", "group", "Sq", "Sk", "sinks", "n_samples", "block_size",
-                                   "tiles_per_block", "n_rects"])
-    def _rectangles_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, LO, HI, QORD, KORD, SAMP, SBLK, RECTS,
+                                   "tiles_per_block", "n_rects", "nbq"])
+    def _rectangles_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, LO, HI, QORD, QSTART, KORD, SAMP, SBLK, RECTS,
                                sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
-                               Hq, Hkv, group, Sq, Sk, sinks, n_samples, block_size, tiles_per_block, n_rects,
+                               Hq, Hkv, group, Sq, Sk, sinks, n_samples, block_size, tiles_per_block, n_rects, nbq,
                                scale_log2, scale, log2_samples,
                                D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-                               WIDE: tl.constexpr):
+                               WIDE: tl.constexpr, LOCAL: tl.constexpr):
         pid = tl.program_id(0)
         r = tl.program_id(1)
         bh = tl.program_id(2).to(tl.int64)
         b = bh // Hq
         h = bh % Hq
         kh = h // group
-        qs = tl.load(RECTS + r * 4)
-        ql = tl.load(RECTS + r * 4 + 1)
         ks = tl.load(RECTS + r * 4 + 2)
         kl = tl.load(RECTS + r * 4 + 3)
         nb = (kl + block_size - 1) // block_size
         blk = pid // tiles_per_block
-        tile = pid % tiles_per_block
-        active = (blk < nb).to(tl.int32)
-        q_hi = (qs + ((blk + 1) * ql) // nb) * active
-        ranks = qs + (blk * ql) // nb + tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = ranks < q_hi
-        rows = tl.load(QORD + bh * Sq + ranks, mask=row_ok, other=0)
+        rows, row_ok, active = _block_rows(QORD, QSTART, RECTS, bh, r, blk, pid % tiles_per_block, nb, Sq, n_rects,
+                                           nbq, BLOCK_M, LOCAL)
         q, do, lse2, delta = _load_rows(Q, DO, LSE, DELTA, b, h, bh, rows, row_ok, sqb, sqh, sqs, Sq,
                                         D, DV, BLOCK_D, BLOCK_DV, WIDE)
         lo = tl.load(LO + rows, mask=row_ok, other=0)
@@ -258,28 +252,25 @@ def hyper_backward_triton(q, k, v, out, lse, grad_out, grad_lse, pattern: HyperP
         q, k, v, do, lse, delta, dq, dk, dv, lo, hi, *strides, Hq, Hkv, group, Sq, Sk, pattern.sinks,
         scale_log2, float(scale), CAUSAL=bool(causal), num_warps=warps, num_stages=stages, **dims)
     # rows whose exact set can hold a key of each key tile: exact_lo and exact_hi never decrease
-    # along the rows, so they are a contiguous run; tiles holding sinks take every row that sees them
+    # along the rows (also along a local pattern's increasing rows), so they are a contiguous run;
+    # tiles holding sinks take every row that sees them: causally the rows with hi > start, row_lo already
     starts = torch.arange(0, Sk, block_n, device=q.device)
     row_lo = torch.searchsorted(hi, starts, right=True)
     row_hi = torch.searchsorted(lo, starts + block_n, right=False)
     if pattern.sinks > 0:
         with_sinks = starts < pattern.sinks
-        first_seeing = (starts - (Sk - Sq)).clamp(min=0) if causal else torch.zeros_like(starts)
-        row_lo = torch.where(with_sinks, torch.minimum(row_lo, first_seeing), row_lo)
+        if not causal:
+            row_lo = torch.where(with_sinks, 0, row_lo)
         row_hi = torch.where(with_sinks, torch.full_like(row_hi, Sq), row_hi)
     _exact_part_dkdv_kernel[(starts.numel(), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, lo, hi, row_lo, row_hi, *strides, Hq, Hkv, group, Sq, Sk, pattern.sinks,
         scale_log2, float(scale), CAUSAL=bool(causal), num_warps=warps, num_stages=stages, **dims)
     for level in pattern.levels:
-        rects = level.rect_list
-        nbs = [num_blocks(kl, pattern.block_size) for (_, _, _, kl) in rects]
-        widest = max(-(-ql // nb) for (_, ql, _, _), nb in zip(rects, nbs))
-        tiles_per_block = triton.cdiv(widest, block_m)
+        grid, tiles_per_block, nbq = level_grid(level, pattern.block_size, block_m, B * Hq)
         m = level.samples.shape[-1]
-        _rectangles_bwd_kernel[(max(nbs) * tiles_per_block, len(rects), B * Hq)](
-            q, k, v, do, lse, delta, dq, dk, dv, lo, hi,
-            *(t.contiguous() for t in (level.q_order, level.k_order, level.samples, level.sample_block,
-                                       level.rects)),
-            *strides, Hq, Hkv, group, Sq, Sk, pattern.sinks, m, pattern.block_size, tiles_per_block, len(rects),
-            scale_log2, float(scale), math.log2(max(m, 1)), num_warps=warps, num_stages=stages, **dims)
+        _rectangles_bwd_kernel[grid](
+            q, k, v, do, lse, delta, dq, dk, dv, lo, hi, *level_indices(level), *strides, Hq, Hkv, group, Sq, Sk,
+            pattern.sinks, m, pattern.block_size, tiles_per_block, len(level.rect_list), nbq, scale_log2,
+            float(scale), math.log2(max(m, 1)), LOCAL=level.q_start is not None, num_warps=warps,
+            num_stages=stages, **dims)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -6,7 +6,8 @@ zigzag; every function returns this rank's rows of the single-device result and 
 * flash (`ring_flash_attention`): ring attention, K/V shards passed around, log-sum-exp merging; exact.
 * linear (`linear_attention_cp`): far-part state by an all-gathered prefix scan of per-segment affine
   folds; sinks and window keys all-gathered; exact (same result as one device, to float rounding).
-* hyper (`hyper_attention_cp`): all-gather q/k/v, single-device pattern and computation, own rows.
+* hyper (`hyper_attention_cp`): k/v and the queries' hash ranks all-gathered, the single-device pattern
+  built on every rank, the kernels run over the local query rows only; same result as one device.
 
 `run_sharded` is what the dispatcher calls for a band with a `context_parallel` key.
 """
