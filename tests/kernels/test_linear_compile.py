@@ -59,13 +59,15 @@ def _cases():
     from longattn.kernels.linear import triton_decode as dec
     from longattn.kernels.linear import triton_delta as delta
     from longattn.kernels.linear import triton_exact as exact
-    io = {"Q", "K", "V", "O", "H", "DO", "R", "DQ", "DK", "DV", "KN", "WT", "UT", "UNEW"}
+    io = {"Q", "K", "V", "O", "H", "S0", "DO", "R", "DQ", "DK", "DV", "KN", "WT", "UT", "UNEW"}
     # (name, kernel, constexprs, num_warps) as the launchers use them, bf16 runs, d64
     return [
         ("states", add._states_kernel, dict(FMAP=1, HAS_DEN=True, BF16=True, C=64, BK=64, BV=64), 4, io),
-        ("output", add._output_kernel, dict(FMAP=1, HAS_DEN=True, DIVIDE=True, BF16=True, C=64, BK=64, BV=64,
-                                            KMAP=-1, QL2=False), 8, io),
-        ("dq", bwd._dq_kernel, dict(FMAP=1, HAS_DEN=True, HAS_RS=True, BF16=True, C=64, BK=64, BV=64), 8, io),
+        *((name, add._output_kernel, dict(FMAP=1, HAS_DEN=True, DIVIDE=True, BF16=True, C=64, BK=64, BV=64,
+                                          KMAP=-1, QL2=False, INIT=init), 8, io)
+          for name, init in (("output", False), ("output-init", True))),  # init: context parallelism's S_in
+        *((name, bwd._dq_kernel, dict(FMAP=1, HAS_DEN=True, HAS_RS=True, BF16=True, C=64, BK=64, BV=64, INIT=init),
+           8, io) for name, init in (("dq", False), ("dq-init", True))),
         ("dk", bwd._dkv_kernel, dict(WANT_DK=True, FMAP=1, HAS_DEN=True, HAS_RS=True, BF16=True, C=64, BK=64,
                                      BV=32), 8, io),
         ("delta-prep", delta._delta_prep_kernel, dict(FMAP=1, C=64, BF=64, BV=64), 8, io),
@@ -80,7 +82,7 @@ def _cases():
     ]
 
 
-NAMES = ["states", "output", "dq", "dk", "delta-prep", "delta-states", "decode", "exact", "exact-dq", "exact-dkv"]
+NAMES = ["states", "output", "output-init", "dq", "dq-init", "dk", "delta-prep", "delta-states", "decode", "exact", "exact-dq", "exact-dkv"]
 
 
 def _report_all() -> dict:

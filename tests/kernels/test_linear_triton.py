@@ -77,6 +77,37 @@ def test_additive_backward_kernels_give_the_gradients_of_the_pytorch_form(fmap, 
         assert _rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("fmap,mode,where", COMBOS + [("elu", "num-den", "no-keys")],
+                         ids=["-".join(c) for c in COMBOS] + ["elu-num-den-no-keys"])
+def test_additive_kernels_from_an_incoming_state_and_the_fold(fmap, mode, where):
+    """Context parallelism's additions: `init` (every query also reads a state over earlier keys), `states`
+    (the walk reused from `fold_additive`) and the fold (the walk's last state), values and gradients."""
+    from longattn.kernels.linear.triton_additive import far_additive, fold_additive, fold_additive_torch
+    causal, offset = OFFSETS.get(where, (False, None))
+    L = 0 if where == "no-keys" else 45
+    q = torch.randn(2, 37, 4, 12).transpose(1, 2)
+    k, v = torch.randn(2, L, 2, 12).transpose(1, 2), torch.randn(2, L, 2, 10).transpose(1, 2)
+    if fmap == "features":
+        q, k = q.abs(), k.abs()
+    normalize = mode != "unnormalised"
+    opts = dict(fmap=fmap if fmap != "features" else "favor", causal=causal, offset=offset, chunk=16,
+                normalize=normalize, divide=mode == "divide", eps=1e-6, out_dtype=torch.float32)
+    init = torch.rand(2, 2, 12, 10 + normalize)
+    xs = [x.detach().requires_grad_() for x in (q, k, v, init)]
+    fold, states = fold_additive(xs[1], xs[2], **{n: opts[n] for n in ("fmap", "causal", "offset", "chunk",
+                                                                      "normalize", "out_dtype")})
+    out = far_additive(*xs[:3], init=xs[3], states=states, **opts)
+    ys = [x.detach().double().requires_grad_() for x in (q, k, v, init)]
+    ref = far_additive_torch(*ys, **opts)
+    fold_ref = fold_additive_torch(ys[1], ys[2], fmap=opts["fmap"], normalize=normalize)
+    assert _rel(out, ref) < 1e-5 and (L == 0 or _rel(fold, fold_ref) < 1e-5)
+    g, gf = torch.randn_like(out), torch.randn_like(fold)
+    fast = torch.autograd.grad((out * g).sum() + (fold * gf).sum(), xs)
+    slow = torch.autograd.grad((ref * g.double()).sum() + (fold_ref * gf.double()).sum(), ys)
+    for a, b in zip(fast, slow):
+        assert a.shape == b.shape and (b.numel() == 0 or _rel(a, b) < 1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("opts", [
     dict(causal=True, feature_map="elu"),

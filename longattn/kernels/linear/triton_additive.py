@@ -86,13 +86,14 @@ if triton is not None:
                 tl.store(z_ptrs + N * F, z, mask=mask_k)
 
     @triton.jit
-    def _output_kernel(Q, K, V, H, Z, O, DEN, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+    def _output_kernel(Q, K, V, H, Z, O, DEN, S0, Z0, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
                        so_b, so_h, so_s, Hq, G, Sq, L, P, N, F, Dv, shift, eps,
                        FMAP: tl.constexpr, HAS_DEN: tl.constexpr, DIVIDE: tl.constexpr, BF16: tl.constexpr,
                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       KMAP: tl.constexpr = -1, QL2: tl.constexpr = False):
+                       KMAP: tl.constexpr = -1, QL2: tl.constexpr = False, INIT: tl.constexpr = False):
         """KMAP: the keys' map when it differs from the queries' (-1: FMAP); QL2: unit-length φ(q) rows,
-        for the delta rule (needs BK >= F: one feature tile)."""
+        for the delta rule (needs BK >= F: one feature tile). INIT: every state is offset by an incoming
+        state S0 (B·Hkv, F, Dv) / Z0 (B·Hkv, F), which also query chunks before the first key chunk read."""
         iv, c, bhq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, hq = bhq // Hq, bhq % Hq
         hk = hq // G
@@ -108,8 +109,8 @@ if triton is not None:
         t = c + shift  # the key chunk read causally (>= N: the state after every key; < 0: nothing)
         acc = tl.zeros((C, BV), dtype=tl.float32)
         den = tl.zeros((C,), dtype=tl.float32)
-        if t >= 0:
-            tt = tl.minimum(t, N)
+        if (t >= 0) | INIT:  # with INIT, t < 0 reads H[0] = 0 plus S0; its key rows are all masked
+            tt = tl.maximum(tl.minimum(t, N), 0)
             h_base = H + (bkv.to(tl.int64) * (N + 1) + tt) * F * Dv
             z_base = Z + (bkv.to(tl.int64) * (N + 1) + tt) * F
             r = t * C + offs_c - P
@@ -123,14 +124,19 @@ if triton is not None:
                 qt = tl.where(qmask, _phi(qt.to(tl.float32), FMAP), 0.0)
                 if QL2:
                     qt = qt / tl.maximum(tl.sqrt(tl.sum(qt * qt, 1)), 1e-12)[:, None]
-                ht = tl.load(h_base + offs_k[:, None] * Dv + offs_v[None, :], mask=mask_k[:, None] & mask_v[None, :],
-                             other=0.0)
+                hmask = mask_k[:, None] & mask_v[None, :]
+                ht = tl.load(h_base + offs_k[:, None] * Dv + offs_v[None, :], mask=hmask, other=0.0)
+                if INIT:  # S0 in H's dtype: an fp32 tile more would spill (ptxas, sm_90)
+                    ht += tl.load(S0 + bkv.to(tl.int64) * F * Dv + offs_k[:, None] * Dv + offs_v[None, :], mask=hmask,
+                                  other=0.0)
                 if BF16:
                     acc += tl.dot(qt.to(tl.bfloat16), ht.to(tl.bfloat16))
                 else:
                     acc += tl.dot(qt, ht.to(tl.float32))
                 if HAS_DEN:
                     zt = tl.load(z_base + offs_k, mask=mask_k, other=0.0)
+                    if INIT:
+                        zt += tl.load(Z0 + bkv.to(tl.int64) * F + offs_k, mask=mask_k, other=0.0)
                     den += tl.sum(qt * zt[None, :], 1)
                 if t < N:
                     kmask = mask_r[:, None] & mask_k[None, :]
@@ -237,14 +243,25 @@ def launch_states(fk, v, *, fmap_id, normalize, bf16, chunk, P, N):
     return H, Z
 
 
+def split_state(state, Dv: int, normalize: bool, dtype):
+    """A state [S | z] (B, Hkv, F, Dv + normalize) as the kernels read it: S0 (B·Hkv, F, Dv) in the states'
+    dtype `dtype` (bfloat16 in bfloat16 runs, as H), Z0 (B·Hkv, F) float32."""
+    B, Hkv, Fd = state.shape[:3]
+    s0 = state[..., :Dv].to(dtype).reshape(B * Hkv, Fd, Dv).contiguous()
+    z0 = state[..., Dv].float().reshape(B * Hkv, Fd).contiguous() if normalize else s0
+    return s0, z0
+
+
 def far_additive_triton(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: int, normalize: bool,
-                        divide: bool, eps: float, out_dtype, return_den: bool = False):
+                        divide: bool, eps: float, out_dtype, return_den: bool = False, init=None, states=None):
     """Far part of additive linear attention, forward only.
 
     fq (B, Hq, Sq, F) and fk (B, Hkv, L, F): raw q/k for the fused maps (FUSED_MAPS), features otherwise;
     v (B, Hkv, L, Dv). divide (needs normalize): return num / (den + eps) in out_dtype, (B, Hq, Sq, Dv).
     Otherwise return float32 (B, Hq, Sq, Dv + 1) with den as the last column when normalize, or
     (B, Hq, Sq, Dv) unnormalised (same contract as `reference.far_chunked` on v with a ones column).
+    init: an incoming state [S | z] (B, Hkv, F, Dv + normalize) over keys before all of these, which every
+    query reads (context parallelism); states: (H, Z) of `launch_states` for these keys, if already walked.
     """
     B, Hq, Sq, Fd = fq.shape
     Hkv, L, Dv = fk.shape[1], fk.shape[2], v.shape[-1]
@@ -254,17 +271,19 @@ def far_additive_triton(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: in
     bf16 = out_dtype == torch.bfloat16
     fmap_id = FUSED_MAPS.get(fmap, 0)
     dev = fq.device
-    H, Z = launch_states(fk, v, fmap_id=fmap_id, normalize=normalize, bf16=bf16, chunk=chunk, P=P, N=N)
+    H, Z = states if states is not None else \
+        launch_states(fk, v, fmap_id=fmap_id, normalize=normalize, bf16=bf16, chunk=chunk, P=P, N=N)
+    s0, z0 = (H, Z) if init is None else split_state(init, Dv, normalize, H.dtype)
     den = torch.empty(B * Hq, Sq, dtype=torch.float32, device=dev) if normalize else None
     if divide:
         out = o_view = torch.empty(B, Hq, Sq, Dv, dtype=out_dtype, device=dev)
     else:
         out = torch.empty(B, Hq, Sq, Dv + int(normalize), dtype=torch.float32, device=dev)
         o_view = out[..., :Dv]
-    out_args = (fq, fk, v, H, Z, o_view, den if normalize else out, fq.stride(0), fq.stride(1), fq.stride(2),
+    out_args = (fq, fk, v, H, Z, o_view, den if normalize else out, s0, z0, fq.stride(0), fq.stride(1), fq.stride(2),
                 fk.stride(0), fk.stride(1), fk.stride(2), v.stride(0), v.stride(1), v.stride(2), o_view.stride(0), o_view.stride(1),
                 o_view.stride(2), Hq, G, Sq, L, P, N, Fd, Dv, shift, float(eps))
-    out_meta = dict(FMAP=fmap_id, HAS_DEN=normalize, DIVIDE=divide, BF16=bf16, C=chunk)
+    out_meta = dict(FMAP=fmap_id, HAS_DEN=normalize, DIVIDE=divide, BF16=bf16, C=chunk, INIT=init is not None)
     if _output_tuned is not None and dev.type == "cuda":
         _output_tuned[lambda m: (triton.cdiv(Dv, m["BV"]), nq, B * Hq)](*out_args, **out_meta)
     else:
@@ -278,17 +297,27 @@ def far_additive_triton(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: in
     return out
 
 
-def far_additive_torch(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: int, normalize: bool,
+def _phi_torch(x, fmap: str):
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.to(dt)
+    return F.elu(x) + 1.0 if fmap == "elu" else F.relu(x) if fmap == "relu" else x
+
+
+def far_additive_torch(fq, fk, v, init=None, *, fmap: str, causal: bool, offset, chunk: int, normalize: bool,
                        divide: bool, eps: float, out_dtype):
     """The same function as `far_additive_triton`, in PyTorch (float32): what its backward differentiates."""
-    dt = torch.float64 if fq.dtype == torch.float64 else torch.float32
-    fq, fk, v = fq.to(dt), fk.to(dt), v.to(dt)
-    if fmap == "elu":
-        fq, fk = F.elu(fq) + 1.0, F.elu(fk) + 1.0
-    elif fmap == "relu":
-        fq, fk = F.relu(fq), F.relu(fk)
+    fq, fk = _phi_torch(fq, fmap), _phi_torch(fk, fmap)
+    v = v.to(fq.dtype)
     vals = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if normalize else v
-    out = far_chunked(fq, fk, vals, None, causal=causal, offset=offset, update_rule="add", chunk=chunk)
+    B, Hq, Sq, Fd = fq.shape
+    if fk.shape[2]:
+        out = far_chunked(fq, fk, vals, None, causal=causal, offset=offset, update_rule="add", chunk=chunk)
+    else:
+        out = fq.new_zeros(B, Hq, Sq, vals.shape[-1])
+    if init is not None:  # every query reads the incoming state
+        Hkv = fk.shape[1]
+        out = out + torch.einsum("bhgqf,bhfv->bhgqv", fq.view(B, Hkv, Hq // Hkv, Sq, Fd),
+                                 init.to(fq.dtype)).reshape(out.shape)
     if divide:
         return (out[..., :-1] / (out[..., -1:] + eps)).to(out_dtype)
     return out
@@ -298,29 +327,33 @@ class _FarAdditive(torch.autograd.Function):
     """Forward and backward by the Triton kernels (`triton_additive_bwd` for the backward)."""
 
     @staticmethod
-    def forward(fq, fk, v, options):
-        return far_additive_triton(fq, fk, v, **options, return_den=True)
+    def forward(fq, fk, v, init, H, Z, options):
+        return far_additive_triton(fq, fk, v, **options, return_den=True, init=init,
+                                   states=None if H is None else (H, Z))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        fq, fk, v, options = inputs
+        fq, fk, v, init, _, _, options = inputs
         out, den = output
         ctx.mark_non_differentiable(den)
         divide = options["divide"]
-        ctx.save_for_backward(fq, fk, v, out if divide else None, den if divide else None)
+        ctx.save_for_backward(fq, fk, v, init, out if divide else None, den if divide else None)
         ctx.options = options
 
     @staticmethod
     def backward(ctx, grad_out, _grad_den):
         from .triton_additive_bwd import far_additive_backward
-        fq, fk, v, out, den = ctx.saved_tensors
-        if any(_functorch_wrapped(t) for t in (grad_out, fq, fk, v)):
+        fq, fk, v, init, out, den = ctx.saved_tensors
+        if any(_functorch_wrapped(t) for t in (grad_out, fq, fk, v, init)):
             # under torch.func transforms (the dispatcher's backward runs torch.func.vjp) the tensors are
             # wrappers Triton cannot read: differentiate the same function in PyTorch instead
-            _, vjp = torch.func.vjp(lambda a, b, c: far_additive_torch(a, b, c, **ctx.options), fq, fk, v)
-            return (*vjp(grad_out), None)
-        dq, dk, dv = far_additive_backward(grad_out, fq, fk, v, out=out, den=den, **ctx.options)
-        return dq, dk, dv, None
+            if init is None:
+                _, vjp = torch.func.vjp(lambda a, b, c: far_additive_torch(a, b, c, **ctx.options), fq, fk, v)
+                return (*vjp(grad_out), None, None, None, None)
+            _, vjp = torch.func.vjp(lambda a, b, c, d: far_additive_torch(a, b, c, d, **ctx.options), fq, fk, v, init)
+            return (*vjp(grad_out), None, None, None)
+        dq, dk, dv, dinit = far_additive_backward(grad_out, fq, fk, v, out=out, den=den, init=init, **ctx.options)
+        return dq, dk, dv, dinit, None, None, None
 
 
 def _functorch_wrapped(t) -> bool:
@@ -328,9 +361,62 @@ def _functorch_wrapped(t) -> bool:
     return bool(check is not None and t is not None and check(t))
 
 
-def far_additive(fq, fk, v, **options):
-    """Differentiable `far_additive_triton`."""
-    return _FarAdditive.apply(fq, fk, v, options)[0]
+def far_additive(fq, fk, v, init=None, states=None, **options):
+    """Differentiable `far_additive_triton` (also in `init`; `states` is a cache, not differentiated)."""
+    H, Z = states if states is not None else (None, None)
+    return _FarAdditive.apply(fq, fk, v, init, H, Z, options)[0]
+
+
+def fold_additive_torch(fk, v, *, fmap: str, normalize: bool):
+    """The state over all keys, φ(k)ᵀ [v | 1]: (B, Hkv, F, Dv + normalize), float32 (float64 for float64)."""
+    fk = _phi_torch(fk, fmap)
+    v = v.to(fk.dtype)
+    vals = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if normalize else v
+    return fk.transpose(-1, -2) @ vals
+
+
+class _FoldAdditive(torch.autograd.Function):
+    """`fold_additive_torch` as the last state of the states walk, plus the walk's (H, Z) for `far_additive`."""
+
+    @staticmethod
+    def forward(fk, v, options):
+        B, Hkv, L, Fd = fk.shape
+        Dv, normalize = v.shape[-1], options["normalize"]
+        P, _, N, _ = chunk_geometry(1, L, options["causal"], options["offset"], options["chunk"])
+        H, Z = launch_states(rows_addressable(fk, "k"), rows_addressable(v, "v"),
+                             fmap_id=FUSED_MAPS.get(options["fmap"], 0), normalize=normalize,
+                             bf16=options["out_dtype"] == torch.bfloat16, chunk=options["chunk"], P=P, N=N)
+        # the last state, as the output kernel reads states (bfloat16 in bfloat16 runs); a copy, not a view of H
+        fold = H[:, N].to(torch.float32, copy=True)
+        if normalize:
+            fold = torch.cat([fold, Z[:, N, :, None]], dim=-1)
+        return fold.view(B, Hkv, Fd, Dv + int(normalize)), H, Z
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        fk, v, options = inputs
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.save_for_backward(fk, v)
+        ctx.options = options
+
+    @staticmethod
+    def backward(ctx, dfold, _dH, _dZ):
+        from .triton_additive_bwd import fold_additive_backward
+        fk, v = ctx.saved_tensors
+        opts = dict(fmap=ctx.options["fmap"], normalize=ctx.options["normalize"])
+        if any(_functorch_wrapped(t) for t in (dfold, fk, v)):
+            _, vjp = torch.func.vjp(lambda a, b: fold_additive_torch(a, b, **opts), fk, v)
+            return (*vjp(dfold), None)
+        return (*fold_additive_backward(dfold, fk, v, chunk=ctx.options["chunk"],
+                                        bf16=ctx.options["out_dtype"] == torch.bfloat16, **opts), None)
+
+
+def fold_additive(fk, v, *, fmap: str, causal: bool, offset, chunk: int, normalize: bool, out_dtype):
+    """(fold, states): the state over all keys fk/v (`fold_additive_torch`'s value, differentiable) and the
+    states walk (H, Z) that `far_additive(..., states=)` takes for the same keys and geometry."""
+    fold, H, Z = _FoldAdditive.apply(fk, v, dict(fmap=fmap, causal=causal, offset=offset, chunk=chunk,
+                                                 normalize=normalize, out_dtype=out_dtype))
+    return fold, (H, Z)
 
 
 def linear_attention_additive_triton(q, k, v, *, scale=None, causal=False, feature_map="elu", num_features=256,

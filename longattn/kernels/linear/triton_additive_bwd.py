@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .triton_additive import FUSED_MAPS, _sm_count, _state_blocks, chunk_geometry, launch_states, rows_addressable
+from .triton_additive import (FUSED_MAPS, _sm_count, _state_blocks, chunk_geometry, launch_states, rows_addressable,
+                              split_state)
 
 try:
     import triton
@@ -89,10 +90,11 @@ if triton is not None:
                     tl.store(rz_ptrs + c * F, rz, mask=mask_k)
 
     @triton.jit
-    def _dq_kernel(Q, K, V, H, Z, DO, RS, DDEN, DQ, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+    def _dq_kernel(Q, K, V, H, Z, DO, RS, DDEN, DQ, S0, Z0, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
                    sd_b, sd_h, sd_s, Hq, G, Sq, L, P, N, F, Dv, shift,
                    FMAP: tl.constexpr, HAS_DEN: tl.constexpr, HAS_RS: tl.constexpr, BF16: tl.constexpr,
-                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, INIT: tl.constexpr = False):
+        """INIT: the states are offset by the incoming state S0 / Z0 (see the forward's output kernel)."""
         ik, c, bhq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, hq = bhq // Hq, bhq % Hq
         hk = hq // G
@@ -107,8 +109,8 @@ if triton is not None:
         v_base = V + b.to(tl.int64) * sv_b + hk.to(tl.int64) * sv_h
         t = c + shift
         acc = tl.zeros((C, BK), dtype=tl.float32)
-        if t >= 0:
-            tt = tl.minimum(t, N)
+        if (t >= 0) | INIT:
+            tt = tl.maximum(tl.minimum(t, N), 0)
             h_base = H + (bkv.to(tl.int64) * (N + 1) + tt) * F * Dv
             r = t * C + offs_c - P
             mask_r = (r >= 0) & (r < L)
@@ -117,8 +119,11 @@ if triton is not None:
                 offs_v = v0 + tl.arange(0, BV)
                 mask_v = offs_v < Dv
                 dn = _load_dn(DO, RS, d_base, i, mask_i, sd_s, offs_v, mask_v, HAS_RS, bhq, Sq)
-                ht = tl.load(h_base + offs_k[:, None] * Dv + offs_v[None, :], mask=mask_k[:, None] & mask_v[None, :],
-                             other=0.0)
+                hmask = mask_k[:, None] & mask_v[None, :]
+                ht = tl.load(h_base + offs_k[:, None] * Dv + offs_v[None, :], mask=hmask, other=0.0)
+                if INIT:  # S0 in H's dtype: an fp32 tile more would spill (ptxas, sm_90)
+                    ht += tl.load(S0 + bkv.to(tl.int64) * F * Dv + offs_k[:, None] * Dv + offs_v[None, :], mask=hmask,
+                                  other=0.0)
                 acc += _dot(dn, tl.trans(ht), BF16)
                 if t < N:
                     vt = tl.load(v_base + r[:, None] * sv_s + offs_v[None, :],
@@ -127,6 +132,8 @@ if triton is not None:
             if HAS_DEN:
                 dd = tl.load(DDEN + bhq.to(tl.int64) * Sq + i, mask=mask_i, other=0.0)
                 zt = tl.load(Z + (bkv.to(tl.int64) * (N + 1) + tt) * F + offs_k, mask=mask_k, other=0.0)
+                if INIT:
+                    zt += tl.load(Z0 + bkv.to(tl.int64) * F + offs_k, mask=mask_k, other=0.0)
                 acc += dd[:, None] * zt[None, :]
                 s += dd[:, None]  # the ones column; empty key slots have φk = 0 below
             if t < N:
@@ -230,10 +237,11 @@ if triton is not None:
 
 
 def far_additive_backward(grad, fq, fk, v, *, out, den, fmap: str, causal: bool, offset, chunk: int,
-                          normalize: bool, divide: bool, eps: float, out_dtype):
-    """(dq, dk, dv) of `far_additive_triton` for the upstream gradient `grad` (its output's shape).
+                          normalize: bool, divide: bool, eps: float, out_dtype, init=None):
+    """(dq, dk, dv, dinit) of `far_additive_triton` for the upstream gradient `grad` (its output's shape).
 
-    out / den: the forward's output and normaliser (B·Hq, Sq), needed when it divided."""
+    out / den: the forward's output and normaliser (B·Hq, Sq), needed when it divided. init: the incoming
+    state (or None, dinit None); every query reads it, so dinit = Σ_i φq_iᵀ dN'_i = R[0], summed over the group."""
     B, Hq, Sq, Fd = fq.shape
     Hkv, L, Dv = fk.shape[1], fk.shape[2], v.shape[-1]
     G = Hq // Hkv
@@ -275,13 +283,46 @@ def far_additive_backward(grad, fq, fk, v, *, out, den, fmap: str, causal: bool,
     TV = min(64, max(16, triton.next_power_of_2(Dv)))
     strides = (fq.stride(0), fq.stride(1), fq.stride(2), fk.stride(0), fk.stride(1), fk.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    s0, z0 = (H, Z) if init is None else split_state(init, Dv, normalize, H.dtype)
     _dq_kernel[(triton.cdiv(Fd, TK), nq, B * Hq)](
-        fq, fk, v, H, Z, do, rs_arg, dden_arg, dq, *strides, Hq, G, Sq, L, P, N, Fd, Dv, shift,
-        **flags, BK=TK, BV=TV, num_warps=8)
+        fq, fk, v, H, Z, do, rs_arg, dden_arg, dq, s0, z0, *strides, Hq, G, Sq, L, P, N, Fd, Dv, shift,
+        **flags, BK=TK, BV=TV, num_warps=8, INIT=init is not None)
+    _launch_dkv(fq, fk, v, do, rs_arg, dden_arg, R, RZ, dk, dv, strides, Hq, G, Sq, L, P, N, nq, shift, flags)
+    dinit = None
+    if init is not None:
+        dinit = R[:, 0].float().view(B, Hkv, G, Fd, Dv).sum(2)
+        if normalize:
+            dinit = torch.cat([dinit, RZ[:, 0].view(B, Hkv, G, Fd, 1).sum(2)], dim=-1)
+    return dq, dk, dv, dinit
+
+
+def _launch_dkv(fq, fk, v, do, rs, dden, R, RZ, dk, dv, strides, Hq, G, Sq, L, P, N, nq, shift, flags):
+    B, Hkv, _, Fd = fk.shape
+    Dv = v.shape[-1]
+    TK = min(64, max(16, triton.next_power_of_2(Fd)))
     # value tiles of 32 and 8 warps keep the dk/dv programs within the register file (ptxas, sm_90)
-    TV2 = min(32, TV)
+    TV2 = min(32, max(16, triton.next_power_of_2(Dv)))
     for want_dk, tiles in ((True, triton.cdiv(Fd, TK)), (False, triton.cdiv(Dv, TV2))):
         _dkv_kernel[(tiles, N, B * Hkv)](
-            fq, fk, v, do, rs_arg, dden_arg, R, RZ, dk, dv, *strides, Hq, G, Sq, L, P, N, nq, Fd, Dv, shift,
+            fq, fk, v, do, rs, dden, R, RZ, dk, dv, *strides, Hq, G, Sq, L, P, N, nq, Fd, Dv, shift,
             WANT_DK=want_dk, **flags, BK=TK, BV=TV2, num_warps=8)
-    return dq, dk, dv
+
+
+def fold_additive_backward(dfold, fk, v, *, fmap: str, normalize: bool, chunk: int, bf16: bool):
+    """(dk, dv) of the fold φ(k)ᵀ [v | 1] for its upstream gradient dfold (B, Hkv, F, Dv + normalize).
+
+    That is the key side of `far_additive_backward` with no queries and dfold as the reverse state every
+    key chunk reads: `_dkv_kernel` with one "query head" per key head (G = 1) and no query chunks."""
+    B, Hkv, L, Fd = fk.shape
+    Dv = v.shape[-1]
+    fk, v = rows_addressable(fk, "k"), rows_addressable(v, "v")
+    fk, v = fk.contiguous(), v.contiguous()  # the gradients are written with these strides
+    dk, dv = torch.empty_like(fk), torch.empty_like(v)
+    R = dfold[..., :Dv].float().reshape(B * Hkv, 1, Fd, Dv).contiguous()
+    RZ = dfold[..., Dv].float().reshape(B * Hkv, 1, Fd).contiguous() if normalize else R
+    N = max(1, -(-L // chunk))
+    strides = (fk.stride(0), fk.stride(1), fk.stride(2)) * 2 + (v.stride(0), v.stride(1), v.stride(2)) * 2
+    flags = dict(FMAP=FUSED_MAPS.get(fmap, 0), HAS_DEN=normalize, HAS_RS=False, BF16=bf16, C=chunk)
+    # shift N: key chunk t "is read causally" by query chunk t - N < 0, so every key reads R[0] alone
+    _launch_dkv(fk, fk, v, v, R, R, R, RZ, dk, dv, strides, Hkv, 1, 0, L, 0, N, 0, N, flags)
+    return dk, dv

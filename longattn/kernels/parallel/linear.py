@@ -19,6 +19,14 @@ Communication per layer: one all-gather of the heads/tails K/V (W x n x (sinks +
 fold transforms. Every step is differentiable (the all-gathers reduce-scatter their gradients), so the
 gradient of a local shard equals the slice of the single-device gradient. The delta rule runs its chunked
 recurrence twice (transform, then outputs). Per-token beta is not supported here (scalar or per-head only).
+
+Kernels: where the single-device Triton path runs (CUDA or TRITON_INTERPRET=1, not float64, chunk sizes
+16/32/64/128) the exact part is `triton_exact` (the concatenated keys need no offset: their positions
+line up) and the additive far part is `triton_additive`: one states walk per segment gives both the fold
+(its last state, `fold_additive`) and the states the output kernel reads, which adds S_in to every state
+(`far_additive(init=)`); the backward kernels give dS_in (the reverse states' total) and the fold's
+dk/dv. The delta rule stays PyTorch here (transform from [I | 0], outputs from S_in, forward and backward):
+its Triton kernels start from a zero state and have no backward. float64 takes the PyTorch forms.
 """
 from __future__ import annotations
 
@@ -27,9 +35,12 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..linear.feature_maps import feature_dtype
+from ..linear.feature_maps import apply_feature_map, feature_dtype
 from ..linear.reference import (beta_per_key, check_options, chunk_readout, combine, delta_chunk_ut, exact_part,
                                 far_chunked, far_scale_per_head, pad_for_chunks, prepare_features)
+from ..linear.triton_additive import FUSED_MAPS, far_additive, fold_additive
+from ..linear.triton_chunk import runs_on
+from ..linear.triton_exact import exact_part_triton
 from ..masks import check_qkv
 from .comm import all_gather, chunk_ids, keep_in_graph, resolve_group
 
@@ -86,6 +97,69 @@ def _far_from_state(fq, fk, vals, beta, S0, offset, update_rule, chunk):
     return chunk_readout(fq, kc, vn, H, shift, reads_initial_state=True)  # H[0] = S0
 
 
+class _TorchFar:
+    """The far part in PyTorch, both rules: per segment its features and fold, then its outputs from S_in."""
+
+    def __init__(self, q, *, update_rule, beta, chunk, normalize, scale, fopts):
+        self.rule, self.beta, self.chunk, self.normalize = update_rule, beta, chunk, normalize
+        self.scale, self.fopts, self.dt = scale, fopts, feature_dtype(q.dtype)
+
+    def segment(self, q, k, v, causal, offset):
+        feats = prepare_features(q, k, scale=self.scale, update_rule=self.rule, **self.fopts)
+        vals = v.to(self.dt)
+        if self.normalize:
+            vals = torch.cat([vals, torch.ones_like(vals[..., :1])], dim=-1)
+        B, Hkv, L = k.shape[:3]
+        bk = beta_per_key(self.beta, B, Hkv, L, q.device, self.dt) if self.rule == "delta" else None
+        return dict(feats=feats, vals=vals, beta=bk, offset=offset,
+                    fold=_fold(feats.k, vals, bk, self.rule, self.chunk))
+
+    def output(self, seg, S_in):
+        """(far_num, q_log_scale, divided): causal outputs of the segment's queries starting from S_in."""
+        f = seg["feats"]
+        return _far_from_state(f.q, f.k, seg["vals"], seg["beta"], S_in, seg["offset"], self.rule, self.chunk), \
+            f.q_log_scale, False
+
+    def read(self, seg, state):
+        """Non-causal: the segment's queries read `state` alone."""
+        f = seg["feats"]
+        B, Hq, s, Fd = f.q.shape
+        Hkv = state.shape[1]
+        out = torch.einsum("bhgqf,bhfv->bhgqv", f.q.view(B, Hkv, Hq // Hkv, s, Fd), state).reshape(B, Hq, s, -1)
+        return out, f.q_log_scale, False
+
+
+class _TritonFar:
+    """The additive far part on the Triton kernels (same interface as `_TorchFar`): one states walk per
+    segment gives the fold (its last state) and the states its outputs read, offset there by S_in."""
+
+    def __init__(self, q, *, feature_map, chunk, normalize, eps, scale, fopts, exact_free):
+        self.kw = dict(fmap=feature_map, chunk=chunk, normalize=normalize, eps=eps, out_dtype=q.dtype)
+        self.scale, self.fopts = scale, fopts
+        # no exact part and no far_scale: the kernel divides by the normaliser itself (if no log-scale either)
+        self.pure = exact_free and normalize and "far_scale" not in (fopts["feature_params"] or {})
+
+    def segment(self, q, k, v, causal, offset):
+        if self.kw["fmap"] in FUSED_MAPS:  # raw q/k: the kernels apply the map
+            fq, fk, lq = q, k, None
+        else:
+            f = apply_feature_map(q, k, feature_map=self.kw["fmap"], scale=self.scale, **self.fopts)
+            fq, fk, lq = f.q, f.k, f.q_log_scale
+        kw = {n: self.kw[n] for n in ("fmap", "chunk", "normalize", "out_dtype")}
+        fold, states = fold_additive(fk, v, causal=causal, offset=offset, **kw)
+        return dict(fq=fq, fk=fk, v=v, lq=lq, states=states, causal=causal, offset=offset, fold=(None, fold))
+
+    def output(self, seg, S_in):
+        divide = self.pure and seg["lq"] is None
+        out = far_additive(seg["fq"], seg["fk"], seg["v"], init=S_in, states=seg["states"], causal=seg["causal"],
+                           offset=seg["offset"], divide=divide, **self.kw)
+        return out, seg["lq"], divide
+
+    def read(self, seg, state):
+        empty = dict(seg, fk=seg["fk"][:, :, :0], v=seg["v"][:, :, :0], states=None, causal=False, offset=None)
+        return self.output(empty, state)
+
+
 def linear_attention_cp(q, k, v, *, scale=None, causal=False, group=None, load_balance="contiguous",
                         feature_map="elu", num_features=256, seed=0, sink_tokens=0, local_window=0, normalize=True,
                         eps=1e-6, update_rule="add", beta=None, chunk_size=64, feature_params=None):
@@ -109,6 +183,16 @@ def linear_attention_cp(q, k, v, *, scale=None, causal=False, group=None, load_b
     dt = feature_dtype(q.dtype)
     s0, W = min(sink_tokens, S), local_window
     segs = [(g * c, slice(i * c, (i + 1) * c)) for i, g in enumerate(ids)]
+    # the single-device dispatch's choice (`linear.__init__`): Triton kernels where they run
+    fast = runs_on(q) and chunk_size in (16, 32, 64, 128)
+    exact_fn = exact_part_triton if fast else exact_part
+    fopts = dict(num_features=num_features, seed=seed, feature_params=feature_params)
+    far = None
+    if feature_map != "none":
+        far = _TritonFar(q, feature_map=feature_map, chunk=chunk_size, normalize=normalize, eps=eps, scale=scale,
+                         fopts=fopts, exact_free=s0 + W == 0) if fast and update_rule == "add" else \
+            _TorchFar(q, update_rule=update_rule, beta=beta, chunk=chunk_size, normalize=normalize, scale=scale,
+                      fopts=dict(fopts, feature_map=feature_map))
 
     # ---- sinks and preceding-window keys: heads and tails of every segment, gathered once
     hs, ts = min(s0, c), min(W, c)
@@ -127,16 +211,33 @@ def linear_attention_cp(q, k, v, *, scale=None, causal=False, group=None, load_b
 
     def context(positions):
         idx = pos_index[positions].to(q.device)
-        return ctx_k[:, :, idx], ctx_v[:, :, idx]
+        return ctx_k[:, :, idx].to(k.dtype), ctx_v[:, :, idx].to(v.dtype)
+
+    def finish(rows, ex, far_num, lq, divided):
+        """The output rows from the exact part and the far numerator/denominator (or the divided far part)."""
+        if divided:
+            return far_num
+        if ex is None and far_num is None:
+            return q.new_zeros(B, Hq, rows, Dv)
+        return combine(ex, far_num, lq, c_far, normalize=normalize, eps=eps, Dv=Dv).to(q.dtype)
 
     c_far = far_scale_per_head(feature_params, Hq, q.device, dt)
-    use_far = feature_map != "none"
     if not causal:
-        out, gathered = _non_causal(q, k, v, segs, context, group, ids, world, load_balance, c, S, s0, W, scale, dt,
-                                    c_far, use_far, got, dict(feature_map=feature_map, num_features=num_features, seed=seed,
-                                                         feature_params=feature_params, update_rule=update_rule),
-                                    beta, chunk_size, normalize, eps)
-        return keep_in_graph(out, got, gathered)
+        # the sinks and the last W keys exactly, every other key through the final state
+        ex = None
+        if s0 + W > 0:
+            kx, vx = context(torch.cat([torch.arange(0, s0), torch.arange(max(s0, S - W), S)]))
+            ex = exact_fn(q, kx, vx, scale=scale, causal=False, sink_tokens=s0, local_window=W)
+        if far is None:
+            return keep_in_graph(finish(s, ex, None, None, False), got)
+        parts = []
+        for g0, sl in segs:
+            a = max(s0, g0)
+            b = max(a, min(g0 + c, S - W))
+            parts.append(far.segment(q, k[:, :, sl][:, :, a - g0:b - g0], v[:, :, sl][:, :, a - g0:b - g0], False,
+                                     None))
+        final = _incoming_states([p["fold"] for p in parts], group, ids, world, load_balance, update_rule, got)[-1]
+        return keep_in_graph(finish(s, ex, *far.read(parts[0], final)), got, final)
 
     # ---- per segment: exact part, fold keys, their transform
     pieces = []
@@ -146,37 +247,22 @@ def linear_attention_cp(q, k, v, *, scale=None, causal=False, group=None, load_b
         kx, vx = k[:, :, sl], v[:, :, sl]
         if pre.numel():
             pk, pv = context(pre)
-            kx, vx = torch.cat([pk.to(k.dtype), kx], 2), torch.cat([pv.to(v.dtype), vx], 2)
-        ex = exact_part(q[:, :, sl], kx, vx, scale=scale, causal=True, sink_tokens=s0, local_window=W)
+            kx, vx = torch.cat([pk, kx], 2), torch.cat([pv, vx], 2)
+        ex = exact_fn(q[:, :, sl], kx, vx, scale=scale, causal=True, sink_tokens=s0, local_window=W)
         a, b = max(s0, g0 - W), max(s0, g0 + c - W)  # the far keys this segment folds
         start = pre.numel() - (g0 - a)
-        piece = dict(sl=sl, g0=g0, ex=ex, a=a)
-        if use_far:
-            feats = prepare_features(q[:, :, sl], kx[:, :, start:start + (b - a)], feature_map=feature_map,
-                                     scale=scale, num_features=num_features, seed=seed,
-                                     feature_params=feature_params, update_rule=update_rule)
-            vals = vx[:, :, start:start + (b - a)].to(dt)
-            if normalize:
-                vals = torch.cat([vals, torch.ones_like(vals[..., :1])], dim=-1)
-            bk = beta_per_key(beta, B, Hkv, b - a, q.device, dt) if update_rule == "delta" else None
-            piece.update(feats=feats, vals=vals, beta=bk, fold=_fold(feats.k, vals, bk, update_rule, chunk_size))
-        pieces.append(piece)
+        seg = None
+        if far is not None:  # query i (at g0 + i) sees far key j (at a + j) iff j <= i + g0 - W - a
+            seg = far.segment(q[:, :, sl], kx[:, :, start:start + (b - a)], vx[:, :, start:start + (b - a)], True,
+                              g0 - W - a)
+        pieces.append((ex, seg))
 
     states = [None]
-    if use_far:
-        states = _incoming_states([p["fold"] for p in pieces], group, ids, world, load_balance, update_rule, got)
-    outs = []
-    for i, p in enumerate(pieces):
-        far_num = lq = None
-        if use_far:
-            feats = p["feats"]
-            far_num = _far_from_state(feats.q, feats.k, p["vals"], p["beta"], states[ids[i]],
-                                      p["g0"] - W - p["a"], update_rule, chunk_size)
-            lq = feats.q_log_scale
-        if p["ex"] is None and far_num is None:
-            outs.append(q.new_zeros(B, Hq, c, Dv))
-            continue
-        outs.append(combine(p["ex"], far_num, lq, c_far, normalize=normalize, eps=eps, Dv=Dv).to(q.dtype))
+    if far is not None:
+        states = _incoming_states([seg["fold"] for _, seg in pieces], group, ids, world, load_balance, update_rule,
+                                  got)
+    outs = [finish(c, ex, *(far.output(seg, states[ids[i]]) if far is not None else (None, None, False)))
+            for i, (ex, seg) in enumerate(pieces)]
     return keep_in_graph(torch.cat(outs, dim=2), got, states[-1])
 
 
@@ -208,33 +294,3 @@ def _incoming_states(folds, group, ids, world, load_balance, update_rule, after=
         S = (S if P is None else P @ S) + Bm
     states.append(S)  # the final state (non-causal reads it; it depends on every gathered fold)
     return states
-
-
-def _non_causal(q, k, v, segs, context, group, ids, world, load_balance, c, S, s0, W, scale, dt, c_far, use_far,
-                got, fopts, beta, chunk_size, normalize, eps):
-    """Non-causal: the sinks and the last W keys exactly, every other key through the final state."""
-    B, Hq, s, _ = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
-    ex = None
-    if s0 + W > 0:
-        kx, vx = context(torch.cat([torch.arange(0, s0), torch.arange(max(s0, S - W), S)]))
-        ex = exact_part(q, kx.to(k.dtype), vx.to(v.dtype), scale=scale, causal=False, sink_tokens=s0, local_window=W)
-    far_num = lq = final = None
-    if use_far:
-        folds, fq = [], None
-        for g0, sl in segs:
-            a = max(s0, g0)
-            b = max(a, min(g0 + c, S - W))
-            feats = prepare_features(q, k[:, :, sl][:, :, a - g0:b - g0], scale=scale, **fopts)
-            fq, lq = feats.q, feats.q_log_scale
-            vals = v[:, :, sl][:, :, a - g0:b - g0].to(dt)
-            if normalize:
-                vals = torch.cat([vals, torch.ones_like(vals[..., :1])], dim=-1)
-            bk = beta_per_key(beta, B, Hkv, b - a, q.device, dt) if fopts["update_rule"] == "delta" else None
-            folds.append(_fold(feats.k, vals, bk, fopts["update_rule"], chunk_size))
-        final = _incoming_states(folds, group, ids, world, load_balance, fopts["update_rule"], got)[-1]
-        G = Hq // Hkv
-        far_num = torch.einsum("bhgqf,bhfv->bhgqv", fq.view(B, Hkv, G, s, -1), final).reshape(B, Hq, s, -1)
-    if ex is None and far_num is None:
-        return q.new_zeros(B, Hq, s, Dv), final
-    return combine(ex, far_num, lq, c_far, normalize=normalize, eps=eps, Dv=Dv).to(q.dtype), final
