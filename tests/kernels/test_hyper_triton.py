@@ -34,6 +34,19 @@ def test_kernel_equals_reference_on_the_same_pattern(dtype, variant, causal, sq,
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("causal,window,sq,sk", [(True, 5, 140, 140), (True, 40, 50, 83), (False, 45, 70, 70)])
+def test_exact_part_interior_tiles_run_unmasked_and_still_match(causal, window, sq, sk):
+    """Long causal leaves and a wide window: key tiles that every row of a query tile takes run without
+    masks (the 16-wide interpreter tiles see several of them), the edges around them with masks."""
+    q, k, v = _qkv(sq=sq, sk=sk)
+    params = dict(SMALL, min_seq_len=80, local_window=window)
+    pattern = build_pattern(q, k, causal=causal, seed=2, **params)
+    out, lse = hyper_forward_triton(q, k, v, pattern, scale=0.3, causal=causal)
+    ref, ref_lse = hyper_attention_from_pattern(q.double(), k.double(), v.double(), pattern, scale=0.3, causal=causal)
+    torch.testing.assert_close(out.double(), ref, **TOL[torch.float32])
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
 def test_kernel_handles_head_dims_that_are_not_powers_of_two_and_dv_unlike_d():
     q, k, v = _qkv(hq=3, hkv=1, sq=29, sk=29, d=12, dv=20)
     pattern = build_pattern(q, k, causal=True, **SMALL)

@@ -42,8 +42,9 @@ def build(kernel, tiles, head_dim, causal, local=False):
 def main():
     for head_dim in (64, 128):
         f_tiles = fwd._tiles(head_dim, head_dim)
+        e_tiles = fwd._tiles(head_dim, head_dim, fwd.TILES_EXACT)
         b_tiles = fwd._tiles(head_dim, head_dim, fwd.TILES_BWD)
-        for name, kernel, tiles, local in (("forward exact part", fwd._exact_part_kernel, f_tiles, False),
+        for name, kernel, tiles, local in (("forward exact part", fwd._exact_part_kernel, e_tiles, False),
                                            ("forward rectangles", fwd._rectangles_kernel, f_tiles, False),
                                            ("forward rectangles local", fwd._rectangles_kernel, f_tiles, True),
                                            ("backward exact dq", bwd._exact_part_bwd_kernel, b_tiles, False),

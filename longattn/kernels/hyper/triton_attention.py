@@ -45,28 +45,43 @@ if HAVE_TRITON:
     @triton.jit
     def _attend(q, m_i, l_i, acc, k_base, v_base, kidx, kvalid, keep, bias, sks, svs,
                 scale_log2, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                PRECISION: tl.constexpr, WIDE: tl.constexpr):
-        """One online-softmax step of rows q (BM, BD) over gathered keys kidx (BN,); keep (BM, BN)."""
+                PRECISION: tl.constexpr, WIDE: tl.constexpr, MASKED: tl.constexpr = True):
+        """One online-softmax step of rows q (BM, BD) over gathered keys kidx (BN,); keep (BM, BN).
+        MASKED=False: every row takes every key (kvalid and keep are not read), the hot path."""
         d = tl.arange(0, BLOCK_D)
         dv = tl.arange(0, BLOCK_DV)
         kidx = _offset_index(kidx, WIDE)
-        k = tl.load(k_base + kidx[:, None] * sks + d[None, :], mask=kvalid[:, None] & (d[None, :] < D), other=0.0)
+        if MASKED:
+            k = tl.load(k_base + kidx[:, None] * sks + d[None, :], mask=kvalid[:, None] & (d[None, :] < D),
+                        other=0.0)
+        else:
+            k = tl.load(k_base + kidx[:, None] * sks + d[None, :], mask=d[None, :] < D, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 + bias
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # rows with nothing seen yet keep m = -inf; shift by 0 so exp2 gives 0, not nan
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if MASKED:
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # rows with nothing seen yet keep m = -inf; shift by 0 so exp2 gives 0, not nan
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = m_new
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + kidx[:, None] * svs + dv[None, :], mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        if MASKED:
+            v = tl.load(v_base + kidx[:, None] * svs + dv[None, :], mask=kvalid[:, None] & (dv[None, :] < DV),
+                        other=0.0)
+        else:
+            v = tl.load(v_base + kidx[:, None] * svs + dv[None, :], mask=dv[None, :] < DV, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return m_new, l_i, acc
 
     @triton.jit
-    def _excluded(kidx, lo, hi, sinks):
-        """(BM, BN): keys the exact part counts for the row (sinks and [lo, hi))."""
-        return (kidx[None, :] < sinks) | ((kidx[None, :] >= lo[:, None]) & (kidx[None, :] < hi[:, None]))
+    def _keep_outside(kidx, key_ok, lo, width):
+        """(BM, BN) keep mask: key_ok (BN,) and the key outside the row's exact range [lo, lo + width).
+        One subtraction and one unsigned compare per element: kidx - lo wraps negative values to large ones."""
+        inside = (kidx.to(tl.int32)[None, :] - lo[:, None]).to(tl.uint32) < width[:, None]
+        return key_ok[None, :] & ~inside
 
     # integer sizes may equal 1; Triton would then make them compile-time constants, which some of
     # the arithmetic below does not accept, and which would compile a kernel per such shape
@@ -106,10 +121,24 @@ if HAVE_TRITON:
                 keep = keep & (kidx[None, :] <= last_key[:, None])
             m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_base, v_base, kidx, kidx < sinks, keep, 0.0, sks, svs,
                                     scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE)
-        # the tile's rows span [min lo, max hi); keys below `sinks` were counted above
+        # the tile's rows span [min lo, max hi); keys below `sinks` were counted above. Key tiles inside
+        # [max lo, min hi) are taken by every row: that interior runs unmasked (for a causal leaf, all
+        # but the diagonal tiles), the edges before and after it masked. Tiles are aligned to lo_tile.
         lo_tile = tl.maximum(tl.min(lo, axis=0), sinks)
         hi_tile = tl.max(hi, axis=0)
-        for start in range(lo_tile, hi_tile, BLOCK_N):
+        all_lo = tl.maximum(tl.max(lo, axis=0), sinks)
+        all_hi = tl.min(hi, axis=0)
+        first_full = lo_tile + tl.cdiv(tl.maximum(all_lo - lo_tile, 0), BLOCK_N) * BLOCK_N
+        end_full = first_full + tl.maximum(all_hi - first_full, 0) // BLOCK_N * BLOCK_N
+        for start in range(lo_tile, tl.minimum(first_full, hi_tile), BLOCK_N):
+            kidx = start + cols
+            keep = (kidx[None, :] >= lo[:, None]) & (kidx[None, :] < hi[:, None]) & (kidx[None, :] >= sinks)
+            m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_base, v_base, kidx, kidx < hi_tile, keep, 0.0, sks, svs,
+                                    scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE)
+        for start in range(first_full, end_full, BLOCK_N):
+            m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_base, v_base, start + cols, cols, cols, 0.0, sks, svs,
+                                    scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE, MASKED=False)
+        for start in range(tl.maximum(end_full, first_full), hi_tile, BLOCK_N):
             kidx = start + cols
             keep = (kidx[None, :] >= lo[:, None]) & (kidx[None, :] < hi[:, None]) & (kidx[None, :] >= sinks)
             m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_base, v_base, kidx, kidx < hi_tile, keep, 0.0, sks, svs,
@@ -170,8 +199,8 @@ if HAVE_TRITON:
         row_off = _offset_index(rows, WIDE)[:, None]
         q = tl.load(Q + b * sqb + h * sqh + row_off * sqs + d[None, :],
                     mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
-        lo = tl.load(LO + rows, mask=row_ok, other=0)
-        hi = tl.load(HI + rows, mask=row_ok, other=0)
+        lo = tl.load(LO + rows, mask=row_ok, other=0).to(tl.int32)
+        width = (tl.load(HI + rows, mask=row_ok, other=0).to(tl.int32) - lo).to(tl.uint32)
         # the rows' state so far, as an online-softmax state: m = lse (log2), l = 1, acc = out
         lse_prev = tl.load(LSE + bh * Sq + rows, mask=row_ok, other=float("-inf"))
         acc = tl.load(O + b * sob + h * soh + row_off * sos + dv[None, :],
@@ -188,7 +217,8 @@ if HAVE_TRITON:
             pos = start + cols
             kvalid = pos < k_hi
             kidx = tl.load(kord + pos, mask=kvalid, other=0)
-            keep = row_ok[:, None] & kvalid[None, :] & ~_excluded(kidx, lo, hi, sinks)
+            # rows outside the tile (row_ok false) compute values that are never stored
+            keep = _keep_outside(kidx, kvalid & (kidx >= sinks), lo, width)
             m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_base, v_base, kidx, kvalid, keep, 0.0, sks, svs,
                                     scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE)
         # uniform samples of the rectangle, each standing for kl / m keys; those in the row's own
@@ -201,7 +231,7 @@ if HAVE_TRITON:
             svalid = si < n_s
             kidx = tl.load(SAMP + samp + si, mask=svalid, other=0)
             sblk = tl.load(SBLK + samp + si, mask=svalid, other=-1)
-            keep = row_ok[:, None] & (svalid & (sblk != blk))[None, :] & ~_excluded(kidx, lo, hi, sinks)
+            keep = _keep_outside(kidx, svalid & (sblk != blk) & (kidx >= sinks), lo, width)
             m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_base, v_base, kidx, svalid, keep, weight_log2, sks, svs,
                                     scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE)
         seen = l_i > 0
@@ -213,10 +243,13 @@ if HAVE_TRITON:
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by largest head size; not autotuned because the
 # rectangle kernel updates its output in place (a tuning rerun would merge twice). The benchmark
-# sweeps candidates by assigning TILES.
-# Chosen without a GPU run: the largest tiles whose sm_90 build (triton 3.9, bf16) spills no
-# registers (the gathers' per-element offsets cost registers that 4 warps do not have).
-TILES = {64: (64, 64, 8, 2), 128: (64, 32, 8, 1), 256: (32, 32, 8, 1)}
+# sweeps candidates by assigning TILES / TILES_EXACT.
+# d64: measured on an H200 (triton 3.6, bf16, 2026-11-30; benchmarks/results/*-hyper-tiles.md): 4 warps
+# beat 8 (8.8 vs 16.1 ms for both causal modes at 32K). Larger heads: chosen without a GPU run, the largest
+# tiles whose sm_90 build spills no registers (the gathers' per-element offsets cost registers).
+TILES = {64: (64, 64, 4, 2), 128: (64, 32, 8, 1), 256: (32, 32, 8, 1)}
+# the exact part (sinks, window, causal leaves): contiguous keys, a flash-style loop
+TILES_EXACT = {64: (64, 64, 4, 2), 128: (64, 32, 8, 1), 256: (32, 32, 8, 1)}
 # backward: every program adds its dk / dv contributions with atomics, so taller query tiles mean
 # fewer atomics on the shared sample keys
 TILES_BWD = {64: (128, 32, 8, 1), 128: (32, 32, 8, 1), 256: (16, 32, 8, 1)}
@@ -252,23 +285,24 @@ def hyper_forward_triton(q, k, v, pattern: HyperPattern, *, scale, causal):
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
     # index tensors stay int64 as the pattern made them: converting would cost a launch each
     lo, hi = pattern.exact_lo.contiguous(), pattern.exact_hi.contiguous()
-    block_m, block_n, warps, stages = _tiles(D, Dv)
-    dims = dict(D=D, DV=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
+    dims = dict(D=D, DV=Dv, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
                 PRECISION="ieee" if q.dtype == torch.float32 else None, WIDE=needs_wide_offsets(q, k, v, out))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
     scale_log2 = float(scale) * LOG2E
+    block_m, block_n, warps, stages = _tiles(D, Dv, TILES_EXACT)
     _exact_part_kernel[(triton.cdiv(Sq, block_m), B * Hq)](
         q, k, v, out, lse, lo, hi, *strides, Hq, group, Sq, Sk, pattern.sinks, scale_log2,
-        CAUSAL=bool(causal), num_warps=warps, num_stages=stages, **dims)
+        CAUSAL=bool(causal), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **dims)
+    block_m, block_n, warps, stages = _tiles(D, Dv)
     for level in pattern.levels:
         grid, tiles_per_block, nbq = level_grid(level, pattern.block_size, block_m, B * Hq)
         m = level.samples.shape[-1]
         _rectangles_kernel[grid](
             q, k, v, out, lse, lo, hi, *level_indices(level), *strides, Hq, Hkv, group, Sq, Sk, pattern.sinks, m,
             pattern.block_size, tiles_per_block, len(level.rect_list), nbq, scale_log2, math.log2(max(m, 1)),
-            LOCAL=level.q_start is not None, num_warps=warps, num_stages=stages, **dims)
+            LOCAL=level.q_start is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+            **dims)
     return out.to(q.dtype), lse
 
 
