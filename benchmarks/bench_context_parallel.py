@@ -52,6 +52,8 @@ def parse():
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--backend", default=None, help="nccl (cuda) or gloo (cpu) by default")
+    p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"],
+                   help="flash modes to time (hyper and linear: forward)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-single", action="store_true", help="skip the one-GPU baselines (T1)")
@@ -203,7 +205,7 @@ class Bench:
         lin_kw = dict(HYBRID_DEFAULTS, causal=True)
         for S in a.lengths:
             if "flash" in a.kinds:
-                for mode in ("fwd", "fwd+bwd"):
+                for mode in a.modes:
                     self.case(S, "flash", "longattn", mode, False,
                               lambda q, k, v: ring_flash_attention(q, k, v, causal=True, load_balance="zigzag")[0])
                     if not a.no_torch_cp:

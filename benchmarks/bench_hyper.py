@@ -33,6 +33,10 @@ from longattn.kernels.hyper import triton_attention  # noqa: E402
 from longattn.kernels.hyper.triton_hash import lsh_rank_triton  # noqa: E402
 
 PARAMS = dict(block_size=256, sample_size=256, lsh_bits=7, min_seq_len=4096, sink_tokens=64, local_window=256)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for --sweep-tiles
+RECT_CANDIDATES = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 2),
+                   (256, 64, 8, 2)]
+EXACT_CANDIDATES = [(64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)]
 SDPA = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
 
 
@@ -118,7 +122,8 @@ def main():
     ap.add_argument("--lengths", default="4096,8192,16384,32768,65536,131072")
     ap.add_argument("--shapes", default="32x64,16x128", help="heads x head_dim")
     ap.add_argument("--no-backward", action="store_true")
-    ap.add_argument("--sweep-tiles", action="store_true", help="time tile candidates at 32K first, keep the best")
+    ap.add_argument("--sweep-tiles", action="store_true", help="time forward tile candidates at 32K first, keep the best")
+    ap.add_argument("--sweep-bwd-tiles", action="store_true", help="the same for the backward's tiles")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -154,25 +159,26 @@ def main():
             print(json.dumps(rec), flush=True)
 
     if args.sweep_tiles:
-        candidates = [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 1), (64, 32, 8, 2), (32, 64, 8, 1), (128, 64, 8, 2),
-                      (64, 64, 4, 2)]
         for h, d in shapes:
-            best = None
-            for tiles in candidates:
-                triton_attention.TILES[max(64, d)] = tiles
-                try:
-                    ms = sum(bench(runners(h, d, 32768, c, False)["hyper"][0]) for c in (False, True))
-                except Exception as e:  # a tile that does not fit (shared memory) is skipped
-                    rec = {"kind": "tiles", "h": h, "d": d, "tiles": tiles, "error": repr(e)[:200]}
-                else:
-                    rec = {"kind": "tiles", "h": h, "d": d, "tiles": tiles, "ms_32k_both": ms}
-                    best = min(best or (ms, tiles), (ms, tiles))
-                records.append(rec)
-                print(json.dumps(rec), flush=True)
-            if best:
-                triton_attention.TILES[max(64, d)] = best[1]
-            if args.no_backward:
-                continue
+            # the rectangle kernel first (the exact part at its current tiles), then the exact part
+            for table, kind, candidates in ((triton_attention.TILES, "tiles", RECT_CANDIDATES),
+                                            (triton_attention.TILES_EXACT, "tiles_exact", EXACT_CANDIDATES)):
+                best = None
+                for tiles in candidates:
+                    table[max(64, d)] = tiles
+                    try:
+                        ms = sum(bench(runners(h, d, 32768, c, False)["hyper"][0]) for c in (False, True))
+                    except Exception as e:  # a tile that does not fit (shared memory) is skipped
+                        rec = {"kind": kind, "h": h, "d": d, "tiles": tiles, "error": repr(e)[:200]}
+                    else:
+                        rec = {"kind": kind, "h": h, "d": d, "tiles": tiles, "ms_32k_both": ms}
+                        best = min(best or (ms, tiles), (ms, tiles))
+                    records.append(rec)
+                    print(json.dumps(rec), flush=True)
+                if best:
+                    table[max(64, d)] = best[1]
+    if args.sweep_bwd_tiles and not args.no_backward:
+        for h, d in shapes:
             best = None
             for tiles in [(128, 32, 8, 1), (64, 32, 8, 1), (32, 32, 8, 1), (64, 64, 8, 1), (64, 32, 8, 2)]:
                 triton_attention.TILES_BWD[max(64, d)] = tiles
@@ -201,6 +207,7 @@ def main():
                     for impl, (fn, fwd) in cases.items():
                         rec = {"kind": "time", "impl": impl, "mode": mode, "h": h, "d": d, "s": s, "causal": causal,
                                "tiles": list(triton_attention._tiles(d, d)),
+                               "tiles_exact": list(triton_attention._tiles(d, d, triton_attention.TILES_EXACT)),
                                "tiles_bwd": list(triton_attention._tiles(d, d, triton_attention.TILES_BWD))}
                         try:
                             res = (fwd or fn)()
