@@ -244,12 +244,15 @@ if HAVE_TRITON:
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by largest head size; not autotuned because the
 # rectangle kernel updates its output in place (a tuning rerun would merge twice). The benchmark
 # sweeps candidates by assigning TILES / TILES_EXACT.
-# d64: measured on an H200 (triton 3.6, bf16, 2026-11-30; benchmarks/results/*-hyper-tiles.md): 4 warps
-# beat 8 (8.8 vs 16.1 ms for both causal modes at 32K). Larger heads: chosen without a GPU run, the largest
-# tiles whose sm_90 build spills no registers (the gathers' per-element offsets cost registers).
-TILES = {64: (64, 64, 4, 2), 128: (64, 32, 8, 1), 256: (32, 32, 8, 1)}
+# d64: swept on an H200 (triton 3.6, bf16, both causal modes at 32K, 2026-11-30; benchmarks/results/
+# 2026-11-30-h200-hyper-sweep.md): rectangles 128x64 at 4 warps 6.70 ms, 64x32 at 4 warps 7.40, 64x64 at
+# 8 warps 8.59 (16.1 before the mask rewrite). Triton 3.9 builds 128x64 with 664 bytes of register spills
+# (sm90_build), so newer Tritons take the best spill-free candidate. Larger heads: chosen without a GPU
+# run, the largest tiles whose sm_90 build spills no registers.
+_OLD_TRITON = HAVE_TRITON and tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7)
+TILES = {64: (128, 64, 4, 2) if _OLD_TRITON else (64, 32, 4, 2), 128: (64, 32, 8, 1), 256: (32, 32, 8, 1)}
 # the exact part (sinks, window, causal leaves): contiguous keys, a flash-style loop
-TILES_EXACT = {64: (64, 64, 4, 2), 128: (64, 32, 8, 1), 256: (32, 32, 8, 1)}
+TILES_EXACT = {64: (64, 64, 4, 3), 128: (64, 32, 8, 1), 256: (32, 32, 8, 1)}
 # backward: every program adds its dk / dv contributions with atomics, so taller query tiles mean
 # fewer atomics on the shared sample keys
 TILES_BWD = {64: (128, 32, 8, 1), 128: (32, 32, 8, 1), 256: (16, 32, 8, 1)}
