@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import weakref
 
 import torch
 
@@ -58,13 +59,39 @@ def compile_inner(gm: torch.fx.GraphModule, example_inputs, inner: str):
     return torch._dynamo.lookup_backend(inner)(gm, example_inputs)
 
 
+# module -> its dotted path in the first (outermost) module this backend compiled that contains it
+_module_paths: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def frame_path() -> str:
+    """Path, in the model, of the module whose forward dynamo is compiling now ("" for the outermost one).
+
+    After a graph break inside a submodule, dynamo compiles that submodule's forward as a frame of its own
+    (transformers 5.17 does this for T5's decoder), and the graph's module paths then start at that
+    submodule: `block.0...` where the model says `decoder.block.0...`. The first frame compiled is the
+    model's own forward (it runs first), so its submodules' paths are recorded then and looked up for the
+    inner frames. Reads the frame through dynamo's private `InstructionTranslator.current_tx()`; without
+    it (another torch), paths stay relative to the frame."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        frame_self = InstructionTranslator.current_tx().f_locals.get("self")
+    except Exception:  # noqa: BLE001 - private API; relative paths are the fallback
+        return ""
+    if not isinstance(frame_self, torch.nn.Module):
+        return ""
+    if frame_self not in _module_paths:
+        for name, module in frame_self.named_modules(remove_duplicate=False):
+            _module_paths.setdefault(module, name)
+    return _module_paths.get(frame_self, "")
+
+
 def longattn_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, **_):
     options = dict(options or {})
     unknown = set(options) - set(KNOWN_OPTIONS)
     if unknown:
         raise ValueError(f"backend='longattn': unknown option(s) {sorted(unknown)}; known: {list(KNOWN_OPTIONS)}")
     policy = load_policy(options.get("policy"))
-    report = rewrite_graph(gm, policy, verify=options.get("verify", True))
+    report = rewrite_graph(gm, policy, verify=options.get("verify", True), frame_path=frame_path())
     _remember(report)
     return compile_inner(gm, example_inputs, options.get("inner", "inductor"))
 

@@ -24,17 +24,17 @@ class Skip(Exception):
     """Raised inside the matcher with the reason a site is not rewritten."""
 
 
-def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
+def find_attention_sites(gm: fx.GraphModule, frame_path: str = "") -> list[AttentionSite]:
     """Every softmax-attention or SDPA site of the graph, in graph order; skipped ones carry a reason.
     Canonicalises the graph first (expands nn.MultiheadAttention calls), so it may change `gm`
-    without changing what it computes."""
-    sites = [AttentionSite(layer=layer_name(node), pattern=getattr(node.target, "__name__", str(node.target)),
+    without changing what it computes. frame_path: see `layer_name`."""
+    sites = [AttentionSite(layer=layer_name(node, frame_path), pattern=getattr(node.target, "__name__", str(node.target)),
                            skip_reason=reason) for node, reason in expand_multihead_attention(gm)]
     for node in list(gm.graph.nodes):
         op = canonical(node)
         if op is None or op.name not in ("softmax", "sdpa"):
             continue
-        site = AttentionSite(layer=layer_name(node), pattern=op.name)
+        site = AttentionSite(layer=layer_name(node, frame_path), pattern=op.name)
         try:
             if op.name == "softmax":
                 _match_softmax(node, op, site)
@@ -48,15 +48,19 @@ def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
 
 # --- layer names ---------------------------------------------------------------------------
 
-def layer_name(node: fx.Node) -> str:
-    """Innermost module path from the node's module stack, as a dotted path (model.layers.7.self_attn)."""
+def layer_name(node: fx.Node, frame_path: str = "") -> str:
+    """Innermost module path from the node's module stack, as a dotted path (model.layers.7.self_attn).
+    Dynamo's paths start at the compiled frame's `self` (L['self']); frame_path is that module's own path
+    in the model, when the frame is an inner module's forward (compiled on its own after a graph break)."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
-        return "<root>"
-    path = list(stack.values())[-1][0]
-    path = re.sub(r"^L\[['\"][^'\"]*['\"]\](\[\d+\])*\.?", "", path)   # dynamo: L['self'] / L['args'][0]
+        return frame_path or "<root>"
+    raw = list(stack.values())[-1][0]
+    path = re.sub(r"^L\[['\"][^'\"]*['\"]\](\[\d+\])*\.?", "", raw)   # dynamo: L['self'] / L['args'][0]
     path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path).strip(".")
+    if frame_path and re.match(r"^L\[['\"]self['\"]\]", raw):
+        path = f"{frame_path}.{path}" if path else frame_path
     return path or "<root>"
 
 

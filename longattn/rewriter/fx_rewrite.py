@@ -33,9 +33,10 @@ class RewriteRejected(Exception):
     pass
 
 
-def rewrite_graph(gm: fx.GraphModule, policy: "Policy", *, verify: bool = True) -> Report:
-    """Rewrite `gm` in place; return the report of every site found."""
-    sites = find_attention_sites(gm)
+def rewrite_graph(gm: fx.GraphModule, policy: "Policy", *, verify: bool = True, frame_path: str = "") -> Report:
+    """Rewrite `gm` in place; return the report of every site found. frame_path: the module path, in the
+    model, of the compiled frame's `self` (see `patterns.fx_attention.layer_name`)."""
+    sites = find_attention_sites(gm, frame_path)
     indices = [s.layer_index for s in sites if s.layer_index is not None]
     num_layers = max(indices) + 1 if indices else None
     report = Report(policy=policy.source)

@@ -138,3 +138,50 @@ def test_generate_with_a_kv_cache_rewrites_prefill_and_decode_steps(use):
         assert torch.equal(got, expected)
     decode = [s for r in longattn.reports() for s in r if s.q_len == 1]
     assert decode and all(s.status == "rewritten" for s in decode), [str(r) for r in longattn.reports()]
+
+
+class _SelfAttention(torch.nn.Module):
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.qkv, self.heads = torch.nn.Linear(dim, 3 * dim), heads
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        q, k, v = (t.view(B, S, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        w = torch.softmax(q @ k.transpose(-1, -2) * 0.25, dim=-1)
+        return (w @ v).transpose(1, 2).reshape(B, S, -1)
+
+
+class _Decoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_SelfAttention() for _ in range(2)])
+
+    def forward(self, x):
+        torch._dynamo.graph_break()  # dynamo compiles this forward as a frame of its own
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+class _EncoderDecoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.decoder = _SelfAttention(), _Decoder()
+
+    def forward(self, x):
+        return self.decoder(self.encoder(x))
+
+
+def test_graphs_compiled_from_an_inner_modules_frame_name_layers_by_their_path_in_the_model():
+    model = _EncoderDecoder().eval()
+    policy = {"version": 1, "rules": [{"layers": "decoder.layers.1", "use": "flash"}, {"layers": "*", "use": "exact"}]}
+    torch._dynamo.reset()
+    longattn.clear_reports()
+    compiled = torch.compile(model, backend="longattn", options={"policy": policy, "inner": "eager"})
+    x = torch.randn(1, 10, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    sites = {s.layer: s.status for r in longattn.reports() for s in r.sites}
+    # without the frame's own path the decoder's layers would read "layers.0" / "layers.1" and miss the rule
+    assert sites == {"encoder": "exact", "decoder.layers.0": "exact", "decoder.layers.1": "rewritten"}, sites
