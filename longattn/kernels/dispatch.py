@@ -95,13 +95,16 @@ def run_band(band: Band, q, k, v, attn_mask, scale, causal, dropout_p, seed):
         band = Band(band.kind, band.below,
                     {**band.params, "feature_params": feature_params_from_file(band.params["feature_params"])})
     if "context_parallel" in band.params:
-        params = dict(band.params)
+        params = {n: p for n, p in band.params.items() if n != "site"}
         cp = params.pop("context_parallel")
         from . import parallel
         if parallel.active(cp):
             return parallel.run_sharded(band.kind, q, k, v, attn_mask=attn_mask, scale=scale, causal=causal,
                                         dropout_p=dropout_p, params=params, cp=cp)
         band = Band(band.kind, band.below, params)
+    site = band.params.get("site")
+    if site is not None:  # a linear band that keeps its decode state (linear/incremental.py)
+        band = Band(band.kind, band.below, {n: p for n, p in band.params.items() if n != "site"})
     if band.kind in ("hyper", "linear") and (attn_mask is not None or dropout_p > 0):
         raise ValueError(f"longattn::attention: kind {band.kind!r} takes no attn_mask or dropout; "
                          "the rewriter should have chosen flash for this site")
@@ -118,7 +121,12 @@ def run_band(band: Band, q, k, v, attn_mask, scale, causal, dropout_p, seed):
         out, _ = hyper_attention(q, k, v, scale=scale, causal=causal, **band.params)
         return out
     from .linear import linear_attention
-    return linear_attention(q, k, v, scale=scale, causal=causal, **band.params)
+    full = functools.partial(linear_attention, scale=scale, causal=causal, **band.params)
+    if site is None:
+        return full(q, k, v)
+    from .linear import incremental
+    return incremental.attend(site, q, k, v, scale=scale, causal=causal, attn_mask=attn_mask, params=band.params,
+                              full=full)
 
 
 @torch.library.custom_op("longattn::attention", mutates_args=())

@@ -63,9 +63,11 @@ def rewrite_graph(gm: fx.GraphModule, policy: "Policy", *, verify: bool = True, 
     return report
 
 
-def fit_bands(bands: list[Band], site: AttentionSite) -> tuple[list[Band], list[str]]:
+def fit_bands(bands: list[Band], site: AttentionSite, keep_state: bool = True) -> tuple[list[Band], list[str]]:
     """Replace kinds the site cannot run: hyper and linear take no mask and no dropout. A linear band's
-    calibration file gets this site's section ("FILE#layers.N", see kernels/linear/params_file.py)."""
+    calibration file gets this site's section ("FILE#layers.N", see kernels/linear/params_file.py), and its
+    `decode_state` becomes the site's name, the key of its kept state (keep_state=False: dropped, for the ONNX
+    op, which keeps no state between calls)."""
     notes = []
     fitted = []
     for band in bands:
@@ -77,6 +79,14 @@ def fit_bands(bands: list[Band], site: AttentionSite) -> tuple[list[Band], list[
             band = Band(band.kind, band.below, {**band.params,
                                                 "feature_params": site_feature_params(band.params["feature_params"],
                                                                                       site)})
+        if band.kind == "linear" and "decode_state" in band.params:
+            params = dict(band.params)
+            if params.pop("decode_state"):
+                if keep_state:
+                    params["site"] = site.layer
+                else:
+                    notes.append("decode_state: the ONNX op keeps no state between calls; decode steps recompute")
+            band = Band(band.kind, band.below, params)
         fitted.append(band)
     return fitted, notes
 

@@ -53,7 +53,7 @@ def rewrite_model(model: onnx.ModelProto, policy: "Policy", *, verify: bool = Tr
             report.sites.append(SiteReport.from_site(site, status="skipped", reason=site.skip_reason))
             continue
         decision = policy.decide(site.layer, site.layer_index, num_layers)
-        bands, notes = fit_bands(list(decision.bands), site)
+        bands, notes = fit_bands(list(decision.bands), site, keep_state=False)
         notes += library_notes(bands)
         row = SiteReport.from_site(site, bands=bands, rule=getattr(decision, "source", None), notes=notes)
         if all(b.kind == "exact" for b in bands):

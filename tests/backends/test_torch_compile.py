@@ -185,3 +185,27 @@ def test_graphs_compiled_from_an_inner_modules_frame_name_layers_by_their_path_i
     sites = {s.layer: s.status for r in longattn.reports() for s in r.sites}
     # without the frame's own path the decoder's layers would read "layers.0" / "layers.1" and miss the rule
     assert sites == {"encoder": "exact", "decoder.layers.0": "exact", "decoder.layers.1": "rewritten"}, sites
+
+
+def test_generate_with_decode_state_keeps_a_state_per_site_and_gives_the_recomputed_tokens():
+    """`decode_state: true`: decode steps fold their token into each site's kept state instead of
+    recomputing the cached prefix; the tokens are those of the recomputing path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from longattn.kernels.linear import incremental
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, attn_implementation="sdpa")
+    ids = torch.randint(0, 64, (1, 20), generator=torch.Generator().manual_seed(1))
+    tokens = {}
+    for keep in (False, True):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+        rule = {"layers": "*", "use": "linear", "sink_tokens": 2, "local_window": 4, "decode_state": keep}
+        incremental.clear()
+        torch._dynamo.reset()
+        model.forward = torch.compile(model.forward, backend="longattn", dynamic=True, options={
+            "policy": {"version": 1, "rules": [rule]}, "inner": "aot_eager"})
+        tokens[keep] = model.generate(ids, max_new_tokens=6, do_sample=False)
+        kept = {site: s.position for site, s in incremental._states.items()}
+        assert kept == ({"model.layers.0.self_attn": 25, "model.layers.1.self_attn": 25} if keep else {}), kept
+    assert torch.equal(tokens[True], tokens[False])

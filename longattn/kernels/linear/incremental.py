@@ -1,0 +1,101 @@
+"""Decode steps through the op without recomputing the prefix: a recurrent state kept per site.
+
+The op sees a decode step as q of a few new tokens against the whole K/V cache (transformers keeps
+the cache; the op keeps nothing between calls). For a linear site that would recompute the prefix,
+O(n) per token. Here each site (named by the rewriter) keeps the `LinearAttentionState` of the keys it
+saw last, and a later call that provably continues them only folds the new tokens in: O(1) per token.
+
+"Provably continues" (else the state is rebuilt from the cached prefix in one pass, so a result is never
+taken from a state that does not belong to these keys):
+* the additive rule (the delta rule's state is a sequential fold: those sites recompute), no autograd,
+  causal (or one query), no mask, batch size 1 (beam search reorders cache rows between steps, which a
+  per-row state would not see), same dtype, device and shapes;
+* the new tokens start where the state ends: Sk - Sq equals the state's position (a cropped cache,
+  e.g. in speculative decoding, starts earlier and fails this);
+* the state's sink and window keys and values equal the cache's at those positions (a different
+  sequence of the same length fails this; in layers past the first, every key depends on the whole
+  prefix, so a different prefix shows in the window). This compare is one host sync per call.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+
+from .decode import LinearAttentionState, linear_attention_step
+from .feature_maps import feature_dtype
+from .reference import beta_per_key, prepare_features
+
+DECODE_MAX_NEW = 16  # more new tokens than this is a prefill: recompute, then keep the state
+_states: dict = {}
+_lock = threading.Lock()
+
+
+def clear() -> None:
+    """Forget every site's state (they hold a few window keys and a d_φ × d_v matrix per head)."""
+    with _lock:
+        _states.clear()
+
+
+def _eligible(q, k, causal, attn_mask, params) -> bool:
+    # one query: non-causal is the causal result (the keys all precede it), as decode steps are traced
+    return ((causal or q.shape[2] == 1) and attn_mask is None and not torch.is_grad_enabled() and q.shape[0] == 1
+            and q.shape[2] <= k.shape[2] and params.get("update_rule", "add") == "add")
+
+
+def _matches(state: LinearAttentionState, k, v) -> bool:
+    """The state's sinks and window are the cache's keys/values at the same positions."""
+    p, ns, nw = state.position, state.sink_k.shape[2], state.window_k.shape[2]
+    dt = state.sink_k.dtype
+    if state.sink_k.device != k.device or state.sink_k.shape[:2] != k.shape[:2] or k.shape[2] < p:
+        return False
+    pairs = ((state.sink_k, k[:, :, :ns]), (state.sink_v, v[:, :, :ns]),
+             (state.window_k, k[:, :, p - nw:p]), (state.window_v, v[:, :, p - nw:p]))
+    return all(a.shape == b.shape and torch.equal(a, b.to(dt)) for a, b in pairs)
+
+
+def state_of(q, k, v, *, scale, feature_map="elu", num_features=256, seed=0, sink_tokens=0, local_window=0,
+             normalize=True, eps=1e-6, update_rule="add", beta=None, chunk_size=64, feature_params=None):
+    """The decode state after the keys k/v (B, Hkv, P, D/Dv) of the additive rule, in one pass: sinks and
+    window kept raw, the keys between them folded into the far matrix Σ φ(k)ᵀ [v | 1]. q lends its head count
+    and dtype to the feature maps."""
+    if update_rule != "add":
+        raise ValueError("state_of: the delta rule's state is a sequential fold; decode it from the start")
+    dt = feature_dtype(q.dtype)
+    kd, vd = k.to(dt), v.to(dt)
+    B, Hkv, P, _ = k.shape
+    ns = min(sink_tokens, P)
+    nw = min(local_window, P - ns)
+    far_k, far_v = kd[:, :, ns:P - nw], vd[:, :, ns:P - nw]
+    far = None
+    if far_k.shape[2] and feature_map != "none":
+        feats = prepare_features(q[:, :, :1].to(dt), far_k, feature_map=feature_map, scale=scale,
+                                 num_features=num_features, seed=seed, feature_params=feature_params,
+                                 update_rule=update_rule)
+        vals = torch.cat([far_v, torch.ones_like(far_v[..., :1])], -1) if normalize else far_v
+        far = torch.einsum("bhsf,bhsv->bhfv", feats.k, vals)
+    betas = beta_per_key(beta, B, Hkv, P, k.device, dt)
+    return LinearAttentionState(P, far, kd[:, :, :ns], vd[:, :, :ns], kd[:, :, P - nw:P], vd[:, :, P - nw:P],
+                                betas[:, :, P - nw:P])
+
+
+def attend(site: str, q, k, v, *, scale, causal, attn_mask, params, full) -> torch.Tensor:
+    """Linear attention of q against k/v at `site`. A decode-shaped call (at most DECODE_MAX_NEW new tokens
+    after a cached prefix) folds the new tokens into the site's kept state when that state provably belongs to
+    the prefix, else into a state built from the prefix in one pass; any other call is `full(q, k, v)`."""
+    sq, sk = q.shape[2], k.shape[2]
+    if not _eligible(q, k, causal, attn_mask, params) or sq > DECODE_MAX_NEW or sq >= sk:
+        with _lock:  # a prefill starts another sequence: whatever was kept belongs to an older one
+            _states.pop(site, None)
+        return full(q, k, v)
+    p = sk - sq
+    with _lock:
+        state: Optional[LinearAttentionState] = _states.get(site)
+    if not (state is not None and state.position == p and state.sink_k.dtype == feature_dtype(q.dtype)
+            and _matches(state, k, v)):
+        state = state_of(q, k[:, :, :p], v[:, :, :p], scale=scale, **params)
+    out, state = linear_attention_step(q, k[:, :, p:], v[:, :, p:], state, scale=scale, causal=True, **params)
+    with _lock:
+        _states[site] = state
+    return out

@@ -1,0 +1,78 @@
+"""Linear decode through the op with a kept state (`linear/incremental.py`): the same numbers as recomputing
+the whole sequence, and a kept state is never used for keys it does not belong to."""
+import pytest
+import torch
+
+from longattn.kernels import Band, encode_plan
+from longattn.kernels.linear import incremental, linear_attention
+from longattn.kernels.linear.decode import linear_attention_step
+
+HYBRID = dict(sink_tokens=2, local_window=5, chunk_size=16)
+
+
+def _seq(S, hq=4, hkv=2, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, hq, S, d, generator=g), torch.randn(1, hkv, S, d, generator=g),
+            torch.randn(1, hkv, S, d, generator=g))
+
+
+@pytest.mark.parametrize("params", [dict(HYBRID, feature_map="elu"), dict(HYBRID, feature_map="relu"),
+                                    dict(HYBRID, feature_map="favor", num_features=16),
+                                    dict(HYBRID, feature_map="taylor2"), dict(HYBRID, feature_map="none"),
+                                    dict(feature_map="elu", chunk_size=16), dict(feature_map="relu", chunk_size=16,
+                                                                                  normalize=False)],
+                         ids=["elu", "relu", "favor", "taylor2", "window-only", "pure", "unnormalised"])
+def test_state_built_in_one_pass_then_stepped_equals_the_whole_sequence(params):
+    q, k, v = _seq(45)
+    want = linear_attention(q, k, v, scale=0.4, causal=True, **params)[:, :, 40:]
+    state = incremental.state_of(q[:, :, :40], k[:, :, :40], v[:, :, :40], scale=0.4, **params)
+    got, state = linear_attention_step(q[:, :, 40:], k[:, :, 40:], v[:, :, 40:], state, scale=0.4, **params)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert state.position == 45
+
+
+def _op(site, q, k, v, params=dict(HYBRID, feature_map="elu")):
+    plan = encode_plan([Band("linear", params={**params, "site": site})])
+    return torch.ops.longattn.attention(q, k, v, None, 0.4, True, 0.0, None, plan)
+
+
+def test_decode_steps_through_the_op_keep_a_state_and_match_recomputing():
+    incremental.clear()
+    q, k, v = _seq(60)
+    want = linear_attention(q, k, v, scale=0.4, causal=True, **HYBRID)
+    with torch.no_grad():
+        outs = [_op("layers.0", q[:, :, :50], k[:, :, :50], v[:, :, :50])]   # prefill: recomputed
+        assert "layers.0" not in incremental._states
+        for t in range(50, 60):                                                # one token at a time
+            outs.append(_op("layers.0", q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1]))
+            assert incremental._states["layers.0"].position == t + 1          # the state moved on
+    torch.testing.assert_close(torch.cat(outs, 2), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_kept_state_is_not_used_for_another_sequence_or_a_cropped_cache():
+    incremental.clear()
+    qa, ka, va = _seq(40, seed=1)
+    qb, kb, vb = _seq(40, seed=2)
+    with torch.no_grad():
+        _op("s", qa[:, :, 38:39], ka[:, :, :39], va[:, :, :39])               # state of sequence A at 39
+        got_b = _op("s", qb[:, :, 39:], kb, vb)                              # same position, other keys
+        want_b = linear_attention(qb, kb, vb, scale=0.4, causal=True, **HYBRID)[:, :, 39:]
+        torch.testing.assert_close(got_b, want_b, rtol=1e-5, atol=1e-5)
+        got_crop = _op("s", qb[:, :, 35:36], kb[:, :, :36], vb[:, :, :36])    # a cache cropped back
+        want_crop = linear_attention(qb[:, :, :36], kb[:, :, :36], vb[:, :, :36], scale=0.4, causal=True,
+                                     **HYBRID)[:, :, 35:]
+        torch.testing.assert_close(got_crop, want_crop, rtol=1e-5, atol=1e-5)
+
+
+def test_batches_training_and_the_delta_rule_recompute_without_keeping_state():
+    incremental.clear()
+    q, k, v = _seq(30)
+    q2, k2, v2 = (torch.cat([t, t], 0) for t in (q, k, v))
+    with torch.no_grad():
+        _op("batch", q2[:, :, 29:], k2, v2)
+        _op("delta", q[:, :, 29:], k, v, dict(HYBRID, feature_map="elu", update_rule="delta"))
+    assert not incremental._states
+    q.requires_grad_()
+    out = _op("grad", q[:, :, 29:], k, v)
+    out.sum().backward()  # the recomputing backward still runs
+    assert q.grad is not None and "grad" not in incremental._states
