@@ -2,11 +2,11 @@
 # One batched GPU session (device tool): the test suite on the GPU image's versions, the flash
 # tests at real sizes on CUDA, and the benchmarks, each under its own time cap. Results to $OUT.
 #   bash benchmarks/run_gpu.sh [STEP ...]   (run from the repo root; .whl/ carries pydantic & fla)
-# Steps (default: all, in this order): cpu flash cp e2e hyper linear profile. `cpu` runs in the
+# Steps (default: all, in this order): cpu flash cp e2e hyper linear decode profile cpbench. `cpu` runs in the
 # background beside the GPU steps. Each step's time cap is an env var (CPU_SUITE_S, FLASH_TESTS_S, ...).
 set -uo pipefail
 OUT=${OUT:-/tmp/longattn-gpu}; mkdir -p "$OUT"
-STEPS=${*:-cpu flash cp e2e hyper linear profile}
+STEPS=${*:-cpu flash cp e2e hyper linear decode profile cpbench}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -43,8 +43,17 @@ if want linear; then
   step "linear"
   timeout ${LINEAR_S:-90} python3 benchmarks/bench_linear.py --lengths 32768,131072 --shapes 32x64 --skip fwdbwd --decode-lengths 4096,131072 --out "$OUT" >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
 fi
+if want decode; then  # a linear site's decode step with a kept state vs recompute vs exact, per context
+  step "decode state"
+  timeout ${DECODE_S:-90} python3 benchmarks/bench_decode_state.py --device cuda --contexts 4096,16384,65536,131072 --out "$OUT" >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
+fi
 if want profile; then
   step "profile"
   timeout ${PROFILE_S:-120} python3 benchmarks/profile_gpu.py ${PROFILE_ARGS:-} --out "$OUT" >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
+fi
+if want cpbench && [ "$GPUS" -ge 2 ]; then  # scaling vs one GPU and torch's context-parallel SDPA
+  step "context parallel benchmark"
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 timeout ${CPBENCH_S:-240} \
+    torchrun --nproc_per_node="$GPUS" benchmarks/bench_context_parallel.py ${CPBENCH_ARGS:---lengths 131072 524288 --modes fwd --reps 3} --out "$OUT" >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
 fi
 wait
