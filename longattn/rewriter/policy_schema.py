@@ -137,7 +137,7 @@ class LinearParams(KindParams):
     # fitted maps from `longattn calibrate`: a file path (relative: from the policy file's folder), optionally
     # "#layers.N"; without it the rewriter appends each site's section (kernels/linear/params_file.py)
     feature_params: Annotated[Optional[str], PlainValidator(_string)] = None
-    # torch.compile only: decode steps (batch 1, additive rule) fold their new tokens into a state the site
+    # torch.compile only: decode steps (batch 1) fold their new tokens into a state the site
     # keeps between calls instead of recomputing the cached prefix (kernels/linear/incremental.py says what
     # it checks before trusting a kept state)
     decode_state: Annotated[bool, PlainValidator(_boolean)] = False

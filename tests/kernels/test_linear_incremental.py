@@ -20,8 +20,12 @@ def _seq(S, hq=4, hkv=2, d=8, seed=0):
                                     dict(HYBRID, feature_map="favor", num_features=16),
                                     dict(HYBRID, feature_map="taylor2"), dict(HYBRID, feature_map="none"),
                                     dict(feature_map="elu", chunk_size=16), dict(feature_map="relu", chunk_size=16,
-                                                                                  normalize=False)],
-                         ids=["elu", "relu", "favor", "taylor2", "window-only", "pure", "unnormalised"])
+                                                                                  normalize=False),
+                                    dict(HYBRID, feature_map="elu", update_rule="delta"),
+                                    dict(feature_map="elu", chunk_size=16, update_rule="delta", normalize=False,
+                                         beta=[0.3, 0.9])],
+                         ids=["elu", "relu", "favor", "taylor2", "window-only", "pure", "unnormalised", "delta",
+                              "delta-pure-per-head-beta"])
 def test_state_built_in_one_pass_then_stepped_equals_the_whole_sequence(params):
     q, k, v = _seq(45)
     want = linear_attention(q, k, v, scale=0.4, causal=True, **params)[:, :, 40:]
@@ -36,15 +40,17 @@ def _op(site, q, k, v, params=dict(HYBRID, feature_map="elu")):
     return torch.ops.longattn.attention(q, k, v, None, 0.4, True, 0.0, None, plan)
 
 
-def test_decode_steps_through_the_op_keep_a_state_and_match_recomputing():
+@pytest.mark.parametrize("rule", ["add", "delta"])
+def test_decode_steps_through_the_op_keep_a_state_and_match_recomputing(rule):
     incremental.clear()
     q, k, v = _seq(60)
-    want = linear_attention(q, k, v, scale=0.4, causal=True, **HYBRID)
+    params = dict(HYBRID, feature_map="elu", update_rule=rule)
+    want = linear_attention(q, k, v, scale=0.4, causal=True, **params)
     with torch.no_grad():
-        outs = [_op("layers.0", q[:, :, :50], k[:, :, :50], v[:, :, :50])]   # prefill: recomputed
+        outs = [_op("layers.0", q[:, :, :50], k[:, :, :50], v[:, :, :50], params)]   # prefill: recomputed
         assert "layers.0" not in incremental._states
         for t in range(50, 60):                                                # one token at a time
-            outs.append(_op("layers.0", q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1]))
+            outs.append(_op("layers.0", q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], params))
             assert incremental._states["layers.0"].position == t + 1          # the state moved on
     torch.testing.assert_close(torch.cat(outs, 2), want, rtol=1e-5, atol=1e-5)
 
@@ -64,14 +70,17 @@ def test_a_kept_state_is_not_used_for_another_sequence_or_a_cropped_cache():
         torch.testing.assert_close(got_crop, want_crop, rtol=1e-5, atol=1e-5)
 
 
-def test_batches_training_and_the_delta_rule_recompute_without_keeping_state():
+def test_batches_and_training_recompute_without_keeping_state_and_the_delta_rule_keeps_one():
     incremental.clear()
     q, k, v = _seq(30)
     q2, k2, v2 = (torch.cat([t, t], 0) for t in (q, k, v))
+    delta = dict(HYBRID, feature_map="elu", update_rule="delta")
     with torch.no_grad():
         _op("batch", q2[:, :, 29:], k2, v2)
-        _op("delta", q[:, :, 29:], k, v, dict(HYBRID, feature_map="elu", update_rule="delta"))
-    assert not incremental._states
+        got = _op("delta", q[:, :, 29:], k, v, delta)
+    assert set(incremental._states) == {"delta"}
+    torch.testing.assert_close(got, linear_attention(q, k, v, scale=0.4, causal=True, **delta)[:, :, 29:],
+                               rtol=1e-5, atol=1e-5)
     q.requires_grad_()
     out = _op("grad", q[:, :, 29:], k, v)
     out.sum().backward()  # the recomputing backward still runs

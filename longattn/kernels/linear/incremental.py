@@ -7,8 +7,7 @@ saw last, and a later call that provably continues them only folds the new token
 
 "Provably continues" (else the state is rebuilt from the cached prefix in one pass, so a result is never
 taken from a state that does not belong to these keys):
-* the additive rule (the delta rule's state is a sequential fold: those sites recompute), no autograd,
-  causal (or one query), no mask, batch size 1 (beam search reorders cache rows between steps, which a
+* no autograd, causal (or one query), no mask, no per-token β, batch size 1 (beam search reorders cache rows between steps, which a
   per-row state would not see), same dtype, device and shapes;
 * the new tokens start where the state ends: Sk - Sq equals the state's position (a cropped cache,
   e.g. in speculative decoding, starts earlier and fails this);
@@ -25,7 +24,7 @@ import torch
 
 from .decode import LinearAttentionState, linear_attention_step
 from .feature_maps import feature_dtype
-from .reference import beta_per_key, prepare_features
+from .reference import beta_per_key, chunk_states, pad_for_chunks, prepare_features
 
 DECODE_MAX_NEW = 16  # more new tokens than this is a prefill: recompute, then keep the state
 _states: dict = {}
@@ -41,7 +40,7 @@ def clear() -> None:
 def _eligible(q, k, causal, attn_mask, params) -> bool:
     # one query: non-causal is the causal result (the keys all precede it), as decode steps are traced
     return ((causal or q.shape[2] == 1) and attn_mask is None and not torch.is_grad_enabled() and q.shape[0] == 1
-            and q.shape[2] <= k.shape[2] and params.get("update_rule", "add") == "add")
+            and q.shape[2] <= k.shape[2] and not isinstance(params.get("beta"), torch.Tensor))
 
 
 def _matches(state: LinearAttentionState, k, v) -> bool:
@@ -57,25 +56,31 @@ def _matches(state: LinearAttentionState, k, v) -> bool:
 
 def state_of(q, k, v, *, scale, feature_map="elu", num_features=256, seed=0, sink_tokens=0, local_window=0,
              normalize=True, eps=1e-6, update_rule="add", beta=None, chunk_size=64, feature_params=None):
-    """The decode state after the keys k/v (B, Hkv, P, D/Dv) of the additive rule, in one pass: sinks and
-    window kept raw, the keys between them folded into the far matrix Σ φ(k)ᵀ [v | 1]. q lends its head count
-    and dtype to the feature maps."""
-    if update_rule != "add":
-        raise ValueError("state_of: the delta rule's state is a sequential fold; decode it from the start")
+    """The decode state after the keys k/v (B, Hkv, P, D/Dv), in one pass: sinks and window kept raw, the keys
+    between them folded into the far matrix (additive rule: Σ φ(k)ᵀ [v | 1]; delta rule: the chunked UT-form
+    recurrence's last state). q lends its head count and dtype to the feature maps."""
     dt = feature_dtype(q.dtype)
     kd, vd = k.to(dt), v.to(dt)
     B, Hkv, P, _ = k.shape
     ns = min(sink_tokens, P)
     nw = min(local_window, P - ns)
+    betas = beta_per_key(beta, B, Hkv, P, k.device, dt)
     far_k, far_v = kd[:, :, ns:P - nw], vd[:, :, ns:P - nw]
     far = None
     if far_k.shape[2] and feature_map != "none":
-        feats = prepare_features(q[:, :, :1].to(dt), far_k, feature_map=feature_map, scale=scale,
-                                 num_features=num_features, seed=seed, feature_params=feature_params,
-                                 update_rule=update_rule)
+        fk = prepare_features(q[:, :, :1].to(dt), far_k, feature_map=feature_map, scale=scale,
+                              num_features=num_features, seed=seed, feature_params=feature_params,
+                              update_rule=update_rule).k
         vals = torch.cat([far_v, torch.ones_like(far_v[..., :1])], -1) if normalize else far_v
-        far = torch.einsum("bhsf,bhsv->bhfv", feats.k, vals)
-    betas = beta_per_key(beta, B, Hkv, P, k.device, dt)
+        if update_rule == "add":
+            far = torch.einsum("bhsf,bhsv->bhfv", fk, vals)
+        else:
+            fk, vals, bk, _ = pad_for_chunks(fk, vals, betas[:, :, ns:P - nw], causal=False, offset=None,
+                                             chunk=chunk_size)
+            n = fk.shape[2] // chunk_size
+            states, _ = chunk_states(fk.view(B, Hkv, n, chunk_size, -1), vals.view(B, Hkv, n, chunk_size, -1),
+                                     bk.reshape(B, Hkv, n, chunk_size), update_rule)
+            far = states[:, :, n]
     return LinearAttentionState(P, far, kd[:, :, :ns], vd[:, :, :ns], kd[:, :, P - nw:P], vd[:, :, P - nw:P],
                                 betas[:, :, P - nw:P])
 
