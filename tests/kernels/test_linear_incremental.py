@@ -85,3 +85,13 @@ def test_batches_and_training_recompute_without_keeping_state_and_the_delta_rule
     out = _op("grad", q[:, :, 29:], k, v)
     out.sum().backward()  # the recomputing backward still runs
     assert q.grad is not None and "grad" not in incremental._states
+
+
+def test_the_rewriter_names_the_site_for_torch_compile_and_drops_decode_state_for_onnx():
+    from longattn.patterns.record import AttentionSite
+    from longattn.rewriter.fx_rewrite import fit_bands
+    site = AttentionSite(layer="model.layers.3.self_attn", pattern="sdpa")
+    band = Band("linear", params={"decode_state": True, "sink_tokens": 4})
+    assert fit_bands([band], site)[0][0].params == {"site": "model.layers.3.self_attn", "sink_tokens": 4}
+    onnx_bands, notes = fit_bands([band], site, keep_state=False)
+    assert onnx_bands[0].params == {"sink_tokens": 4} and "keeps no state" in notes[0]
