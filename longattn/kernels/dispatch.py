@@ -94,17 +94,17 @@ def run_band(band: Band, q, k, v, attn_mask, scale, causal, dropout_p, seed):
         from .linear.params_file import feature_params_from_file
         band = Band(band.kind, band.below,
                     {**band.params, "feature_params": feature_params_from_file(band.params["feature_params"])})
+    site = band.params.get("site")  # a linear band that keeps its decode state (linear/incremental.py)
+    if site is not None:
+        band = Band(band.kind, band.below, {n: p for n, p in band.params.items() if n != "site"})
     if "context_parallel" in band.params:
-        params = {n: p for n, p in band.params.items() if n != "site"}
+        params = dict(band.params)
         cp = params.pop("context_parallel")
         from . import parallel
         if parallel.active(cp):
             return parallel.run_sharded(band.kind, q, k, v, attn_mask=attn_mask, scale=scale, causal=causal,
                                         dropout_p=dropout_p, params=params, cp=cp)
         band = Band(band.kind, band.below, params)
-    site = band.params.get("site")
-    if site is not None:  # a linear band that keeps its decode state (linear/incremental.py)
-        band = Band(band.kind, band.below, {n: p for n, p in band.params.items() if n != "site"})
     if band.kind in ("hyper", "linear") and (attn_mask is not None or dropout_p > 0):
         raise ValueError(f"longattn::attention: kind {band.kind!r} takes no attn_mask or dropout; "
                          "the rewriter should have chosen flash for this site")

@@ -7,8 +7,9 @@ saw last, and a later call that provably continues them only folds the new token
 
 "Provably continues" (else the state is rebuilt from the cached prefix in one pass, so a result is never
 taken from a state that does not belong to these keys):
-* no autograd, causal (or one query), no mask, no per-token β, batch size 1 (beam search reorders cache rows between steps, which a
-  per-row state would not see), same dtype, device and shapes;
+* the op's forward (its backward recomputes), causal (or one query), no mask, no per-token β, batch
+  size 1 (beam search reorders cache rows between steps, which a per-row state would not see), same
+  dtype, device and shapes;
 * the new tokens start where the state ends: Sk - Sq equals the state's position (a cropped cache,
   e.g. in speculative decoding, starts earlier and fails this);
 * the state's sink and window keys and values equal the cache's at those positions (a different
@@ -17,7 +18,6 @@ taken from a state that does not belong to these keys):
 """
 from __future__ import annotations
 
-import threading
 from typing import Optional
 
 import torch
@@ -26,27 +26,28 @@ from .decode import LinearAttentionState, linear_attention_step
 from .feature_maps import feature_dtype
 from .reference import beta_per_key, chunk_states, pad_for_chunks, prepare_features
 
-DECODE_MAX_NEW = 16  # more new tokens than this is a prefill: recompute, then keep the state
-_states: dict = {}
-_lock = threading.Lock()
+DECODE_MAX_NEW = 16  # more new tokens than this is a prefill: recomputed, and the site's state dropped
+_states: dict[str, LinearAttentionState] = {}
 
 
 def clear() -> None:
     """Forget every site's state (they hold a few window keys and a d_φ × d_v matrix per head)."""
-    with _lock:
-        _states.clear()
+    _states.clear()
 
 
-def _eligible(q, k, causal, attn_mask, params) -> bool:
+def _eligible(q, causal, attn_mask, params) -> bool:
+    """Calls a kept state may serve. Grad mode is off in the op's forward; the op's recomputing backward
+    runs with it on, so it always recomputes."""
     # one query: non-causal is the causal result (the keys all precede it), as decode steps are traced
     return ((causal or q.shape[2] == 1) and attn_mask is None and not torch.is_grad_enabled() and q.shape[0] == 1
-            and q.shape[2] <= k.shape[2] and not isinstance(params.get("beta"), torch.Tensor))
+            and not isinstance(params.get("beta"), torch.Tensor))
 
 
-def _matches(state: LinearAttentionState, k, v) -> bool:
-    """The state's sinks and window are the cache's keys/values at the same positions."""
-    p, ns, nw = state.position, state.sink_k.shape[2], state.window_k.shape[2]
-    dt = state.sink_k.dtype
+def _continues(state: Optional[LinearAttentionState], q, k, v, p: int) -> bool:
+    """The state ends at position p and its sinks and window are the cache's keys/values there."""
+    if state is None or state.position != p or state.sink_k.dtype != feature_dtype(q.dtype):
+        return False
+    ns, nw, dt = state.sink_k.shape[2], state.window_k.shape[2], state.sink_k.dtype
     if state.sink_k.device != k.device or state.sink_k.shape[:2] != k.shape[:2] or k.shape[2] < p:
         return False
     pairs = ((state.sink_k, k[:, :, :ns]), (state.sink_v, v[:, :, :ns]),
@@ -90,17 +91,13 @@ def attend(site: str, q, k, v, *, scale, causal, attn_mask, params, full) -> tor
     after a cached prefix) folds the new tokens into the site's kept state when that state provably belongs to
     the prefix, else into a state built from the prefix in one pass; any other call is `full(q, k, v)`."""
     sq, sk = q.shape[2], k.shape[2]
-    if not _eligible(q, k, causal, attn_mask, params) or sq > DECODE_MAX_NEW or sq >= sk:
-        with _lock:  # a prefill starts another sequence: whatever was kept belongs to an older one
-            _states.pop(site, None)
+    if not _eligible(q, causal, attn_mask, params) or sq > DECODE_MAX_NEW or sq >= sk:
+        _states.pop(site, None)  # a prefill starts another sequence: whatever was kept belongs to an older one
         return full(q, k, v)
     p = sk - sq
-    with _lock:
-        state: Optional[LinearAttentionState] = _states.get(site)
-    if not (state is not None and state.position == p and state.sink_k.dtype == feature_dtype(q.dtype)
-            and _matches(state, k, v)):
+    state = _states.get(site)
+    if not _continues(state, q, k, v, p):
         state = state_of(q, k[:, :, :p], v[:, :, :p], scale=scale, **params)
-    out, state = linear_attention_step(q, k[:, :, p:], v[:, :, p:], state, scale=scale, causal=True, **params)
-    with _lock:
-        _states[site] = state
+    out, _states[site] = linear_attention_step(q, k[:, :, p:], v[:, :, p:], state, scale=scale, causal=True,
+                                               **params)
     return out
