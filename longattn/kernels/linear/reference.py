@@ -278,14 +278,17 @@ def delta_chunk_ut(kc, vc, bc):
     return W, U
 
 
-def chunk_states(kc, vc, bc, update_rule: str):
-    """States before each chunk, H (B, Hkv, N + 1, F, V) (H[:, :, t] = state over chunks < t), and the values
-    each chunk's intra-chunk part uses (V itself, or the delta rule's corrected values U − W S)."""
+def chunk_states(kc, vc, bc, update_rule: str, initial: Optional[torch.Tensor] = None):
+    """States before each chunk, H (B, Hkv, N + 1, F, V) (H[:, :, t] = state over chunks < t, starting from
+    `initial` (B, Hkv, F, V), zero by default), and the values each chunk's intra-chunk part uses (V itself,
+    or the delta rule's corrected values U − W S)."""
     if update_rule == "add":
         H = torch.cumsum(kc.transpose(-1, -2) @ vc, dim=2)
-        return torch.cat([torch.zeros_like(H[:, :, :1]), H], dim=2), vc
+        if initial is None:
+            return torch.cat([torch.zeros_like(H[:, :, :1]), H], dim=2), vc
+        return torch.cat([initial.unsqueeze(2), initial.unsqueeze(2) + H], dim=2), vc
     W, U = delta_chunk_ut(kc, vc, bc)
-    S = kc.new_zeros(*kc.shape[:2], kc.shape[-1], vc.shape[-1])
+    S = kc.new_zeros(*kc.shape[:2], kc.shape[-1], vc.shape[-1]) if initial is None else initial
     states, corrected = [S], []
     for t in range(kc.shape[2]):
         u = U[:, :, t] - W[:, :, t] @ S

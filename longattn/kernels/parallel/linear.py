@@ -36,29 +36,13 @@ import torch
 import torch.distributed as dist
 
 from ..linear.feature_maps import apply_feature_map, feature_dtype
-from ..linear.reference import (beta_per_key, check_options, chunk_readout, combine, delta_chunk_ut, exact_part,
+from ..linear.reference import (beta_per_key, check_options, chunk_readout, chunk_states, combine, exact_part,
                                 far_chunked, far_scale_per_head, pad_for_chunks, prepare_features)
 from ..linear.triton_additive import FUSED_MAPS, far_additive, fold_additive
 from ..linear.triton_chunk import runs_on
 from ..linear.triton_exact import exact_part_triton
 from ..masks import check_qkv
 from .comm import all_gather, chunk_ids, keep_in_graph, resolve_group
-
-
-def _states_from(kc, vc, bc, S0, update_rule):
-    """States before each chunk from the initial state S0 (B, Hkv, F, V): (B, Hkv, N + 1, F, V), plus the
-    values the intra-chunk part reads (V, or the delta rule's corrected values)."""
-    if update_rule == "add":
-        H = torch.cumsum(kc.transpose(-1, -2) @ vc, dim=2)
-        return torch.cat([S0.unsqueeze(2), S0.unsqueeze(2) + H], dim=2), vc
-    Wm, U = delta_chunk_ut(kc, vc, bc)
-    S, states, corrected = S0, [S0], []
-    for t in range(kc.shape[2]):
-        u = U[:, :, t] - Wm[:, :, t] @ S
-        S = S + kc[:, :, t].transpose(-1, -2) @ u
-        states.append(S)
-        corrected.append(u)
-    return torch.stack(states, dim=2), torch.stack(corrected, dim=2)
 
 
 def _fold(fk, vals, beta, update_rule, chunk):
@@ -75,8 +59,8 @@ def _fold(fk, vals, beta, update_rule, chunk):
     aug = torch.cat([torch.zeros_like(fk), vals], dim=-1)
     S0 = torch.cat([torch.eye(Fd, dtype=fk.dtype, device=fk.device).expand(B_, Hkv, Fd, Fd),
                     vals.new_zeros(B_, Hkv, Fd, vals.shape[-1])], dim=-1)
-    H, _ = _states_from(fk.view(B_, Hkv, N, chunk, Fd), aug.view(B_, Hkv, N, chunk, -1),
-                        beta.reshape(B_, Hkv, N, chunk), S0, update_rule)
+    H, _ = chunk_states(fk.view(B_, Hkv, N, chunk, Fd), aug.view(B_, Hkv, N, chunk, -1),
+                        beta.reshape(B_, Hkv, N, chunk), update_rule, initial=S0)
     return H[:, :, N, :, :Fd], H[:, :, N, :, Fd:]
 
 
@@ -93,7 +77,8 @@ def _far_from_state(fq, fk, vals, beta, S0, offset, update_rule, chunk):
     fk, vals, beta, shift = pad_for_chunks(fk, vals, beta, causal=True, offset=offset, chunk=chunk)
     N = fk.shape[2] // chunk
     kc = fk.view(B_, Hkv, N, chunk, Fd)
-    H, vn = _states_from(kc, vals.view(B_, Hkv, N, chunk, V), beta.reshape(B_, Hkv, N, chunk), S0, update_rule)
+    H, vn = chunk_states(kc, vals.view(B_, Hkv, N, chunk, V), beta.reshape(B_, Hkv, N, chunk), update_rule,
+                         initial=S0)
     return chunk_readout(fq, kc, vn, H, shift, reads_initial_state=True)  # H[0] = S0
 
 
