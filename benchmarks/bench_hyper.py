@@ -30,12 +30,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from longattn.kernels.hyper import build_pattern, hyper_attention, hyper_attention_from_pattern  # noqa: E402
 from longattn.kernels.hyper import triton_attention  # noqa: E402
+from longattn.kernels.hyper import triton_hash  # noqa: E402
 from longattn.kernels.hyper.triton_hash import lsh_rank_triton  # noqa: E402
 
 PARAMS = dict(block_size=256, sample_size=256, lsh_bits=7, min_seq_len=4096, sink_tokens=64, local_window=256)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for --sweep-tiles
 RECT_CANDIDATES = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 2),
                    (256, 64, 8, 2)]
+HASH_CANDIDATES = [(64, 4), (128, 4), (128, 8), (256, 8), (32, 2)]  # (rows per program, warps)
 EXACT_CANDIDATES = [(64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)]
 SDPA = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
 
@@ -124,6 +126,7 @@ def main():
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--sweep-tiles", action="store_true", help="time forward tile candidates at 32K first, keep the best")
     ap.add_argument("--sweep-bwd-tiles", action="store_true", help="the same for the backward's tiles")
+    ap.add_argument("--sweep-hash", action="store_true", help="time the LSH kernel's tile candidates at 131K, keep the best")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -177,6 +180,20 @@ def main():
                     print(json.dumps(rec), flush=True)
                 if best:
                     table[max(64, d)] = best[1]
+    if args.sweep_hash:
+        for h, d in shapes:
+            x = torch.randn(1, h, 131072, d, device="cuda", dtype=torch.bfloat16)
+            planes = torch.randn(h, d, PARAMS["lsh_bits"], device="cuda")
+            want, best = lsh_rank_triton(x, planes, 1), None
+            for tile in HASH_CANDIDATES:
+                triton_hash.HASH_TILE = tile
+                rec = {"kind": "hash_tile", "h": h, "d": d, "tile": tile, "same": bool(torch.equal(
+                    lsh_rank_triton(x, planes, 1), want)), "ms_131k": bench(lambda: lsh_rank_triton(x, planes, 1))}
+                rec["gb_per_s"] = x.numel() * 2 / rec["ms_131k"] / 1e6
+                best = min(best or (rec["ms_131k"], tile), (rec["ms_131k"], tile))
+                records.append(rec)
+                print(json.dumps(rec), flush=True)
+            triton_hash.HASH_TILE = best[1]
     if args.sweep_bwd_tiles and not args.no_backward:
         for h, d in shapes:
             best = None
@@ -206,6 +223,7 @@ def main():
                         continue
                     for impl, (fn, fwd) in cases.items():
                         rec = {"kind": "time", "impl": impl, "mode": mode, "h": h, "d": d, "s": s, "causal": causal,
+                               "hash_tile": list(triton_hash.HASH_TILE),
                                "tiles": list(triton_attention._tiles(d, d)),
                                "tiles_exact": list(triton_attention._tiles(d, d, triton_attention.TILES_EXACT)),
                                "tiles_bwd": list(triton_attention._tiles(d, d, triton_attention.TILES_BWD))}
@@ -254,12 +272,12 @@ def format_table(rows, env, checks):
     for r in rows:
         by.setdefault(key(r), {})[r["impl"]] = r.get("ms", math.nan)
     impls = ["hyper", "hyper_paper", "sdpa_cudnn", "sdpa_flash"]
-    lines.append("| heads x dim | mode | causal | S | " + " | ".join(impls) + " | x cuDNN |")
-    lines.append("|---|---|---|---|" + "---|" * len(impls) + "---|")
+    lines.append("| heads x dim | mode | causal | S | " + " | ".join(impls) + " | x cuDNN | paper x cuDNN |")
+    lines.append("|---|---|---|---|" + "---|" * len(impls) + "---|---|")
     for (h, d, mode, causal, s), t in sorted(by.items()):
-        ratio = t.get("sdpa_cudnn", math.nan) / t.get("hyper", math.nan)
+        ratio, paper = (t.get("sdpa_cudnn", math.nan) / t.get(i, math.nan) for i in ("hyper", "hyper_paper"))
         cells = " | ".join(f"{t[i]:.3f}" if i in t and not math.isnan(t[i]) else "—" for i in impls)
-        lines.append(f"| {h}x{d} | {mode} | {causal} | {s} | {cells} | {ratio:.2f} |")
+        lines.append(f"| {h}x{d} | {mode} | {causal} | {s} | {cells} | {ratio:.2f} | {paper:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,12 +1,15 @@
 """Where the time goes, on the GPU: a kernel-by-kernel breakdown of hyper's forward at long lengths and
 the host (Python + launch) cost of flash's forward at short lengths.
 
-    python benchmarks/profile_gpu.py [--hyper-lengths 131072] [--flash-lengths 1024,4096,8192] [--out DIR]
+    python benchmarks/profile_gpu.py [--hyper-lengths 131072] [--linear-lengths 32768]
+                                     [--flash-lengths 1024,4096,8192] [--out DIR]
 
 Hyper: torch.profiler over a few forward calls (bf16, h32 d64, batch 1), CUDA time per kernel name, so a
-speed-up can aim at the largest line. Flash: per-call wall time of back-to-back calls (host-bound when it
+speed-up can aim at the largest line. Linear: the same for our chunked forms and their
+flash-linear-attention twins (bench_linear.py's contenders, when fla imports). Flash: per-call wall time of back-to-back calls (host-bound when it
 exceeds the kernel time), the kernel time from the profiler, and do_bench's median. Writes
-<date>-<device>-profile.md to --out (a diagnosis, not a results table: ratios in the bench_* files).
+<date>-<device>-profile.md to --out after every section (a diagnosis, not a results table: ratios in the
+bench_* files).
 """
 from __future__ import annotations
 
@@ -61,12 +64,20 @@ def host_us(fn, calls=200):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hyper-lengths", default="131072")
+    ap.add_argument("--linear-lengths", default="32768")
     ap.add_argument("--flash-lengths", default="1024,4096,8192")
     ap.add_argument("--out", default=".")
     a = ap.parse_args()
     dev = torch.cuda.get_device_name()
     lines = [f"# GPU profile: {dev}", "",
              f"torch {torch.__version__}, triton {triton.__version__}, {datetime.datetime.now().isoformat()[:19]}", ""]
+    os.makedirs(a.out, exist_ok=True)
+    slug = "h200" if "H200" in dev else "h100" if "H100" in dev else "gpu"
+    path = os.path.join(a.out, f"{datetime.date.today().isoformat()}-{slug}-profile.md")
+
+    def save():  # after every section: a time cap that stops the run keeps what was done
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
     g = torch.Generator(device="cuda").manual_seed(0)
     for s in [int(x) for x in a.hyper_lengths.split(",") if x]:
         q, k, v = (torch.randn(1, 32, s, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
@@ -81,7 +92,26 @@ def main():
                 lines += [f"| `{n}` | {t:.3f} | {c:.0f} |" for n, t, c in table[:14]]
                 lines.append("")
                 print("\n".join(lines[-18:]), flush=True)
+                save()
         del q, k, v
+    for s in [int(x) for x in a.linear_lengths.split(",") if x]:
+        from bench_linear import contenders
+        q, k, v = (torch.randn(1, s, 32, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+        beta = torch.rand(1, s, 32, device="cuda", dtype=torch.bfloat16, generator=g).sigmoid()
+        ours, fla_fns = contenders(beta)
+        cases = {n: ours[n][0] for n in ("ours-identity-raw", "ours-delta")}
+        cases.update({n: fla_fns[n] for n in ("fla-linear-raw", "fla-delta") if n in fla_fns})
+        for name, f in cases.items():
+            fn = lambda: f(q, k, v)
+            with torch.no_grad():
+                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                table, total = kernel_table(fn)
+            lines += [f"## linear {name} S={s} h32 d64 causal forward: do_bench {ms:.3f} ms, kernels {total:.3f} ms",
+                      "", "| kernel | ms/call | launches/call |", "|---|---|---|"]
+            lines += [f"| `{n}` | {t:.3f} | {c:.0f} |" for n, t, c in table[:14]]
+            lines.append("")
+            print("\n".join(lines[-18:]), flush=True)
+            save()
     lines += ["## flash forward, h32 d64 bf16, host vs kernel", "",
               "| S | causal | grad | host us/call | kernel us/call | do_bench us | sdpa cudnn us |", "|---|---|---|---|---|---|---|"]
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -101,6 +131,9 @@ def main():
                 lines.append(f"| {s} | {causal} | {grad} | {host_us(fn):.0f} | {total * 1e3:.0f} | {ms * 1e3:.0f} | "
                              f"{ref * 1e3:.0f} |")
                 print(lines[-1], flush=True)
+        save()
+    if not a.flash_lengths:
+        return
     # where the host time of one no-grad call goes (Python, Triton's launcher), by cProfile
     import cProfile
     import io
@@ -120,11 +153,7 @@ def main():
         lines += [f"## cProfile: 200 flash calls, S=1024 causal, grad={grad} (tottime order)", "", "```",
                   *[l for l in text.getvalue().splitlines() if l.strip()][:40], "```", ""]
         print("\n".join(lines[-44:]), flush=True)
-    os.makedirs(a.out, exist_ok=True)
-    slug = "h200" if "H200" in dev else "h100" if "H100" in dev else "gpu"
-    path = os.path.join(a.out, f"{datetime.date.today().isoformat()}-{slug}-profile.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        save()
 
 
 if __name__ == "__main__":

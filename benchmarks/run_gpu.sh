@@ -41,7 +41,7 @@ if want hyper; then
 fi
 if want linear; then
   step "linear"
-  timeout ${LINEAR_S:-90} python3 benchmarks/bench_linear.py --lengths 32768,131072 --shapes 32x64 --skip fwdbwd --decode-lengths 4096,131072 --out "$OUT" >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
+  timeout ${LINEAR_S:-90} python3 benchmarks/bench_linear.py ${LINEAR_ARGS:---lengths 32768,131072 --shapes 32x64 --skip fwdbwd --decode-lengths 4096,131072} --out "$OUT" >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
 fi
 if want decode; then  # a linear site's decode step with a kept state vs recompute vs exact, per context
   step "decode state"

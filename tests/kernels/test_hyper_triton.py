@@ -34,6 +34,24 @@ def test_kernel_equals_reference_on_the_same_pattern(dtype, variant, causal, sq,
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("causal,sq,sk", [(False, 37, 37), (True, 70, 83)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_without_sinks_and_window_rectangles_skip_no_keys_and_match(causal, sq, sk, dtype):
+    """The default variant with sinks and window off: exact keys (causal leaves) never lie in a row's
+    rectangles, so the block loop runs its full key tiles unmasked and, non-causally, the exact part is
+    skipped and the one level writes q's dtype directly."""
+    q, k, v = _qkv(sq=sq, sk=sk, dtype=dtype)
+    params = dict(SMALL, block_size=32, min_seq_len=16, sink_tokens=0, local_window=0)  # full 16-key tiles
+    pattern = build_pattern(q, k, causal=causal, seed=5, **params)
+    assert pattern.exact_apart
+    assert not build_pattern(q, k, causal=causal, seed=5, **dict(params, sink_tokens=1)).exact_apart
+    out, lse = hyper_forward_triton(q, k, v, pattern, scale=0.3, causal=causal)
+    ref, ref_lse = hyper_attention_from_pattern(q.double(), k.double(), v.double(), pattern, scale=0.3, causal=causal)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("causal,window,sq,sk", [(True, 5, 140, 140), (True, 40, 50, 83), (False, 45, 70, 70)])
 def test_exact_part_interior_tiles_run_unmasked_and_still_match(causal, window, sq, sk):
     """Long causal leaves and a wide window: key tiles that every row of a query tile takes run without
@@ -153,7 +171,7 @@ def _row_subset(kind, sq):
 @pytest.mark.parametrize("rows", ["contiguous", "zigzag", "scattered"])
 @pytest.mark.parametrize("causal,sq,sk,params,heads", [
     (True, 37, 37, {}, (2, 1)), (True, 23, 45, dict(variant="paper"), (3, 1)),
-    (False, 40, 40, dict(block_size=40), (2, 2))])  # one block: local blocks span several query tiles
+    (False, 40, 40, dict(block_size=40), (2, 2)), (False, 40, 40, dict(block_size=40, variant="paper"), (2, 2))])  # one block: local blocks span several query tiles
 def test_local_kernels_equal_the_full_kernels_rows(rows, causal, sq, sk, params, heads):
     """A pattern restricted to some rows (context parallelism) gives those rows' out / lse, their dq, and
     the dk / dv of their outputs, as the full-sequence kernels do."""

@@ -72,7 +72,9 @@ class HyperPattern:
     """planes (Hkv, D, lsh_bits) float32; q_rank (B, Hq, Sq) / k_rank (B, Hkv, Sk) int64 Gray ranks;
     exact_lo / exact_hi (Sq,) int64; sinks: number of leading keys attended exactly.
     rows: None, or for a pattern restricted to some query rows (`local_pattern`) their global indices (n,):
-    the per-row tensors then have n rows, in that order."""
+    the per-row tensors then have n rows, in that order.
+    exact_apart: no sinks and no window, so a row's exact keys (its causal leaf, if any) never lie in a rectangle
+    it belongs to: the rectangle kernels need not skip them, and non-causally there are none."""
     block_size: int
     sample_size: int
     planes: torch.Tensor
@@ -83,6 +85,7 @@ class HyperPattern:
     sinks: int
     levels: list
     rows: Optional[torch.Tensor] = None
+    exact_apart: bool = False
 
 
 def check_params(*, block_size, sample_size, lsh_bits, min_seq_len, sink_tokens, local_window, variant):
@@ -268,8 +271,9 @@ def build_pattern(q, k, *, causal=False, block_size=256, sample_size=256, lsh_bi
         nb = (kl + block_size - 1) // block_size
         sample_block = block_of_rank(pos - ks, kl, nb)
         levels.append(HyperLevel(rt, list(rects), q_order, k_order, samples, sample_block))
-    return HyperPattern(block_size, sample_size, planes, q_rank, k_rank, lo, hi,
-                        0 if paper else min(sink_tokens, Sk), levels)
+    sinks = 0 if paper else min(sink_tokens, Sk)
+    return HyperPattern(block_size, sample_size, planes, q_rank, k_rank, lo, hi, sinks, levels,
+                        exact_apart=sinks == 0 and (paper or local_window == 0))
 
 
 def num_blocks(k_len: int, block_size: int) -> int:

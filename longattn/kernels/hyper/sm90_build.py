@@ -15,16 +15,16 @@ from triton.compiler import ASTSource
 from . import triton_attention as fwd
 from . import triton_backward as bwd
 
-TYPES = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "O": "*fp32", "LSE": "*fp32", "DELTA": "*fp32",
+TYPES = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "O": "*fp32", "OF": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
          "DQ": "*fp32", "DK": "*fp32", "DV_": "*fp32", "LO": "*i64", "HI": "*i64", "QORD": "*i64", "QSTART": "*i64",
          "KORD": "*i64", "SAMP": "*i64", "SBLK": "*i64", "RECTS": "*i64", "ROW_LO": "*i64", "ROW_HI": "*i64",
          "scale_log2": "fp32", "log2_samples": "fp32", "scale": "fp32"}
 
 
-def build(kernel, tiles, head_dim, causal, local=False):
+def build(kernel, tiles, head_dim, causal, local=False, **flags):
     block_m, block_n, warps, stages = tiles
     consts = dict(D=head_dim, DV=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim, BLOCK_DV=head_dim,
-                  PRECISION=None, WIDE=False, CAUSAL=causal, LOCAL=local)
+                  PRECISION=None, WIDE=False, CAUSAL=causal, LOCAL=local, **flags)
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
     sig = {n: "constexpr" if n in consts else TYPES.get(n, "i32") for n in kernel.arg_names}
     src = ASTSource(fn=kernel, signature=sig, constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
@@ -44,14 +44,18 @@ def main():
         f_tiles = fwd._tiles(head_dim, head_dim)
         e_tiles = fwd._tiles(head_dim, head_dim, fwd.TILES_EXACT)
         b_tiles = fwd._tiles(head_dim, head_dim, fwd.TILES_BWD)
-        for name, kernel, tiles, local in (("forward exact part", fwd._exact_part_kernel, e_tiles, False),
-                                           ("forward rectangles", fwd._rectangles_kernel, f_tiles, False),
-                                           ("forward rectangles local", fwd._rectangles_kernel, f_tiles, True),
-                                           ("backward exact dq", bwd._exact_part_bwd_kernel, b_tiles, False),
-                                           ("backward exact dk/dv", bwd._exact_part_dkdv_kernel, b_tiles, False),
-                                           ("backward rectangles", bwd._rectangles_bwd_kernel, b_tiles, False),
-                                           ("backward rectangles local", bwd._rectangles_bwd_kernel, b_tiles, True)):
-            use = build(kernel, tiles, head_dim, True, local)
+        for name, kernel, tiles, local, flags in (
+                ("forward exact part", fwd._exact_part_kernel, e_tiles, False, {}),
+                ("forward exact part merging", fwd._exact_part_kernel, e_tiles, False, dict(MERGE=True)),
+                ("forward rectangles", fwd._rectangles_kernel, f_tiles, False, {}),
+                ("forward rectangles first, unmasked", fwd._rectangles_kernel, f_tiles, False,
+                 dict(INIT=True, EXCLUDE=False)),
+                ("forward rectangles local", fwd._rectangles_kernel, f_tiles, True, {}),
+                ("backward exact dq", bwd._exact_part_bwd_kernel, b_tiles, False, {}),
+                ("backward exact dk/dv", bwd._exact_part_dkdv_kernel, b_tiles, False, {}),
+                ("backward rectangles", bwd._rectangles_bwd_kernel, b_tiles, False, {}),
+                ("backward rectangles local", bwd._rectangles_bwd_kernel, b_tiles, True, {})):
+            use = build(kernel, tiles, head_dim, True, local, **flags)
             print(f"{name} d{head_dim} tiles={tiles} REG={use['REG']} STACK={use['STACK']}", flush=True)
 
 

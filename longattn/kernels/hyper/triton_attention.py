@@ -83,15 +83,35 @@ if HAVE_TRITON:
         inside = (kidx.to(tl.int32)[None, :] - lo[:, None]).to(tl.uint32) < width[:, None]
         return key_ok[None, :] & ~inside
 
+    @triton.jit
+    def _load_state(o_ptrs, lse_ptrs, row_ok, col_ok):
+        """Rows' merged result so far (out, natural-log lse) as an online-softmax state (m = lse in log2,
+        l = 1, acc = out); rows with nothing yet (lse = -inf) get l = 0."""
+        lse = tl.load(lse_ptrs, mask=row_ok, other=float("-inf"))
+        acc = tl.load(o_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        return lse * 1.4426950408889634, tl.where(lse == float("-inf"), 0.0, 1.0), acc
+
+    @triton.jit
+    def _store_state(o_ptrs, lse_ptrs, m_i, l_i, acc, row_ok, col_ok):
+        """Normalise an online-softmax state and store out (cast to o_ptrs' dtype) and the natural-log lse."""
+        seen = l_i > 0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        tl.store(o_ptrs, out.to(o_ptrs.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(lse_ptrs, lse, mask=row_ok)
+
     # integer sizes may equal 1; Triton would then make them compile-time constants, which some of
     # the arithmetic below does not accept, and which would compile a kernel per such shape
     @triton.jit(do_not_specialize=["Hq", "group", "Sq", "Sk", "sinks"])
-    def _exact_part_kernel(Q, K, V, O, LSE, LO, HI,
+    def _exact_part_kernel(Q, K, V, O, OF, LSE, LO, HI,
                            sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
                            Hq, group, Sq, Sk, sinks, scale_log2,
                            CAUSAL: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                           BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
+                           BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
+                           MERGE: tl.constexpr = False):
+        """Rows' exact part, written to OF (O's strides, any float dtype). MERGE: merged with the result the
+        rectangles left in O / LSE (the non-causal order, where this runs last)."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         b = bh // Hq
@@ -143,12 +163,14 @@ if HAVE_TRITON:
             keep = (kidx[None, :] >= lo[:, None]) & (kidx[None, :] < hi[:, None]) & (kidx[None, :] >= sinks)
             m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_base, v_base, kidx, kidx < hi_tile, keep, 0.0, sks, svs,
                                     scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE)
-        seen = l_i > 0
-        out = acc / tl.where(seen, l_i, 1.0)[:, None]
-        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-        tl.store(O + b * sob + h * soh + _offset_index(rows, WIDE)[:, None] * sos + dv[None, :], out,
-                 mask=row_ok[:, None] & (dv[None, :] < DV))
-        tl.store(LSE + bh * Sq + rows, lse, mask=row_ok)
+        o_rows = b * sob + h * soh + _offset_index(rows, WIDE)[:, None] * sos + dv[None, :]
+        if MERGE:  # at the end, so no state but the online softmax's is live through the key loops (registers)
+            m_o, l_o, acc_o = _load_state(O + o_rows, LSE + bh * Sq + rows, row_ok, dv < DV)
+            m_new = tl.maximum(m_i, m_o)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha, beta = tl.exp2(m_i - m_safe), tl.exp2(m_o - m_safe)
+            m_i, l_i, acc = m_new, l_i * alpha + l_o * beta, acc * alpha[:, None] + acc_o * beta[:, None]
+        _store_state(OF + o_rows, LSE + bh * Sq + rows, m_i, l_i, acc, row_ok, dv < DV)
 
     @triton.jit
     def _block_rows(QORD, QSTART, RECTS, bh, r, blk, tile, nb, Sq, n_rects, nbq,
@@ -175,13 +197,17 @@ if HAVE_TRITON:
 
     @triton.jit(do_not_specialize=["Hq", "Hkv", "group", "Sq", "Sk", "sinks", "n_samples", "block_size",
                                    "tiles_per_block", "n_rects", "nbq"])
-    def _rectangles_kernel(Q, K, V, O, LSE, LO, HI, QORD, QSTART, KORD, SAMP, SBLK, RECTS,
+    def _rectangles_kernel(Q, K, V, O, OF, LSE, LO, HI, QORD, QSTART, KORD, SAMP, SBLK, RECTS,
                            sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
                            Hq, Hkv, group, Sq, Sk, sinks, n_samples, block_size, tiles_per_block, n_rects, nbq,
                            scale_log2, log2_samples,
                            D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-                           WIDE: tl.constexpr, LOCAL: tl.constexpr):
+                           WIDE: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr = False,
+                           EXCLUDE: tl.constexpr = True):
+        """One level's rectangles, merged into the rows' state in O / LSE and written to OF (O's strides, any
+        float dtype). INIT: the rows have no state yet (this level is the first to touch them). EXCLUDE: rows
+        have exact keys (sinks, ranges) that the blocks and samples must skip."""
         pid = tl.program_id(0)
         r = tl.program_id(1)
         bh = tl.program_id(2).to(tl.int64)
@@ -201,19 +227,27 @@ if HAVE_TRITON:
                     mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
         lo = tl.load(LO + rows, mask=row_ok, other=0).to(tl.int32)
         width = (tl.load(HI + rows, mask=row_ok, other=0).to(tl.int32) - lo).to(tl.uint32)
-        # the rows' state so far, as an online-softmax state: m = lse (log2), l = 1, acc = out
-        lse_prev = tl.load(LSE + bh * Sq + rows, mask=row_ok, other=float("-inf"))
-        acc = tl.load(O + b * sob + h * soh + row_off * sos + dv[None, :],
-                      mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        m_i = lse_prev * 1.4426950408889634
-        l_i = tl.where(lse_prev == float("-inf"), 0.0, 1.0)
+        if INIT:
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        else:
+            m_i, l_i, acc = _load_state(O + b * sob + h * soh + row_off * sos + dv[None, :], LSE + bh * Sq + rows,
+                                        row_ok, dv < DV)
         k_base = K + b * skb + kh * skh
         v_base = V + b * svb + kh * svh
         cols = tl.arange(0, BLOCK_N)
         k_lo = ks + (blk * kl) // nb
         k_hi = k_lo + (ks + ((blk + 1) * kl) // nb - k_lo) * active
         kord = KORD + (b * Hkv + kh) * Sk
-        for start in range(k_lo, k_hi, BLOCK_N):
+        # without exact keys to skip (no sinks, no window: the paper variant) the block's full key tiles need
+        # no mask; otherwise every tile is masked
+        k_full = k_lo if EXCLUDE else k_lo + (k_hi - k_lo) // BLOCK_N * BLOCK_N
+        for start in range(k_lo, k_full, BLOCK_N):
+            kidx = tl.load(kord + start + cols)
+            m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_base, v_base, kidx, cols, cols, 0.0, sks, svs,
+                                    scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE, MASKED=False)
+        for start in range(k_full, k_hi, BLOCK_N):
             pos = start + cols
             kvalid = pos < k_hi
             kidx = tl.load(kord + pos, mask=kvalid, other=0)
@@ -234,11 +268,8 @@ if HAVE_TRITON:
             keep = _keep_outside(kidx, svalid & (sblk != blk) & (kidx >= sinks), lo, width)
             m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_base, v_base, kidx, svalid, keep, weight_log2, sks, svs,
                                     scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE)
-        seen = l_i > 0
-        out = acc / tl.where(seen, l_i, 1.0)[:, None]
-        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-        tl.store(O + b * sob + h * soh + row_off * sos + dv[None, :], out, mask=row_ok[:, None] & (dv[None, :] < DV))
-        tl.store(LSE + bh * Sq + rows, lse, mask=row_ok)
+        _store_state(OF + b * sob + h * soh + row_off * sos + dv[None, :], LSE + bh * Sq + rows, m_i, l_i, acc,
+                     row_ok, dv < DV)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by largest head size; not autotuned because the
@@ -286,6 +317,12 @@ def hyper_forward_triton(q, k, v, pattern: HyperPattern, *, scale, causal):
     group = Hq // Hkv
     out = torch.empty(B, Hq, Sq, Dv, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    # non-causal, the one level covers every row: it starts the state and the exact part (if any) merges last,
+    # both writing the result in q's dtype when they are last (no float32 round trip, no copy). Causal levels
+    # cover some rows only: the exact part starts every row, the levels merge, one copy casts.
+    one_pass = not causal and len(pattern.levels) == 1 and Sk > 0
+    final = out if q.dtype == torch.float32 or not one_pass else torch.empty_like(out, dtype=q.dtype)
+    run_exact = not (one_pass and pattern.exact_apart)  # non-causal without sinks and window: none
     # index tensors stay int64 as the pattern made them: converting would cost a launch each
     lo, hi = pattern.exact_lo.contiguous(), pattern.exact_hi.contiguous()
     dims = dict(D=D, DV=Dv, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
@@ -293,19 +330,33 @@ def hyper_forward_triton(q, k, v, pattern: HyperPattern, *, scale, causal):
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
     scale_log2 = float(scale) * LOG2E
-    block_m, block_n, warps, stages = _tiles(D, Dv, TILES_EXACT)
-    _exact_part_kernel[(triton.cdiv(Sq, block_m), B * Hq)](
-        q, k, v, out, lse, lo, hi, *strides, Hq, group, Sq, Sk, pattern.sinks, scale_log2,
-        CAUSAL=bool(causal), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **dims)
-    block_m, block_n, warps, stages = _tiles(D, Dv)
-    for level in pattern.levels:
+
+    def exact_part(target, merge):
+        block_m, block_n, warps, stages = _tiles(D, Dv, TILES_EXACT)
+        _exact_part_kernel[(triton.cdiv(Sq, block_m), B * Hq)](
+            q, k, v, out, target, lse, lo, hi, *strides, Hq, group, Sq, Sk, pattern.sinks, scale_log2,
+            CAUSAL=bool(causal), MERGE=merge, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+            **dims)
+
+    def rectangles(level, target, init):
+        block_m, block_n, warps, stages = _tiles(D, Dv)
         grid, tiles_per_block, nbq = level_grid(level, pattern.block_size, block_m, B * Hq)
         m = level.samples.shape[-1]
         _rectangles_kernel[grid](
-            q, k, v, out, lse, lo, hi, *level_indices(level), *strides, Hq, Hkv, group, Sq, Sk, pattern.sinks, m,
-            pattern.block_size, tiles_per_block, len(level.rect_list), nbq, scale_log2, math.log2(max(m, 1)),
-            LOCAL=level.q_start is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
-            **dims)
+            q, k, v, out, target, lse, lo, hi, *level_indices(level), *strides, Hq, Hkv, group, Sq, Sk,
+            pattern.sinks, m, pattern.block_size, tiles_per_block, len(level.rect_list), nbq, scale_log2,
+            math.log2(max(m, 1)), LOCAL=level.q_start is not None, INIT=init, EXCLUDE=not pattern.exact_apart,
+            BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=warps, num_stages=stages, **dims)
+
+    if one_pass:
+        rectangles(pattern.levels[0], out if run_exact else final, init=True)
+        if run_exact:
+            exact_part(final, merge=True)
+        return final, lse
+    exact_part(out, merge=False)
+    for level in pattern.levels:
+        rectangles(level, out, init=False)
     return out.to(q.dtype), lse
 
 

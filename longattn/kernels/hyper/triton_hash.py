@@ -43,6 +43,10 @@ if HAVE_TRITON:
         tl.store(RANK + bh * S + rows, rank.to(tl.int64), mask=row_ok)
 
 
+# (rows per program, num_warps); `benchmarks/bench_hyper.py --sweep-hash` times candidates
+HASH_TILE = (64, 4)
+
+
 def lsh_rank_triton(x, planes, group):
     """x (B, H, S, D) float16/bfloat16/float32, planes (Hkv, D, r) float32, H = group * Hkv
     -> (B, H, S) int64 Gray rank of each row's bucket. Drop-in for `pattern.lsh_rank`."""
@@ -53,9 +57,9 @@ def lsh_rank_triton(x, planes, group):
     planes = planes.to(device=x.device, dtype=torch.float32).contiguous()
     bits = planes.shape[-1]
     rank = torch.empty(B, H, S, dtype=torch.int64, device=x.device)
-    block_s = 64
+    block_s, warps = HASH_TILE
     grid = (triton.cdiv(S, block_s), B * H)
     _lsh_rank_kernel[grid](x, planes, rank, x.stride(0), x.stride(1), x.stride(2), H, group, S,
                            D=D, BITS=bits, BLOCK_S=block_s, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                           BLOCK_R=max(16, triton.next_power_of_2(bits)))
+                           BLOCK_R=max(16, triton.next_power_of_2(bits)), num_warps=warps)
     return rank
