@@ -70,7 +70,8 @@ def _cases():
            8, io) for name, init in (("dq", False), ("dq-init", True))),
         ("dk", bwd._dkv_kernel, dict(WANT_DK=True, FMAP=1, HAS_DEN=True, HAS_RS=True, BF16=True, C=64, BK=64,
                                      BV=32), 8, io),
-        ("delta-prep", delta._delta_prep_kernel, dict(FMAP=1, C=64, BF=64, BV=64), 8, io),
+        ("delta-inverse", delta._delta_inverse_kernel, dict(FMAP=1, C=64, BF=64, PRECISION="tf32"), 8, io | {"TT"}),
+        ("delta-wu", delta._delta_wu_kernel, dict(C=64, BF=64, BV=64, PRECISION="tf32"), 4, io | {"TT"}),
         ("delta-states", delta._delta_h_kernel, dict(BF16=True, C=64, BF=64, BV=32), 4, io),
         ("decode", dec._decode_kernel, dict(FMAP=1, HAS_FAR=True, FOLD=True, NORMALIZE=True, BD=64, BDV=64, BN=64),
          4, {"Q", "O"}),
@@ -82,7 +83,7 @@ def _cases():
     ]
 
 
-NAMES = ["states", "output", "output-init", "dq", "dq-init", "dk", "delta-prep", "delta-states", "decode", "exact", "exact-dq", "exact-dkv"]
+NAMES = ["states", "output", "output-init", "dq", "dq-init", "dk", "delta-inverse", "delta-wu", "delta-states", "decode", "exact", "exact-dq", "exact-dkv"]
 
 
 def _report_all() -> dict:

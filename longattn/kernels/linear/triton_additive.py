@@ -257,8 +257,8 @@ def far_additive_triton(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: in
     """Far part of additive linear attention, forward only.
 
     fq (B, Hq, Sq, F) and fk (B, Hkv, L, F): raw q/k for the fused maps (FUSED_MAPS), features otherwise;
-    v (B, Hkv, L, Dv). divide (needs normalize): return num / (den + eps) in out_dtype, (B, Hq, Sq, Dv).
-    Otherwise return float32 (B, Hq, Sq, Dv + 1) with den as the last column when normalize, or
+    v (B, Hkv, L, Dv). divide: return the finished output in out_dtype, (B, Hq, Sq, Dv): num / (den + eps), or
+    num itself when not normalize. Otherwise return float32 (B, Hq, Sq, Dv + 1) with den as the last column when normalize, or
     (B, Hq, Sq, Dv) unnormalised (same contract as `reference.far_chunked` on v with a ones column).
     init: an incoming state [S | z] (B, Hkv, F, Dv + normalize) over keys before all of these, which every
     query reads (context parallelism); states: (H, Z) of `launch_states` for these keys, if already walked.
@@ -283,7 +283,8 @@ def far_additive_triton(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: in
     out_args = (fq, fk, v, H, Z, o_view, den if normalize else out, s0, z0, fq.stride(0), fq.stride(1), fq.stride(2),
                 fk.stride(0), fk.stride(1), fk.stride(2), v.stride(0), v.stride(1), v.stride(2), o_view.stride(0), o_view.stride(1),
                 o_view.stride(2), Hq, G, Sq, L, P, N, Fd, Dv, shift, float(eps))
-    out_meta = dict(FMAP=fmap_id, HAS_DEN=normalize, DIVIDE=divide, BF16=bf16, C=chunk, INIT=init is not None)
+    out_meta = dict(FMAP=fmap_id, HAS_DEN=normalize, DIVIDE=divide and normalize, BF16=bf16, C=chunk,
+                    INIT=init is not None)
     if _output_tuned is not None and dev.type == "cuda":
         _output_tuned[lambda m: (triton.cdiv(Dv, m["BV"]), nq, B * Hq)](*out_args, **out_meta)
     else:
@@ -319,7 +320,7 @@ def far_additive_torch(fq, fk, v, init=None, *, fmap: str, causal: bool, offset,
         out = out + torch.einsum("bhgqf,bhfv->bhgqv", fq.view(B, Hkv, Hq // Hkv, Sq, Fd),
                                  init.to(fq.dtype)).reshape(out.shape)
     if divide:
-        return (out[..., :-1] / (out[..., -1:] + eps)).to(out_dtype)
+        return (out[..., :-1] / (out[..., -1:] + eps) if normalize else out).to(out_dtype)
     return out
 
 
@@ -336,8 +337,8 @@ class _FarAdditive(torch.autograd.Function):
         fq, fk, v, init, _, _, options = inputs
         out, den = output
         ctx.mark_non_differentiable(den)
-        divide = options["divide"]
-        ctx.save_for_backward(fq, fk, v, init, out if divide else None, den if divide else None)
+        divided = options["divide"] and options["normalize"]
+        ctx.save_for_backward(fq, fk, v, init, out if divided else None, den if divided else None)
         ctx.options = options
 
     @staticmethod
@@ -448,7 +449,8 @@ def linear_attention_additive_triton(q, k, v, *, scale=None, causal=False, featu
             feats = apply_feature_map(q, fk, feature_map=feature_map, scale=scale, num_features=num_features,
                                       seed=seed, feature_params=feature_params)
             fq, fk, lq = feats.q, feats.k, feats.q_log_scale
-        pure = exact is None and lq is None and normalize and "far_scale" not in (feature_params or {})
+        # nothing to combine: the kernel writes the finished output (divided by the normaliser, if any)
+        pure = exact is None and lq is None and "far_scale" not in (feature_params or {})
         far_num = far_additive(fq, fk, v[:, :, fr.start:fr.stop], fmap=feature_map, causal=causal,
                                offset=fr.offset, chunk=chunk_size, normalize=normalize, divide=pure, eps=eps,
                                out_dtype=q.dtype)

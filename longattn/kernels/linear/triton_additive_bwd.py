@@ -260,7 +260,7 @@ def far_additive_backward(grad, fq, fk, v, *, out, den, fmap: str, causal: bool,
         grads.append((x, gx))
     (fq, dq), (fk, dk), (v, dv) = grads
     rs = dden = None
-    if divide:
+    if divide and normalize:
         rs = 1.0 / (den + eps)                                               # (B·Hq, Sq)
         dden = -(rs * (grad.float() * out.float()).sum(-1).reshape(B * Hq, Sq))
         do = grad

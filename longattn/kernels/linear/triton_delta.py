@@ -2,9 +2,11 @@
 
 `triton_chunk.py` gets its features, unit rows and padding from PyTorch, several passes over (B, H, S, F)
 float32 tensors. Here:
-1. `_delta_prep_kernel`, one program per (key chunk, key head), loads the raw key rows, applies φ (elu + 1,
-   relu, identity; or reads float32 features), makes them unit length, stores them (kn), and builds the
-   chunk's UT form: T = (I + tril(diag(β) Kn Knᵀ, −1))⁻¹ diag(β), W = T Kn, U = T V (Yang et al. 2024, §3);
+1. `_delta_inverse_kernel`, one program per (key chunk, key head), loads the raw key rows, applies φ (elu + 1,
+   relu, identity; or reads float32 features), makes them unit length, stores them (kn), and stores the
+   chunk's T = (I + tril(diag(β) Kn Knᵀ, −1))⁻¹ diag(β), the inverse by block doubling
+   (`triton_chunk.unit_lower_inverse`); `_delta_wu_kernel` then forms the UT form W = T Kn, U = T V
+   (Yang et al. 2024, §3);
 2. `_delta_h_kernel`, one program per (V block, key head), walks the chunks in order with the state in
    registers: u = U − W h (stored), h += Knᵀ u, and stores h before each chunk;
 3. the additive path's output kernel reads φ(q) made unit length (QL2), the stored kn, the corrected values
@@ -29,11 +31,12 @@ except ImportError:
 
 if triton is not None:
     from .triton_additive import _output_kernel, _phi
+    from .triton_chunk import unit_lower_inverse
 
     @triton.jit
-    def _delta_prep_kernel(K, V, BETA, KN, WT, UT, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sb_b, sb_h, sb_s,
-                           Hkv, L, P, N, F, Dv, FMAP: tl.constexpr, C: tl.constexpr, BF: tl.constexpr,
-                           BV: tl.constexpr):
+    def _delta_inverse_kernel(K, BETA, KN, TT, sk_b, sk_h, sk_s, sb_b, sb_h, sb_s, Hkv, L, P, N, F,
+                              FMAP: tl.constexpr, C: tl.constexpr, BF: tl.constexpr, PRECISION: tl.constexpr):
+        """One (key chunk, key head): unit keys kn (stored) and T = (I + tril(diag(β) Kn Knᵀ, −1))⁻¹ diag(β)."""
         t, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // Hkv, bh % Hkv
         offs_c = tl.arange(0, C)
@@ -42,8 +45,8 @@ if triton is not None:
         r = t * C + offs_c - P
         mask_r = (r >= 0) & (r < L)
         kmask = mask_r[:, None] & mask_f[None, :]
-        kt = tl.load(K + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h + r[:, None] * sk_s
-                     + offs_f[None, :], mask=kmask, other=0.0)
+        kt = tl.load(K + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h + r[:, None] * sk_s + offs_f[None, :],
+                     mask=kmask, other=0.0)
         kt = tl.where(kmask, _phi(kt.to(tl.float32), FMAP), 0.0)
         # unit rows keep every I − β k kᵀ a contraction (F.normalize's 1e-12 floor: zero rows stay zero)
         kt = kt / tl.maximum(tl.sqrt(tl.sum(kt * kt, 1)), 1e-12)[:, None]
@@ -51,24 +54,34 @@ if triton is not None:
         tl.store(KN + rows[:, None] * F + offs_f[None, :], kt.to(KN.dtype.element_ty), mask=mask_f[None, :])
         beta = tl.load(BETA + b.to(tl.int64) * sb_b + h.to(tl.int64) * sb_h + r.to(tl.int64) * sb_s,
                        mask=mask_r, other=0.0).to(tl.float32)
-        A = tl.dot(kt, tl.trans(kt))
+        A = tl.dot(kt, tl.trans(kt), input_precision=PRECISION)
         A = tl.where(offs_c[:, None] > offs_c[None, :], A * beta[:, None], 0.0)
-        # (I + A)⁻¹ by forward substitution (see triton_chunk._delta_ut_kernel)
-        X = -A
-        for i in range(1, C):
-            row = tl.sum(tl.where(offs_c[:, None] == i, X, 0.0), 0)
-            row = row + tl.sum(row[:, None] * X, 0) * (offs_c < i)
-            X = tl.where(offs_c[:, None] == i, row[None, :], X)
-        X = X + (offs_c[:, None] == offs_c[None, :]).to(tl.float32)
-        T = X * beta[None, :]
-        w = tl.dot(T, kt)
+        T = unit_lower_inverse(A, C, PRECISION) * beta[None, :]
+        tl.store(TT + rows[:, None] * C + offs_c[None, :], T.to(TT.dtype.element_ty))
+
+    @triton.jit
+    def _delta_wu_kernel(KN, V, TT, WT, UT, sv_b, sv_h, sv_s, Hkv, L, P, N, F, Dv, C: tl.constexpr,
+                         BF: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+        """One (key chunk, key head): W = T Kn, U = T V (a kernel of its own: beside the inversion, the
+        products' tiles would spill registers)."""
+        t, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // Hkv, bh % Hkv
+        offs_c = tl.arange(0, C)
+        offs_f = tl.arange(0, BF)
+        mask_f = offs_f < F
+        r = t * C + offs_c - P
+        mask_r = (r >= 0) & (r < L)
+        rows = bh.to(tl.int64) * N * C + t * C + offs_c
+        T = tl.load(TT + rows[:, None] * C + offs_c[None, :])
+        kt = tl.load(KN + rows[:, None] * F + offs_f[None, :], mask=mask_f[None, :], other=0.0)
+        w = tl.dot(T, kt, input_precision=PRECISION)
         tl.store(WT + rows[:, None] * F + offs_f[None, :], w.to(WT.dtype.element_ty), mask=mask_f[None, :])
         for v0 in range(0, Dv, BV):
             offs_v = v0 + tl.arange(0, BV)
             mask_v = offs_v < Dv
             vt = tl.load(V + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h + r[:, None] * sv_s
                          + offs_v[None, :], mask=mask_r[:, None] & mask_v[None, :], other=0.0)
-            u = tl.dot(T, vt.to(tl.float32))
+            u = tl.dot(T, vt.to(T.dtype), input_precision=PRECISION)
             tl.store(UT + rows[:, None] * Dv + offs_v[None, :], u.to(UT.dtype.element_ty), mask=mask_v[None, :])
 
     @triton.jit
@@ -120,10 +133,16 @@ def far_delta_triton(fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk:
     KN = torch.empty(B * Hkv, N * chunk, Fd, dtype=kdt, device=dev)
     WT = torch.empty_like(KN)
     UT = torch.empty(B * Hkv, N * chunk, Dv, dtype=kdt, device=dev)
-    _delta_prep_kernel[(N, B * Hkv)](
-        fk, v, beta, KN, WT, UT, fk.stride(0), fk.stride(1), fk.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        beta.stride(0), beta.stride(1), beta.stride(2), Hkv, L, P, N, Fd, Dv, FMAP=fmap_id, C=chunk, BF=BF, BV=BV,
-        num_warps=8)
+    TT = torch.empty(B * Hkv, N * chunk, chunk, dtype=kdt, device=dev)
+    # float32 runs: products as 3 tf32 passes (float32 accuracy); bfloat16 runs: one tf32 pass for the
+    # inversion (relative error ~1e-3, under bfloat16's), bfloat16 operands for W and U
+    precision = "tf32" if bf16 else "tf32x3"
+    _delta_inverse_kernel[(N, B * Hkv)](
+        fk, beta, KN, TT, fk.stride(0), fk.stride(1), fk.stride(2), beta.stride(0), beta.stride(1), beta.stride(2),
+        Hkv, L, P, N, Fd, FMAP=fmap_id, C=chunk, BF=BF, PRECISION=precision, num_warps=8)
+    _delta_wu_kernel[(N, B * Hkv)](
+        KN, v, TT, WT, UT, v.stride(0), v.stride(1), v.stride(2), Hkv, L, P, N, Fd, Dv, C=chunk, BF=BF, BV=BV,
+        PRECISION=precision, num_warps=4)
     H = torch.empty(B * Hkv, N + 1, Fd, Dv, dtype=kdt, device=dev)
     UNEW = torch.empty_like(UT)
     HV = 32 if Dv > 32 else BV  # more programs for the sequential walk
