@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import sys
 import weakref
 
 import torch
@@ -59,19 +60,37 @@ def compile_inner(gm: torch.fx.GraphModule, example_inputs, inner: str):
     return torch._dynamo.lookup_backend(inner)(gm, example_inputs)
 
 
-# module -> its dotted path in the first (outermost) module this backend compiled that contains it
+# module -> its dotted path in the module whose paths name layers (`_root_module`)
 _module_paths: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
+def _root_module(inner: torch.nn.Module) -> torch.nn.Module:
+    """The module whose paths the policy's layer names follow, found on the Python call stack (the frames
+    running eagerly around the one dynamo compiles): the compiled module for `torch.compile(model)`, else
+    the outermost module on the stack that contains `inner` (`model.forward = torch.compile(model.forward)`
+    called from `model.generate`), else `inner` itself."""
+    from torch._dynamo.eval_frame import OptimizedModule
+    root, frame = inner, sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        if isinstance(owner, OptimizedModule):
+            compiled = owner._orig_mod
+            return compiled if any(m is inner for m in compiled.modules()) else root
+        if isinstance(owner, torch.nn.Module) and owner is not root and any(m is root for m in owner.modules()):
+            root = owner
+        frame = frame.f_back
+    return root
+
+
 def frame_path() -> str:
-    """Path, in the model, of the module whose forward dynamo is compiling now ("" for the outermost one).
+    """Path, in the model, of the module whose forward dynamo is compiling now ("" for the model itself).
 
     After a graph break inside a submodule, dynamo compiles that submodule's forward as a frame of its own
     (transformers 5.17 does this for T5's decoder), and the graph's module paths then start at that
-    submodule: `block.0...` where the model says `decoder.block.0...`. The first frame compiled is the
-    model's own forward (it runs first), so its submodules' paths are recorded then and looked up for the
-    inner frames. Reads the frame through dynamo's private `InstructionTranslator.current_tx()`; without
-    it (another torch), paths stay relative to the frame."""
+    submodule: `block.0...` where the model says `decoder.block.0...`. The frame's module is looked up in
+    the model found on the call stack (`_root_module`), whichever frame compiles first. Reads the frame
+    through dynamo's private `InstructionTranslator.current_tx()`; without it (another torch), paths stay
+    relative to the frame."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
         frame_self = InstructionTranslator.current_tx().f_locals.get("self")
@@ -80,7 +99,7 @@ def frame_path() -> str:
     if not isinstance(frame_self, torch.nn.Module):
         return ""
     if frame_self not in _module_paths:
-        for name, module in frame_self.named_modules(remove_duplicate=False):
+        for name, module in _root_module(frame_self).named_modules(remove_duplicate=False):
             _module_paths.setdefault(module, name)
     return _module_paths.get(frame_self, "")
 
