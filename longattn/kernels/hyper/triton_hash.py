@@ -17,7 +17,8 @@ if HAVE_TRITON:
     @triton.jit
     def _lsh_rank_kernel(X, P, RANK, sxb, sxh, sxs, H, group, S,
                          D: tl.constexpr, BITS: tl.constexpr,
-                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                         PRECISION: tl.constexpr = "ieee"):
         pid_s = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         b = bh // H
@@ -31,8 +32,9 @@ if HAVE_TRITON:
                     mask=row_ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
         p = tl.load(P + plane_head * D * BITS + d[:, None] * BITS + r[None, :],
                     mask=(d[:, None] < D) & (r[None, :] < BITS), other=0.0)
-        # fp32 products: the sign is all that is kept, and it must match the reference's fp32 projection
-        proj = tl.dot(x, p, input_precision="ieee")
+        # float32 products ("ieee": the reference's projection; tf32 variants round the projections a little,
+        # which moves only points within that rounding of a hyperplane, i.e. an equally random hash)
+        proj = tl.dot(x, p, input_precision=PRECISION)
         bit = ((proj > 0) & (r[None, :] < BITS)).to(tl.int32)
         code = tl.sum(bit << r[None, :], axis=1)
         # inverse Gray code (position along the Gray sequence), codes have at most 16 bits
@@ -43,8 +45,9 @@ if HAVE_TRITON:
         tl.store(RANK + bh * S + rows, rank.to(tl.int64), mask=row_ok)
 
 
-# (rows per program, num_warps); `benchmarks/bench_hyper.py --sweep-hash` times candidates
-HASH_TILE = (64, 4)
+# (rows per program, num_warps, dot precision); `benchmarks/bench_hyper.py --sweep-hash` times candidates.
+# Forward and backward hash with the same setting, so they always agree with each other.
+HASH_TILE = (64, 4, "ieee")
 
 
 def lsh_rank_triton(x, planes, group):
@@ -57,9 +60,9 @@ def lsh_rank_triton(x, planes, group):
     planes = planes.to(device=x.device, dtype=torch.float32).contiguous()
     bits = planes.shape[-1]
     rank = torch.empty(B, H, S, dtype=torch.int64, device=x.device)
-    block_s, warps = HASH_TILE
+    block_s, warps, precision = HASH_TILE
     grid = (triton.cdiv(S, block_s), B * H)
     _lsh_rank_kernel[grid](x, planes, rank, x.stride(0), x.stride(1), x.stride(2), H, group, S,
                            D=D, BITS=bits, BLOCK_S=block_s, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                           BLOCK_R=max(16, triton.next_power_of_2(bits)), num_warps=warps)
+                           BLOCK_R=max(16, triton.next_power_of_2(bits)), PRECISION=precision, num_warps=warps)
     return rank
