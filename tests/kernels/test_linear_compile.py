@@ -73,6 +73,8 @@ def _cases():
         ("delta-inverse", delta._delta_inverse_kernel, dict(FMAP=1, C=64, BF=64, PRECISION="tf32"), 8, io | {"TT"}),
         ("delta-wu", delta._delta_wu_kernel, dict(C=64, BF=64, BV=64, PRECISION="tf32"), 4, io | {"TT"}),
         ("delta-states", delta._delta_h_kernel, dict(BF16=True, C=64, BF=64, BV=32), 4, io),
+        ("delta-output", add._output_kernel, dict(FMAP=0, HAS_DEN=False, DIVIDE=False, BF16=True, C=64, BK=64,
+                                                  BV=delta.OUTPUT_TILE[0], KMAP=0, QL2=True, INIT=False), delta.OUTPUT_TILE[1], io),
         ("decode", dec._decode_kernel, dict(FMAP=1, HAS_FAR=True, FOLD=True, NORMALIZE=True, BD=64, BDV=64, BN=64),
          4, {"Q", "O"}),
         ("exact", exact._exact_kernel, dict(CAUSAL=True, BF16=True, BM=64, BN=64, BD=64, BDV=64), 4, {"Q", "K", "V"}),
@@ -83,7 +85,7 @@ def _cases():
     ]
 
 
-NAMES = ["states", "output", "output-init", "dq", "dq-init", "dk", "delta-inverse", "delta-wu", "delta-states", "decode", "exact", "exact-dq", "exact-dkv"]
+NAMES = ["states", "output", "output-init", "dq", "dq-init", "dk", "delta-inverse", "delta-wu", "delta-states", "delta-output", "decode", "exact", "exact-dq", "exact-dkv"]
 
 
 def _report_all() -> dict:

@@ -173,16 +173,12 @@ if triton is not None and os.environ.get("TRITON_INTERPRET") != "1":
     # few configs: every new (shape, map, mode) key compiles all of them once
     _states_tuned = triton.autotune(
         configs=[triton.Config({"BK": bk, "BV": bv}, num_warps=4, num_stages=s)
-                 for bk, bv, s in ((64, 64, 2), (64, 32, 3), (32, 64, 2), (32, 32, 3))]
-        # deeper pipelines and other warp counts for the sequential walk, whose loads are its latency
-        + [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
-           for bk, bv, w, s in ((32, 32, 2, 4), (64, 64, 8, 3), (64, 32, 2, 4), (32, 64, 2, 4))],
+                 for bk, bv, s in ((64, 64, 2), (64, 32, 3), (32, 64, 2), (32, 32, 3))],
         key=["F", "Dv", "Hkv", "FMAP", "BF16"])(_states_kernel)  # not the length: no re-tuning per new length
     # 4 warps on 64 × 64 tiles spill registers (ptxas, sm_90): those configs are left out
     _output_tuned = triton.autotune(
         configs=[triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
-                 for bk, bv, w, s in ((64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 3), (32, 64, 4, 2), (64, 64, 8, 3),
-                                      (32, 32, 4, 3))],
+                 for bk, bv, w, s in ((64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 3), (32, 64, 4, 2))],
         key=["F", "Dv", "FMAP", "BF16", "DIVIDE"])(_output_kernel)
 else:
     _states_tuned = _output_tuned = None

@@ -42,13 +42,14 @@ if triton is not None:
     def unit_lower_inverse(A, C: tl.constexpr, PRECISION: tl.constexpr):
         """(I + A)⁻¹ for A (C × C float32) strictly lower triangular, by block doubling: if X inverts I + A's
         diagonal blocks of size b, then X − X L X inverts its blocks of size 2b, where L keeps A's lower-left
-        b × b block inside each 2b block (the 2 × 2 block formula [[X₁, 0], [−X₂ A₂₁ X₁, X₂]]). log2(C) steps
-        of two products each: block forward substitution on tensor cores instead of C − 1 serial row steps.
+        b × b block inside each 2b block (the 2 × 2 block formula [[X₁, 0], [−X₂ A₂₁ X₁, X₂]]). log2(C) − 1
+        steps of two products each: block forward substitution on tensor cores instead of C − 1 serial row steps.
         C is a power of two from 16 to 128."""
         r = tl.arange(0, C)[:, None]
         c = tl.arange(0, C)[None, :]
-        X = (r == c).to(tl.float32)
-        for s in tl.static_range(7):
+        # size-2 blocks [[1, 0], [a, 1]] invert to [[1, 0], [-a, 1]]: the first step needs no product
+        X = (r == c).to(tl.float32) - tl.where(((r >> 1) == (c >> 1)) & (r > c), A, 0.0)
+        for s in tl.static_range(1, 7):
             if (1 << s) < C:
                 L = tl.where(((r >> s) == (c >> s) + 1) & ((r >> (s + 1)) == (c >> (s + 1))), A, 0.0)
                 X = X - tl.dot(X, tl.dot(L, X, input_precision=PRECISION), input_precision=PRECISION)

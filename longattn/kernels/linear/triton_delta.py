@@ -114,6 +114,9 @@ if triton is not None:
 
 
 MAX_FEATURES = 256  # one feature tile per chunk row: unit-length rows need the whole row
+# the output kernel's (largest value tile, num_warps): it reads all F features of a row at once (unit rows);
+# `benchmarks/bench_linear.py --sweep-delta-output` times candidates
+OUTPUT_TILE = (64, 8)
 
 
 def far_delta_triton(fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk: int, out_dtype, pure: bool):
@@ -148,13 +151,13 @@ def far_delta_triton(fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk:
     HV = 32 if Dv > 32 else BV  # more programs for the sequential walk
     _delta_h_kernel[(triton.cdiv(Dv, HV), B * Hkv)](KN, WT, UT, H, UNEW, N, Fd, Dv, BF16=bf16, C=chunk, BF=BF, BV=HV)
     out = torch.empty(B, Hq, Sq, Dv, dtype=out_dtype if pure else torch.float32, device=dev)
-    OV = min(64, max(16, triton.next_power_of_2(Dv)))
+    OV = min(OUTPUT_TILE[0], max(16, triton.next_power_of_2(Dv)))
     # kn and u are (B·Hkv, N·C, ·) in padded coordinates: strides (N·C·F·Hkv, N·C·F, F), P = 0, L = N·C
     _output_kernel[(triton.cdiv(Dv, OV), nq, B * Hq)](
         fq, KN, UNEW, H, H, out, out, H, H, fq.stride(0), fq.stride(1), fq.stride(2), Hkv * N * chunk * Fd,
         N * chunk * Fd, Fd, Hkv * N * chunk * Dv, N * chunk * Dv, Dv, out.stride(0), out.stride(1), out.stride(2),
         Hq, G, Sq, N * chunk, 0, N, Fd, Dv, shift, 0.0, FMAP=fmap_id, HAS_DEN=False, DIVIDE=False, BF16=bf16,
-        C=chunk, BK=BF, BV=OV, KMAP=0, QL2=True, num_warps=8)
+        C=chunk, BK=BF, BV=OV, KMAP=0, QL2=True, num_warps=OUTPUT_TILE[1])
     return out
 
 
