@@ -34,16 +34,20 @@ if triton is not None:
     from .triton_chunk import unit_lower_inverse
 
     @triton.jit
+    def _chunk_coords(Hkv, L, P, F, C: tl.constexpr, BF: tl.constexpr):
+        """The (key chunk t, key head bh) program's coordinates: batch b, head h, chunk rows, features, and the
+        key index r of each row (the first P slots of the padded sequence are empty) with its validity."""
+        t, bh = tl.program_id(0), tl.program_id(1)
+        offs_c = tl.arange(0, C)
+        offs_f = tl.arange(0, BF)
+        r = t * C + offs_c - P
+        return t, bh, bh // Hkv, bh % Hkv, offs_c, offs_f, offs_f < F, r, (r >= 0) & (r < L)
+
+    @triton.jit
     def _delta_inverse_kernel(K, BETA, KN, TT, sk_b, sk_h, sk_s, sb_b, sb_h, sb_s, Hkv, L, P, N, F,
                               FMAP: tl.constexpr, C: tl.constexpr, BF: tl.constexpr, PRECISION: tl.constexpr):
         """One (key chunk, key head): unit keys kn (stored) and T = (I + tril(diag(β) Kn Knᵀ, −1))⁻¹ diag(β)."""
-        t, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // Hkv, bh % Hkv
-        offs_c = tl.arange(0, C)
-        offs_f = tl.arange(0, BF)
-        mask_f = offs_f < F
-        r = t * C + offs_c - P
-        mask_r = (r >= 0) & (r < L)
+        t, bh, b, h, offs_c, offs_f, mask_f, r, mask_r = _chunk_coords(Hkv, L, P, F, C, BF)
         kmask = mask_r[:, None] & mask_f[None, :]
         kt = tl.load(K + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h + r[:, None] * sk_s + offs_f[None, :],
                      mask=kmask, other=0.0)
@@ -64,13 +68,7 @@ if triton is not None:
                          BF: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
         """One (key chunk, key head): W = T Kn, U = T V (a kernel of its own: beside the inversion, the
         products' tiles would spill registers)."""
-        t, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // Hkv, bh % Hkv
-        offs_c = tl.arange(0, C)
-        offs_f = tl.arange(0, BF)
-        mask_f = offs_f < F
-        r = t * C + offs_c - P
-        mask_r = (r >= 0) & (r < L)
+        t, bh, b, h, offs_c, offs_f, mask_f, r, mask_r = _chunk_coords(Hkv, L, P, F, C, BF)
         rows = bh.to(tl.int64) * N * C + t * C + offs_c
         T = tl.load(TT + rows[:, None] * C + offs_c[None, :])
         kt = tl.load(KN + rows[:, None] * F + offs_f[None, :], mask=mask_f[None, :], other=0.0)
