@@ -1,4 +1,4 @@
-"""HyperAttention forward in Triton: one exact-part launch, then one launch per recursion level.
+"""HyperAttention forward in Triton: one exact-part launch and one launch per recursion level.
 
 State lives in original row order in two float32 buffers, out (B, Hq, Sq, Dv) and lse (B, Hq, Sq).
 `_exact_part_kernel` fills them from the sinks and each row's exact range (window / causal leaf).
@@ -8,6 +8,11 @@ block of one rectangle, reads the rows' state (out, lse) back as an online-softm
 online softmax, gathering q/k/v rows by index (no permuted copies), and writes the merged state
 back to the same rows. Rows of one level belong to one program each, so there is no race, and
 every merge is the log-sum-exp merge done in registers. Scores are kept in the log2 domain.
+
+Non-causal attention has one level, which covers every row: it runs first and starts the state
+(`INIT`, nothing read), the exact part runs last and merges (`MERGE`), and whichever is last writes
+the output in q's dtype directly. Without sinks and window there is no exact part at all, and the
+block's key tiles need no mask (`EXCLUDE=False`).
 
 A pattern restricted to some query rows (`pattern.local_pattern`, context parallelism) runs the same
 launches over those rows only: q / out / lse / exact ranges hold the local rows, and a rectangle program
