@@ -37,7 +37,7 @@ PARAMS = dict(block_size=256, sample_size=256, lsh_bits=7, min_seq_len=4096, sin
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for --sweep-tiles
 RECT_CANDIDATES = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 2),
                    (256, 64, 8, 2)]
-# (rows per program, warps, dot precision)
+# (rows per program, warps, dot precision); the first is the float32 ("ieee") one the others are compared with
 HASH_CANDIDATES = [(64, 4, "ieee"), (256, 8, "ieee"), (128, 4, "tf32x3"), (256, 8, "tf32x3"), (128, 4, "tf32"),
                    (256, 8, "tf32")]
 EXACT_CANDIDATES = [(64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)]
@@ -55,6 +55,27 @@ def bench(fn, long_ms_hint=None):
     """Median ms over CUDA-event-timed repetitions, after warm-up (do_bench's arguments are ms)."""
     torch.cuda.synchronize()
     return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+
+def keep_fastest(records, base, candidates, apply, time_ms, extra=None):
+    """Time each candidate setting: apply(c), then time_ms() (and extra(ms) -> more fields); record it
+    (one that fails, e.g. a tile that does not fit in shared memory, is recorded with its error) and
+    leave the fastest applied."""
+    best = None
+    for c in candidates:
+        apply(c)
+        rec = dict(base, candidate=list(c))
+        try:
+            rec["ms"] = time_ms()
+            rec.update(extra(rec["ms"]) if extra else {})
+        except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
+            rec["error"] = repr(e)[:200]
+        else:
+            best = min(best or (rec["ms"], c), (rec["ms"], c))
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+    if best:
+        apply(best[1])
 
 
 def rel_err(a, b):
@@ -126,9 +147,11 @@ def main():
     ap.add_argument("--lengths", default="4096,8192,16384,32768,65536,131072")
     ap.add_argument("--shapes", default="32x64,16x128", help="heads x head_dim")
     ap.add_argument("--no-backward", action="store_true")
-    ap.add_argument("--sweep-tiles", action="store_true", help="time forward tile candidates at 32K first, keep the best")
+    ap.add_argument("--sweep-tiles", action="store_true",
+                    help="time forward tile candidates at 32K first, keep the best")
     ap.add_argument("--sweep-bwd-tiles", action="store_true", help="the same for the backward's tiles")
-    ap.add_argument("--sweep-hash", action="store_true", help="time the LSH kernel's tile candidates at 131K, keep the best")
+    ap.add_argument("--sweep-hash", action="store_true",
+                    help="time the LSH kernel's tile candidates at 131K, keep the best")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -168,51 +191,26 @@ def main():
             # the rectangle kernel first (the exact part at its current tiles), then the exact part
             for table, kind, candidates in ((triton_attention.TILES, "tiles", RECT_CANDIDATES),
                                             (triton_attention.TILES_EXACT, "tiles_exact", EXACT_CANDIDATES)):
-                best = None
-                for tiles in candidates:
-                    table[max(64, d)] = tiles
-                    try:
-                        ms = sum(bench(runners(h, d, 32768, c, False)["hyper"][0]) for c in (False, True))
-                    except Exception as e:  # a tile that does not fit (shared memory) is skipped
-                        rec = {"kind": kind, "h": h, "d": d, "tiles": tiles, "error": repr(e)[:200]}
-                    else:
-                        rec = {"kind": kind, "h": h, "d": d, "tiles": tiles, "ms_32k_both": ms}
-                        best = min(best or (ms, tiles), (ms, tiles))
-                    records.append(rec)
-                    print(json.dumps(rec), flush=True)
-                if best:
-                    table[max(64, d)] = best[1]
+                keep_fastest(records, dict(kind=kind, h=h, d=d, timed="forward at 32K, both causal modes, summed"),
+                             candidates, lambda c, table=table: table.__setitem__(max(64, d), c),
+                             lambda: sum(bench(runners(h, d, 32768, c, False)["hyper"][0]) for c in (False, True)))
     if args.sweep_hash:
         for h, d in shapes:
             x = torch.randn(1, h, 131072, d, device="cuda", dtype=torch.bfloat16)
             planes = torch.randn(h, d, PARAMS["lsh_bits"], device="cuda")
-            want, best = lsh_rank_triton(x, planes, 1), None
-            for tile in HASH_CANDIDATES:
-                triton_hash.HASH_TILE = tile
-                got = lsh_rank_triton(x, planes, 1)
-                rec = {"kind": "hash_tile", "h": h, "d": d, "tile": tile, "rows_unlike_ieee": int((got != want).sum()),
-                       "ms_131k": bench(lambda: lsh_rank_triton(x, planes, 1))}
-                rec["gb_per_s"] = x.numel() * 2 / rec["ms_131k"] / 1e6
-                best = min(best or (rec["ms_131k"], tile), (rec["ms_131k"], tile))
-                records.append(rec)
-                print(json.dumps(rec), flush=True)
-            triton_hash.HASH_TILE = best[1]
+            triton_hash.HASH_TILE = HASH_CANDIDATES[0]  # float32 products: the reference's buckets
+            want = lsh_rank_triton(x, planes, 1)
+            keep_fastest(records, dict(kind="hash_tile", h=h, d=d, timed="one 131K tensor"), HASH_CANDIDATES,
+                         lambda c: setattr(triton_hash, "HASH_TILE", c),
+                         lambda: bench(lambda: lsh_rank_triton(x, planes, 1)),
+                         lambda ms: {"rows_unlike_ieee": int((lsh_rank_triton(x, planes, 1) != want).sum()),
+                                     "gb_per_s": x.numel() * 2 / ms / 1e6})
     if args.sweep_bwd_tiles and not args.no_backward:
         for h, d in shapes:
-            best = None
-            for tiles in [(128, 32, 8, 1), (64, 32, 8, 1), (32, 32, 8, 1), (64, 64, 8, 1), (64, 32, 8, 2)]:
-                triton_attention.TILES_BWD[max(64, d)] = tiles
-                try:
-                    ms = bench(runners(h, d, 32768, True, True)["hyper"][0])
-                except Exception as e:
-                    rec = {"kind": "tiles_bwd", "h": h, "d": d, "tiles": tiles, "error": repr(e)[:200]}
-                else:
-                    rec = {"kind": "tiles_bwd", "h": h, "d": d, "tiles": tiles, "ms_32k_causal_fwd_bwd": ms}
-                    best = min(best or (ms, tiles), (ms, tiles))
-                records.append(rec)
-                print(json.dumps(rec), flush=True)
-            if best:
-                triton_attention.TILES_BWD[max(64, d)] = best[1]
+            keep_fastest(records, dict(kind="tiles_bwd", h=h, d=d, timed="causal forward+backward at 32K"),
+                         [(128, 32, 8, 1), (64, 32, 8, 1), (32, 32, 8, 1), (64, 64, 8, 1), (64, 32, 8, 2)],
+                         lambda c: triton_attention.TILES_BWD.__setitem__(max(64, d), c),
+                         lambda: bench(runners(h, d, 32768, True, True)["hyper"][0]))
 
     rows = []
     for h, d in shapes:

@@ -346,9 +346,6 @@ def main():
     for mode in ("fwd", "fwdbwd"):
         if mode not in skip:
             bench_prefill(rec, mode, lengths, shapes)
-    from longattn.kernels.linear import triton_additive
-    rec.write({"kind": "tuned", **{name: str(getattr(getattr(triton_additive, name), "best_config", None))
-                                   for name in ("_states_tuned", "_output_tuned")}})
     if "decode" not in skip:
         bench_decode(rec, [int(x) for x in args.decode_lengths.split(",") if x])
     from longattn.kernels.linear import triton_additive

@@ -6,8 +6,9 @@ the host (Python + launch) cost of flash's forward at short lengths.
 
 Hyper: torch.profiler over a few forward calls (bf16, h32 d64, batch 1), CUDA time per kernel name, so a
 speed-up can aim at the largest line. Linear: the same for our chunked forms and their
-flash-linear-attention twins (bench_linear.py's contenders, when fla imports). Flash: per-call wall time of back-to-back calls (host-bound when it
-exceeds the kernel time), the kernel time from the profiler, and do_bench's median. Writes
+flash-linear-attention twins (bench_linear.py's contenders, when fla imports). Flash: per-call wall time
+of back-to-back calls (host-bound when it exceeds the kernel time), the kernel time from the profiler,
+and do_bench's median. Writes
 <date>-<device>-profile.md to --out after every section (a diagnosis, not a results table: ratios in the
 bench_* files).
 """

@@ -11,8 +11,8 @@ inputs at compile time; default True).
 from __future__ import annotations
 
 import collections
-import threading
 import sys
+import threading
 import weakref
 
 import torch

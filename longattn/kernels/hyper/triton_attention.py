@@ -324,12 +324,6 @@ def hyper_forward_triton(q, k, v, pattern: HyperPattern, *, scale, causal):
     group = Hq // Hkv
     out = torch.empty(B, Hq, Sq, Dv, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
-    # non-causal, the one level covers every row: it starts the state and the exact part (if any) merges last,
-    # both writing the result in q's dtype when they are last (no float32 round trip, no copy). Causal levels
-    # cover some rows only: the exact part starts every row, the levels merge, one copy casts.
-    one_pass = not causal and len(pattern.levels) == 1 and Sk > 0
-    final = out if q.dtype == torch.float32 or not one_pass else torch.empty_like(out, dtype=q.dtype)
-    run_exact = not (one_pass and pattern.exact_apart)  # non-causal without sinks and window: none
     # index tensors stay int64 as the pattern made them: converting would cost a launch each
     lo, hi = pattern.exact_lo.contiguous(), pattern.exact_hi.contiguous()
     dims = dict(D=D, DV=Dv, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
@@ -353,14 +347,19 @@ def hyper_forward_triton(q, k, v, pattern: HyperPattern, *, scale, causal):
             q, k, v, out, target, lse, lo, hi, *level_indices(level), *strides, Hq, Hkv, group, Sq, Sk,
             pattern.sinks, m, pattern.block_size, tiles_per_block, len(level.rect_list), nbq, scale_log2,
             math.log2(max(m, 1)), LOCAL=level.q_start is not None, INIT=init, EXCLUDE=not pattern.exact_apart,
-            BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=warps, num_stages=stages, **dims)
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **dims)
 
-    if one_pass:
-        rectangles(pattern.levels[0], out if run_exact else final, init=True)
-        if run_exact:
+    if not causal and len(pattern.levels) == 1 and Sk > 0:
+        # non-causal: the one level covers every row. It starts the state, the exact part (if any) merges last,
+        # and whichever is last writes the result in q's dtype (no float32 round trip, no copy)
+        final = out if q.dtype == torch.float32 else torch.empty_like(out, dtype=q.dtype)
+        if pattern.exact_apart:  # no sinks, no window: no exact part
+            rectangles(pattern.levels[0], final, init=True)
+        else:
+            rectangles(pattern.levels[0], out, init=True)
             exact_part(final, merge=True)
         return final, lse
+    # causal levels cover some rows only: the exact part starts every row, the levels merge, one copy casts
     exact_part(out, merge=False)
     for level in pattern.levels:
         rectangles(level, out, init=False)

@@ -47,8 +47,8 @@ if HAVE_TRITON:
 
 
 # (rows per program, num_warps, dot precision); `benchmarks/bench_hyper.py --sweep-hash` times candidates.
-# Measured on an H200 (triton 3.6, h32 d64, 131K rows, 2026-12-01-h200-hyper.jsonl): "ieee" 0.49-0.52 ms, "tf32x3"
-# 0.33 ms, "tf32" 0.17 ms (3.2 TB/s). tf32 puts 0.05% of rows in another bucket than the float32 projection:
+# Measured on an H200 (triton 3.6, h32 d64, 131K rows; benchmarks/results/2026-12-01-h200-hyper-hash-sweep.md):
+# "ieee" 0.49-0.52 ms, "tf32x3" 0.33 ms, "tf32" 0.17 ms (3.2 TB/s). tf32 puts 0.05% of rows in another bucket than the float32 projection:
 # rows within tf32 rounding of a hyperplane, whose side is a coin toss under any precision, so the hash is as
 # random as before. Forward and backward hash with this same kernel, so they always agree with each other.
 HASH_TILE = (128, 4, "tf32")

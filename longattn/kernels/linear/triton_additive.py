@@ -258,8 +258,8 @@ def far_additive_triton(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: in
 
     fq (B, Hq, Sq, F) and fk (B, Hkv, L, F): raw q/k for the fused maps (FUSED_MAPS), features otherwise;
     v (B, Hkv, L, Dv). divide: return the finished output in out_dtype, (B, Hq, Sq, Dv): num / (den + eps), or
-    num itself when not normalize. Otherwise return float32 (B, Hq, Sq, Dv + 1) with den as the last column when normalize, or
-    (B, Hq, Sq, Dv) unnormalised (same contract as `reference.far_chunked` on v with a ones column).
+    num itself when not normalize. Otherwise return float32 (B, Hq, Sq, Dv + 1) with den as the last column
+    when normalize, or (B, Hq, Sq, Dv) unnormalised (same contract as `reference.far_chunked` on v with a ones column).
     init: an incoming state [S | z] (B, Hkv, F, Dv + normalize) over keys before all of these, which every
     query reads (context parallelism); states: (H, Z) of `launch_states` for these keys, if already walked.
     """
