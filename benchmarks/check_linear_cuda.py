@@ -1,0 +1,36 @@
+"""Linear attention's Triton kernels on a GPU against the float64 PyTorch reference: output and gradients.
+
+    PYTHONPATH=. python benchmarks/check_linear_cuda.py
+
+bf16, B1 H4 S1000 d64, causal, random inputs scaled by 0.5; the raw identity map (unnormalised, the kernels
+write the output directly), elu normalised, and the delta rule (identity map, per-token β). Prints the
+relative error of the output and of dq / dk / dv (results: `results/2026-12-01-h200-linear.md`).
+"""
+import torch
+
+from longattn.kernels.linear import linear_attention
+from longattn.kernels.linear.reference import linear_attention_reference
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def main():
+    torch.manual_seed(0)
+    for kw in (dict(feature_map="identity", normalize=False), dict(feature_map="elu", normalize=True),
+               dict(feature_map="identity", update_rule="delta", normalize=False)):
+        q, k, v = (torch.randn(1, 4, 1000, 64, device="cuda", dtype=torch.bfloat16) * 0.5 for _ in range(3))
+        beta = torch.rand(1, 4, 1000, device="cuda") if kw.get("update_rule") == "delta" else None
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = linear_attention(*leaves, causal=True, beta=beta, **kw)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, g)
+        ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+        ref = linear_attention_reference(*ref_leaves, causal=True, beta=None if beta is None else beta.double(), **kw)
+        ref_grads = torch.autograd.grad(ref, ref_leaves, g.double())
+        print(kw, "out", f"{rel(out, ref):.1e}", "dq/dk/dv", [f"{rel(a, b):.1e}" for a, b in zip(grads, ref_grads)])
+
+
+if __name__ == "__main__":
+    main()
