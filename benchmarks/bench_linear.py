@@ -189,21 +189,6 @@ def bench_prefill(rec, mode, lengths, shapes):
             torch.cuda.empty_cache()
 
 
-def sweep_delta_output(rec, s=32768, h=32, d=64):
-    from longattn.kernels.linear import triton_delta
-    q, k, v = (torch.randn(1, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    beta = torch.rand(1, s, h, device="cuda", dtype=torch.bfloat16).sigmoid()
-    fn = contenders(beta)[0]["ours-delta"][0]
-    best = None
-    for tile in ((64, 8), (32, 8), (16, 8)):  # fewer warps spill registers (sm_90 build)
-        triton_delta.OUTPUT_TILE = tile
-        with torch.no_grad():
-            ms = time_ms(lambda: fn(q, k, v))
-        rec.write({"kind": "delta_output_tile", "tile": list(tile), "h": h, "d": d, "s": s, "ms": ms})
-        best = min(best or (ms, tile), (ms, tile))
-    triton_delta.OUTPUT_TILE = best[1]
-
-
 # ----------------------------------------------------------------------------------------------- decode
 
 def decode_state(hkv, d, sinks, window, feature_dim, s):
@@ -320,8 +305,6 @@ def main():
     ap.add_argument("--decode-lengths", default="4096,32768,131072")
     ap.add_argument("--shapes", default="32x64,16x128")
     ap.add_argument("--skip", default="")
-    ap.add_argument("--sweep-delta-output", action="store_true",
-                    help="time the delta rule's output tile candidates at 32K (h32 d64) first, keep the best")
     ap.add_argument("--slow-limit", type=int, default=32768,
                     help="longest length at which fwdbwd times ours-delta (PyTorch-recompute backward)")
     args = ap.parse_args()
@@ -341,8 +324,6 @@ def main():
     lengths = [int(x) for x in args.lengths.split(",") if x]
     shapes = [tuple(int(y) for y in x.split("x")) for x in args.shapes.split(",") if x]
     skip = set(args.skip.split(","))
-    if args.sweep_delta_output:
-        sweep_delta_output(rec)
     for mode in ("fwd", "fwdbwd"):
         if mode not in skip:
             bench_prefill(rec, mode, lengths, shapes)

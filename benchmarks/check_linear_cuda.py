@@ -2,9 +2,10 @@
 
     PYTHONPATH=. python benchmarks/check_linear_cuda.py
 
-bf16, B1 H4 S1000 d64, causal, random inputs scaled by 0.5; the raw identity map (unnormalised, the kernels
-write the output directly), elu normalised, and the delta rule (identity map, per-token β). Prints the
-relative error of the output and of dq / dk / dv (results: `results/2026-12-01-h200-linear.md`).
+bf16, B1 H4 S1000 d64, causal, random inputs scaled by 0.5; the identity map unnormalised (the kernels
+write the output directly) and normalised, elu normalised, the elu hybrid (64 sinks + 256-key window), and the
+delta rule (identity map, per-token β). Prints the
+relative error of the output and of dq / dk / dv (results: `results/2026-12-01-h200-linear.md`, notes).
 """
 import torch
 
@@ -18,7 +19,8 @@ def rel(a, b):
 
 def main():
     torch.manual_seed(0)
-    for kw in (dict(feature_map="identity", normalize=False), dict(feature_map="elu", normalize=True),
+    for kw in (dict(feature_map="identity", normalize=False), dict(feature_map="identity", normalize=True),
+               dict(feature_map="elu", normalize=True), dict(feature_map="elu", sink_tokens=64, local_window=256),
                dict(feature_map="identity", update_rule="delta", normalize=False)):
         q, k, v = (torch.randn(1, 4, 1000, 64, device="cuda", dtype=torch.bfloat16) * 0.5 for _ in range(3))
         beta = torch.rand(1, 4, 1000, device="cuda") if kw.get("update_rule") == "delta" else None

@@ -39,7 +39,8 @@ def _compile(kernel, constexprs, bf16_ptrs, num_warps):
         else:
             sig[name] = "i32"
     src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    warps, stages = num_warps if isinstance(num_warps, tuple) else (num_warps, 3)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
 def _spill_bytes(compiled) -> int:
@@ -53,6 +54,10 @@ def _spill_bytes(compiled) -> int:
     return int(line.split("STACK:")[1].split()[0])
 
 
+def _tile(spec):
+    return dict(BK=spec[0], BV=spec[1])
+
+
 def _cases():
     from longattn.kernels.linear import triton_additive as add
     from longattn.kernels.linear import triton_additive_bwd as bwd
@@ -60,21 +65,29 @@ def _cases():
     from longattn.kernels.linear import triton_delta as delta
     from longattn.kernels.linear import triton_exact as exact
     io = {"Q", "K", "V", "O", "H", "S0", "DO", "R", "DQ", "DK", "DV", "KN", "WT", "UT", "UNEW"}
-    # (name, kernel, constexprs, num_warps) as the launchers use them, bf16 runs, d64
+    # (name, kernel, constexprs, num_warps or (num_warps, num_stages)) as the launchers use them, bf16 runs, d64
     return [
         ("states", add._states_kernel, dict(FMAP=1, HAS_DEN=True, BF16=True, C=64, BK=64, BV=64), 4, io),
         *((name, add._output_kernel, dict(FMAP=1, HAS_DEN=True, DIVIDE=True, BF16=True, C=64, BK=64, BV=64,
                                           KMAP=-1, QL2=False, INIT=init), 8, io)
           for name, init in (("output", False), ("output-init", True))),  # init: context parallelism's S_in
-        *((name, bwd._dq_kernel, dict(FMAP=1, HAS_DEN=True, HAS_RS=True, BF16=True, C=64, BK=64, BV=64, INIT=init),
-           8, io) for name, init in (("dq", False), ("dq-init", True))),
-        ("dk", bwd._dkv_kernel, dict(WANT_DK=True, FMAP=1, HAS_DEN=True, HAS_RS=True, BF16=True, C=64, BK=64,
-                                     BV=32), 8, io),
-        ("delta-inverse", delta._delta_inverse_kernel, dict(FMAP=1, C=64, BF=64, PRECISION="tf32"), 8, io | {"TT"}),
+        *((name, bwd._dq_kernel, dict(FMAP=fmap, HAS_DEN=True, HAS_RS=True, BF16=True, C=64, **_tile(bwd.DQ_TILE),
+                                      INIT=init), bwd.DQ_TILE[2:], io)
+          for name, init, fmap in (("dq", False, 1), ("dq-init", True, 1), ("dq-identity", False, 0))),
+        *((name, bwd._dkv_kernel, dict(WANT_DK=want_dk, FMAP=fmap, HAS_DEN=True, HAS_RS=True, BF16=True, C=64,
+                                       **_tile(spec)), spec[2:], io)
+          for name, want_dk, fmap, spec in (("dk", True, 1, bwd.DK_TILE), ("dv", False, 1, bwd.DV_TILE),
+                                            ("dk-identity", True, 0, bwd.DK_TILE), ("dv-identity", False, 0, bwd.DV_TILE))),
+        ("rev", bwd._rev_states_kernel, dict(FMAP=1, HAS_DEN=True, HAS_RS=True, BF16=True, C=64, **_tile(bwd.REV_TILE)),
+         bwd.REV_TILE[2:], io | {"DDEN"}),
+        ("delta-inverse", delta._delta_inverse_kernel, dict(FMAP=1, C=64, BF=64, PRECISION="tf32"), delta.INVERSE_WARPS,
+         io | {"TT"}),
         ("delta-wu", delta._delta_wu_kernel, dict(C=64, BF=64, BV=64, PRECISION="tf32"), 4, io | {"TT"}),
-        ("delta-states", delta._delta_h_kernel, dict(BF16=True, C=64, BF=64, BV=32), 4, io),
+        ("delta-states", delta._delta_h_kernel, dict(BF16=True, C=64, BF=64, BV=delta.WALK_TILE[0]),
+         delta.WALK_TILE[1:], io),
         ("delta-output", add._output_kernel, dict(FMAP=0, HAS_DEN=False, DIVIDE=False, BF16=True, C=64, BK=64,
-                                                  BV=delta.OUTPUT_TILE[0], KMAP=0, QL2=True, INIT=False), delta.OUTPUT_TILE[1], io),
+                                                  BV=delta.OUTPUT_TILE[0], KMAP=0, QL2=True, INIT=False),
+         delta.OUTPUT_TILE[1:], io),
         ("decode", dec._decode_kernel, dict(FMAP=1, HAS_FAR=True, FOLD=True, NORMALIZE=True, BD=64, BDV=64, BN=64),
          4, {"Q", "O"}),
         ("exact", exact._exact_kernel, dict(CAUSAL=True, BF16=True, BM=64, BN=64, BD=64, BDV=64), 4, {"Q", "K", "V"}),
@@ -85,7 +98,8 @@ def _cases():
     ]
 
 
-NAMES = ["states", "output", "output-init", "dq", "dq-init", "dk", "delta-inverse", "delta-wu", "delta-states", "delta-output", "decode", "exact", "exact-dq", "exact-dkv"]
+NAMES = ["states", "output", "output-init", "dq", "dq-init", "dq-identity", "dk", "dv", "dk-identity", "dv-identity",
+         "rev", "delta-inverse", "delta-wu", "delta-states", "delta-output", "decode", "exact", "exact-dq", "exact-dkv"]
 
 
 def _report_all() -> dict:

@@ -46,6 +46,18 @@ if triton is not None:
             return x
 
     @triton.jit
+    def _load_phi(ptrs, mask, FMAP: tl.constexpr, DOT_ONLY: tl.constexpr):
+        """φ of a masked tile as float32, zero where masked (φ(0) = 1 for elu). DOT_ONLY: the tile only feeds
+        tensor-core products, so the identity map returns the load itself, in its own dtype, which the compiler
+        pipelines into shared memory (0.27 -> 0.17 ms for the states walk at 32K, H200). Not for tiles that other
+        arithmetic also reads: triton 3.6 computed wrong outputs from such a tile at num_stages >= 2 (sm_90;
+        results/2026-12-01-h200-linear-tiles.md, the delta output's QL2=2 rows)."""
+        x = tl.load(ptrs, mask=mask, other=0.0)
+        if (FMAP != 0) | (not DOT_ONLY):
+            x = tl.where(mask, _phi(x.to(tl.float32), FMAP), 0.0)
+        return x
+
+    @triton.jit
     def _states_kernel(K, V, H, Z, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, Hkv, L, P, N, F, Dv,
                        FMAP: tl.constexpr, HAS_DEN: tl.constexpr, BF16: tl.constexpr,
                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
@@ -70,16 +82,15 @@ if triton is not None:
             r = t * C + offs_c - P  # key index; the first P slots of the sequence are empty
             mask_r = (r >= 0) & (r < L)
             kmask = mask_r[:, None] & mask_k[None, :]
-            kt = tl.load(k_base + r[:, None] * sk_s + offs_k[None, :], mask=kmask, other=0.0)
-            kt = tl.where(kmask, _phi(kt.to(tl.float32), FMAP), 0.0)  # φ(0) = 1 for elu: empty slots stay 0
+            kt = _load_phi(k_base + r[:, None] * sk_s + offs_k[None, :], kmask, FMAP, not HAS_DEN)
             vt = tl.load(v_base + r[:, None] * sv_s + offs_v[None, :],
                          mask=mask_r[:, None] & mask_v[None, :], other=0.0)
             if BF16:
                 state += tl.dot(tl.trans(kt.to(tl.bfloat16)), vt.to(tl.bfloat16))
             else:
-                state += tl.dot(tl.trans(kt), vt.to(tl.float32))
+                state += tl.dot(tl.trans(kt.to(tl.float32)), vt.to(tl.float32))
             if HAS_DEN:
-                z += tl.sum(kt, 0)
+                z += tl.sum(kt.to(tl.float32), 0)
         tl.store(h_ptrs + N * F * Dv, state.to(H.dtype.element_ty), mask=h_mask)
         if HAS_DEN:
             if iv == 0:
@@ -119,10 +130,9 @@ if triton is not None:
             for f0 in range(0, F, BK):
                 offs_k = f0 + tl.arange(0, BK)
                 mask_k = offs_k < F
-                qmask = mask_i[:, None] & mask_k[None, :]
-                qt = tl.load(q_base + i[:, None] * sq_s + offs_k[None, :], mask=qmask, other=0.0)
-                qt = tl.where(qmask, _phi(qt.to(tl.float32), FMAP), 0.0)
-                if QL2:
+                qt = _load_phi(q_base + i[:, None] * sq_s + offs_k[None, :], mask_i[:, None] & mask_k[None, :], FMAP,
+                               (not HAS_DEN) & (not QL2))
+                if QL2:  # unit rows (one feature tile holds the whole row)
                     qt = qt / tl.maximum(tl.sqrt(tl.sum(qt * qt, 1)), 1e-12)[:, None]
                 hmask = mask_k[:, None] & mask_v[None, :]
                 ht = tl.load(h_base + offs_k[:, None] * Dv + offs_v[None, :], mask=hmask, other=0.0)
@@ -132,20 +142,19 @@ if triton is not None:
                 if BF16:
                     acc += tl.dot(qt.to(tl.bfloat16), ht.to(tl.bfloat16))
                 else:
-                    acc += tl.dot(qt, ht.to(tl.float32))
+                    acc += tl.dot(qt.to(tl.float32), ht.to(tl.float32))
                 if HAS_DEN:
                     zt = tl.load(z_base + offs_k, mask=mask_k, other=0.0)
                     if INIT:
                         zt += tl.load(Z0 + bkv.to(tl.int64) * F + offs_k, mask=mask_k, other=0.0)
-                    den += tl.sum(qt * zt[None, :], 1)
+                    den += tl.sum(qt.to(tl.float32) * zt[None, :], 1)
                 if t < N:
-                    kmask = mask_r[:, None] & mask_k[None, :]
-                    kt = tl.load(k_base + r[:, None] * sk_s + offs_k[None, :], mask=kmask, other=0.0)
-                    kt = tl.where(kmask, _phi(kt.to(tl.float32), FMAP if KMAP < 0 else KMAP), 0.0)
+                    kt = _load_phi(k_base + r[:, None] * sk_s + offs_k[None, :], mask_r[:, None] & mask_k[None, :],
+                                   FMAP if KMAP < 0 else KMAP, True)
                     if BF16:
                         scores += tl.dot(qt.to(tl.bfloat16), tl.trans(kt.to(tl.bfloat16)))
                     else:
-                        scores += tl.dot(qt, tl.trans(kt))
+                        scores += tl.dot(qt.to(tl.float32), tl.trans(kt.to(tl.float32)))
             if t < N:
                 scores = tl.where(offs_c[:, None] >= offs_c[None, :], scores, 0.0)
                 vt = tl.load(v_base + r[:, None] * sv_s + offs_v[None, :],
@@ -171,14 +180,16 @@ if triton is not None and os.environ.get("TRITON_INTERPRET") != "1":
     # on a GPU the tiles and pipelining depth are measured once per shape; the interpreter takes the heuristic
     # (stores overwrite H, Z and O entirely, so re-running a config during tuning is harmless)
     # few configs: every new (shape, map, mode) key compiles all of them once
+    # the candidates: the fastest of `benchmarks/sweep_linear_tiles.py` (H200, h32 d64 bf16, raw identity:
+    # results/2026-12-01-h200-linear-tiles.md) and the earlier ones, which normalised forms (float32 tiles) prefer
     _states_tuned = triton.autotune(
-        configs=[triton.Config({"BK": bk, "BV": bv}, num_warps=4, num_stages=s)
-                 for bk, bv, s in ((64, 64, 2), (64, 32, 3), (32, 64, 2), (32, 32, 3))],
+        configs=[triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
+                 for bk, bv, w, s in ((64, 32, 8, 5), (64, 32, 4, 5), (64, 64, 8, 5), (64, 64, 4, 2), (32, 64, 4, 2),
+                                      (32, 32, 4, 3))],
         key=["F", "Dv", "Hkv", "FMAP", "BF16"])(_states_kernel)  # not the length: no re-tuning per new length
-    # 4 warps on 64 × 64 tiles spill registers (ptxas, sm_90): those configs are left out
     _output_tuned = triton.autotune(
         configs=[triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
-                 for bk, bv, w, s in ((64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 3), (32, 64, 4, 2))],
+                 for bk, bv, w, s in ((64, 64, 4, 1), (32, 64, 4, 3), (64, 64, 8, 2), (32, 64, 8, 3))],
         key=["F", "Dv", "FMAP", "BF16", "DIVIDE"])(_output_kernel)
 else:
     _states_tuned = _output_tuned = None
@@ -364,8 +375,14 @@ def _functorch_wrapped(t) -> bool:
 
 def far_additive(fq, fk, v, init=None, states=None, **options):
     """Differentiable `far_additive_triton` (also in `init`; `states` is a cache, not differentiated)."""
+    if not needs_grad(fq, fk, v, init):  # inference: no autograd node (its per-call argument binding costs host time)
+        return far_additive_triton(fq, fk, v, **options, init=init, states=states)
     H, Z = states if states is not None else (None, None)
     return _FarAdditive.apply(fq, fk, v, init, H, Z, options)[0]
+
+
+def needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def fold_additive_torch(fk, v, *, fmap: str, normalize: bool):

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_additive import (FUSED_MAPS, _sm_count, _state_blocks, chunk_geometry, launch_states, rows_addressable,
-                              split_state)
+from .triton_additive import FUSED_MAPS, chunk_geometry, launch_states, rows_addressable, split_state
 
 try:
     import triton
@@ -26,7 +25,7 @@ except ImportError:
 
 
 if triton is not None:
-    from .triton_additive import _phi
+    from .triton_additive import _load_phi
 
     @triton.jit
     def _dphi(x, FMAP: tl.constexpr):
@@ -46,10 +45,10 @@ if triton is not None:
 
     @triton.jit
     def _load_dn(DO, RS, base, i, mask_i, sd_s, offs_v, mask_v, HAS_RS: tl.constexpr, bhq, Sq):
-        dn = tl.load(DO + base + i[:, None] * sd_s + offs_v[None, :],
-                     mask=mask_i[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
+        """dN rows; as loaded (its dtype) unless scaled by RS: the callers only feed it to products (`_load_phi`)."""
+        dn = tl.load(DO + base + i[:, None] * sd_s + offs_v[None, :], mask=mask_i[:, None] & mask_v[None, :], other=0.0)
         if HAS_RS:
-            dn = dn * tl.load(RS + bhq.to(tl.int64) * Sq + i, mask=mask_i, other=0.0)[:, None]
+            dn = dn.to(tl.float32) * tl.load(RS + bhq.to(tl.int64) * Sq + i, mask=mask_i, other=0.0)[:, None]
         return dn
 
     @triton.jit
@@ -78,15 +77,14 @@ if triton is not None:
             i = c * C + offs_c
             mask_i = i < Sq
             qmask = mask_i[:, None] & mask_k[None, :]
-            qt = tl.load(q_base + i[:, None] * sq_s + offs_k[None, :], mask=qmask, other=0.0)
-            qt = tl.where(qmask, _phi(qt.to(tl.float32), FMAP), 0.0)
+            qt = _load_phi(q_base + i[:, None] * sq_s + offs_k[None, :], qmask, FMAP, not HAS_DEN)
             dn = _load_dn(DO, RS, d_base, i, mask_i, sd_s, offs_v, mask_v, HAS_RS, bhq, Sq)
             state += _dot(tl.trans(qt), dn, BF16)
             tl.store(r_ptrs + c * F * Dv, state.to(R.dtype.element_ty), mask=r_mask)
             if HAS_DEN:
                 if iv == 0:
                     dd = tl.load(DDEN + bhq.to(tl.int64) * Sq + i, mask=mask_i, other=0.0)
-                    rz += tl.sum(qt * dd[:, None], 0)
+                    rz += tl.sum(qt.to(tl.float32) * dd[:, None], 0)
                     tl.store(rz_ptrs + c * F, rz, mask=mask_k)
 
     @triton.jit
@@ -139,8 +137,7 @@ if triton is not None:
             if t < N:
                 s = tl.where(offs_c[:, None] >= offs_c[None, :], s, 0.0)
                 kmask = mask_r[:, None] & mask_k[None, :]
-                kt = tl.load(k_base + r[:, None] * sk_s + offs_k[None, :], mask=kmask, other=0.0)
-                kt = tl.where(kmask, _phi(kt.to(tl.float32), FMAP), 0.0)
+                kt = _load_phi(k_base + r[:, None] * sk_s + offs_k[None, :], kmask, FMAP, True)
                 acc += _dot(s, kt, BF16)
         qmask = mask_i[:, None] & mask_k[None, :]
         q_off = b.to(tl.int64) * sq_b + hq.to(tl.int64) * sq_h + i[:, None] * sq_s + offs_k[None, :]
@@ -202,24 +199,20 @@ if triton is not None:
                 if has_intra:
                     s = tl.where(offs_c[:, None] <= offs_c[None, :], s, 0.0)
                     qmask = mask_i[:, None] & mask_k[None, :]
-                    qt = tl.load(q_base + i[:, None] * sq_s + offs_k[None, :], mask=qmask, other=0.0)
-                    qt = tl.where(qmask, _phi(qt.to(tl.float32), FMAP), 0.0)
+                    qt = _load_phi(q_base + i[:, None] * sq_s + offs_k[None, :], qmask, FMAP, True)
                     acc += _dot(s, qt, BF16)
             else:
                 for f0 in range(0, F, BK):
                     offs_kk = f0 + tl.arange(0, BK)
                     mask_kk = offs_kk < F
                     kmask = mask_r[:, None] & mask_kk[None, :]
-                    kt = tl.load(k_base + r[:, None] * sk_s + offs_kk[None, :], mask=kmask, other=0.0)
-                    kt = tl.where(kmask, _phi(kt.to(tl.float32), FMAP), 0.0)
+                    kt = _load_phi(k_base + r[:, None] * sk_s + offs_kk[None, :], kmask, FMAP, True)
                     rt = tl.load(r_base + offs_kk[:, None] * Dv + offs_v[None, :],
                                  mask=mask_kk[:, None] & mask_v[None, :], other=0.0)
                     acc += _dot(kt, rt, BF16)
                     if has_intra:
                         qmask = mask_i[:, None] & mask_kk[None, :]
-                        qt = tl.load(q_base + i[:, None] * sq_s + offs_kk[None, :], mask=qmask,
-                                     other=0.0)
-                        qt = tl.where(qmask, _phi(qt.to(tl.float32), FMAP), 0.0)
+                        qt = _load_phi(q_base + i[:, None] * sq_s + offs_kk[None, :], qmask, FMAP, True)
                         s += _dot(kt, tl.trans(qt), BF16)
                 if has_intra:
                     s = tl.where(offs_c[:, None] <= offs_c[None, :], s, 0.0)
@@ -234,6 +227,23 @@ if triton is not None:
             vmask = mask_r[:, None] & mask_v[None, :]
             v_off = b.to(tl.int64) * sv_b + hk.to(tl.int64) * sv_h + r[:, None] * sv_s + offs_v[None, :]
             tl.store(DV + v_off, acc.to(DV.dtype.element_ty), mask=vmask)
+
+
+# (largest feature tile, largest value tile, num_warps, num_stages) per kernel, from
+# `benchmarks/sweep_linear_tiles.py` (H200, h32 d64 bf16 32K, every config checked against float32 PyTorch:
+# results/2026-12-01-h200-linear-tiles.md). The reverse walk is sequential like the forward's states walk:
+# deep pipelining (5 stages) hides its loads (0.18 ms; 16 × 16 tiles, the old heuristic, were slower). The
+# others take 8 warps: 4 were 4-5% faster on triton 3.6 but spill registers when triton 3.9 builds them.
+REV_TILE = (64, 32, 4, 5)
+DQ_TILE = (64, 64, 8, 2)
+DK_TILE = (64, 32, 8, 3)
+DV_TILE = (32, 64, 8, 3)
+
+
+def _tile(spec, Fd: int, Dv: int):
+    bk, bv, warps, stages = spec
+    return dict(BK=min(bk, max(16, triton.next_power_of_2(Fd))), BV=min(bv, max(16, triton.next_power_of_2(Dv))),
+                num_warps=warps, num_stages=stages)
 
 
 def far_additive_backward(grad, fq, fk, v, *, out, den, fmap: str, causal: bool, offset, chunk: int,
@@ -275,18 +285,17 @@ def far_additive_backward(grad, fq, fk, v, *, out, den, fmap: str, causal: bool,
     R = torch.empty(B * Hq, nq + 1, Fd, Dv, dtype=torch.bfloat16 if bf16 else torch.float32, device=dev)
     RZ = torch.empty(B * Hq, nq + 1, Fd if normalize else 1, dtype=torch.float32, device=dev)
     flags = dict(FMAP=fmap_id, HAS_DEN=normalize, HAS_RS=rs is not None, BF16=bf16, C=chunk)
-    BK, BV = _state_blocks(Fd, Dv, B * Hq, _sm_count(dev))
-    _rev_states_kernel[(triton.cdiv(Fd, BK), triton.cdiv(Dv, BV), B * Hq)](
+    rev = _tile(REV_TILE, Fd, Dv)
+    _rev_states_kernel[(triton.cdiv(Fd, rev["BK"]), triton.cdiv(Dv, rev["BV"]), B * Hq)](
         fq, do, rs_arg, dden_arg, R, RZ, fq.stride(0), fq.stride(1), fq.stride(2), do.stride(0), do.stride(1),
-        do.stride(2), Hq, Sq, nq, Fd, Dv, **flags, BK=BK, BV=BV)
-    TK = min(64, max(16, triton.next_power_of_2(Fd)))
-    TV = min(64, max(16, triton.next_power_of_2(Dv)))
+        do.stride(2), Hq, Sq, nq, Fd, Dv, **flags, **rev)
     strides = (fq.stride(0), fq.stride(1), fq.stride(2), fk.stride(0), fk.stride(1), fk.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     s0, z0 = (H, Z) if init is None else split_state(init, Dv, normalize, H.dtype)
-    _dq_kernel[(triton.cdiv(Fd, TK), nq, B * Hq)](
+    dq_tile = _tile(DQ_TILE, Fd, Dv)
+    _dq_kernel[(triton.cdiv(Fd, dq_tile["BK"]), nq, B * Hq)](
         fq, fk, v, H, Z, do, rs_arg, dden_arg, dq, s0, z0, *strides, Hq, G, Sq, L, P, N, Fd, Dv, shift,
-        **flags, BK=TK, BV=TV, num_warps=8, INIT=init is not None)
+        **flags, **dq_tile, INIT=init is not None)
     _launch_dkv(fq, fk, v, do, rs_arg, dden_arg, R, RZ, dk, dv, strides, Hq, G, Sq, L, P, N, nq, shift, flags)
     dinit = None
     if init is not None:
@@ -299,13 +308,12 @@ def far_additive_backward(grad, fq, fk, v, *, out, den, fmap: str, causal: bool,
 def _launch_dkv(fq, fk, v, do, rs, dden, R, RZ, dk, dv, strides, Hq, G, Sq, L, P, N, nq, shift, flags):
     B, Hkv, _, Fd = fk.shape
     Dv = v.shape[-1]
-    TK = min(64, max(16, triton.next_power_of_2(Fd)))
-    # value tiles of 32 and 8 warps keep the dk/dv programs within the register file (ptxas, sm_90)
-    TV2 = min(32, max(16, triton.next_power_of_2(Dv)))
-    for want_dk, tiles in ((True, triton.cdiv(Fd, TK)), (False, triton.cdiv(Dv, TV2))):
+    for want_dk, spec in ((True, DK_TILE), (False, DV_TILE)):
+        tile = _tile(spec, Fd, Dv)
+        tiles = triton.cdiv(Fd, tile["BK"]) if want_dk else triton.cdiv(Dv, tile["BV"])
         _dkv_kernel[(tiles, N, B * Hkv)](
             fq, fk, v, do, rs, dden, R, RZ, dk, dv, *strides, Hq, G, Sq, L, P, N, nq, Fd, Dv, shift,
-            WANT_DK=want_dk, **flags, BK=TK, BV=TV2, num_warps=8)
+            WANT_DK=want_dk, **flags, **tile)
 
 
 def fold_additive_backward(dfold, fk, v, *, fmap: str, normalize: bool, chunk: int, bf16: bool):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .reference import far_chunked
-from .triton_additive import FUSED_MAPS, chunk_geometry, rows_addressable
+from .triton_additive import FUSED_MAPS, chunk_geometry, needs_grad, rows_addressable
 
 try:
     import triton
@@ -112,9 +112,14 @@ if triton is not None:
 
 
 MAX_FEATURES = 256  # one feature tile per chunk row: unit-length rows need the whole row
-# the output kernel's (largest value tile, num_warps): it reads all F features of a row at once (unit rows);
-# `benchmarks/bench_linear.py --sweep-delta-output` times candidates
-OUTPUT_TILE = (64, 8)
+# launch settings from `benchmarks/sweep_linear_tiles.py`, which also checks each config's result (H200, h32 d64
+# bf16 32K: results/2026-12-01-h200-linear-tiles.md): the output kernel's (largest value tile, num_warps,
+# num_stages; 8 warps: 0.27 ms, 4 warps 0.22 but they spill registers on triton 3.9), the inverse's num_warps
+# (4: 0.46 ms, 8: 1.22), the walk's (value tile, num_warps, num_stages). Pinned, not autotuned: on triton 3.6
+# some configs compute wrong results (the walk at 32 × 4 warps × 1 stage faults) and the autotuner would not notice.
+OUTPUT_TILE = (64, 8, 1)
+INVERSE_WARPS = 4
+WALK_TILE = (32, 4, 3)
 
 
 def far_delta_triton(fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk: int, out_dtype, pure: bool):
@@ -140,22 +145,24 @@ def far_delta_triton(fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk:
     precision = "tf32" if bf16 else "tf32x3"
     _delta_inverse_kernel[(N, B * Hkv)](
         fk, beta, KN, TT, fk.stride(0), fk.stride(1), fk.stride(2), beta.stride(0), beta.stride(1), beta.stride(2),
-        Hkv, L, P, N, Fd, FMAP=fmap_id, C=chunk, BF=BF, PRECISION=precision, num_warps=8)
+        Hkv, L, P, N, Fd, FMAP=fmap_id, C=chunk, BF=BF, PRECISION=precision, num_warps=INVERSE_WARPS)
     _delta_wu_kernel[(N, B * Hkv)](
         KN, v, TT, WT, UT, v.stride(0), v.stride(1), v.stride(2), Hkv, L, P, N, Fd, Dv, C=chunk, BF=BF, BV=BV,
         PRECISION=precision, num_warps=4)
     H = torch.empty(B * Hkv, N + 1, Fd, Dv, dtype=kdt, device=dev)
     UNEW = torch.empty_like(UT)
-    HV = 32 if Dv > 32 else BV  # more programs for the sequential walk
-    _delta_h_kernel[(triton.cdiv(Dv, HV), B * Hkv)](KN, WT, UT, H, UNEW, N, Fd, Dv, BF16=bf16, C=chunk, BF=BF, BV=HV)
+    HV = min(WALK_TILE[0], BV)  # more programs for the sequential walk
+    _delta_h_kernel[(triton.cdiv(Dv, HV), B * Hkv)](KN, WT, UT, H, UNEW, N, Fd, Dv, BF16=bf16, C=chunk, BF=BF, BV=HV,
+                                                    num_warps=WALK_TILE[1], num_stages=WALK_TILE[2])
     out = torch.empty(B, Hq, Sq, Dv, dtype=out_dtype if pure else torch.float32, device=dev)
-    OV = min(OUTPUT_TILE[0], max(16, triton.next_power_of_2(Dv)))
+    OV, warps, stages = OUTPUT_TILE
+    OV = min(OV, max(16, triton.next_power_of_2(Dv)))
     # kn and u are (B·Hkv, N·C, ·) in padded coordinates: strides (N·C·F·Hkv, N·C·F, F), P = 0, L = N·C
     _output_kernel[(triton.cdiv(Dv, OV), nq, B * Hq)](
         fq, KN, UNEW, H, H, out, out, H, H, fq.stride(0), fq.stride(1), fq.stride(2), Hkv * N * chunk * Fd,
         N * chunk * Fd, Fd, Hkv * N * chunk * Dv, N * chunk * Dv, Dv, out.stride(0), out.stride(1), out.stride(2),
         Hq, G, Sq, N * chunk, 0, N, Fd, Dv, shift, 0.0, FMAP=fmap_id, HAS_DEN=False, DIVIDE=False, BF16=bf16,
-        C=chunk, BK=BF, BV=OV, KMAP=0, QL2=True, num_warps=OUTPUT_TILE[1])
+        C=chunk, BK=BF, BV=OV, KMAP=0, QL2=True, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -219,7 +226,8 @@ def linear_attention_delta_triton(q, k, v, *, scale=None, causal=False, feature_
     b = beta_per_key(beta, B, Hkv, Sk, q.device, torch.float32)[:, :, fr.start:fr.stop]
     pure = exact is None and "far_scale" not in (feature_params or {})
     options = dict(fmap=feature_map, causal=causal, offset=fr.offset, chunk=chunk_size, out_dtype=q.dtype, pure=pure)
-    far = _FarDelta.apply(fq, fk, v[:, :, fr.start:fr.stop], b, options)
+    fv = v[:, :, fr.start:fr.stop]
+    far = _FarDelta.apply(fq, fk, fv, b, options) if needs_grad(fq, fk, fv, b) else far_delta_triton(fq, fk, fv, b, **options)
     if pure:
         return far
     c = far_scale_per_head(feature_params, Hq, q.device, torch.float32)
