@@ -14,8 +14,8 @@ modules produce them: fla reads that layout, ours reads the (B, H, S, D) view of
     ours-delta          update_rule="delta", identity map (unit-normalised q/k), per-token β, unnormalised
                         ~ fla chunk_delta_rule(use_qk_l2norm_in_kernel=True, scale=1)
     rel_err compares each of ours with its fla twin (same function up to rounding) where there is one.
-    Backward: Triton kernels for the additive far part and the exact sinks/window; the delta rule's is an
-    exact PyTorch recompute (ours-delta fwd+bwd timed only up to --slow-limit).
+    Backward: Triton kernels for the additive far part, the exact sinks/window and the delta rule
+    (`triton_delta_bwd.py`). --only keeps the named contenders (ours and fla's alike).
   decode, one new token per call against a context of S tokens, h32 d64 (and GQA 9/3):
     ours-linear-step    linear_attention_step, pure elu linear attention (state 64×65 per head)
     ours-hybrid-step    linear_attention_step, 64 sinks + 256-key window exact + elu far part
@@ -149,7 +149,7 @@ def _fla_delta(q, k, v, beta):
         return chunk_delta_rule(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, beta, scale=1.0)[0]
 
 
-args_slow_limit = 32768  # set from --slow-limit in main()
+args_only = None  # set from --only in main(): the contenders timed (all when None)
 
 
 def bench_prefill(rec, mode, lengths, shapes):
@@ -161,6 +161,8 @@ def bench_prefill(rec, mode, lengths, shapes):
             ours, fla_fns = contenders(beta)
             outs = {}
             for name, fn in list(ours.items()) + [(n, (f, None)) for n, f in fla_fns.items()]:
+                if args_only is not None and name not in args_only:
+                    continue
                 fn = fn[0]
                 row = {"kind": mode, "impl": name, "h": h, "d": d, "s": s, "causal": True}
                 try:
@@ -169,8 +171,6 @@ def bench_prefill(rec, mode, lengths, shapes):
                             outs[name] = fn(q, k, v).float()
                             ms = time_ms(lambda: fn(q, k, v))
                     else:
-                        if name == "ours-delta" and s > args_slow_limit:
-                            continue  # its backward is a PyTorch recompute: seconds a call at these lengths
                         qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
                         g = torch.randn(1, h, s, d, device="cuda", dtype=torch.bfloat16)
                         ms = time_ms(lambda: fn(qg, kg, vg).backward(g), budget_ms=500, max_reps=30)
@@ -305,11 +305,10 @@ def main():
     ap.add_argument("--decode-lengths", default="4096,32768,131072")
     ap.add_argument("--shapes", default="32x64,16x128")
     ap.add_argument("--skip", default="")
-    ap.add_argument("--slow-limit", type=int, default=32768,
-                    help="longest length at which fwdbwd times ours-delta (PyTorch-recompute backward)")
+    ap.add_argument("--only", default="", help="comma-separated contenders to time (default: all)")
     args = ap.parse_args()
-    global args_slow_limit
-    args_slow_limit = args.slow_limit
+    global args_only
+    args_only = set(args.only.split(",")) if args.only else None
     if not torch.cuda.is_available():
         sys.exit("bench_linear.py needs a CUDA GPU")
     props = torch.cuda.get_device_properties(0)

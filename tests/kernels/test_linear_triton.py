@@ -255,3 +255,28 @@ def test_bfloat16_paths_match_the_float64_reference(bf16_dot_in_the_interpreter,
     g = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(out, xs, g.bfloat16()), torch.autograd.grad(ref, ys, g)):
         assert _rel(a, b) < 3e-2
+
+
+@pytest.mark.parametrize("geometry", [
+    dict(Hq=2, Hkv=2, Sq=40, L=40, causal=True, offset=0, fmap="identity"),
+    dict(Hq=4, Hkv=2, Sq=37, L=50, causal=True, offset=13, fmap="elu"),      # GQA, keys ahead of the queries
+    dict(Hq=2, Hkv=1, Sq=20, L=45, causal=True, offset=-7, fmap="relu"),     # the first queries read nothing
+    dict(Hq=2, Hkv=2, Sq=30, L=45, causal=False, offset=None, fmap="identity"),
+], ids=["causal", "gqa-offset", "negative-offset", "non-causal"])
+def test_delta_rule_triton_backward_matches_float64_autograd(geometry):
+    """The Triton delta-rule backward (reverse walk, dq, dk/dv, the UT inverse's and β's gradients) against
+    autograd through the float64 PyTorch form, for every input including β."""
+    from longattn.kernels.linear.triton_delta import _FarDelta, far_delta_torch
+    g = dict(geometry)
+    Hq, Hkv, Sq, L = g.pop("Hq"), g.pop("Hkv"), g.pop("Sq"), g.pop("L")
+    xs64 = [torch.randn(1, Hq, Sq, 16, dtype=torch.float64), torch.randn(1, Hkv, L, 16, dtype=torch.float64),
+            torch.randn(1, Hkv, L, 8, dtype=torch.float64), torch.rand(1, Hkv, L, dtype=torch.float64)]
+    opts = dict(g, chunk=16, out_dtype=torch.float32, pure=True)
+    xs = [x.float().requires_grad_() for x in xs64]
+    out = _FarDelta.apply(*xs, opts)
+    ys = [x.clone().requires_grad_() for x in xs64]
+    ref = far_delta_torch(*ys, **dict(opts, out_dtype=torch.float64))
+    assert _rel(out, ref) < 1e-5
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, xs, grad.float()), torch.autograd.grad(ref, ys, grad)):
+        assert _rel(a, b) < 1e-5

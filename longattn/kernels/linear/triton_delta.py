@@ -122,27 +122,20 @@ INVERSE_WARPS = 4
 WALK_TILE = (32, 4, 3)
 
 
-def far_delta_triton(fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk: int, out_dtype, pure: bool):
-    """Unnormalised delta-rule far part. fq (B, Hq, Sq, F) / fk (B, Hkv, L, F) raw (fused maps) or features,
-    v (B, Hkv, L, Dv), beta (B, Hkv, L). Returns (B, Hq, Sq, Dv): in out_dtype when `pure`, else float32."""
-    B, Hq, Sq, Fd = fq.shape
-    Hkv, L, Dv = fk.shape[1], fk.shape[2], v.shape[-1]
-    G = Hq // Hkv
-    P, shift, N, nq = chunk_geometry(Sq, L, causal, offset, chunk)
-    fq, fk, v = rows_addressable(fq, "q"), rows_addressable(fk, "k"), rows_addressable(v, "v")
-    bf16 = out_dtype == torch.bfloat16
+def delta_states(fk, v, beta, *, fmap_id: int, P: int, N: int, chunk: int, bf16: bool):
+    """The chunks' unit keys KN, T, corrected values u (UNEW) and states H, in padded key coordinates:
+    KN (B·Hkv, N·C, F), TT (B·Hkv, N·C, C), UNEW (B·Hkv, N·C, Dv), H (B·Hkv, N + 1, F, Dv)."""
+    B, Hkv, L, Fd = fk.shape
+    Dv = v.shape[-1]
     kdt = torch.bfloat16 if bf16 else torch.float32
-    fmap_id = FUSED_MAPS.get(fmap, 0)
-    dev = fq.device
+    dev = fk.device
     BF = max(16, triton.next_power_of_2(Fd))
     BV = min(64, max(16, triton.next_power_of_2(Dv)))
     KN = torch.empty(B * Hkv, N * chunk, Fd, dtype=kdt, device=dev)
     WT = torch.empty_like(KN)
     UT = torch.empty(B * Hkv, N * chunk, Dv, dtype=kdt, device=dev)
     TT = torch.empty(B * Hkv, N * chunk, chunk, dtype=kdt, device=dev)
-    # float32 runs: products as 3 tf32 passes (float32 accuracy); bfloat16 runs: one tf32 pass for the
-    # inversion (relative error ~1e-3, under bfloat16's), bfloat16 operands for W and U
-    precision = "tf32" if bf16 else "tf32x3"
+    precision = products_precision(bf16)
     _delta_inverse_kernel[(N, B * Hkv)](
         fk, beta, KN, TT, fk.stride(0), fk.stride(1), fk.stride(2), beta.stride(0), beta.stride(1), beta.stride(2),
         Hkv, L, P, N, Fd, FMAP=fmap_id, C=chunk, BF=BF, PRECISION=precision, num_warps=INVERSE_WARPS)
@@ -154,7 +147,28 @@ def far_delta_triton(fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk:
     HV = min(WALK_TILE[0], BV)  # more programs for the sequential walk
     _delta_h_kernel[(triton.cdiv(Dv, HV), B * Hkv)](KN, WT, UT, H, UNEW, N, Fd, Dv, BF16=bf16, C=chunk, BF=BF, BV=HV,
                                                     num_warps=WALK_TILE[1], num_stages=WALK_TILE[2])
-    out = torch.empty(B, Hq, Sq, Dv, dtype=out_dtype if pure else torch.float32, device=dev)
+    return KN, TT, UNEW, H
+
+
+def products_precision(bf16: bool) -> str:
+    """float32 runs: products as 3 tf32 passes (float32 accuracy); bfloat16 runs: one tf32 pass for the
+    inversion (relative error ~1e-3, under bfloat16's), bfloat16 operands elsewhere."""
+    return "tf32" if bf16 else "tf32x3"
+
+
+def far_delta_triton(fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk: int, out_dtype, pure: bool):
+    """Unnormalised delta-rule far part. fq (B, Hq, Sq, F) / fk (B, Hkv, L, F) raw (fused maps) or features,
+    v (B, Hkv, L, Dv), beta (B, Hkv, L). Returns (B, Hq, Sq, Dv): in out_dtype when `pure`, else float32."""
+    B, Hq, Sq, Fd = fq.shape
+    Hkv, L, Dv = fk.shape[1], fk.shape[2], v.shape[-1]
+    G = Hq // Hkv
+    P, shift, N, nq = chunk_geometry(Sq, L, causal, offset, chunk)
+    fq, fk, v = rows_addressable(fq, "q"), rows_addressable(fk, "k"), rows_addressable(v, "v")
+    bf16 = out_dtype == torch.bfloat16
+    fmap_id = FUSED_MAPS.get(fmap, 0)
+    KN, _, UNEW, H = delta_states(fk, v, beta, fmap_id=fmap_id, P=P, N=N, chunk=chunk, bf16=bf16)
+    out = torch.empty(B, Hq, Sq, Dv, dtype=out_dtype if pure else torch.float32, device=fq.device)
+    BF = max(16, triton.next_power_of_2(Fd))
     OV, warps, stages = OUTPUT_TILE
     OV = min(OV, max(16, triton.next_power_of_2(Dv)))
     # kn and u are (B·Hkv, N·C, ·) in padded coordinates: strides (N·C·F·Hkv, N·C·F, F), P = 0, L = N·C
@@ -179,6 +193,15 @@ def far_delta_torch(fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk: 
     return out.to(out_dtype) if pure else out
 
 
+def triton_backward_trusted(x: torch.Tensor) -> bool:
+    """Whether the Triton backward (`triton_delta_bwd.py`) runs for x's device. It matches float64 autograd in
+    the interpreter (tests/kernels/test_linear_triton.py) and builds for sm_90, but has not yet been checked on a
+    GPU (triton 3.6 computed wrong results for some configs of the forward kernels): CUDA takes the PyTorch
+    recompute unless LONGATTN_DELTA_BWD=triton (what `benchmarks/check_linear_cuda.py` checks)."""
+    import os
+    return not x.is_cuda or os.environ.get("LONGATTN_DELTA_BWD") == "triton"
+
+
 class _FarDelta(torch.autograd.Function):
     @staticmethod
     def forward(fq, fk, v, beta, options):
@@ -192,9 +215,14 @@ class _FarDelta(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        from .triton_additive import _functorch_wrapped
+        from .triton_delta_bwd import far_delta_backward
         fq, fk, v, beta = ctx.saved_tensors
-        _, vjp = torch.func.vjp(lambda a, b, c, d: far_delta_torch(a, b, c, d, **ctx.options), fq, fk, v, beta)
-        return (*vjp(grad_out), None)
+        if any(_functorch_wrapped(t) for t in (grad_out, fq, fk, v, beta)) or not triton_backward_trusted(fq):
+            # under torch.func transforms Triton cannot read the wrapped tensors: the same function in PyTorch
+            _, vjp = torch.func.vjp(lambda a, b, c, d: far_delta_torch(a, b, c, d, **ctx.options), fq, fk, v, beta)
+            return (*vjp(grad_out), None)
+        return (*far_delta_backward(grad_out, fq, fk, v, beta, **ctx.options), None)
 
 
 def linear_attention_delta_triton(q, k, v, *, scale=None, causal=False, feature_map="elu", num_features=256,
