@@ -34,8 +34,8 @@ def linear_attention(q, k, v, *, scale=None, causal=False, feature_map="elu", nu
     kernels where they run (CUDA tensors or TRITON_INTERPRET=1, not float64, chunk_size 16/32/64/128;
     `triton_additive` for the additive rule, `triton_delta` for the unnormalised delta rule with at most 256
     features, `triton_chunk` for the other delta cases; `triton_exact` for the sinks and window), else the
-    PyTorch chunked form. Differentiable: the additive far part and the exact part have Triton backward
-    kernels; the delta-rule far part recomputes its PyTorch form.
+    PyTorch chunked form. Differentiable: the additive far part, the exact part and the delta-rule far part
+    have Triton backward kernels (the delta rule's opt-in on CUDA: `triton_delta.triton_backward_trusted`).
     See `reference.py` for the exact definition and `linear_attention_reference` for every argument.
     """
     kwargs = dict(scale=scale, causal=causal, feature_map=feature_map, num_features=num_features, seed=seed,

@@ -12,7 +12,8 @@ float32 tensors. Here:
 3. the additive path's output kernel reads φ(q) made unit length (QL2), the stored kn, the corrected values
    u and the states: φ(Q_c) h[t] + (φ(Q_c) Kn_tᵀ ⊙ tril) u_t.
 kn, W, U, u and h live in the chunk-padded key coordinates (P empty slots in front, zero rows: β = 0 there,
-so T has zero rows and columns for them). Backward: PyTorch recompute (`far_delta_torch`) under torch.func.vjp.
+so T has zero rows and columns for them). Backward: `triton_delta_bwd.py` where `triton_backward_trusted` says so,
+else the PyTorch form (`far_delta_torch`) under torch.func.vjp.
 """
 from __future__ import annotations
 

@@ -34,6 +34,7 @@ if triton is not None:
     from .triton_additive import _phi
     from .triton_additive_bwd import _dphi
     from .triton_chunk import unit_lower_inverse
+    from .triton_delta import _chunk_coords
 
     @triton.jit
     def _mm(a, b, BF16: tl.constexpr, PRECISION: tl.constexpr):
@@ -180,14 +181,8 @@ if triton is not None:
     def _dkv_kernel(V, KN, TT, H, DU, DV, DKN, DT, sv_b, sv_h, sv_s, Hkv, L, P, N, F, Dv,
                     BF16: tl.constexpr, PRECISION: tl.constexpr, C: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr):
         """dV = Tᵀ du (stored), dW = −du S_tᵀ, then dKn += Tᵀ dW and dT = dW Knᵀ + du Vᵀ (float32)."""
-        t, bkv = tl.program_id(0), tl.program_id(1)
-        b, hk = bkv // Hkv, bkv % Hkv
-        offs_c = tl.arange(0, C)
-        offs_f = tl.arange(0, BF)
-        mask_f = offs_f < F
+        t, bkv, b, hk, offs_c, offs_f, mask_f, r, mask_r = _chunk_coords(Hkv, L, P, F, C, BF)
         rows = bkv.to(tl.int64) * N * C + t * C + offs_c
-        r = t * C + offs_c - P
-        mask_r = (r >= 0) & (r < L)
         tm = tl.load(TT + rows[:, None] * C + offs_c[None, :]).to(tl.float32)
         dt = tl.zeros((C, C), dtype=tl.float32)
         dw = tl.zeros((C, BF), dtype=tl.float32)
@@ -214,14 +209,8 @@ if triton is not None:
     def _dk_kernel(K, BETA, KN, DKN, DT, DK, DBETA, sk_b, sk_h, sk_s, sb_b, sb_h, sb_s, Hkv, L, P, N, F,
                    FMAP: tl.constexpr, C: tl.constexpr, BF: tl.constexpr, PRECISION: tl.constexpr):
         """T = M diag(β) and A's part of dKn, dβ; dk through the unit rows and φ."""
-        t, bkv = tl.program_id(0), tl.program_id(1)
-        b, h = bkv // Hkv, bkv % Hkv
-        offs_c = tl.arange(0, C)
-        offs_f = tl.arange(0, BF)
-        mask_f = offs_f < F
+        t, bkv, b, h, offs_c, offs_f, mask_f, r, mask_r = _chunk_coords(Hkv, L, P, F, C, BF)
         rows = bkv.to(tl.int64) * N * C + t * C + offs_c
-        r = t * C + offs_c - P
-        mask_r = (r >= 0) & (r < L)
         kmask = mask_r[:, None] & mask_f[None, :]
         k_off = b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h + r[:, None] * sk_s + offs_f[None, :]
         kn, _, _ = _unit_rows(K + k_off, kmask, FMAP)
