@@ -58,6 +58,7 @@ def main():
     ap.add_argument("--hybrid-steps", type=int, default=0)
     ap.add_argument("--output-steps", type=int, default=0)
     ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--sequential", action="store_true", help="calibrate layer by layer on the converted model")
     ap.add_argument("--skip", default="", help="variant names to leave out, separated by semicolons")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tag", default="")
@@ -84,7 +85,7 @@ def main():
            "calibration_text": f"tokens {start + n_eval}..{start + n_eval + n_cal} ({args.calib_windows} "
                                f"window(s) of {args.tokens}, after the evaluation windows)",
            "layers": args.layers, **hybrid, "steps": args.steps, "hybrid_steps": args.hybrid_steps,
-           "output_steps": args.output_steps,
+           "output_steps": args.output_steps, "sequential": args.sequential,
            "rows": args.rows, "torch": torch.__version__, "threads": args.threads,
            "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -102,6 +103,7 @@ def main():
             fits = cal.calibrate_model(model, calib_ids, layers, feature_map=fmap, steps=args.steps,
                                        hybrid_steps=args.hybrid_steps if hsteps else 0,
                                        output_steps=args.output_steps if hsteps else 0, rows=args.rows, **hybrid,
+                                       sequential=args.sequential,
                                        progress=lambda f: print("  " + cal.describe(f), flush=True))
         seconds = time.time() - t
         calib[name] = os.path.join(tmp, f"{name}.safetensors")

@@ -328,22 +328,27 @@ def output_errors(q, k, v, *, scale, feature_map, sink_tokens, local_window, par
 
 # ----------------------------------------------------------------------------------------------- a model
 
-def capture_layers(model, ids: torch.Tensor, layers: Iterable[int]) -> dict:
+def capture_layers(model, ids: torch.Tensor, layers: Iterable[int], converted: Optional[dict] = None) -> dict:
     """{layer index: (q, k, v, scale)} of a transformers decoder's attention layers on `ids` (W, S), causal.
 
     Records through a `transformers.AttentionInterface` function (k/v as the model keeps them, GQA not
-    repeated); the model's attention implementation is restored afterwards."""
+    repeated); the model's attention implementation is restored afterwards. `converted`: {layer: (band options,
+    feature_params)} layers that run as the linear kind meanwhile (sequential calibration)."""
     from transformers import AttentionInterface
 
     from .quality import attention_in_layers
     layers = set(layers)
+    converted = converted or {}
     got = {}
 
     def record(query, key, value, scale, layer):
+        if layer in converted:
+            band, params = converted[layer]
+            return linear_attention(query, key, value, scale=scale, causal=True, feature_params=params, **band)
         got[layer] = (query.detach().clone(), key.detach().clone(), value.detach().clone(), float(scale))
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
                                                                 enable_gqa=True)
-    AttentionInterface.register("longattn_capture", attention_in_layers(layers, record))
+    AttentionInterface.register("longattn_capture", attention_in_layers(layers | set(converted), record))
     previous = model.config._attn_implementation
     model.set_attn_implementation("longattn_capture")
     try:
@@ -358,17 +363,36 @@ def capture_layers(model, ids: torch.Tensor, layers: Iterable[int]) -> dict:
     return got
 
 
-def calibrate_model(model, ids: torch.Tensor, layers: Iterable[int], *, progress: Optional[Callable] = None,
-                    **fit_options) -> dict[int, LayerFit]:
-    """Capture `layers` on `ids` (W, S): W calibration windows, and fit each (see `fit_layer` for the options)."""
-    captured = capture_layers(model, ids, layers)
+BAND_KEYS = ("feature_map", "sink_tokens", "local_window", "num_features", "seed")  # fit_layer's and the kernel's
+
+
+def fit_layers(model, ids: torch.Tensor, settings: dict, *, sequential: bool = False,
+               progress: Optional[Callable] = None, **fit_options) -> dict[int, LayerFit]:
+    """Fit the layers of `settings` ({layer: band options, BAND_KEYS}) on `ids` (W, S): W calibration windows.
+
+    sequential: fit the layers in order, each on the activations of the model whose earlier layers already
+    run as their fitted linear kind (one capture pass per layer), so a layer's maps see the inputs they will
+    get after conversion, not the exact model's; otherwise capture all layers from the exact model at once."""
     fits = {}
-    for layer in sorted(captured):
-        q, k, v, scale = captured.pop(layer)
-        fits[layer] = fit_layer(q, k, v, scale=scale, layer=layer, **fit_options)
+    pending = {} if sequential else capture_layers(model, ids, settings)
+    for layer in sorted(settings):
+        if sequential:
+            converted = {i: (settings[i], fit.params) for i, fit in fits.items()}
+            pending = capture_layers(model, ids, [layer], converted)
+        q, k, v, scale = pending.pop(layer)
+        fits[layer] = fit_layer(q, k, v, scale=scale, layer=layer, **settings[layer], **fit_options)
         if progress:
             progress(fits[layer])
     return fits
+
+
+def calibrate_model(model, ids: torch.Tensor, layers: Iterable[int], *, progress: Optional[Callable] = None,
+                    sequential: bool = False, **fit_options) -> dict[int, LayerFit]:
+    """`fit_layers` with the same band options for every layer (see `fit_layer` for the options)."""
+    band = {"feature_map": "hedgehog", "sink_tokens": 64, "local_window": 256}
+    band.update({key: fit_options.pop(key) for key in BAND_KEYS if key in fit_options})
+    return fit_layers(model, ids, {layer: band for layer in layers}, sequential=sequential, progress=progress,
+                      **fit_options)
 
 
 def save_calibration(path: str, fits: dict, metadata: Optional[dict] = None) -> None:
@@ -418,4 +442,4 @@ def describe(fit: LayerFit) -> str:
 
 
 __all__ = ["LayerFit", "fit_layer", "fit_far_scale", "far_distillation_loss", "hybrid_loss", "output_errors",
-           "capture_layers", "calibrate_model", "save_calibration", "linear_layers", "parse_layers", "describe"]
+           "capture_layers", "fit_layers", "calibrate_model", "save_calibration", "linear_layers", "parse_layers", "describe"]

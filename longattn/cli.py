@@ -138,14 +138,11 @@ def cmd_calibrate(args) -> int:
     print(f"model {args.model} loaded ({num_layers} layers) and {ids.numel()} tokens of {text_source} from token "
           f"{args.offset} in {time.time() - t0:.1f}s", flush=True)
     t1 = time.time()
-    captured = cal.capture_layers(model, ids, settings)
-    fits = {}
-    for layer in sorted(captured):
-        q, k, v, scale = captured.pop(layer)
-        fits[layer] = cal.fit_layer(q, k, v, scale=scale, layer=layer, steps=args.steps, rows=args.rows, lr=args.lr,
-                                    hybrid_steps=args.hybrid_steps, output_steps=args.output_steps,
-                                    seed=args.seed, **settings[layer])
-        print(cal.describe(fits[layer]), flush=True)
+    for s in settings.values():
+        s["seed"] = args.seed
+    fits = cal.fit_layers(model, ids, settings, sequential=args.sequential, steps=args.steps, rows=args.rows,
+                          lr=args.lr, hybrid_steps=args.hybrid_steps, output_steps=args.output_steps,
+                          progress=lambda fit: print(cal.describe(fit), flush=True))
     seconds = time.time() - t1
     maps = sorted({s["feature_map"] for s in settings.values()})
     meta = {"model": args.model, "text": text_source, "offset": args.offset, "tokens": args.tokens, "windows": args.windows,
@@ -153,7 +150,7 @@ def cmd_calibrate(args) -> int:
             "sink_tokens": ",".join(sorted({str(s["sink_tokens"]) for s in settings.values()})),
             "local_window": ",".join(sorted({str(s["local_window"]) for s in settings.values()})),
             "steps": args.steps, "hybrid_steps": args.hybrid_steps,
-            "output_steps": args.output_steps, "rows": args.rows, "lr": args.lr,
+            "output_steps": args.output_steps, "rows": args.rows, "lr": args.lr, "sequential": str(args.sequential),
             "seconds": f"{seconds:.1f}", "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     cal.save_calibration(args.out, fits, meta)
@@ -180,6 +177,8 @@ def add_calibrate_parser(sub) -> None:
                    help="calibration windows of --tokens each, consecutive (default 1)")
     c.add_argument("--offset", type=int, default=0, help="first token of the calibration window (default 0)")
     c.add_argument("--steps", type=int, default=200, help="Adam steps of the hedgehog distillation per layer")
+    c.add_argument("--sequential", action="store_true",
+                   help="fit layer by layer, each on the activations of the model with the layers before it converted")
     c.add_argument("--hybrid-steps", type=int, default=150,
                    help="then Adam steps on the whole hybrid row, maps and far_scale together (default 150)")
     c.add_argument("--output-steps", type=int, default=0,

@@ -199,3 +199,20 @@ def test_rows_from_several_sequences_use_their_own_keys():
     q, k, v = (torch.stack(x) for x in zip(_qkv(seed=1), _qkv(seed=2)))
     fit = cal.fit_layer(q, k, v, scale=0.25, feature_map="hedgehog", steps=5, hybrid_steps=5, output_steps=5, **OPTS)
     assert fit.stats["rows"] == 2 * OPTS["rows"] and fit.params["k_weight"].shape == (2, 16, 16)
+
+
+def test_sequential_calibration_fits_each_layer_on_the_converted_model():
+    model, ids = _llama()
+    band = dict(feature_map="hedgehog", sink_tokens=2, local_window=8)
+    opts = dict(steps=5, rows=16, measure_output=False)
+    with torch.enable_grad():
+        fits = cal.calibrate_model(model, ids, (0, 1), sequential=True, **band, **opts)
+    exact = cal.capture_layers(model, ids, [1])[1]
+    converted = cal.capture_layers(model, ids, [1], {0: (band, fits[0].params)})[1]
+    assert not torch.allclose(exact[0], converted[0])  # layer 1's queries change once layer 0 runs linear
+    with torch.enable_grad():  # layer 1 was fitted on those converted inputs: refitting on them reproduces it
+        again = cal.fit_layer(*converted[:3], scale=converted[3], layer=1, **band, **opts)
+        on_exact = cal.fit_layer(*exact[:3], scale=exact[3], layer=1, **band, **opts)
+    for name, t in fits[1].params.items():
+        torch.testing.assert_close(t, again.params[name])
+    assert any(not torch.allclose(t, on_exact.params[name]) for name, t in fits[1].params.items())

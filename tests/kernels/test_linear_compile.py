@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - other triton layouts
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 INTS = {"N", "NQ", "F", "G", "Hq", "Hkv", "D", "Dv", "W", "L", "P", "Sq", "Sk"}
-FLOATS = {"eps", "scale"}
+FLOATS = {"eps", "scale", "c_all"}
 
 pytestmark = pytest.mark.skipif(GPUTarget is None or not os.path.exists(os.path.join(TOOLS, "ptxas"))
                                 or not os.path.exists(os.path.join(TOOLS, "cuobjdump")),
@@ -98,7 +98,8 @@ def _cases():
         ("delta-bwd-dkv", dbwd._dkv_kernel, dict(BF16=True, PRECISION="tf32", C=64, BF=64, BV=dbwd.DKV_TILE[0]),
          dbwd.DKV_TILE[1], io | {"TT"}),
         ("delta-bwd-dk", dbwd._dk_kernel, dict(FMAP=1, C=64, BF=64, PRECISION="tf32"), dbwd.DK_WARPS, io),
-        ("decode", dec._decode_kernel, dict(FMAP=1, HAS_FAR=True, FOLD=True, NORMALIZE=True, BD=64, BDV=64, BN=64),
+        ("decode", dec._decode_kernel, dict(FMAP=1, HAS_FAR=True, FOLD=True, NORMALIZE=True, PER_HEAD_C=True, BD=64,
+                                            BDV=64, BN=64),
          4, {"Q", "O"}),
         ("exact", exact._exact_kernel, dict(CAUSAL=True, BF16=True, BM=64, BN=64, BD=64, BDV=64), 4, {"Q", "K", "V"}),
         ("exact-dq", exact._exact_dq_kernel, dict(CAUSAL=True, BF16=True, BM=64, BN=64, BD=64, BDV=64), 8,

@@ -171,7 +171,8 @@ def test_dispatcher_op_with_a_linear_band_trains_like_the_reference():
     dict(feature_map="elu", sink_tokens=2, local_window=3),
     dict(feature_map="relu", normalize=False),
     dict(feature_map="identity", sink_tokens=1, local_window=2, feature_params={"far_scale": [0.5, 1.0, 2.0, 3.0]}),
-], ids=["elu", "elu-hybrid", "relu-unnormalised", "identity-far-scale"])
+    dict(feature_map="elu", sink_tokens=3, feature_params={"far_scale": 0.5}),  # sinks, then keys fold at once
+], ids=["elu", "elu-hybrid", "relu-unnormalised", "identity-far-scale", "elu-sinks-no-window-scalar-scale"])
 def test_fused_decode_kernel_steps_equal_the_float64_prefill(dtype, opts):
     from longattn.kernels.linear import linear_attention_step
     q, k, v = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)

@@ -49,8 +49,10 @@ if triton is not None:
 
     @triton.jit
     def _decode_kernel(Q, FAR_IN, FAR_OUT, KOLD, VOLD, SK, SV, WK, WV, CFAR, O, Hq, G, n_sink, n_win, D, Dv, W,
-                       scale, eps, FMAP: tl.constexpr, HAS_FAR: tl.constexpr, FOLD: tl.constexpr,
-                       NORMALIZE: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr):
+                       scale, eps, c_all, FMAP: tl.constexpr, HAS_FAR: tl.constexpr, FOLD: tl.constexpr,
+                       NORMALIZE: tl.constexpr, PER_HEAD_C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                       BN: tl.constexpr):
+        """c_all: the far part's factor when it is one number (PER_HEAD_C False), else CFAR (Hq,) holds it."""
         bhq = tl.program_id(0)
         b, hq = bhq // Hq, bhq % Hq
         bkv = b * (Hq // G) + hq // G
@@ -91,7 +93,10 @@ if triton is not None:
             num = tl.sum(fq[:, None] * far, 0)
             if NORMALIZE:
                 den = tl.sum(fq * z, 0)
-        c = tl.load(CFAR + hq)
+        if PER_HEAD_C:
+            c = tl.load(CFAR + hq)
+        else:
+            c = c_all
         if NORMALIZE:
             M = tl.maximum(m, 0.0)
             we = tl.exp(m - M)  # 0 when there is no exact key (m = −inf)
@@ -124,36 +129,50 @@ def linear_attention_step_triton(q, k, v, state, *, scale=None, causal=True, fea
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dt = feature_dtype(q.dtype)
     state = LinearAttentionState.empty(k.to(dt), v.to(dt)) if state is None else state
-    betas = beta_per_key(beta, B, Hkv, S, q.device, dt)  # carried in the window for the delta path's sake
-    c = far_scale_per_head(feature_params, Hq, q.device, torch.float32).contiguous()
+    betas = None  # carried in the window for the delta path's sake, made when a key enters the window
+    c_value = (feature_params or {}).get("far_scale", 1.0)
+    per_head_c = not isinstance(c_value, (int, float))  # one number: a kernel argument, no tensor per step
+    c = far_scale_per_head(feature_params, Hq, q.device, torch.float32).contiguous() if per_head_c else None
     width = Dv + int(normalize)
     outs = []
     for t in range(S):
-        kt, vt = k[:, :, t:t + 1].to(dt), v[:, :, t:t + 1].to(dt)
         p = state.position
         sk, sv = state.sink_k, state.sink_v
         wk, wv, wb = state.window_k, state.window_v, state.window_beta
-        if p < sink_tokens:
-            sk, sv = torch.cat([sk, kt], 2), torch.cat([sv, vt], 2)
+        fold = False
+        if p >= sink_tokens and local_window == 0:
+            # no window: the new key folds into the far state at once, read where it lies (the kernel converts)
+            fold = True
+            k_old, v_old = k[:, :, t], v[:, :, t]
+            k_old = k_old if k_old.is_contiguous() else k_old.contiguous()
+            v_old = v_old if v_old.is_contiguous() else v_old.contiguous()
         else:
-            wk, wv, wb = torch.cat([wk, kt], 2), torch.cat([wv, vt], 2), torch.cat([wb, betas[:, :, t:t + 1]], 2)
-        fold = wk.shape[2] > local_window
-        k_old = v_old = None
-        if fold:
-            k_old, v_old = wk[:, :, 0].contiguous(), wv[:, :, 0].contiguous()
-            wk, wv, wb = wk[:, :, 1:], wv[:, :, 1:], wb[:, :, 1:]
+            kt, vt = k[:, :, t:t + 1].to(dt), v[:, :, t:t + 1].to(dt)
+            if p < sink_tokens:
+                sk, sv = torch.cat([sk, kt], 2), torch.cat([sv, vt], 2)
+            else:
+                betas = beta_per_key(beta, B, Hkv, S, q.device, dt) if betas is None else betas
+                wk, wv, wb = torch.cat([wk, kt], 2), torch.cat([wv, vt], 2), torch.cat([wb, betas[:, :, t:t + 1]], 2)
+            fold = wk.shape[2] > local_window
+            k_old = v_old = None
+            if fold:
+                k_old, v_old = wk[:, :, 0].contiguous(), wv[:, :, 0].contiguous()
+                wk, wv, wb = wk[:, :, 1:], wv[:, :, 1:], wb[:, :, 1:]
         far_in = state.far
         if fold and far_in is None:
             far_in = torch.zeros(B, Hkv, D, width, dtype=dt, device=q.device)
         far_out = torch.empty_like(far_in) if fold else far_in
-        sk, sv, wk, wv = (x.contiguous() for x in (sk, sv, wk, wv))
+        sk, sv, wk, wv = (x if x.is_contiguous() else x.contiguous() for x in (sk, sv, wk, wv))
         out = torch.empty(B, Hq, 1, Dv, dtype=q.dtype, device=q.device)
         dummy = out
+        qt = q[:, :, t:t + 1]
         _decode_kernel[(B * Hq,)](
-            q[:, :, t:t + 1].contiguous(), dummy if far_in is None else far_in, dummy if far_out is None else far_out,
-            dummy if k_old is None else k_old, dummy if v_old is None else v_old, sk, sv, wk, wv, c, out,
-            Hq, G, sk.shape[2], wk.shape[2], D, Dv, width, scale, float(eps), FMAP=FUSED_MAPS[feature_map],
-            HAS_FAR=far_in is not None, FOLD=fold, NORMALIZE=normalize, BD=max(16, triton.next_power_of_2(D)),
+            qt if qt.is_contiguous() else qt.contiguous(), dummy if far_in is None else far_in,
+            dummy if far_out is None else far_out, dummy if k_old is None else k_old,
+            dummy if v_old is None else v_old, sk, sv, wk, wv, dummy if c is None else c, out,
+            Hq, G, sk.shape[2], wk.shape[2], D, Dv, width, scale, float(eps), 1.0 if per_head_c else float(c_value),
+            FMAP=FUSED_MAPS[feature_map], HAS_FAR=far_in is not None, FOLD=fold, NORMALIZE=normalize,
+            PER_HEAD_C=per_head_c, BD=max(16, triton.next_power_of_2(D)),
             BDV=max(16, triton.next_power_of_2(Dv)), BN=64, num_warps=8 if D * Dv > 64 * 64 else 4)
         outs.append(out)
         state = LinearAttentionState(p + 1, far_out, sk, sv, wk, wv, wb)
