@@ -216,3 +216,30 @@ def test_sequential_calibration_fits_each_layer_on_the_converted_model():
     for name, t in fits[1].params.items():
         torch.testing.assert_close(t, again.params[name])
     assert any(not torch.allclose(t, on_exact.params[name]) for name, t in fits[1].params.items())
+
+
+def test_cli_calibrates_a_model_folder_sequentially(tmp_path):
+    """`longattn calibrate FOLDER --sequential` end to end on a tiny random Llama with a word-level tokenizer."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from longattn.cli import main
+    words = "the quick brown fox jumps over lazy dog .".split()
+    backend = Tokenizer(WordLevel({w: i for i, w in enumerate(["[UNK]"] + words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = Whitespace()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(words) + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(tmp_path / "tiny")
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog . " * 20)
+    out = tmp_path / "calib.safetensors"
+    assert main(["calibrate", str(tmp_path / "tiny"), "--layers", "0-1", "--sequential", "--sink-tokens", "2",
+                 "--local-window", "8", "--tokens", "64", "--steps", "2", "--hybrid-steps", "2", "--rows", "8",
+                 "--text", str(tmp_path / "text.txt"), "--out", str(out)]) == 0
+    for layer in (0, 1):
+        params = feature_params_from_file(f"{out}#layers.{layer}")
+        assert {"far_scale", "q_weight", "k_weight"} <= set(params)
+    assert file_metadata(str(out))["sequential"] == "True"
