@@ -161,7 +161,9 @@ def format_md(records):
              f", {env['rows']} sampled query rows per layer and window, hedgehog: {env['steps']} Adam steps of far-key "
              "distillation" + (f" (+{env['hybrid_steps']} on the whole hybrid row)" if env["hybrid_steps"] else "")
              + (f" (+{env['output_steps']} on the attention output's squared error)"
-                if env.get("output_steps") else "") + ".", "",
+                if env.get("output_steps") else "")
+             + ("; sequential (each layer fitted on the model with the layers before it converted)"
+                if env.get("sequential") else "") + ".", "",
              "## Perplexity", "", "| attention | perplexity | vs exact |", "|---|---|---|"]
     for r in records:
         if r["kind"] == "ppl":
