@@ -2,11 +2,14 @@
 # One batched GPU session (device tool): the test suite on the GPU image's versions, the flash
 # tests at real sizes on CUDA, and the benchmarks, each under its own time cap. Results to $OUT.
 #   bash benchmarks/run_gpu.sh [STEP ...]   (run from the repo root; .whl/ carries pydantic & fla)
-# Steps (default: all, in this order): cpu flash cp e2e hyper linear decode profile cpbench. `cpu` runs in the
-# background beside the GPU steps. Each step's time cap is an env var (CPU_SUITE_S, FLASH_TESTS_S, ...).
+# Steps (default: all, in this order): cpu flash cp e2e hyper lincheck linear decode profile cpbench. `cpu` runs in
+# the background beside the GPU steps. Each step's time cap is an env var (CPU_SUITE_S, FLASH_TESTS_S, ...).
+# The delta rule's Triton backward is opt-in on CUDA until `lincheck` has passed on a GPU: time it with
+#   LONGATTN_DELTA_BWD=triton LINEAR_ARGS="--lengths 32768,131072 --shapes 32x64 --skip decode
+#       --only ours-delta,fla-delta" bash benchmarks/run_gpu.sh lincheck linear
 set -uo pipefail
 OUT=${OUT:-/tmp/longattn-gpu}; mkdir -p "$OUT"
-STEPS=${*:-cpu flash cp e2e hyper linear decode profile cpbench}
+STEPS=${*:-cpu flash cp e2e hyper lincheck linear decode profile cpbench}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -38,6 +41,10 @@ fi
 if want hyper; then
   step "hyper"
   timeout ${HYPER_S:-100} python3 benchmarks/bench_hyper.py --lengths ${HYPER_LENGTHS:-32768,131072} --shapes 32x64 ${HYPER_ARGS:-} --out-dir "$OUT" >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
+fi
+if want lincheck; then  # linear kernels vs the float64 reference on CUDA, outputs and gradients
+  step "linear check"
+  timeout ${LINCHECK_S:-90} python3 benchmarks/check_linear_cuda.py > "$OUT/linear_check.txt" 2>&1; echo "rc=$?" >> "$OUT/linear_check.txt"
 fi
 if want linear; then
   step "linear"
