@@ -59,6 +59,7 @@ def main():
     ap.add_argument("--output-steps", type=int, default=0)
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--sequential", action="store_true", help="calibrate layer by layer on the converted model")
+    ap.add_argument("--hedgehog-dim", type=int, default=None, help="hedgehog's projection width F (default: head dim)")
     ap.add_argument("--skip", default="", help="variant names to leave out, separated by semicolons")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tag", default="")
@@ -85,7 +86,7 @@ def main():
            "calibration_text": f"tokens {start + n_eval}..{start + n_eval + n_cal} ({args.calib_windows} "
                                f"window(s) of {args.tokens}, after the evaluation windows)",
            "layers": args.layers, **hybrid, "steps": args.steps, "hybrid_steps": args.hybrid_steps,
-           "output_steps": args.output_steps, "sequential": args.sequential,
+           "output_steps": args.output_steps, "sequential": args.sequential, "hedgehog_dim": args.hedgehog_dim,
            "rows": args.rows, "torch": torch.__version__, "threads": args.threads,
            "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -104,6 +105,7 @@ def main():
                                        hybrid_steps=args.hybrid_steps if hsteps else 0,
                                        output_steps=args.output_steps if hsteps else 0, rows=args.rows, **hybrid,
                                        sequential=args.sequential,
+                                       **({"hedgehog_dim": args.hedgehog_dim} if fmap == "hedgehog" and args.hedgehog_dim else {}),
                                        progress=lambda f: print("  " + cal.describe(f), flush=True))
         seconds = time.time() - t
         calib[name] = os.path.join(tmp, f"{name}.safetensors")
@@ -163,7 +165,8 @@ def format_md(records):
              + (f" (+{env['output_steps']} on the attention output's squared error)"
                 if env.get("output_steps") else "")
              + ("; sequential (each layer fitted on the model with the layers before it converted)"
-                if env.get("sequential") else "") + ".", "",
+                if env.get("sequential") else "")
+             + (f"; hedgehog projection width {env['hedgehog_dim']}" if env.get("hedgehog_dim") else "") + ".", "",
              "## Perplexity", "", "| attention | perplexity | vs exact |", "|---|---|---|"]
     for r in records:
         if r["kind"] == "ppl":
