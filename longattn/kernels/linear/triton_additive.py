@@ -206,6 +206,17 @@ def rows_addressable(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
+def with_grad_buffer(x: torch.Tensor, name: str):
+    """(x, its gradient's buffer) for the backward kernels, which write each gradient with its input's strides:
+    an input that is not dense (a slice) is copied first."""
+    x = rows_addressable(x, name)
+    gx = torch.empty_like(x)
+    if gx.stride() != x.stride():
+        x = x.contiguous()
+        gx = torch.empty_like(x)
+    return x, gx
+
+
 def _sm_count(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

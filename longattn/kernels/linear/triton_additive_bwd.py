@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .triton_additive import FUSED_MAPS, chunk_geometry, launch_states, rows_addressable, split_state
+from .triton_additive import (FUSED_MAPS, chunk_geometry, launch_states, rows_addressable, split_state,
+                              with_grad_buffer)
 
 try:
     import triton
@@ -259,16 +260,7 @@ def far_additive_backward(grad, fq, fk, v, *, out, den, fmap: str, causal: bool,
     bf16 = out_dtype == torch.bfloat16
     fmap_id = FUSED_MAPS.get(fmap, 0)
     dev = fq.device
-    # each gradient is written with its input's strides: inputs that are not dense (slices) are copied first
-    grads = []
-    for x, name in ((fq, "q"), (fk, "k"), (v, "v")):
-        x = rows_addressable(x, name)
-        gx = torch.empty_like(x)
-        if gx.stride() != x.stride():
-            x = x.contiguous()
-            gx = torch.empty_like(x)
-        grads.append((x, gx))
-    (fq, dq), (fk, dk), (v, dv) = grads
+    (fq, dq), (fk, dk), (v, dv) = (with_grad_buffer(x, n) for x, n in ((fq, "q"), (fk, "k"), (v, "v")))
     rs = dden = None
     if divide and normalize:
         rs = 1.0 / (den + eps)                                               # (B·Hq, Sq)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_additive import FUSED_MAPS, chunk_geometry, rows_addressable
+from .triton_additive import FUSED_MAPS, chunk_geometry, rows_addressable, with_grad_buffer
 
 try:
     import triton
@@ -58,7 +58,17 @@ if triton is not None:
         return tl.where(mask, df * _dphi(x, FMAP), 0.0)
 
     @triton.jit
-    def _walk_kernel(Q, DO, KN, UNEW, TT, H, DU, DS, sq_b, sq_h, sq_s, sd_b, sd_h, sd_s, Hq, G, Sq, N, NQ, F, Dv,
+    def _query_tile(Q, DO, b, hq, i, mask_i, offs_f, mask_f, offs_v, mask_v, sq_b, sq_h, sq_s, sd_b, sd_h, sd_s,
+                    FMAP: tl.constexpr):
+        """Rows i of query head hq: unit feature rows φ(q) / |φ(q)| (float32) and their dO tile (value block offs_v)."""
+        qn, _, _ = _unit_rows(Q + b.to(tl.int64) * sq_b + hq.to(tl.int64) * sq_h + i[:, None] * sq_s + offs_f[None, :],
+                              mask_i[:, None] & mask_f[None, :], FMAP)
+        do = tl.load(DO + b.to(tl.int64) * sd_b + hq.to(tl.int64) * sd_h + i[:, None] * sd_s + offs_v[None, :],
+                     mask=mask_i[:, None] & mask_v[None, :], other=0.0)
+        return qn, do
+
+    @triton.jit
+    def _walk_kernel(Q, DO, KN, TT, DU, DS, sq_b, sq_h, sq_s, sd_b, sd_h, sd_s, Hq, G, Sq, N, NQ, F, Dv,
                      shift, FMAP: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr, C: tl.constexpr,
                      BF: tl.constexpr, BV: tl.constexpr):
         iv, bkv = tl.program_id(0), tl.program_id(1)
@@ -75,11 +85,8 @@ if triton is not None:
         for g in range(G):
             for c in range(tl.maximum(N - shift, 0), NQ):
                 i = c * C + offs_c
-                qmask = (i < Sq)[:, None] & mask_f[None, :]
-                qn, _, _ = _unit_rows(Q + b.to(tl.int64) * sq_b + (hk * G + g).to(tl.int64) * sq_h
-                                      + i[:, None] * sq_s + offs_f[None, :], qmask, FMAP)
-                do = tl.load(DO + b.to(tl.int64) * sd_b + (hk * G + g).to(tl.int64) * sd_h + i[:, None] * sd_s
-                             + offs_v[None, :], mask=(i < Sq)[:, None] & mask_v[None, :], other=0.0)
+                qn, do = _query_tile(Q, DO, b, hk * G + g, i, i < Sq, offs_f, mask_f, offs_v, mask_v,
+                                     sq_b, sq_h, sq_s, sd_b, sd_h, sd_s, FMAP)
                 dS += _mm(tl.trans(qn), do, BF16, PRECISION)
         tl.store(ds_ptrs + N * F * Dv, dS.to(DS.dtype.element_ty), mask=ds_mask)
         for tt in range(N):
@@ -90,12 +97,9 @@ if triton is not None:
             c = t - shift
             if (c >= 0) & (c < NQ):
                 i = c * C + offs_c
-                qmask = (i < Sq)[:, None] & mask_f[None, :]
                 for g in range(G):
-                    qn, _, _ = _unit_rows(Q + b.to(tl.int64) * sq_b + (hk * G + g).to(tl.int64) * sq_h
-                                          + i[:, None] * sq_s + offs_f[None, :], qmask, FMAP)
-                    do = tl.load(DO + b.to(tl.int64) * sd_b + (hk * G + g).to(tl.int64) * sd_h + i[:, None] * sd_s
-                                 + offs_v[None, :], mask=(i < Sq)[:, None] & mask_v[None, :], other=0.0)
+                    qn, do = _query_tile(Q, DO, b, hk * G + g, i, i < Sq, offs_f, mask_f, offs_v, mask_v,
+                                         sq_b, sq_h, sq_s, sd_b, sd_h, sd_s, FMAP)
                     a = _mm(qn, tl.trans(kn), BF16, PRECISION)
                     a = tl.where(offs_c[:, None] >= offs_c[None, :], a, 0.0)
                     du += _mm(tl.trans(a), do, BF16, PRECISION)
@@ -167,11 +171,8 @@ if triton is not None:
             dkn += _mm(u, tl.trans(ds1), BF16, PRECISION)
             if has_q:
                 for g in range(G):
-                    hq = hk * G + g
-                    qn, _, _ = _unit_rows(Q + b.to(tl.int64) * sq_b + hq.to(tl.int64) * sq_h + i[:, None] * sq_s
-                                          + offs_f[None, :], mask_i[:, None] & mask_f[None, :], FMAP)
-                    do = tl.load(DO + b.to(tl.int64) * sd_b + hq.to(tl.int64) * sd_h + i[:, None] * sd_s
-                                 + offs_v[None, :], mask=mask_i[:, None] & mask_v[None, :], other=0.0)
+                    qn, do = _query_tile(Q, DO, b, hk * G + g, i, mask_i, offs_f, mask_f, offs_v, mask_v,
+                                         sq_b, sq_h, sq_s, sd_b, sd_h, sd_s, FMAP)
                     da = _mm(do, tl.trans(u), BF16, PRECISION)  # (query, key), linear in each value block
                     da = tl.where(offs_c[:, None] >= offs_c[None, :], da, 0.0)
                     dkn += _mm(tl.trans(da), qn, BF16, PRECISION)
@@ -243,14 +244,6 @@ DKV_TILE = (32, 8)  # `_dkn_kernel` and `_dkv_kernel`
 DK_WARPS = 8
 
 
-def _with_grad_buffer(x):
-    g = torch.empty_like(x)
-    if g.stride() != x.stride():
-        x = x.contiguous()
-        g = torch.empty_like(x)
-    return x, g
-
-
 def far_delta_backward(grad, fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk: int, out_dtype, pure: bool):
     """(dfq, dfk, dv, dbeta) of `triton_delta.far_delta_triton` for the upstream gradient of its output."""
     from .triton_delta import delta_states, products_precision
@@ -258,8 +251,7 @@ def far_delta_backward(grad, fq, fk, v, beta, *, fmap: str, causal: bool, offset
     Hkv, L, Dv = fk.shape[1], fk.shape[2], v.shape[-1]
     G = Hq // Hkv
     P, shift, N, nq = chunk_geometry(Sq, L, causal, offset, chunk)
-    # each gradient is written with its input's strides: inputs that are not dense (slices) are copied first
-    (fq, dq), (fk, dk), (v, dv) = (_with_grad_buffer(rows_addressable(x, n)) for x, n in ((fq, "q"), (fk, "k"), (v, "v")))
+    (fq, dq), (fk, dk), (v, dv) = (with_grad_buffer(x, n) for x, n in ((fq, "q"), (fk, "k"), (v, "v")))
     do = rows_addressable(grad, "grad_out")
     bf16 = out_dtype == torch.bfloat16
     fmap_id = FUSED_MAPS.get(fmap, 0)
@@ -267,12 +259,13 @@ def far_delta_backward(grad, fq, fk, v, beta, *, fmap: str, causal: bool, offset
     KN, TT, UNEW, H = delta_states(fk, v, beta, fmap_id=fmap_id, P=P, N=N, chunk=chunk, bf16=bf16)
     BF = max(16, triton.next_power_of_2(Fd))
     BV = min(64, max(16, triton.next_power_of_2(Dv)))
-    flags = dict(FMAP=fmap_id, BF16=bf16, PRECISION=products_precision(bf16), C=chunk, BF=BF)
+    precision = products_precision(bf16)
+    flags = dict(FMAP=fmap_id, BF16=bf16, PRECISION=precision, C=chunk, BF=BF)
     DU = torch.empty(B * Hkv, N * chunk, Dv, dtype=torch.float32, device=dev)
     DS = torch.empty(B * Hkv, N + 1, Fd, Dv, dtype=H.dtype, device=dev)
     WV = min(WALK_TILE[0], BV)
     qs, ds = (fq.stride(0), fq.stride(1), fq.stride(2)), (do.stride(0), do.stride(1), do.stride(2))
-    _walk_kernel[(triton.cdiv(Dv, WV), B * Hkv)](fq, do, KN, UNEW, TT, H, DU, DS, *qs, *ds, Hq, G, Sq, N, nq, Fd, Dv,
+    _walk_kernel[(triton.cdiv(Dv, WV), B * Hkv)](fq, do, KN, TT, DU, DS, *qs, *ds, Hq, G, Sq, N, nq, Fd, Dv,
                                                   shift, **flags, BV=WV, num_warps=WALK_TILE[1])
     _dq_kernel[(nq, B * Hq)](fq, do, KN, UNEW, H, dq, *qs, *ds, Hq, G, Sq, N, Fd, Dv, shift, **flags,
                              BV=min(DQ_TILE[0], BV), num_warps=DQ_TILE[1])
@@ -287,5 +280,5 @@ def far_delta_backward(grad, fq, fk, v, beta, *, fmap: str, causal: bool, offset
     dbeta = torch.empty(B, Hkv, L, dtype=torch.float32, device=dev)
     _dk_kernel[(N, B * Hkv)](fk, beta, KN, DKN, DT, dk, dbeta, fk.stride(0), fk.stride(1), fk.stride(2), beta.stride(0),
                              beta.stride(1), beta.stride(2), Hkv, L, P, N, Fd, FMAP=fmap_id, C=chunk, BF=BF,
-                             PRECISION=products_precision(bf16), num_warps=DK_WARPS)
+                             PRECISION=precision, num_warps=DK_WARPS)
     return dq, dk, dv, dbeta.to(beta.dtype)
