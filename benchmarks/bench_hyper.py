@@ -1,14 +1,15 @@
 """HyperAttention (Triton) against torch SDPA's cuDNN and flash backends, one GPU run.
 
     python benchmarks/bench_hyper.py [--lengths 4096,...,131072] [--shapes 32x64,16x128] [--no-backward]
-                                     [--sweep-tiles] [--out-dir benchmarks/results]
+                                     [--extra '{"name": {param: value}}'] [--sweep-tiles] [--out-dir benchmarks/results]
 
 bf16, batch 1, random normal inputs, block 256, 256 samples, 7 LSH bits, exact below 4096 keys,
 64 sinks, window 256 (variant "default"; "paper" is timed too, forward only). Forward and
 forward+backward (hyper's backward kernels; LONGATTN_HYPER_BACKWARD=reference times the
 PyTorch reference's vjp instead). Times: triton.testing.do_bench median (CUDA events, warm-up first). Before
 timing, every hyper output is checked against the float64 reference on the same pattern (at 8K,
-both causal modes), and every timed output is checked finite. TFLOP/s counts exact attention's
+both causal modes), and every timed output is checked finite. --extra times more hyper settings (PARAMS
+updated by each entry, e.g. another sampling or key budget) beside the default, forward and forward+backward. TFLOP/s counts exact attention's
 4·S²·D·H (halved for causal) for every row, so for hyper it is "exact-equivalent" throughput.
 Writes benchmarks/results/<date>-<device>-hyper.{md,jsonl}; ratios are only meaningful within one run.
 """
@@ -83,12 +84,14 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def check_kernel_against_reference(h, d, s, causal, variant):
+EXTRA = {}  # name -> PARAMS overrides, from --extra
+
+
+def check_kernel_against_reference(h, d, s, causal, params):
     """Relative error of the bf16 kernel vs the float64 reference on the same pattern."""
     g = torch.Generator(device="cuda").manual_seed(1)
     q, k, v = (torch.randn(1, h, s, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
-    params = dict(PARAMS, variant=variant)
-    pattern = build_pattern(q, k, causal=causal, rank_fn=lsh_rank_triton, **params)
+    pattern = build_pattern(q, k, causal=causal, rank_fn=lsh_rank_triton, scale=d ** -0.5, **params)
     out, lse = triton_attention.hyper_forward_triton(q, k, v, pattern, scale=d ** -0.5, causal=causal)
     ref, ref_lse = hyper_attention_from_pattern(q.double(), k.double(), v.double(), pattern,
                                                 scale=d ** -0.5, causal=causal)
@@ -103,7 +106,7 @@ def check_backward_against_reference(h, d, s, causal):
     do = torch.randn(1, h, s, d, device="cuda", dtype=torch.bfloat16, generator=g)
     out, _ = hyper_attention(q, k, v, causal=causal, **PARAMS)
     got = torch.autograd.grad(out, (q, k, v), do)
-    pattern = build_pattern(q, k, causal=causal, rank_fn=lsh_rank_triton, **PARAMS)
+    pattern = build_pattern(q, k, causal=causal, rank_fn=lsh_rank_triton, scale=d ** -0.5, **PARAMS)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref, _ = hyper_attention_from_pattern(q64, k64, v64, pattern, scale=d ** -0.5, causal=causal)
     want = torch.autograd.grad(ref, (q64, k64, v64), do.double())
@@ -127,16 +130,17 @@ def runners(h, d, s, causal, backward):
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return fwd
 
-    def hyper(variant):
-        return lambda: hyper_attention(q, k, v, causal=causal, variant=variant, **PARAMS)[0]
+    def hyper(**params):
+        return lambda: hyper_attention(q, k, v, causal=causal, **dict(PARAMS, **params))[0]
 
-    fwds = {"hyper": hyper("default"), "hyper_paper": hyper("paper"),
+    fwds = {"hyper": hyper(), "hyper_paper": hyper(variant="paper"),
+            **{name: hyper(**params) for name, params in EXTRA.items()},
             "sdpa_cudnn": sdpa(SDPA["cudnn"]), "sdpa_flash": sdpa(SDPA["flash"])}
     if not backward:
         for name, fn in fwds.items():
             out[name] = (fn, None)
         return out
-    for name in ("hyper", "sdpa_cudnn", "sdpa_flash"):
+    for name in ("hyper", *EXTRA, "sdpa_cudnn", "sdpa_flash"):
         fn = fwds[name]
         out[name] = (lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), g), fn)
     return out
@@ -147,6 +151,7 @@ def main():
     ap.add_argument("--lengths", default="4096,8192,16384,32768,65536,131072")
     ap.add_argument("--shapes", default="32x64,16x128", help="heads x head_dim")
     ap.add_argument("--no-backward", action="store_true")
+    ap.add_argument("--extra", default="", help='JSON {name: {param: value}}: more hyper settings to time')
     ap.add_argument("--sweep-tiles", action="store_true",
                     help="time forward tile candidates at 32K first, keep the best")
     ap.add_argument("--sweep-bwd-tiles", action="store_true", help="the same for the backward's tiles")
@@ -154,6 +159,7 @@ def main():
                     help="time the LSH kernel's tile candidates at 131K, keep the best")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
+    EXTRA.update(json.loads(args.extra) if args.extra else {})
     lengths = [int(x) for x in args.lengths.split(",")]
     shapes = [tuple(int(y) for y in x.split("x")) for x in args.shapes.split(",")]
     name = torch.cuda.get_device_name()
@@ -165,10 +171,11 @@ def main():
 
     for h, d in shapes:
         for causal in (False, True):
-            for variant in ("default", "paper"):
+            for variant, params in (("default", PARAMS), ("paper", dict(PARAMS, variant="paper")),
+                                    *((name, dict(PARAMS, **extra)) for name, extra in EXTRA.items())):
                 rec = {"kind": "check", "h": h, "d": d, "s": 8192, "causal": causal, "variant": variant}
                 try:  # a failure here is reported, and the timings still run
-                    err, lse_err = check_kernel_against_reference(h, d, 8192, causal, variant)
+                    err, lse_err = check_kernel_against_reference(h, d, 8192, causal, params)
                     rec.update(rel_err_vs_reference=err, lse_max_abs_err=lse_err, ok=err < 2e-2 and lse_err < 5e-2)
                 except Exception as e:
                     rec.update(error=repr(e)[:300], ok=False)
@@ -256,7 +263,8 @@ def main():
 def format_table(rows, env, checks):
     lines = [f"# HyperAttention vs SDPA on {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}; bf16, batch 1; "
-             f"hyper: {json.dumps(PARAMS)}. Times are medians in ms; 'x cuDNN' = cuDNN time / hyper time in this run.",
+             f"hyper: {json.dumps(PARAMS)}; more settings: {json.dumps(EXTRA)}. Times are medians in ms; "
+             "'x cuDNN' = cuDNN time / each hyper setting's time in this run.",
              "", "Kernels vs the float64 reference on the same pattern (8K, relative error):", ""]
     for c in checks:
         what = f"h{c['h']}d{c['d']} {'causal' if c['causal'] else 'non-causal'}"
@@ -272,13 +280,15 @@ def format_table(rows, env, checks):
     by = {}
     for r in rows:
         by.setdefault(key(r), {})[r["impl"]] = r.get("ms", math.nan)
-    impls = ["hyper", "hyper_paper", "sdpa_cudnn", "sdpa_flash"]
-    lines.append("| heads x dim | mode | causal | S | " + " | ".join(impls) + " | x cuDNN | paper x cuDNN |")
-    lines.append("|---|---|---|---|" + "---|" * len(impls) + "---|---|")
+    ours = ["hyper", "hyper_paper", *EXTRA]
+    impls = [*ours, "sdpa_cudnn", "sdpa_flash"]
+    lines.append("| heads x dim | mode | causal | S | " + " | ".join(impls) + " | "
+                 + " | ".join(f"{i} x cuDNN" for i in ours) + " |")
+    lines.append("|---|---|---|---|" + "---|" * (len(impls) + len(ours)))
     for (h, d, mode, causal, s), t in sorted(by.items()):
-        ratio, paper = (t.get("sdpa_cudnn", math.nan) / t.get(i, math.nan) for i in ("hyper", "hyper_paper"))
+        ratios = " | ".join(f"{t.get('sdpa_cudnn', math.nan) / t.get(i, math.nan):.2f}" for i in ours)
         cells = " | ".join(f"{t[i]:.3f}" if i in t and not math.isnan(t[i]) else "—" for i in impls)
-        lines.append(f"| {h}x{d} | {mode} | {causal} | {s} | {cells} | {ratio:.2f} | {paper:.2f} |")
+        lines.append(f"| {h}x{d} | {mode} | {causal} | {s} | {cells} | {ratios} |")
     return "\n".join(lines) + "\n"
 
 

@@ -4,8 +4,8 @@
 
 bf16, B1 H4 S1000 d64, causal, random inputs scaled by 0.5; the identity map unnormalised (the kernels
 write the output directly) and normalised, elu normalised, the elu hybrid (64 sinks + 256-key window), and the
-delta rule (identity map, per-token β), its gradients by the PyTorch recompute and then by the Triton backward
-(LONGATTN_DELTA_BWD=triton; identity and elu maps). Prints the
+delta rule (identity map, per-token β), its gradients by the float32 PyTorch recompute (LONGATTN_DELTA_BWD=torch)
+and then by the Triton backward (the default; identity and elu maps). Prints the
 relative error of the output and of dq / dk / dv (results: `results/2026-12-01-h200-linear.md`, notes).
 """
 import torch
@@ -21,15 +21,14 @@ def rel(a, b):
 def main():
     import os
     torch.manual_seed(0)
-    os.environ.pop("LONGATTN_DELTA_BWD", None)
     for kw in (dict(feature_map="identity", normalize=False), dict(feature_map="identity", normalize=True),
                dict(feature_map="elu", normalize=True), dict(feature_map="elu", sink_tokens=64, local_window=256),
+               dict(feature_map="identity", update_rule="delta", normalize=False, recompute=True),
                dict(feature_map="identity", update_rule="delta", normalize=False),
-               dict(feature_map="identity", update_rule="delta", normalize=False, triton_backward=True),
-               dict(feature_map="elu", update_rule="delta", normalize=False, triton_backward=True)):
-        if kw.pop("triton_backward", False):  # the delta rule's Triton backward, opt-in on CUDA until checked here
-            os.environ["LONGATTN_DELTA_BWD"] = "triton"
-            print("LONGATTN_DELTA_BWD=triton:", end=" ")
+               dict(feature_map="elu", update_rule="delta", normalize=False)):
+        os.environ["LONGATTN_DELTA_BWD"] = "torch" if kw.pop("recompute", False) else "triton"
+        if kw.get("update_rule") == "delta":
+            print(f"LONGATTN_DELTA_BWD={os.environ['LONGATTN_DELTA_BWD']}:", end=" ")
         q, k, v = (torch.randn(1, 4, 1000, 64, device="cuda", dtype=torch.bfloat16) * 0.5 for _ in range(3))
         beta = torch.rand(1, 4, 1000, device="cuda") if kw.get("update_rule") == "delta" else None
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]

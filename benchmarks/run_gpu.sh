@@ -4,9 +4,9 @@
 #   bash benchmarks/run_gpu.sh [STEP ...]   (run from the repo root; .whl/ carries pydantic & fla)
 # Steps (default: all, in this order): cpu flash cp e2e hyper lincheck linear decode profile cpbench. `cpu` runs in
 # the background beside the GPU steps. Each step's time cap is an env var (CPU_SUITE_S, FLASH_TESTS_S, ...).
-# The delta rule's Triton backward is opt-in on CUDA until `lincheck` has passed on a GPU: time it with
-#   LONGATTN_DELTA_BWD=triton LINEAR_ARGS="--lengths 32768,131072 --shapes 32x64 --skip decode
-#       --only ours-delta,fla-delta" bash benchmarks/run_gpu.sh lincheck linear
+# The delta rule's fwd+bwd against fla:
+#   LINEAR_ARGS="--lengths 32768,131072 --shapes 32x64 --skip fwd,decode --only ours-delta,fla-delta" \
+#       bash benchmarks/run_gpu.sh linear
 set -uo pipefail
 OUT=${OUT:-/tmp/longattn-gpu}; mkdir -p "$OUT"
 STEPS=${*:-cpu flash cp e2e hyper lincheck linear decode profile cpbench}

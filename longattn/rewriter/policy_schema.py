@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError
+from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError, model_validator
 
 KINDS = ("exact", "flash", "hyper", "linear")
 FEATURE_MAPS = ("elu", "relu", "favor", "taylor2", "hedgehog", "identity", "none")
@@ -112,7 +112,7 @@ class FlashParams(KindParams):
 
 
 class HyperParams(KindParams):
-    """HyperAttention (sortLSH blocks + uniform samples), with exact sinks and local window."""
+    """HyperAttention (sortLSH blocks + sampled residual), with exact sinks and local window."""
     block_size: Annotated[int, _int_in(16, 4096, power_of_two=True)] = 256
     sample_size: NonNegative = 256
     lsh_bits: Annotated[int, _int_in(1, 16)] = 7
@@ -120,7 +120,17 @@ class HyperParams(KindParams):
     sink_tokens: NonNegative = 64
     local_window: NonNegative = 256
     variant: Annotated[Literal["default", "paper"], _one_of("default", "paper")] = "default"
+    # how the residual's samples are drawn: uniformly, or by the rectangle's mean query (kernels/hyper/pattern.py);
+    # unset: the variant's own (default: importance, paper: uniform)
+    sampling: Annotated[Optional[Literal["uniform", "importance"]], _one_of("uniform", "importance")] = None
     seed: Integer = 0
+
+    @model_validator(mode="after")
+    def _paper_samples_uniformly(self):
+        if self.variant == "paper" and self.sampling == "importance":
+            raise ValueError("variant 'paper' is the paper's algorithm, which samples uniformly: "
+                             "sampling 'importance' needs variant 'default'")
+        return self
 
 
 class LinearParams(KindParams):

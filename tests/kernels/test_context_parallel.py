@@ -97,23 +97,23 @@ def _linear(rank, world, name, causal, lb):
            lambda q, k, v: linear_attention_cp(q, k, v, load_balance=lb, **kw), 32, lb, rank, world)
 
 
-def _hyper(rank, world, causal, lb):
+def _hyper(rank, world, causal, lb, sampling="uniform"):
     from longattn.kernels.hyper import hyper_attention
     from longattn.kernels.parallel import hyper_attention_cp
     kw = dict(scale=0.3, causal=causal, block_size=8, sample_size=4, lsh_bits=3, min_seq_len=16, sink_tokens=4,
-              local_window=8, seed=7)
+              local_window=8, seed=7, sampling=sampling)
     _check(lambda q, k, v: hyper_attention(q, k, v, **kw)[0],
            lambda q, k, v: hyper_attention_cp(q, k, v, load_balance=lb, **kw)[0], 64, lb, rank, world)
 
 
-def _hyper_triton(rank, world, causal, lb, heads):
+def _hyper_triton(rank, world, causal, lb, heads, sampling="uniform"):
     """float32 through the Triton kernels (the interpreter on CPU): rank-local kernels against the single-device
     kernels, lse included (its gradient flows too)."""
     from longattn.kernels.hyper import _use_triton, hyper_attention
     from longattn.kernels.parallel import hyper_attention_cp
     # interpreter time grows with the grid: short, but with two causal levels of blocks and samples
     kw = dict(scale=0.3, causal=causal, block_size=8, sample_size=4, lsh_bits=3, min_seq_len=8, sink_tokens=2,
-              local_window=4, seed=7)
+              local_window=4, seed=7, sampling=sampling)
     probe = _inputs(1, dtype=torch.float32)[0]
     assert _use_triton(probe, probe), "the Triton path is not taken (no TRITON_INTERPRET=1 on CPU?)"
     _check(lambda q, k, v: _with_lse(hyper_attention(q, k, v, **kw)),
@@ -154,6 +154,12 @@ CASES = {
        for n in ("hybrid_add", "hybrid_delta", "pure_add")},
     **{f"hyper-{'causal' if c else 'full'}-{lb}": functools.partial(_hyper, causal=c, lb=lb)
        for c, lb in ((True, "contiguous"), (True, "zigzag"), (False, "zigzag"))},
+    # importance sampling: the rectangles' mean queries come from every rank's rows
+    **{f"hyper-importance-{'causal' if c else 'full'}-{lb}": functools.partial(_hyper, causal=c, lb=lb,
+                                                                              sampling="importance")
+       for c, lb in ((True, "zigzag"), (False, "contiguous"))},
+    "hyper-triton-importance-causal-zigzag-gqa": functools.partial(_hyper_triton, causal=True, lb="zigzag",
+                                                                   heads=(2, 1), sampling="importance"),
     **{f"hyper-triton-{'causal' if c else 'full'}-{lb}-{'gqa' if heads[1] < heads[0] else 'mha'}":
        functools.partial(_hyper_triton, causal=c, lb=lb, heads=heads)  # few heads: the interpreter is slow
        for c, lb, heads in ((True, "zigzag", (2, 1)), (True, "contiguous", (2, 1)), (False, "zigzag", (2, 2)),

@@ -38,16 +38,16 @@ def brute_force_weights(pattern, b, h, sq, sk, group, causal):
             k_sorted = level.k_order[b, kh, ks:ks + kl].tolist()
             assert sorted(q_sorted) == list(range(qs, qs + ql)) and sorted(k_sorted) == list(range(ks, ks + kl))
             samples = level.samples[b, kh, r].tolist()
-            m = len(samples)
+            weights = level.sample_logw[b, kh, r].double().exp().tolist()  # kl / m when drawn uniformly
             for blk in range(nb):
                 block_keys = k_sorted[kbounds[blk]:kbounds[blk + 1]]
                 for i in q_sorted[qbounds[blk]:qbounds[blk + 1]]:
                     for j in block_keys:
                         if j not in exact[i]:
                             w[i, j] += 1.0
-                    for j in samples:
+                    for j, weight in zip(samples, weights):
                         if j not in exact[i] and j not in block_keys:
-                            w[i, j] += kl / m
+                            w[i, j] += weight
     return w
 
 
@@ -67,11 +67,11 @@ def brute_force(q, k, v, pattern, scale, causal):
     return out, lse
 
 
-@pytest.mark.parametrize("variant", ["paper", "default"])
+@pytest.mark.parametrize("variant,sampling", [("paper", "uniform"), ("default", "uniform"), ("default", "importance")])
 @pytest.mark.parametrize("causal,sq,sk", [(False, 21, 21), (False, 13, 22), (True, 21, 21), (True, 17, 26)])
-def test_reference_equals_brute_force_rebuilt_from_the_pattern(variant, causal, sq, sk):
+def test_reference_equals_brute_force_rebuilt_from_the_pattern(variant, sampling, causal, sq, sk):
     q, k, v = _qkv(b=2, sq=sq, sk=sk)
-    params = dict(SMALL, causal=causal, variant=variant, seed=3)
+    params = dict(SMALL, causal=causal, variant=variant, sampling=sampling, seed=3)
     pattern = build_pattern(q, k, **params)
     assert len(pattern.levels) >= (2 if causal else 1)
     out, lse = hyper_attention_reference(q, k, v, pattern=pattern, scale=0.4, causal=causal)
@@ -144,8 +144,8 @@ def test_gqa_equals_repeated_kv_with_the_same_pattern():
         rep = lambda t: t.repeat_interleave(group, dim=1)
         pattern.k_rank = rep(pattern.k_rank)
         for level in pattern.levels:
-            level.k_order, level.samples, level.sample_block = map(rep, (level.k_order, level.samples,
-                                                                        level.sample_block))
+            level.k_order, level.samples, level.sample_block, level.sample_logw = map(
+                rep, (level.k_order, level.samples, level.sample_block, level.sample_logw))
         out_rep, lse_rep = hyper_attention_reference(q, rep(k), rep(v), pattern=pattern, causal=causal)
         torch.testing.assert_close(out, out_rep, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(lse, lse_rep)
@@ -182,7 +182,9 @@ def test_gradcheck_through_the_reference(causal):
 
 
 @pytest.mark.parametrize("bad,match", [(dict(block_size=0), "block_size"), (dict(lsh_bits=17), "lsh_bits"),
-                                       (dict(variant="fast"), "variant"), (dict(sample_size=-1), "sample_size")])
+                                       (dict(variant="fast"), "variant"), (dict(sample_size=-1), "sample_size"),
+                                       (dict(sampling="lsh"), "sampling"),
+                                       (dict(sampling="importance", variant="paper"), "sampling='importance'")])
 def test_bad_parameters_are_named(bad, match):
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=match):
@@ -210,9 +212,9 @@ def test_default_variant_counts_sinks_and_window_once_and_nothing_twice(causal):
                 assert w[i, i + 1:].sum() == 0
 
 
-def test_default_variant_draws_one_sample_in_each_equal_slice_of_a_rectangle():
+def test_uniform_sampling_draws_one_sample_in_each_equal_slice_of_a_rectangle():
     q, k, _ = _qkv(sq=40, sk=40)
-    pattern = build_pattern(q, k, causal=True, **SMALL)
+    pattern = build_pattern(q, k, causal=True, sampling="uniform", **SMALL)
     for level in pattern.levels:
         for r, (_, _, ks, kl) in enumerate(level.rect_list):
             offsets = level.samples[0, 0, r] - ks
@@ -224,13 +226,70 @@ def test_default_variant_draws_one_sample_in_each_equal_slice_of_a_rectangle():
 
 def test_pattern_from_given_query_ranks_is_the_pattern_from_q():
     """Context parallelism hashes q rows with `hyperplanes` and passes the gathered ranks: same pattern."""
-    from longattn.kernels.hyper.pattern import hyperplanes, lsh_rank
+    from longattn.kernels.hyper.pattern import hyperplanes, lsh_rank, rect_query_means
     q, k, _ = _qkv(b=2, sq=21, sk=29)
     want = build_pattern(q, k, causal=True, seed=5, **SMALL)
     planes = hyperplanes(2, q.shape[-1], SMALL["lsh_bits"], 5, "cpu")
     assert torch.equal(planes, want.planes)
-    got = build_pattern(None, k, causal=True, seed=5, q_rank=lsh_rank(q, planes, 2), **SMALL)
+    with pytest.raises(ValueError, match="q_means"):
+        build_pattern(None, k, causal=True, seed=5, q_rank=lsh_rank(q, planes, 2), **SMALL)
+    got = build_pattern(None, k, causal=True, seed=5, q_rank=lsh_rank(q, planes, 2),
+                        q_means=lambda rects: rect_query_means(q, rects, 2), **SMALL)
     assert torch.equal(got.q_rank, want.q_rank) and torch.equal(got.exact_lo, want.exact_lo)
     for a, b in zip(got.levels, want.levels, strict=True):
-        for name in ("q_order", "k_order", "samples", "sample_block"):
+        for name in ("q_order", "k_order", "samples", "sample_block", "sample_logw"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_uniform_samples_stand_for_kl_over_m_keys_each():
+    q, k, _ = _qkv(sq=40, sk=40)
+    for variant, sampling in (("default", "uniform"), ("paper", None)):
+        for level in build_pattern(q, k, causal=True, variant=variant, sampling=sampling, **SMALL).levels:
+            for r, (_, _, _, kl) in enumerate(level.rect_list):
+                want = torch.full_like(level.sample_logw[:, :, r], math.log(kl / SMALL["sample_size"]))
+                torch.testing.assert_close(level.sample_logw[:, :, r], want)
+
+
+def _rectangle_sum_estimates(q, k, sampling, seeds, scale=0.5):
+    """Per seed, the non-causal one-rectangle estimate sum_i w_i exp(scale q0.k_{j_i}) of row 0's softmax
+    normaliser from the samples alone, and the exact sum."""
+    exact = torch.exp(scale * k[0, 0] @ q[0, 0, 0]).sum()
+    estimates = []
+    for seed in range(seeds):
+        level = build_pattern(q, k, seed=seed, scale=scale, sampling=sampling,
+                              **dict(SMALL, sample_size=8, sink_tokens=0, local_window=0)).levels[0]
+        j, logw = level.samples[0, 0, 0], level.sample_logw[0, 0, 0].double()
+        estimates.append((logw.exp() * torch.exp(scale * k[0, 0, j] @ q[0, 0, 0])).sum())
+    return torch.stack(estimates), exact
+
+
+def test_importance_samples_are_unbiased_and_beat_uniform_where_attention_concentrates():
+    """The weights make the samples an unbiased estimate of the rectangle's sum; drawn where the rectangle's
+    mean query looks, they estimate it with far less spread than uniform draws when a few keys dominate."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 64, 6, generator=g, dtype=F64) * 0.3 + 2.0   # queries alike: their mean is a good proxy
+    k = torch.randn(1, 1, 96, 6, generator=g, dtype=F64) * 0.3
+    k[0, 0, ::17] += 1.5                                                # a few keys the queries favour
+    imp, exact = _rectangle_sum_estimates(q, k, "importance", 400)
+    uni, _ = _rectangle_sum_estimates(q, k, "uniform", 400)
+    for est in (imp, uni):  # unbiased: the mean of 400 draws within 4 standard errors of the exact sum
+        assert abs(est.mean() - exact) < 4 * est.std() / 20 + 1e-9 * exact
+    assert imp.std() < 0.5 * uni.std()
+
+
+def test_importance_sampling_draws_from_the_mean_querys_softmax():
+    """Samples are drawn from p = softmax(scale·q̄·k)/2 + 1/(2 kl) and weighted 1/(m p): recompute p from q̄
+    (the weights use p's float32 CDF steps, so they match to float32 rounding of a sum, not bit for bit)."""
+    from longattn.kernels.hyper.pattern import rect_query_means
+    q, k, _ = _qkv(hq=4, hkv=2, sq=30, sk=30)
+    pattern = build_pattern(q, k, causal=True, scale=0.7, **SMALL)  # the default variant's default sampling
+    m = SMALL["sample_size"]
+    for level in pattern.levels:
+        means = rect_query_means(q, level.rects, 2).double()
+        for r, (_, _, ks, kl) in enumerate(level.rect_list):
+            for kh in range(2):
+                p = 0.5 * torch.softmax(0.7 * k[0, kh, ks:ks + kl] @ means[0, kh, r], 0) + 0.5 / kl
+                j = level.samples[0, kh, r] - ks
+                assert torch.all((j >= 0) & (j < kl))
+                torch.testing.assert_close(level.sample_logw[0, kh, r].double(), -torch.log(m * p[j]),
+                                           rtol=1e-4, atol=1e-5)

@@ -21,11 +21,11 @@ def _qkv(b=1, hq=4, hkv=2, sq=37, sk=37, d=16, dv=16, dtype=torch.float32, grad=
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("variant", ["paper", "default"])
+@pytest.mark.parametrize("variant,sampling", [("paper", "uniform"), ("default", "uniform"), ("default", "importance")])
 @pytest.mark.parametrize("causal,sq,sk", [(False, 37, 37), (False, 19, 45), (True, 37, 37), (True, 23, 45)])
-def test_kernel_equals_reference_on_the_same_pattern(dtype, variant, causal, sq, sk):
+def test_kernel_equals_reference_on_the_same_pattern(dtype, variant, sampling, causal, sq, sk):
     q, k, v = _qkv(b=2, sq=sq, sk=sk, dtype=dtype)
-    pattern = build_pattern(q, k, causal=causal, variant=variant, seed=4, **SMALL)
+    pattern = build_pattern(q, k, causal=causal, variant=variant, sampling=sampling, seed=4, **SMALL)
     assert len(pattern.levels) >= (2 if causal else 1)  # several launches run
     out, lse = hyper_forward_triton(q, k, v, pattern, scale=0.3, causal=causal)
     ref, ref_lse = hyper_attention_from_pattern(q.double(), k.double(), v.double(), pattern, scale=0.3, causal=causal)
@@ -83,12 +83,13 @@ def test_hash_kernel_equals_torch_hash(group):
 
 @pytest.mark.parametrize("causal,sq,sk,variant,heads,dims", [
     (False, 30, 30, "default", (4, 2), (16, 16)), (True, 30, 30, "default", (4, 2), (16, 16)),
-    (False, 19, 45, "paper", (2, 2), (16, 16)), (True, 23, 45, "default", (3, 1), (12, 20))])
+    (False, 19, 45, "paper", (2, 2), (16, 16)), (True, 23, 45, "default", (3, 1), (12, 20)),
+    (True, 30, 30, "importance", (4, 2), (16, 16))])
 def test_backward_kernels_equal_reference_gradients_for_out_and_lse(causal, sq, sk, variant, heads, dims):
     q, k, v = _qkv(hq=heads[0], hkv=heads[1], sq=sq, sk=sk, d=dims[0], dv=dims[1], grad=True)
-    params = dict(SMALL, variant=variant)
+    params = dict(SMALL, variant=variant) if variant != "importance" else dict(SMALL, sampling="importance")
     out, lse = hyper_attention(q, k, v, causal=causal, scale=0.25, **params)
-    pattern = build_pattern(q, k, causal=causal, **params)
+    pattern = build_pattern(q, k, causal=causal, scale=0.25, **params)
     ref, ref_lse = hyper_attention_from_pattern(q, k, v, pattern, scale=0.25, causal=causal)
     g, g_lse = torch.randn_like(out), torch.randn_like(lse)
     got = torch.autograd.grad((out, lse), (q, k, v), (g, g_lse))

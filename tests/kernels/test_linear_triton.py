@@ -281,3 +281,22 @@ def test_delta_rule_triton_backward_matches_float64_autograd(geometry):
     grad = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(out, xs, grad.float()), torch.autograd.grad(ref, ys, grad)):
         assert _rel(a, b) < 1e-5
+
+
+def test_delta_rule_backward_env_var_picks_the_float32_recompute(monkeypatch):
+    """LONGATTN_DELTA_BWD=torch: the delta rule's gradients come from the PyTorch recompute, not the Triton kernels
+    (which run by default), and agree with them."""
+    from longattn.kernels.linear import triton_delta_bwd
+    from longattn.kernels.linear.triton_delta import _FarDelta
+    xs = [torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 8), torch.rand(1, 2, 40)]
+    opts = dict(fmap="identity", causal=True, offset=0, chunk=16, out_dtype=torch.float32, pure=True)
+
+    def grads():
+        leaves = [x.clone().requires_grad_() for x in xs]
+        return torch.autograd.grad(_FarDelta.apply(*leaves, opts).sum(), leaves)
+
+    by_kernels = grads()
+    monkeypatch.setattr(triton_delta_bwd, "far_delta_backward", lambda *a, **k: pytest.fail("Triton backward ran"))
+    monkeypatch.setenv("LONGATTN_DELTA_BWD", "torch")
+    for a, b in zip(grads(), by_kernels):
+        assert _rel(a, b) < 1e-5

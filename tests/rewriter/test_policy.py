@@ -239,10 +239,16 @@ def test_unknown_kind(tmp_path):
     ("sample_size", "'256'", "must be a non-negative integer, got '256'"),
     ("seed", "1.5", "must be an integer, got 1.5"),
     ("variant", "fast", "must be one of 'default', 'paper', got 'fast'"),
+    ("sampling", "lsh", "must be one of 'uniform', 'importance', got 'lsh'"),
 ])
 def test_hyper_parameter_checks(tmp_path, key, value, expected):
     text = f"version: 1\nrules:\n  - layers: '*'\n    use: hyper\n    {key}: {value}\n"
     assert error_of(tmp_path, text).endswith(f"p.yaml:5: rules[0].{key} {expected}")
+
+
+def test_paper_variant_with_importance_sampling_is_refused_by_name(tmp_path):
+    text = "version: 1\nrules:\n  - layers: '*'\n    use: hyper\n    variant: paper\n    sampling: importance\n"
+    assert "sampling 'importance' needs variant 'default'" in error_of(tmp_path, text)
 
 
 @pytest.mark.parametrize("key, value, expected", [

@@ -26,20 +26,22 @@ def _use_triton(q, v) -> bool:
 
 
 def hyper_attention(q, k, v, *, scale=None, causal=False, block_size=256, sample_size=256, lsh_bits=7,
-                    min_seq_len=4096, sink_tokens=64, local_window=256, variant="default", seed=0,
-                    return_lse=True):
+                    min_seq_len=4096, sink_tokens=64, local_window=256, variant="default", sampling=None,
+                    seed=0, return_lse=True):
     """HyperAttention; returns (out (B, Hq, Sq, Dv) in q's dtype, lse (B, Hq, Sq) float32).
 
     q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), Hq a multiple of Hkv; causal is
     bottom-right aligned and needs Sq <= Sk. Exact attention below `min_seq_len` keys.
     variant="paper": sortLSH blocks + uniform samples (Han et al.); variant="default" adds exact
     attention to the first `sink_tokens` keys and a `local_window` around each query (causal: the
-    window ending at the query), which the blocks and samples then skip. See `pattern.py`.
+    window ending at the query), which the blocks and samples then skip. sampling="importance" (the
+    default variant's default; "uniform" is the paper's) draws the samples in proportion to the rectangle's
+    mean query's attention (mixed with uniform), each weighted by the keys it stands for. See `pattern.py`.
     Differentiable: the backward is exact for the pattern the forward used.
     """
     check_qkv(q, k, v, "hyper_attention")
     params = dict(block_size=block_size, sample_size=sample_size, lsh_bits=lsh_bits, min_seq_len=min_seq_len,
-                  sink_tokens=sink_tokens, local_window=local_window, variant=variant, seed=seed)
+                  sink_tokens=sink_tokens, local_window=local_window, variant=variant, sampling=sampling, seed=seed)
     check_params(**{n: p for n, p in params.items() if n != "seed"})
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     Sq, Sk = q.shape[2], k.shape[2]

@@ -17,6 +17,12 @@ convention aligns it):
   keys drawn uniformly with replacement from the rectangle with weight kl/m each (the default
   variant stratifies them: one uniform draw in each of m equal slices), skipping samples that lie
   in its own block. Keys in X_i are skipped in both, so no key is counted twice.
+  `sampling="importance"` (the default variant's default) draws the samples from p = ½·softmax(scale·q̄·k) + ½/kl over the rectangle's keys
+  instead (q̄: the mean of the rectangle's queries over the key head's group), by the same stratified
+  uniforms pushed through p's inverse CDF, and weights each by 1/(m·p): still an unbiased estimate of the
+  rectangle's sum, with far less variance where attention concentrates on keys the block misses. The
+  weights are part of the pattern: like the hashes, they are chosen in the forward pass and held fixed
+  (the backward is exact for the pattern, it does not differentiate the choice).
 
 Causal attention is the paper's recursive halving: a segment of length L > min_seq_len splits at
 h = L // 2 into two causal halves and one rectangle (the second half's queries against the first
@@ -42,6 +48,7 @@ from typing import Optional
 import torch
 
 VARIANTS = ("default", "paper")
+SAMPLINGS = ("uniform", "importance")
 
 
 @dataclass
@@ -52,8 +59,10 @@ class HyperLevel:
     q_order: (B, Hq, Sq) int64; entries [q_start, q_start + q_len) hold the original indices of the
         rectangle's queries, sorted by bucket (stable). Entries outside every rectangle are unused.
     k_order: (B, Hkv, Sk) int64, the same for keys.
-    samples: (B, Hkv, R, m) int64 original key indices drawn uniformly from each rectangle's keys.
+    samples: (B, Hkv, R, m) int64 original key indices drawn from each rectangle's keys.
     sample_block: (B, Hkv, R, m) int64, the block each sample falls in within its rectangle.
+    sample_logw: (B, Hkv, R, m) float32, the natural log of each sample's weight: the number of keys it
+        stands for, log(kl / m) for uniform draws, -log(m·p) for importance draws.
     q_start: None, or in a pattern restricted to some rows (`local_pattern`): (B, Hq, R, nb_max + 1) int64;
         q_order then holds local rows only, and block j of rectangle r is its entries [q_start[.., r, j],
         q_start[.., r, j + 1]).
@@ -64,6 +73,7 @@ class HyperLevel:
     k_order: torch.Tensor
     samples: torch.Tensor
     sample_block: torch.Tensor
+    sample_logw: torch.Tensor
     q_start: Optional[torch.Tensor] = None
 
 
@@ -88,7 +98,16 @@ class HyperPattern:
     exact_apart: bool = False
 
 
-def check_params(*, block_size, sample_size, lsh_bits, min_seq_len, sink_tokens, local_window, variant):
+def resolve_sampling(variant, sampling):
+    """The sampling a call runs: the given one, or by default the variant's own (the paper's algorithm samples
+    uniformly; the default variant by importance, which measured a fraction of the error at the same budget)."""
+    if sampling is None:
+        return "uniform" if variant == "paper" else "importance"
+    return sampling
+
+
+def check_params(*, block_size, sample_size, lsh_bits, min_seq_len, sink_tokens, local_window, variant,
+                 sampling=None):
     for name, value, low in (("block_size", block_size, 1), ("sample_size", sample_size, 0),
                              ("lsh_bits", lsh_bits, 1), ("min_seq_len", min_seq_len, 0),
                              ("sink_tokens", sink_tokens, 0), ("local_window", local_window, 0)):
@@ -98,6 +117,11 @@ def check_params(*, block_size, sample_size, lsh_bits, min_seq_len, sink_tokens,
         raise ValueError(f"hyper_attention: lsh_bits must be at most 16, got {lsh_bits}")
     if variant not in VARIANTS:
         raise ValueError(f"hyper_attention: variant must be one of {VARIANTS}, got {variant!r}")
+    if sampling is not None and sampling not in SAMPLINGS:
+        raise ValueError(f"hyper_attention: sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    if sampling == "importance" and variant == "paper":
+        raise ValueError("hyper_attention: variant='paper' samples uniformly (the paper's algorithm); "
+                         "sampling='importance' needs variant='default'")
 
 
 def gray_rank(code: torch.Tensor) -> torch.Tensor:
@@ -201,6 +225,61 @@ def hyperplanes(Hkv, D, lsh_bits, seed, device) -> torch.Tensor:
     return _draw_planes(torch.Generator().manual_seed(seed), Hkv, D, lsh_bits).to(device)
 
 
+def _bits(x32):
+    """float32 -> int64 holding its bits, so floats travel in the one int64 host-to-device copy."""
+    return x32.contiguous().view(torch.int32).to(torch.int64)
+
+
+def _floats(bits):
+    return bits.to(torch.int32).view(torch.float32)
+
+
+MEAN_ROWS = 256  # query rows per rectangle behind its mean query (a proposal need only be close)
+
+
+def mean_query_rows(rects):
+    """(R, MEAN_ROWS) int64: the evenly spaced query rows of each rectangle that its mean query averages."""
+    at = (torch.arange(MEAN_ROWS, device=rects.device, dtype=torch.float64) + 0.5) / MEAN_ROWS
+    return rects[:, 0, None] + (at * rects[:, 1, None].double()).to(torch.int64)
+
+
+def mean_of_rows(picked, group):
+    """picked (B, Hq, R * MEAN_ROWS, D): the `mean_query_rows` of q -> (B, Hkv, R, D) float32 mean per key head."""
+    B, Hq, n, D = picked.shape
+    return picked.float().view(B, Hq // group, group, n // MEAN_ROWS, MEAN_ROWS, D).mean(dim=(2, 4))
+
+
+def rect_query_means(q, rects, group):
+    """(B, Hkv, R, D) float32: each rectangle's mean query per key head, over the head's query group."""
+    return mean_of_rows(q.detach()[:, :, mean_query_rows(rects).flatten()], group)
+
+
+def importance_samples(k, rects, width, q_means, u, scale, uniform_share=0.5):
+    """Draw each rectangle's samples from p = (1 - uniform_share)·softmax(scale·q̄·k) + uniform_share/kl over its
+    keys, pushing the stratified uniforms u (B, Hkv, R, m) through p's inverse CDF. width: the largest kl.
+    Returns (samples (B, Hkv, R, m) int64 key indices, log-weights (B, Hkv, R, m) float32 = -log(m·p))."""
+    B, Hkv, Sk, _ = k.shape
+    m = u.shape[-1]
+    ks, kl = rects[:, 2], rects[:, 3]
+    j = torch.arange(width, device=k.device)
+    valid = j < kl[:, None]                                                  # (R, width)
+    keys = (ks[:, None] + j).clamp(max=Sk - 1)
+    scores = torch.einsum("bhsd,bhrd->bhrs", k.detach(), q_means.to(k.dtype))   # every key against every q̄
+    scores = scores.gather(-1, keys.expand(B, Hkv, -1, -1)).float() * scale
+    scores = scores.masked_fill(~valid, float("-inf"))
+    p = (1 - uniform_share) * torch.softmax(scores, -1) + uniform_share * valid / kl[:, None]
+    # float32 CDF (a float64 scan costs as much as the scores): a key's chance of being drawn is then exactly
+    # its step of the CDF as rounded, so the weights take that step, not p, and the estimate stays unbiased
+    cdf = p.cumsum(-1)
+    total = cdf[..., -1:]
+    local = torch.searchsorted(cdf, (u * total.double()).float(), right=True)
+    local = torch.minimum(local, (kl - 1)[:, None])
+    below = torch.where(local > 0, cdf.gather(-1, (local - 1).clamp(min=0)), 0.0)
+    step = cdf.gather(-1, local) - below
+    logw = torch.log(total) - torch.log(m * step)
+    return ks[:, None] + local, logw
+
+
 @functools.lru_cache(maxsize=64)
 def _drawn_and_planned(B, Hkv, Sq, Sk, D, causal, sample_size, lsh_bits, min_seq_len, local_window, stratified,
                        seed, device):
@@ -208,12 +287,13 @@ def _drawn_and_planned(B, Hkv, Sq, Sk, D, causal, sample_size, lsh_bits, min_seq
     ranges, samples, piece bounds. Drawn on the CPU and moved in one copy (a host-to-device copy of
     pageable memory waits for the queued GPU work), and cached, so a repeated call moves nothing.
     Returns (planes on CPU, rectangles per level, device tensors [planes bits, lo, hi, then per level:
-    rects, samples, q bounds, k bounds]). The device tensors are shared: never modify them in place."""
+    rects, samples, q bounds, k bounds, the uniforms' bits, the uniform samples' log-weight bits]). The device
+    tensors are shared: never modify them in place."""
     g = torch.Generator().manual_seed(seed)
     planes = _draw_planes(g, Hkv, D, lsh_bits)
     level_rects, leaves = plan_rectangles(Sq, Sk, causal, min_seq_len)
     lo, hi = exact_ranges(Sq, Sk, causal, leaves, local_window, "cpu")
-    host = [planes.view(torch.int32).to(torch.int64).flatten(), lo, hi]
+    host = [_bits(planes).flatten(), lo, hi]
     for rects in level_rects:
         rt = torch.tensor(rects, dtype=torch.int64).view(-1, 4)
         u = torch.rand(B, Hkv, len(rects), sample_size, generator=g, dtype=torch.float64)
@@ -225,31 +305,39 @@ def _drawn_and_planned(B, Hkv, Sq, Sk, D, causal, sample_size, lsh_bits, min_seq
         samples = rt[:, 2, None] + torch.floor(u * rt[:, 3, None].double()).to(torch.int64)
         q_bounds = torch.unique(torch.cat([rt[:, 0], rt[:, 0] + rt[:, 1]]))
         k_bounds = torch.unique(torch.cat([rt[:, 2], rt[:, 2] + rt[:, 3]]))
-        host += [rt.flatten(), samples.flatten(), q_bounds, k_bounds]
+        logw = torch.log(rt[:, 3, None].double() / max(sample_size, 1)).float().expand(u.shape)
+        host += [rt.flatten(), samples.flatten(), q_bounds, k_bounds, u.view(torch.int64).flatten(),
+                 _bits(logw).flatten()]
     sizes = [t.numel() for t in host]
     parts = tuple(torch.cat(host).to(device).split(sizes))
     return planes, level_rects, parts
 
 
 def build_pattern(q, k, *, causal=False, block_size=256, sample_size=256, lsh_bits=7, min_seq_len=4096,
-                  sink_tokens=64, local_window=256, variant="default", seed=0, rank_fn=None,
-                  q_rank=None) -> HyperPattern:
+                  sink_tokens=64, local_window=256, variant="default", sampling=None, seed=0, scale=None,
+                  rank_fn=None, q_rank=None, q_means=None) -> HyperPattern:
     """Draw hyperplanes and samples from `seed`, hash, and sort. q (B, Hq, Sq, D), k (B, Hkv, Sk, D).
+    `scale` (default 1/sqrt(D)) is the attention's: importance sampling weighs keys by softmax(scale·q̄·k).
 
     rank_fn(x, planes, group) -> (B, H, S) int64 may replace the torch hash (the Triton path passes its kernel).
     q_rank (B, Hq, Sq) int64, the queries' ranks for `hyperplanes(Hkv, D, lsh_bits, seed, device)`, replaces
-    hashing q (context parallelism gathers them from the ranks); q is then not read and may be None."""
+    hashing q (context parallelism gathers them from the ranks); q is then not read and may be None, and
+    q_means(rects) -> (B, Hkv, R, D), `rect_query_means` of the full q, must come with it for importance sampling."""
     check_params(block_size=block_size, sample_size=sample_size, lsh_bits=lsh_bits, min_seq_len=min_seq_len,
-                 sink_tokens=sink_tokens, local_window=local_window, variant=variant)
+                 sink_tokens=sink_tokens, local_window=local_window, variant=variant, sampling=sampling)
+    sampling = resolve_sampling(variant, sampling)
+    if q is None and q_means is None and sampling == "importance":
+        raise ValueError("build_pattern: importance sampling without q needs q_means")
     B, Hq, Sq = q.shape[:3] if q_rank is None else q_rank.shape
     Hkv, Sk, D = k.shape[1:]
     group = Hq // Hkv
     dev = k.device
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     paper = variant == "paper"
     planes, level_rects, parts = _drawn_and_planned(B, Hkv, Sq, Sk, D, bool(causal), sample_size, lsh_bits,
                                                     min_seq_len, 0 if paper else local_window, not paper, int(seed),
                                                     str(dev))
-    planes_dev = parts[0].to(torch.int32).view(torch.float32).view(Hkv, D, lsh_bits)
+    planes_dev = _floats(parts[0]).view(Hkv, D, lsh_bits)
     lo, hi = parts[1], parts[2]
 
     rank_fn = rank_fn or lsh_rank
@@ -258,10 +346,15 @@ def build_pattern(q, k, *, causal=False, block_size=256, sample_size=256, lsh_bi
     k_rank = rank_fn(k, planes_dev, 1)
     levels = []
     for i, rects in enumerate(level_rects):
-        rt, samples, q_bounds, k_bounds = parts[3 + 4 * i: 7 + 4 * i]
+        rt, samples, q_bounds, k_bounds, u, logw = parts[3 + 6 * i: 9 + 6 * i]
         R = len(rects)
         rt = rt.view(R, 4)
         samples = samples.view(B, Hkv, R, sample_size)
+        logw = _floats(logw).view(B, Hkv, R, sample_size)
+        if sampling == "importance" and sample_size > 0:
+            means = q_means(rt) if q_means is not None else rect_query_means(q, rt, group)
+            samples, logw = importance_samples(k, rt, max(r[3] for r in rects), means,
+                                               u.view(torch.float64).view(B, Hkv, R, sample_size), scale)
         q_order = sort_within_ranges(q_rank, q_bounds, lsh_bits)
         k_order = sort_within_ranges(k_rank, k_bounds, lsh_bits)
         # sorted position of every key, to find which block a sample fell in
@@ -270,7 +363,7 @@ def build_pattern(q, k, *, causal=False, block_size=256, sample_size=256, lsh_bi
         ks, kl = rt[:, 2, None], rt[:, 3, None]
         nb = (kl + block_size - 1) // block_size
         sample_block = block_of_rank(pos - ks, kl, nb)
-        levels.append(HyperLevel(rt, list(rects), q_order, k_order, samples, sample_block))
+        levels.append(HyperLevel(rt, list(rects), q_order, k_order, samples, sample_block, logw))
     sinks = 0 if paper else min(sink_tokens, Sk)
     return HyperPattern(block_size, sample_size, planes, q_rank, k_rank, lo, hi, sinks, levels,
                         exact_apart=sinks == 0 and (paper or local_window == 0))

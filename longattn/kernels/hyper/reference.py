@@ -93,9 +93,9 @@ def _rectangle(q, k, v, pattern: HyperPattern, level, r, scale, acc_dtype):
     s_block = torch.einsum("bhgnqd,bhnkd->bhgnqk", qb, kb) * scale
     skip = ~k_ok[:, None, :] | _excluded(keys[:, :, None, :, None, :], lo, hi, pattern.sinks)
     s_block = s_block.masked_fill(skip, float("-inf"))
-    # each sample stands for kl/m keys of the rectangle (uniform draw with replacement)
-    m = samples.shape[-1]
-    s_samp = torch.einsum("bhgnqd,bhkd->bhgnqk", qb, ksm) * scale + (math.log(kl / m) if m else 0.0)
+    # each sample stands for exp(logw) keys of the rectangle (kl/m for a uniform draw with replacement)
+    logw = level.sample_logw[:, :, r].to(acc_dtype)[:, :, None, None, None, :]
+    s_samp = torch.einsum("bhgnqd,bhkd->bhgnqk", qb, ksm) * scale + logw
     own = sample_block[:, :, None, None, None, :] == torch.arange(nb, device=dev)[:, None, None]
     skip = own | _excluded(samples[:, :, None, None, None, :], lo, hi, pattern.sinks)
     s_samp = s_samp.masked_fill(skip, float("-inf"))
@@ -126,8 +126,8 @@ def hyper_attention_from_pattern(q, k, v, pattern: HyperPattern, *, scale, causa
 
 
 def hyper_attention_reference(q, k, v, *, scale=None, causal=False, block_size=256, sample_size=256, lsh_bits=7,
-                              min_seq_len=4096, sink_tokens=64, local_window=256, variant="default", seed=0,
-                              return_lse=True, pattern: HyperPattern | None = None):
+                              min_seq_len=4096, sink_tokens=64, local_window=256, variant="default",
+                              sampling=None, seed=0, return_lse=True, pattern: HyperPattern | None = None):
     """HyperAttention (Han et al. 2023), plus exact sinks and local window unless variant="paper".
 
     q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv); Hq a multiple of Hkv. causal is
@@ -138,7 +138,7 @@ def hyper_attention_reference(q, k, v, *, scale=None, causal=False, block_size=2
     """
     check_qkv(q, k, v, "hyper_attention")
     check_params(block_size=block_size, sample_size=sample_size, lsh_bits=lsh_bits, min_seq_len=min_seq_len,
-                 sink_tokens=sink_tokens, local_window=local_window, variant=variant)
+                 sink_tokens=sink_tokens, local_window=local_window, variant=variant, sampling=sampling)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     Sq, Sk = q.shape[2], k.shape[2]
     if pattern is None and (Sk < min_seq_len or Sk == 0 or Sq == 0):
@@ -148,5 +148,6 @@ def hyper_attention_reference(q, k, v, *, scale=None, causal=False, block_size=2
     if pattern is None:
         pattern = build_pattern(q, k, causal=causal, block_size=block_size, sample_size=sample_size,
                                 lsh_bits=lsh_bits, min_seq_len=min_seq_len, sink_tokens=sink_tokens,
-                                local_window=local_window, variant=variant, seed=seed)
+                                local_window=local_window, variant=variant, sampling=sampling, seed=seed,
+                                scale=scale)
     return hyper_attention_from_pattern(q, k, v, pattern, scale=scale, causal=causal)

@@ -23,11 +23,11 @@ Backward (`triton_backward.py`) differentiates this forward for its own pattern,
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
 
+from ..triton_version import triton_older_than
 from .pattern import HyperPattern, build_pattern, num_blocks
 from .triton_hash import HAVE_TRITON, lsh_rank_triton
 
@@ -202,10 +202,10 @@ if HAVE_TRITON:
 
     @triton.jit(do_not_specialize=["Hq", "Hkv", "group", "Sq", "Sk", "sinks", "n_samples", "block_size",
                                    "tiles_per_block", "n_rects", "nbq"])
-    def _rectangles_kernel(Q, K, V, O, OF, LSE, LO, HI, QORD, QSTART, KORD, SAMP, SBLK, RECTS,
+    def _rectangles_kernel(Q, K, V, O, OF, LSE, LO, HI, QORD, QSTART, KORD, SAMP, SBLK, SLW, RECTS,
                            sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
                            Hq, Hkv, group, Sq, Sk, sinks, n_samples, block_size, tiles_per_block, n_rects, nbq,
-                           scale_log2, log2_samples,
+                           scale_log2,
                            D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
                            WIDE: tl.constexpr, LOCAL: tl.constexpr, INIT: tl.constexpr = False,
@@ -260,16 +260,16 @@ if HAVE_TRITON:
             keep = _keep_outside(kidx, kvalid & (kidx >= sinks), lo, width)
             m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_base, v_base, kidx, kvalid, keep, 0.0, sks, svs,
                                     scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE)
-        # uniform samples of the rectangle, each standing for kl / m keys; those in the row's own
-        # block were counted exactly above
+        # the rectangle's samples, each standing for exp(log-weight) keys (kl / m when drawn uniformly); those in
+        # the row's own block were counted exactly above
         n_s = n_samples * active
-        weight_log2 = tl.log2(kl.to(tl.float32)) - log2_samples
         samp = ((b * Hkv + kh) * n_rects + r) * n_samples
         for start in range(0, n_s, BLOCK_N):
             si = start + cols
             svalid = si < n_s
             kidx = tl.load(SAMP + samp + si, mask=svalid, other=0)
             sblk = tl.load(SBLK + samp + si, mask=svalid, other=-1)
+            weight_log2 = tl.load(SLW + samp + si, mask=svalid, other=0.0)[None, :] * 1.4426950408889634
             keep = _keep_outside(kidx, svalid & (sblk != blk) & (kidx >= sinks), lo, width)
             m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_base, v_base, kidx, svalid, keep, weight_log2, sks, svs,
                                     scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE)
@@ -285,7 +285,7 @@ if HAVE_TRITON:
 # 8 warps 8.59 (16.1 before the mask rewrite). Triton 3.9 builds 128x64 with 664 bytes of register spills
 # (sm90_build), so newer Tritons take the best spill-free candidate. Larger heads: chosen without a GPU
 # run, the largest tiles whose sm_90 build spills no registers.
-_OLD_TRITON = HAVE_TRITON and tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7)
+_OLD_TRITON = triton_older_than(3, 7)
 TILES = {64: (128, 64, 4, 2) if _OLD_TRITON else (64, 32, 4, 2), 128: (64, 32, 8, 1), 256: (32, 32, 8, 1)}
 # rectangle tiles kept although their sm_90 build spills (measured fastest on triton 3.6 all the same)
 SPILLING_BY_CHOICE = [(128, 64, 4, 2)] if _OLD_TRITON else []
@@ -346,7 +346,7 @@ def hyper_forward_triton(q, k, v, pattern: HyperPattern, *, scale, causal):
         _rectangles_kernel[grid](
             q, k, v, out, target, lse, lo, hi, *level_indices(level), *strides, Hq, Hkv, group, Sq, Sk,
             pattern.sinks, m, pattern.block_size, tiles_per_block, len(level.rect_list), nbq, scale_log2,
-            math.log2(max(m, 1)), LOCAL=level.q_start is not None, INIT=init, EXCLUDE=not pattern.exact_apart,
+            LOCAL=level.q_start is not None, INIT=init, EXCLUDE=not pattern.exact_apart,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **dims)
 
     if not causal and len(pattern.levels) == 1 and Sk > 0:
@@ -378,10 +378,10 @@ def level_grid(level, block_size, block_m, heads):
 
 def level_indices(level):
     """The index tensors a rectangle launch reads: QORD, QSTART (q_order again when unused), KORD, SAMP,
-    SBLK, RECTS."""
+    SBLK, SLW, RECTS."""
     q_start = level.q_order if level.q_start is None else level.q_start
     return tuple(t.contiguous() for t in (level.q_order, q_start, level.k_order, level.samples,
-                                          level.sample_block, level.rects))
+                                          level.sample_block, level.sample_logw, level.rects))
 
 
 class _PatternBox:
@@ -446,5 +446,6 @@ def hyper_attention_triton(q, k, v, *, scale, causal, make_pattern=None, **param
     make_pattern(q, k) -> HyperPattern replaces `build_pattern` (called inside the autograd Function, where
     tensors are plain); context parallelism passes one that returns this rank's `local_pattern`."""
     if make_pattern is None:
-        make_pattern = functools.partial(build_pattern, causal=causal, rank_fn=lsh_rank_triton, **params)
+        make_pattern = functools.partial(build_pattern, causal=causal, rank_fn=lsh_rank_triton, scale=scale,
+                                         **params)
     return HyperAttentionTriton.apply(q, k, v, scale, causal, make_pattern, _PatternBox())

@@ -12,7 +12,6 @@ shared by blocks, samples and the heads of a GQA group).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -165,10 +164,10 @@ if HAVE_TRITON:
 
     @triton.jit(do_not_specialize=["Hq", "Hkv", "group", "Sq", "Sk", "sinks", "n_samples", "block_size",
                                    "tiles_per_block", "n_rects", "nbq"])
-    def _rectangles_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, LO, HI, QORD, QSTART, KORD, SAMP, SBLK, RECTS,
-                               sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
+    def _rectangles_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, LO, HI, QORD, QSTART, KORD, SAMP, SBLK, SLW,
+                               RECTS, sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
                                Hq, Hkv, group, Sq, Sk, sinks, n_samples, block_size, tiles_per_block, n_rects, nbq,
-                               scale_log2, scale, log2_samples,
+                               scale_log2, scale,
                                D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
                                WIDE: tl.constexpr, LOCAL: tl.constexpr):
@@ -205,13 +204,13 @@ if HAVE_TRITON:
             dq = _grad_step(q, do, lse2, delta, dq, k_base, v_base, dk_base, dv_base, kidx, kvalid, keep, 0.0,
                             sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE)
         n_s = n_samples * active
-        weight_log2 = tl.log2(kl.to(tl.float32)) - log2_samples
         samp = ((b * Hkv + kh) * n_rects + r) * n_samples
         for start in range(0, n_s, BLOCK_N):
             si = start + cols
             svalid = si < n_s
             kidx = tl.load(SAMP + samp + si, mask=svalid, other=0)
             sblk = tl.load(SBLK + samp + si, mask=svalid, other=-1)
+            weight_log2 = tl.load(SLW + samp + si, mask=svalid, other=0.0)[None, :] * 1.4426950408889634
             keep = row_ok[:, None] & (svalid & (sblk != blk))[None, :] & ~_excluded(kidx, lo, hi, sinks)
             dq = _grad_step(q, do, lse2, delta, dq, k_base, v_base, dk_base, dv_base, kidx, svalid, keep,
                             weight_log2, sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE)
@@ -271,6 +270,6 @@ def hyper_backward_triton(q, k, v, out, lse, grad_out, grad_lse, pattern: HyperP
         _rectangles_bwd_kernel[grid](
             q, k, v, do, lse, delta, dq, dk, dv, lo, hi, *level_indices(level), *strides, Hq, Hkv, group, Sq, Sk,
             pattern.sinks, m, pattern.block_size, tiles_per_block, len(level.rect_list), nbq, scale_log2,
-            float(scale), math.log2(max(m, 1)), LOCAL=level.q_start is not None, num_warps=warps,
+            float(scale), LOCAL=level.q_start is not None, num_warps=warps,
             num_stages=stages, **dims)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

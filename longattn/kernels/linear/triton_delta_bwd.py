@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ..triton_version import triton_older_than
 from .triton_additive import FUSED_MAPS, chunk_geometry, rows_addressable, with_grad_buffer
 
 try:
@@ -236,12 +237,16 @@ if triton is not None:
         tl.store(DBETA + bkv.to(tl.int64) * L + r, dbeta, mask=mask_r)
 
 
-# value tiles and warps: the largest that triton 3.9 builds for sm_90 without spilling registers (the reverse walk's
-# 32 also gives the sequential walk more programs), except `_dk_kernel`, which spills ~130 bytes at 8 warps
-WALK_TILE = (32, 8)
-DQ_TILE = (64, 8)
-DKV_TILE = (32, 8)  # `_dkn_kernel` and `_dkv_kernel`
-DK_WARPS = 8
+# (value tile, warps). Triton 3.6 (the GPU image): swept on an H200 (forward+backward at 32K, each config checked
+# against the first; benchmarks/sweep_delta_bwd.py, results/2026-12-01-h200-delta-bwd-sweep.md): 7.89 ms at the
+# 8-warp settings, 6.16 ms at these, mostly `_dk_kernel` at 4 warps (its UT inverse, like the forward's, runs
+# faster at 4); value tiles of 16 or 64 for dKn / dV were no faster. Newer Tritons build those 4-warp kernels
+# with 48-590 bytes of register spills for sm_90, so they take the 8-warp settings, which build without
+# (`_dk_kernel`: ~130 bytes; tests/kernels/test_linear_compile.py).
+if triton_older_than(3, 7):
+    WALK_TILE, DQ_TILE, DKV_TILE, DK_WARPS = (32, 4), (64, 4), (32, 4), 4
+else:
+    WALK_TILE, DQ_TILE, DKV_TILE, DK_WARPS = (32, 8), (64, 8), (32, 8), 8  # DKV_TILE: `_dkn_kernel`, `_dkv_kernel`
 
 
 def far_delta_backward(grad, fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk: int, out_dtype, pure: bool):

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 from ..hyper import _use_triton, hyper_attention
-from ..hyper.pattern import build_pattern, check_params, hyperplanes, local_pattern, lsh_rank
+from ..hyper.pattern import (build_pattern, check_params, hyperplanes, local_pattern, lsh_rank, mean_of_rows,
+                             mean_query_rows)
 from ..hyper.reference import hyper_attention_from_pattern
 from ..masks import check_qkv
 from .comm import all_gather, gather_many, resolve_group, shard_sequence, unshard_sequence
@@ -37,15 +38,27 @@ _DEFAULTS = {n: p.default for n, p in inspect.signature(hyper_attention).paramet
              if p.kind is p.KEYWORD_ONLY and n not in ("scale", "causal", "return_lse")}
 
 
-def _global_pattern(q, k, *, causal, rank_fn, group, load_balance, params):
+def _gathered_mean_rows(rects, *, q, rows, S, group):
+    """The full q's `mean_query_rows`, float32, from the shards: each row comes from the one rank holding it
+    and the others add zeros, so the sum is exact and the mean then taken is the one device's, bit for bit."""
+    local = torch.full((S,), -1, dtype=torch.int64, device=q.device)
+    local[rows] = torch.arange(rows.numel(), device=q.device)
+    at = local[mean_query_rows(rects).flatten()]
+    picked = q.detach()[:, :, at.clamp(min=0)].float() * (at >= 0)[:, None]
+    dist.all_reduce(picked, group=group)
+    return picked
+
+
+def _global_pattern(q, k, *, causal, rank_fn, group, load_balance, rows, params):
     """The single-device pattern, from this rank's rows of q hashed here and every rank's ranks gathered."""
-    Hkv, _, D = k.shape[1:]
+    Hkv, S, D = k.shape[1:]
     planes = hyperplanes(Hkv, D, params["lsh_bits"], params["seed"], str(k.device))
     mine = rank_fn(q, planes, q.shape[1] // Hkv).to(torch.int32)  # ranks fit 16 bits
     got = all_gather(mine, group)  # (W, B, Hq, s); integers, no gradient
     world = got.shape[0]
     q_rank = unshard_sequence(torch.cat(got.unbind(0), -1), world, -1, load_balance).long()
-    return build_pattern(None, k, causal=causal, rank_fn=rank_fn, q_rank=q_rank, **params)
+    means = lambda rects: mean_of_rows(_gathered_mean_rows(rects, q=q, rows=rows, S=S, group=group), q.shape[1] // Hkv)
+    return build_pattern(None, k, causal=causal, rank_fn=rank_fn, q_rank=q_rank, q_means=means, **params)
 
 
 def hyper_attention_cp(q, k, v, *, scale=None, causal=False, group=None, load_balance="contiguous", **params):
@@ -68,7 +81,7 @@ def hyper_attention_cp(q, k, v, *, scale=None, causal=False, group=None, load_ba
     kf, vf = (unshard_sequence(torch.cat(g.unbind(0), 2), world, 2, load_balance) for g in gather_many([k, v], group))
     rows = shard_sequence(torch.arange(S, device=q.device), rank, world, 0, load_balance)  # increasing
     pattern_of = functools.partial(_global_pattern, causal=causal, group=group, load_balance=load_balance,
-                                   params=params)
+                                   rows=rows, params=dict(params, scale=scale))
     if _use_triton(q, v) and k.dtype == v.dtype == q.dtype:
         from ..hyper.triton_attention import hyper_attention_triton
         from ..hyper.triton_hash import lsh_rank_triton
