@@ -41,7 +41,8 @@ RECT_CANDIDATES = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8,
 # (rows per program, warps, dot precision); the first is the float32 ("ieee") one the others are compared with
 HASH_CANDIDATES = [(64, 4, "ieee"), (256, 8, "ieee"), (128, 4, "tf32x3"), (256, 8, "tf32x3"), (128, 4, "tf32"),
                    (256, 8, "tf32")]
-EXACT_CANDIDATES = [(64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)]
+EXACT_CANDIDATES = [(64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3),
+                    (64, 128, 4, 2), (64, 128, 8, 2)]
 SDPA = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
 
 
@@ -154,6 +155,8 @@ def main():
     ap.add_argument("--extra", default="", help='JSON {name: {param: value}}: more hyper settings to time')
     ap.add_argument("--sweep-tiles", action="store_true",
                     help="time forward tile candidates at 32K first, keep the best")
+    ap.add_argument("--sweep-window-tiles", action="store_true",
+                    help="the non-causal exact part's tiles (sinks + window), timed non-causal at 131K")
     ap.add_argument("--sweep-bwd-tiles", action="store_true", help="the same for the backward's tiles")
     ap.add_argument("--sweep-hash", action="store_true",
                     help="time the LSH kernel's tile candidates at 131K, keep the best")
@@ -201,6 +204,11 @@ def main():
                 keep_fastest(records, dict(kind=kind, h=h, d=d, timed="forward at 32K, both causal modes, summed"),
                              candidates, lambda c, table=table: table.__setitem__(max(64, d), c),
                              lambda: sum(bench(runners(h, d, 32768, c, False)["hyper"][0]) for c in (False, True)))
+    if args.sweep_window_tiles:
+        for h, d in shapes:
+            keep_fastest(records, dict(kind="tiles_window", h=h, d=d, timed="non-causal forward at 131K"),
+                         EXACT_CANDIDATES, lambda c: triton_attention.TILES_WINDOW.__setitem__(max(64, d), c),
+                         lambda: bench(runners(h, d, 131072, False, False)["hyper"][0]))
     if args.sweep_hash:
         for h, d in shapes:
             x = torch.randn(1, h, 131072, d, device="cuda", dtype=torch.bfloat16)
@@ -234,6 +242,7 @@ def main():
                                "hash_tile": list(triton_hash.HASH_TILE),
                                "tiles": list(triton_attention._tiles(d, d)),
                                "tiles_exact": list(triton_attention._tiles(d, d, triton_attention.TILES_EXACT)),
+                               "tiles_window": list(triton_attention._tiles(d, d, triton_attention.TILES_WINDOW)),
                                "tiles_bwd": list(triton_attention._tiles(d, d, triton_attention.TILES_BWD))}
                         try:
                             res = (fwd or fn)()

@@ -2,8 +2,9 @@
 
     LONGATTN_DELTA_BWD=triton python benchmarks/sweep_delta_bwd.py [--s 32768] [--budget-s 240] [--out DIR]
 
-One knob at a time (coordinate descent from the current settings): WALK_TILE (value tile, warps) of the reverse
-walk, DK_WARPS of the UT inverse's backward, DKV_TILE of dKn / dV, DQ_TILE of dq. Each config runs in its own
+One knob at a time (coordinate descent from the current settings): LOCAL_TILE (value tile, warps) of the walk's
+parallel part, WALK_TILE of the reverse walk, DK_WARPS of the UT inverse's backward, DKV_TILE of dKn / dV,
+DQ_TILE of dq. Each config runs in its own
 subprocess, because on triton 3.6 some launch settings fault with an illegal address, which poisons the rest
 of a process. A child times forward+backward of `linear_attention(update_rule="delta")` (bf16, h32 d64, batch 1,
 causal, do_bench median) and compares its gradients with the current settings' (relative error): a config
@@ -19,11 +20,12 @@ import subprocess
 import sys
 import time
 
-CANDIDATES = {
-    "WALK_TILE": [(32, 8), (16, 4), (16, 8), (32, 4), (64, 8)],
-    "DK_WARPS": [8, 4],
-    "DKV_TILE": [(32, 8), (32, 4), (64, 8), (16, 4)],
-    "DQ_TILE": [(64, 8), (64, 4), (32, 4)],
+CANDIDATES = {  # the first of each: the settings triton 3.6 runs now (the baseline)
+    "LOCAL_TILE": [(64, 4), (32, 4), (64, 8)],
+    "WALK_TILE": [(32, 4), (16, 4), (64, 4)],
+    "DK_WARPS": [4, 8],
+    "DKV_TILE": [(32, 4), (32, 8)],
+    "DQ_TILE": [(64, 4), (64, 8)],
 }
 
 
@@ -69,7 +71,7 @@ def main():
     if os.path.exists(ref_path):
         os.remove(ref_path)
     deadline = time.time() + a.budget_s
-    best = {name: values[0] for name, values in CANDIDATES.items()}  # the baseline: the 8-warp settings
+    best = {name: values[0] for name, values in CANDIDATES.items()}
     rows = []
     stem = os.path.join(a.out, f"{datetime.date.today().isoformat()}-{torch.cuda.get_device_name().split()[-1].lower()}"
                                "-delta-bwd-sweep")

@@ -293,3 +293,23 @@ def test_importance_sampling_draws_from_the_mean_querys_softmax():
                 assert torch.all((j >= 0) & (j < kl))
                 torch.testing.assert_close(level.sample_logw[0, kh, r].double(), -torch.log(m * p[j]),
                                            rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sq,transposed", [(64, False), (64, True), (61, False)])  # 64: equal rectangles per level
+def test_rectangle_key_scores_read_each_rectangles_keys(sq, transposed):
+    """The mean-query scores behind importance sampling, by the strided view of k (equal rectangles at a constant
+    stride) or by the general gather, are q̄_r·k_j for exactly the keys j of rectangle r."""
+    from longattn.kernels.hyper.pattern import _rect_key_scores, plan_rectangles
+    k = torch.randn(2, 3, sq, 5, dtype=F64)
+    if transposed:  # models hand k as a (B, S, H, D) buffer seen through .transpose(1, 2)
+        k = k.transpose(1, 2).contiguous().transpose(1, 2)
+    levels, _ = plan_rectangles(sq, sq, True, 8)
+    assert len(levels) >= 2
+    for rect_list in levels:
+        rects = torch.tensor(rect_list).view(-1, 4)
+        means = torch.randn(2, 3, len(rect_list), 5, dtype=F64)
+        width = max(r[3] for r in rect_list)
+        got = _rect_key_scores(k, rects, rect_list, means, width)
+        for r, (_, _, ks, kl) in enumerate(rect_list):
+            want = torch.einsum("bhkd,bhd->bhk", k[:, :, ks:ks + kl], means[:, :, r])
+            torch.testing.assert_close(got[:, :, r, :kl], want)

@@ -91,6 +91,8 @@ def _cases():
          delta.OUTPUT_TILE[1:], io),
         ("delta-bwd-walk", dbwd._walk_kernel, dict(FMAP=1, BF16=True, PRECISION="tf32", C=64, BF=64,
                                                    BV=dbwd.WALK_TILE[0]), dbwd.WALK_TILE[1], io | {"TT", "DS"}),
+        ("delta-bwd-local", dbwd._local_kernel, dict(FMAP=1, BF16=True, PRECISION="tf32", C=64, BF=64,
+                                                     BV=dbwd.LOCAL_TILE[0]), dbwd.LOCAL_TILE[1], io | {"DS"}),
         ("delta-bwd-dq", dbwd._dq_kernel, dict(FMAP=1, BF16=True, PRECISION="tf32", C=64, BF=64, BV=dbwd.DQ_TILE[0]),
          dbwd.DQ_TILE[1], io),
         ("delta-bwd-dkn", dbwd._dkn_kernel, dict(FMAP=1, BF16=True, PRECISION="tf32", C=64, BF=64,

@@ -254,18 +254,34 @@ def rect_query_means(q, rects, group):
     return mean_of_rows(q.detach()[:, :, mean_query_rows(rects).flatten()], group)
 
 
-def importance_samples(k, rects, width, q_means, u, scale, uniform_share=0.5):
+def _rect_key_scores(k, rects, rect_list, q_means, width):
+    """(B, Hkv, R, width) q̄_r·k_j for the keys j of each rectangle r (padded to the widest; pads are garbage)."""
+    B, Hkv, Sk, D = k.shape
+    kd, qm = k.detach(), q_means.to(k.dtype)
+    ks0, kl0 = rect_list[0][2], rect_list[0][3]
+    stride = rect_list[1][2] - ks0 if len(rect_list) > 1 else 0
+    if all(r[3] == kl0 and r[2] == ks0 + i * stride for i, r in enumerate(rect_list)):
+        # equal rectangles at a constant stride (one rectangle, or a causal level of a power-of-two length): each
+        # rectangle's keys are a strided view of k, read once
+        view = kd.as_strided((B, Hkv, len(rect_list), kl0, D),
+                             (kd.stride(0), kd.stride(1), stride * kd.stride(2), kd.stride(2), kd.stride(3)),
+                             kd.storage_offset() + ks0 * kd.stride(2))
+        return torch.matmul(view, qm.unsqueeze(-1)).squeeze(-1)
+    keys = (rects[:, 2, None] + torch.arange(width, device=k.device)).clamp(max=Sk - 1)
+    every = torch.einsum("bhsd,bhrd->bhrs", kd, qm)  # every key against every q̄, then each rectangle's own
+    return every.gather(-1, keys.expand(B, Hkv, -1, -1))
+
+
+def importance_samples(k, rects, rect_list, q_means, u, scale, uniform_share=0.5):
     """Draw each rectangle's samples from p = (1 - uniform_share)·softmax(scale·q̄·k) + uniform_share/kl over its
-    keys, pushing the stratified uniforms u (B, Hkv, R, m) through p's inverse CDF. width: the largest kl.
+    keys, pushing the stratified uniforms u (B, Hkv, R, m) through p's inverse CDF. rect_list: the rectangles as
+    host integers (`HyperLevel.rect_list`).
     Returns (samples (B, Hkv, R, m) int64 key indices, log-weights (B, Hkv, R, m) float32 = -log(m·p))."""
-    B, Hkv, Sk, _ = k.shape
     m = u.shape[-1]
     ks, kl = rects[:, 2], rects[:, 3]
-    j = torch.arange(width, device=k.device)
-    valid = j < kl[:, None]                                                  # (R, width)
-    keys = (ks[:, None] + j).clamp(max=Sk - 1)
-    scores = torch.einsum("bhsd,bhrd->bhrs", k.detach(), q_means.to(k.dtype))   # every key against every q̄
-    scores = scores.gather(-1, keys.expand(B, Hkv, -1, -1)).float() * scale
+    width = max(r[3] for r in rect_list)
+    valid = torch.arange(width, device=k.device) < kl[:, None]                        # (R, width)
+    scores = _rect_key_scores(k, rects, rect_list, q_means, width).float() * scale
     scores = scores.masked_fill(~valid, float("-inf"))
     p = (1 - uniform_share) * torch.softmax(scores, -1) + uniform_share * valid / kl[:, None]
     # float32 CDF (a float64 scan costs as much as the scores): a key's chance of being drawn is then exactly
@@ -353,7 +369,7 @@ def build_pattern(q, k, *, causal=False, block_size=256, sample_size=256, lsh_bi
         logw = _floats(logw).view(B, Hkv, R, sample_size)
         if sampling == "importance" and sample_size > 0:
             means = q_means(rt) if q_means is not None else rect_query_means(q, rt, group)
-            samples, logw = importance_samples(k, rt, max(r[3] for r in rects), means,
+            samples, logw = importance_samples(k, rt, rects, means,
                                                u.view(torch.float64).view(B, Hkv, R, sample_size), scale)
         q_order = sort_within_ranges(q_rank, q_bounds, lsh_bits)
         k_order = sort_within_ranges(k_rank, k_bounds, lsh_bits)

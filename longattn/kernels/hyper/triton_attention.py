@@ -291,6 +291,9 @@ TILES = {64: (128, 64, 4, 2) if _OLD_TRITON else (64, 32, 4, 2), 128: (64, 32, 8
 SPILLING_BY_CHOICE = [(128, 64, 4, 2)] if _OLD_TRITON else []
 # the exact part (sinks, window, causal leaves): contiguous keys, a flash-style loop
 TILES_EXACT = {64: (64, 64, 4, 3), 128: (64, 32, 8, 1), 256: (32, 32, 8, 1)}
+# the non-causal exact part: sinks and a window around each row, no leaves. A tile of BLOCK_M rows reads
+# BLOCK_M + window keys, so taller tiles read fewer keys per row than for the causal leaves
+TILES_WINDOW = dict(TILES_EXACT)
 # backward: every program adds its dk / dv contributions with atomics, so taller query tiles mean
 # fewer atomics on the shared sample keys
 TILES_BWD = {64: (128, 32, 8, 1), 128: (32, 32, 8, 1), 256: (16, 32, 8, 1)}
@@ -333,7 +336,7 @@ def hyper_forward_triton(q, k, v, pattern: HyperPattern, *, scale, causal):
     scale_log2 = float(scale) * LOG2E
 
     def exact_part(target, merge):
-        block_m, block_n, warps, stages = _tiles(D, Dv, TILES_EXACT)
+        block_m, block_n, warps, stages = _tiles(D, Dv, TILES_EXACT if causal else TILES_WINDOW)
         _exact_part_kernel[(triton.cdiv(Sq, block_m), B * Hq)](
             q, k, v, out, target, lse, lo, hi, *strides, Hq, group, Sq, Sk, pattern.sinks, scale_log2,
             CAUSAL=bool(causal), MERGE=merge, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,

@@ -69,9 +69,42 @@ if triton is not None:
         return qn, do
 
     @triton.jit
+    def _local_kernel(Q, DO, KN, DU, DS, sq_b, sq_h, sq_s, sd_b, sd_h, sd_s, Hq, G, Sq, N, NQ, F, Dv, shift,
+                      FMAP: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr, C: tl.constexpr,
+                      BF: tl.constexpr, BV: tl.constexpr):
+        """The reverse walk's terms that do not depend on dS, for every chunk at once (the walk itself is sequential):
+        du_local = Σ_g (tril(qn knᵀ))ᵀ do into DU, and dS_local = Σ_g qnᵀ do into the chunk's slot of DS, which the
+        walk reads before it writes the chunk's dS there."""
+        t, iv, bkv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        Hkv = Hq // G
+        b, hk = bkv // Hkv, bkv % Hkv
+        offs_c = tl.arange(0, C)
+        offs_f = tl.arange(0, BF)
+        offs_v = iv * BV + tl.arange(0, BV)
+        mask_f, mask_v = offs_f < F, offs_v < Dv
+        rows = bkv.to(tl.int64) * N * C + t * C + offs_c
+        du = tl.zeros((C, BV), dtype=tl.float32)
+        dsl = tl.zeros((BF, BV), dtype=tl.float32)
+        c = t - shift
+        if (c >= 0) & (c < NQ):
+            kn = tl.load(KN + rows[:, None] * F + offs_f[None, :], mask=mask_f[None, :], other=0.0)
+            i = c * C + offs_c
+            for g in range(G):
+                qn, do = _query_tile(Q, DO, b, hk * G + g, i, i < Sq, offs_f, mask_f, offs_v, mask_v,
+                                     sq_b, sq_h, sq_s, sd_b, sd_h, sd_s, FMAP)
+                a = _mm(qn, tl.trans(kn), BF16, PRECISION)
+                a = tl.where(offs_c[:, None] >= offs_c[None, :], a, 0.0)
+                du += _mm(tl.trans(a), do, BF16, PRECISION)
+                dsl += _mm(tl.trans(qn), do, BF16, PRECISION)
+        tl.store(DU + rows[:, None] * Dv + offs_v[None, :], du, mask=mask_v[None, :])
+        tl.store(DS + (bkv.to(tl.int64) * (N + 1) + t) * F * Dv + offs_f[:, None] * Dv + offs_v[None, :],
+                 dsl.to(DS.dtype.element_ty), mask=mask_f[:, None] & mask_v[None, :])
+
+    @triton.jit
     def _walk_kernel(Q, DO, KN, TT, DU, DS, sq_b, sq_h, sq_s, sd_b, sd_h, sd_s, Hq, G, Sq, N, NQ, F, Dv,
                      shift, FMAP: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr, C: tl.constexpr,
                      BF: tl.constexpr, BV: tl.constexpr):
+        """dS backwards through the chunks (DS[t]: the state gradient after chunk t) and du = kn dS + du_local."""
         iv, bkv = tl.program_id(0), tl.program_id(1)
         Hkv = Hq // G
         b, hk = bkv // Hkv, bkv % Hkv
@@ -93,22 +126,14 @@ if triton is not None:
         for tt in range(N):
             t = N - 1 - tt
             rows = bkv.to(tl.int64) * N * C + t * C + offs_c
+            du_ptrs = DU + rows[:, None] * Dv + offs_v[None, :]
             kn = tl.load(KN + rows[:, None] * F + offs_f[None, :], mask=mask_f[None, :], other=0.0)
-            du = _mm(kn, dS, BF16, PRECISION)
-            c = t - shift
-            if (c >= 0) & (c < NQ):
-                i = c * C + offs_c
-                for g in range(G):
-                    qn, do = _query_tile(Q, DO, b, hk * G + g, i, i < Sq, offs_f, mask_f, offs_v, mask_v,
-                                         sq_b, sq_h, sq_s, sd_b, sd_h, sd_s, FMAP)
-                    a = _mm(qn, tl.trans(kn), BF16, PRECISION)
-                    a = tl.where(offs_c[:, None] >= offs_c[None, :], a, 0.0)
-                    du += _mm(tl.trans(a), do, BF16, PRECISION)
-                    dS += _mm(tl.trans(qn), do, BF16, PRECISION)
-            tl.store(DU + rows[:, None] * Dv + offs_v[None, :], du, mask=mask_v[None, :])
+            du = _mm(kn, dS, BF16, PRECISION) + tl.load(du_ptrs, mask=mask_v[None, :], other=0.0)
+            tl.store(du_ptrs, du, mask=mask_v[None, :])
+            dsl = tl.load(ds_ptrs + t * F * Dv, mask=ds_mask, other=0.0).to(tl.float32)
             # W = T Kn: Wᵀ du = Knᵀ (Tᵀ du)
             tm = tl.load(TT + rows[:, None] * C + offs_c[None, :]).to(tl.float32)
-            dS -= _mm(tl.trans(kn), _mm(tl.trans(tm), du, BF16, PRECISION), BF16, PRECISION)
+            dS += dsl - _mm(tl.trans(kn), _mm(tl.trans(tm), du, BF16, PRECISION), BF16, PRECISION)
             tl.store(ds_ptrs + t * F * Dv, dS.to(DS.dtype.element_ty), mask=ds_mask)
 
     @triton.jit
@@ -247,6 +272,7 @@ if triton_older_than(3, 7):
     WALK_TILE, DQ_TILE, DKV_TILE, DK_WARPS = (32, 4), (64, 4), (32, 4), 4
 else:
     WALK_TILE, DQ_TILE, DKV_TILE, DK_WARPS = (32, 8), (64, 8), (32, 8), 8  # DKV_TILE: `_dkn_kernel`, `_dkv_kernel`
+LOCAL_TILE = DQ_TILE  # `_local_kernel`: dq's work (products with every query tile of the chunk), chosen without a sweep
 
 
 def far_delta_backward(grad, fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk: int, out_dtype, pure: bool):
@@ -270,6 +296,9 @@ def far_delta_backward(grad, fq, fk, v, beta, *, fmap: str, causal: bool, offset
     DS = torch.empty(B * Hkv, N + 1, Fd, Dv, dtype=H.dtype, device=dev)
     WV = min(WALK_TILE[0], BV)
     qs, ds = (fq.stride(0), fq.stride(1), fq.stride(2)), (do.stride(0), do.stride(1), do.stride(2))
+    LV = min(LOCAL_TILE[0], BV)
+    _local_kernel[(N, triton.cdiv(Dv, LV), B * Hkv)](fq, do, KN, DU, DS, *qs, *ds, Hq, G, Sq, N, nq, Fd, Dv, shift,
+                                                     **flags, BV=LV, num_warps=LOCAL_TILE[1])
     _walk_kernel[(triton.cdiv(Dv, WV), B * Hkv)](fq, do, KN, TT, DU, DS, *qs, *ds, Hq, G, Sq, N, nq, Fd, Dv,
                                                   shift, **flags, BV=WV, num_warps=WALK_TILE[1])
     _dq_kernel[(nq, B * Hq)](fq, do, KN, UNEW, H, dq, *qs, *ds, Hq, G, Sq, N, Fd, Dv, shift, **flags,
