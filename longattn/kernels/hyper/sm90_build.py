@@ -24,7 +24,8 @@ TYPES = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "O": "*fp32", 
 def build(kernel, tiles, head_dim, causal, local=False, **flags):
     block_m, block_n, warps, stages = tiles
     consts = dict(D=head_dim, DV=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim, BLOCK_DV=head_dim,
-                  PRECISION=None, WIDE=False, CAUSAL=causal, LOCAL=local, **flags)
+                  PRECISION=None, WIDE=False, CAUSAL=causal, LOCAL=local)
+    consts.update(flags)
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
     sig = {n: "constexpr" if n in consts else TYPES.get(n, "i32") for n in kernel.arg_names}
     src = ASTSource(fn=kernel, signature=sig, constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
@@ -43,10 +44,12 @@ def main():
     for head_dim in (64, 128):
         f_tiles = fwd._tiles(head_dim, head_dim)
         e_tiles = fwd._tiles(head_dim, head_dim, fwd.TILES_EXACT)
+        w_tiles = fwd._tiles(head_dim, head_dim, fwd.TILES_WINDOW)
         b_tiles = fwd._tiles(head_dim, head_dim, fwd.TILES_BWD)
         for name, kernel, tiles, local, flags in (
                 ("forward exact part", fwd._exact_part_kernel, e_tiles, False, {}),
                 ("forward exact part merging", fwd._exact_part_kernel, e_tiles, False, dict(MERGE=True)),
+                ("forward window part merging", fwd._exact_part_kernel, w_tiles, False, dict(MERGE=True, CAUSAL=False)),
                 ("forward rectangles", fwd._rectangles_kernel, f_tiles, False, {}),
                 ("forward rectangles first, unmasked", fwd._rectangles_kernel, f_tiles, False,
                  dict(INIT=True, EXCLUDE=False)),

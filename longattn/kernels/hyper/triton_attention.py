@@ -291,9 +291,11 @@ TILES = {64: (128, 64, 4, 2) if _OLD_TRITON else (64, 32, 4, 2), 128: (64, 32, 8
 SPILLING_BY_CHOICE = [(128, 64, 4, 2)] if _OLD_TRITON else []
 # the exact part (sinks, window, causal leaves): contiguous keys, a flash-style loop
 TILES_EXACT = {64: (64, 64, 4, 3), 128: (64, 32, 8, 1), 256: (32, 32, 8, 1)}
-# the non-causal exact part: sinks and a window around each row, no leaves. A tile of BLOCK_M rows reads
-# BLOCK_M + window keys, so taller tiles read fewer keys per row than for the causal leaves
-TILES_WINDOW = dict(TILES_EXACT)
+# the non-causal exact part: sinks and a window around each row, no leaves (a tile of BLOCK_M rows reads the
+# sinks and BLOCK_M + window keys, so taller tiles waste more). d64 swept on an H200 (triton 3.6, non-causal
+# forward at 131K, results/2026-12-01-h200-hyper-window-tiles.md): 64x32 at 4 warps x 3 stages 7.98 ms,
+# 64x64 x 3 stages (the causal choice) 8.21, 128-row tiles 8.45-9.82
+TILES_WINDOW = {**TILES_EXACT, 64: (64, 32, 4, 3)}
 # backward: every program adds its dk / dv contributions with atomics, so taller query tiles mean
 # fewer atomics on the shared sample keys
 TILES_BWD = {64: (128, 32, 8, 1), 128: (32, 32, 8, 1), 256: (16, 32, 8, 1)}
