@@ -1,4 +1,4 @@
-"""HyperAttention (Triton) against torch SDPA's cuDNN and flash backends, one GPU run.
+"""HyperAttention (Triton) against torch SDPA's cuDNN and flash backends and our flash kernel, one GPU run.
 
     python benchmarks/bench_hyper.py [--lengths 4096,...,131072] [--shapes 32x64,16x128] [--no-backward]
                                      [--extra '{"name": {param: value}}'] [--sweep-tiles] [--out-dir benchmarks/results]
@@ -29,6 +29,7 @@ import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from longattn.kernels.flash import flash_attention  # noqa: E402
 from longattn.kernels.hyper import build_pattern, hyper_attention, hyper_attention_from_pattern  # noqa: E402
 from longattn.kernels.hyper import triton_attention  # noqa: E402
 from longattn.kernels.hyper import triton_hash  # noqa: E402
@@ -136,12 +137,13 @@ def runners(h, d, s, causal, backward):
 
     fwds = {"hyper": hyper(), "hyper_paper": hyper(variant="paper"),
             **{name: hyper(**params) for name, params in EXTRA.items()},
+            "flash": lambda: flash_attention(q, k, v, causal=causal),  # our exact kernel
             "sdpa_cudnn": sdpa(SDPA["cudnn"]), "sdpa_flash": sdpa(SDPA["flash"])}
     if not backward:
         for name, fn in fwds.items():
             out[name] = (fn, None)
         return out
-    for name in ("hyper", *EXTRA, "sdpa_cudnn", "sdpa_flash"):
+    for name in ("hyper", *EXTRA, "flash", "sdpa_cudnn", "sdpa_flash"):
         fn = fwds[name]
         out[name] = (lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), g), fn)
     return out
@@ -290,12 +292,13 @@ def format_table(rows, env, checks):
     for r in rows:
         by.setdefault(key(r), {})[r["impl"]] = r.get("ms", math.nan)
     ours = ["hyper", "hyper_paper", *EXTRA]
-    impls = [*ours, "sdpa_cudnn", "sdpa_flash"]
+    impls = [*ours, "flash", "sdpa_cudnn", "sdpa_flash"]
     lines.append("| heads x dim | mode | causal | S | " + " | ".join(impls) + " | "
-                 + " | ".join(f"{i} x cuDNN" for i in ours) + " |")
-    lines.append("|---|---|---|---|" + "---|" * (len(impls) + len(ours)))
+                 + " | ".join(f"{i} x cuDNN" for i in ours) + " | hyper x our flash |")
+    lines.append("|---|---|---|---|" + "---|" * (len(impls) + len(ours) + 1))
     for (h, d, mode, causal, s), t in sorted(by.items()):
         ratios = " | ".join(f"{t.get('sdpa_cudnn', math.nan) / t.get(i, math.nan):.2f}" for i in ours)
+        ratios += f" | {t.get('flash', math.nan) / t.get('hyper', math.nan):.2f}"
         cells = " | ".join(f"{t[i]:.3f}" if i in t and not math.isnan(t[i]) else "—" for i in impls)
         lines.append(f"| {h}x{d} | {mode} | {causal} | {s} | {cells} | {ratios} |")
     return "\n".join(lines) + "\n"
