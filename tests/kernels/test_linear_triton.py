@@ -300,25 +300,3 @@ def test_delta_rule_backward_env_var_picks_the_float32_recompute(monkeypatch):
     monkeypatch.setenv("LONGATTN_DELTA_BWD", "torch")
     for a, b in zip(grads(), by_kernels):
         assert _rel(a, b) < 1e-5
-
-
-@pytest.mark.parametrize("hq,hkv", [(3, 3), (6, 2), (5, 1)])
-def test_fused_decode_ring_window_continues_in_the_pytorch_step_and_leaves_its_input_state(hq, hkv):
-    """Past sinks + window the fused step replaces the window's oldest slot (a ring with a moving start) in a copy:
-    the PyTorch step continues such a state exactly, and stepping twice from one state gives one result."""
-    from longattn.kernels.linear import linear_attention_step, linear_attention_step_reference
-    q, k, v = torch.randn(1, hq, 14, 8), torch.randn(1, hkv, 14, 8), torch.randn(1, hkv, 14, 8)
-    opts = dict(feature_map="elu", sink_tokens=2, local_window=3, feature_params={"far_scale": 0.7})
-    with torch.no_grad():
-        ref = linear_attention(q.double(), k.double(), v.double(), causal=True, **opts)
-        _, state = linear_attention_step(q[:, :, :7], k[:, :, :7], v[:, :, :7], None, **opts)
-        assert state.window_start == 2  # two ring steps after the 2 sinks and 3 window keys
-        kept = [x.clone() for x in (state.window_k, state.window_v, state.far)]
-        fast, after = linear_attention_step(q[:, :, 7:], k[:, :, 7:], v[:, :, 7:], state, **opts)
-        again, _ = linear_attention_step(q[:, :, 7:], k[:, :, 7:], v[:, :, 7:], state, **opts)
-        slow, _ = linear_attention_step_reference(q[:, :, 7:], k[:, :, 7:], v[:, :, 7:], state, **opts)
-    assert all(torch.equal(a, b) for a, b in zip(kept, (state.window_k, state.window_v, state.far)))
-    assert torch.equal(fast, again)
-    assert _rel(fast, slow) < 1e-5 and _rel(fast, ref[:, :, 7:]) < 1e-5
-    ordered = after.ordered()
-    assert ordered.window_start == 0 and torch.equal(ordered.window_k, k[:, :, -3:])

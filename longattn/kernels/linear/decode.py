@@ -23,8 +23,7 @@ from .reference import (_partial_softmax, beta_per_key, check_options, combine, 
 class LinearAttentionState:
     """Carried between decode calls. position: keys seen so far; far: (B, Hkv, F, Dv [+1]) or None before
     the first far key; sink_k/sink_v (B, Hkv, ≤ sink_tokens, D/Dv); window_k/window_v (B, Hkv, ≤ local_window,
-    D/Dv) and window_beta (B, Hkv, ≤ local_window), a ring whose oldest slot is window_start (the fused step
-    replaces the oldest slot instead of shifting the window; `ordered` puts it oldest first)."""
+    D/Dv) and window_beta (B, Hkv, ≤ local_window), oldest first."""
     position: int
     far: Optional[torch.Tensor]
     sink_k: torch.Tensor
@@ -32,24 +31,13 @@ class LinearAttentionState:
     window_k: torch.Tensor
     window_v: torch.Tensor
     window_beta: torch.Tensor
-    window_start: int = 0
-
-    def ordered(self) -> "LinearAttentionState":
-        """The same state with the window oldest first (window_start 0)."""
-        if self.window_start == 0:
-            return self
-        roll = lambda x: torch.roll(x, -self.window_start, dims=2)  # noqa: E731
-        return replace(self, window_k=roll(self.window_k), window_v=roll(self.window_v),
-                       window_beta=roll(self.window_beta), window_start=0)
 
     def as_tensors(self) -> list[torch.Tensor]:
         """Plain tensors for an op boundary (torch.library ops take no dataclasses): [position (int64 scalar),
-        far (empty when None), sink_k, sink_v, window_k, window_v, window_beta], the window oldest first.
-        Inverse: `from_tensors`."""
-        s = self.ordered()
-        far = s.far if s.far is not None else s.sink_k.new_empty(0)
-        return [torch.tensor(s.position, dtype=torch.int64), far, s.sink_k, s.sink_v, s.window_k, s.window_v,
-                s.window_beta]
+        far (empty when None), sink_k, sink_v, window_k, window_v, window_beta]. Inverse: `from_tensors`."""
+        far = self.far if self.far is not None else self.sink_k.new_empty(0)
+        return [torch.tensor(self.position, dtype=torch.int64), far, self.sink_k, self.sink_v, self.window_k,
+                self.window_v, self.window_beta]
 
     @staticmethod
     def from_tensors(tensors) -> "LinearAttentionState":
@@ -86,7 +74,7 @@ def linear_attention_step(q, k, v, state: Optional[LinearAttentionState] = None,
     Hkv, Dv = k.shape[1], v.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dt = feature_dtype(q.dtype)
-    state = LinearAttentionState.empty(k.to(dt), v.to(dt)) if state is None else state.ordered()
+    state = LinearAttentionState.empty(k.to(dt), v.to(dt)) if state is None else state
     betas = beta_per_key(beta, B, Hkv, S, q.device, dt)
     c = far_scale_per_head(feature_params, Hq, q.device, dt)
     feature_kw = dict(feature_map=feature_map, scale=scale, num_features=num_features, seed=seed,

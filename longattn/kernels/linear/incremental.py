@@ -47,7 +47,6 @@ def _continues(state: Optional[LinearAttentionState], q, k, v, p: int) -> bool:
     """The state ends at position p and its sinks and window are the cache's keys/values there."""
     if state is None or state.position != p or state.sink_k.dtype != feature_dtype(q.dtype):
         return False
-    state = state.ordered()
     ns, nw, dt = state.sink_k.shape[2], state.window_k.shape[2], state.sink_k.dtype
     if state.sink_k.device != k.device or state.sink_k.shape[:2] != k.shape[:2] or k.shape[2] < p:
         return False
