@@ -146,12 +146,14 @@ def test_hyper_pattern_covers_every_key_once(library, variant, causal):
                                rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_hyper_samples_estimate_the_keys_outside_the_blocks(library, causal):
+@pytest.mark.parametrize("causal,sampling", [(False, "paper"), (True, "paper"), (False, "importance"),
+                                             (True, "importance"), (True, "uniform")])
+def test_hyper_samples_estimate_the_keys_outside_the_blocks(library, causal, sampling):
     shape = (1, 2, 600, 16)
     feeds = feeds_for(shape, shape)
     exact = stock(node_model("FlashAttention", shape, shape, causal=causal), feeds)
-    params = {"min_seq_len": 64, "block_size": 32, "lsh_bits": 4, "variant": "paper"}
+    params = {"min_seq_len": 64, "block_size": 32, "lsh_bits": 4, "variant": "paper"} if sampling == "paper" else \
+        {"min_seq_len": 64, "block_size": 32, "lsh_bits": 4, "sink_tokens": 0, "local_window": 0, "sampling": sampling}
     errors = []
     for samples in (16, 4096):
         got = with_library(node_model("HyperAttention", shape, shape, causal=causal,
@@ -264,3 +266,32 @@ def test_converted_hyper_and_linear_models_run_on_the_library(library, tmp_path,
     lo.save(converted, out)
     got = lo.session(out).run(None, zoo_feeds("qwen2", "eager"))[0]
     assert np.isfinite(got).all()
+
+
+def test_hyper_importance_samples_beat_uniform_ones_where_the_queries_agree(library):
+    """Queries alike and a few keys they all favour: samples drawn by the mean query find those keys, uniform
+    ones mostly miss them (the same budget, the far keys estimated from 16 samples)."""
+    shape = (1, 1, 1024, 16)
+    feeds = feeds_for(shape, shape)
+    rng = np.random.default_rng(3)
+    feeds["q"] = (0.2 * rng.standard_normal(shape) + 1.0).astype(np.float32)
+    feeds["k"][..., ::37, :] += 2.0
+    exact = stock(node_model("FlashAttention", shape, shape, causal=False), feeds)
+    errors = {}
+    for sampling in ("uniform", "importance"):
+        params = {"min_seq_len": 64, "block_size": 16, "lsh_bits": 1, "sink_tokens": 0, "local_window": 0,
+                  "sample_size": 16, "sampling": sampling}
+        got = with_library(node_model("HyperAttention", shape, shape, causal=False,
+                                      bands=(Band("hyper", None, params),)), feeds)
+        errors[sampling] = np.abs(got - exact).mean()
+    assert errors["importance"] < 0.5 * errors["uniform"], errors
+
+
+@pytest.mark.parametrize("params,match", [({"sampling": "lsh"}, "sampling 'lsh'"),
+                                          ({"sampling": "importance", "variant": "paper"}, "needs 'default'")])
+def test_hyper_bad_sampling_is_named(library, params, match):
+    shape = (1, 2, 300, 16)
+    model = node_model("HyperAttention", shape, shape, causal=False,
+                       bands=(Band("hyper", None, dict(params, min_seq_len=64)),))
+    with pytest.raises(Exception, match=match):
+        with_library(model, feeds_for(shape, shape))

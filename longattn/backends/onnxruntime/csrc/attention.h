@@ -310,8 +310,11 @@ inline void merge_by_lse(float* out_a, float* lse_a, const float* out_b, const f
 //    leaves and, for variant "default", the local window), each key once;
 //  * per rectangle (queries x keys) holding the row: queries and keys stably sorted by their LSH
 //    bucket's Gray rank, cut into nb = ceil(kl / block_size) balanced blocks; the row attends its
-//    block's keys (weight 1) and `sample_size` uniform samples of the rectangle's keys (weight
-//    kl / m; the default variant stratifies them) outside its block; keys of X_i are skipped in both.
+//    block's keys (weight 1) and `sample_size` samples of the rectangle's keys outside its block:
+//    uniform (weight kl / m; the default variant stratifies them), or by importance (the default
+//    variant's default: stratified draws from p = ½ softmax(scale q̄·k) + ½ / kl, q̄ the mean of the
+//    group's queries over 256 evenly spaced rows of the rectangle, weight 1 / (m p)); keys of X_i are
+//    skipped in both.
 // All parts meet in one online softmax per row. Randomness (hyperplanes, samples) comes from
 // std::mt19937_64 seeded with `seed` per key head: the same algorithm as the PyTorch kernel, not
 // the same random draws.
@@ -319,7 +322,7 @@ inline void merge_by_lse(float* out_a, float* lse_a, const float* out_b, const f
 struct HyperParams {
   int64_t block_size = 256, sample_size = 256, lsh_bits = 7, min_seq_len = 4096, sink_tokens = 64,
           local_window = 256;
-  bool paper = false;
+  bool paper = false, importance = false;
   uint64_t seed = 0;
 };
 
@@ -373,7 +376,8 @@ struct KeyFilter {
 // (or key_base + j), each score raised by log2_weight.
 inline void accumulate_rows(const float* Q, int64_t nq, const int64_t* row_ids, int D, const float* Kt,
                             const float* V, int64_t nk, const int64_t* key_ids, int64_t key_base,
-                            const KeyFilter& f, float log2_weight, RowState& st, Workspace& ws) {
+                            const KeyFilter& f, float log2_weight, RowState& st, Workspace& ws,
+                            const float* key_log2w = nullptr) {
   const int Dv = st.Dv;
   const int64_t dvp = round_up(Dv, 32);
   ws.scores.resize((size_t)kStripe * kScoreStride);
@@ -404,7 +408,7 @@ inline void accumulate_rows(const float* Q, int64_t nq, const int64_t* row_ids, 
             bool keep = true;
             if (f.vis_lo && (o < f.vis_lo[lr] || o >= f.vis_hi[lr])) keep = false;
             if (o < f.ex_sinks || (f.ex_lo && o >= f.ex_lo[lr] && o < f.ex_hi[lr])) keep = false;
-            s[j] = keep ? s[j] + log2_weight : kNegInf;
+            s[j] = keep ? s[j] + log2_weight + (key_log2w ? key_log2w[k0 + j] : 0.f) : kNegInf;
           }
         }
         for (int j = kb; j < kbp; ++j) s[j] = kNegInf;
@@ -487,21 +491,57 @@ inline void hyper_attention_heads(const float* Q, int group, int64_t Sq, const f
   std::vector<int64_t> k_rank;
   lsh_ranks(K, Sk, D, planes, bits, k_rank);
   std::vector<std::vector<std::vector<int64_t>>> samples(levels.size());
+  std::vector<std::vector<std::vector<float>>> sample_log2w(levels.size());  // log2 of the keys each stands for
+  std::vector<double> qbar, cdf;
   for (size_t lv = 0; lv < levels.size(); ++lv)
     for (const Rect& rc : levels[lv]) {
       std::uniform_real_distribution<double> unit(0.0, 1.0);
       std::vector<int64_t> s(rc.kl > 0 ? p.sample_size : 0);
       const double m = (double)std::max<int64_t>(p.sample_size, 1);
-      for (size_t t = 0; t < s.size(); ++t) {
-        // the default variant stratifies: one uniform draw in each of m equal slices of the keys
-        // (each key still drawn with probability m / kl); the paper's are i.i.d. uniform
-        const double u = p.paper ? unit(rng) : ((double)t + unit(rng)) / m;
-        s[t] = rc.ks + std::min<int64_t>(rc.kl - 1, (int64_t)std::floor(u * (double)rc.kl));
+      std::vector<float> lw(s.size(), (float)std::log2((double)rc.kl / m));
+      if (p.importance && !s.empty()) {
+        // q̄: the group's queries averaged over 256 evenly spaced rows (pattern.py, mean_query_rows)
+        qbar.assign(D, 0.0);
+        for (int g = 0; g < group; ++g)
+          for (int t = 0; t < 256; ++t) {
+            const int64_t row = rc.qs + (int64_t)(((double)t + 0.5) / 256.0 * (double)rc.ql);
+            const float* qr = Q + ((int64_t)g * Sq + row) * D;
+            for (int d = 0; d < D; ++d) qbar[d] += qr[d];
+          }
+        cdf.resize(rc.kl);
+        double top = -std::numeric_limits<double>::infinity();
+        for (int64_t j = 0; j < rc.kl; ++j) {
+          const float* kr = K + (rc.ks + j) * D;
+          double dot = 0.0;
+          for (int d = 0; d < D; ++d) dot += qbar[d] * kr[d];
+          cdf[j] = dot * scale / ((double)group * 256.0);
+          top = std::max(top, cdf[j]);
+        }
+        double mass = 0.0;
+        for (double& x : cdf) mass += (x = std::exp(x - top));
+        double run = 0.0;
+        for (double& x : cdf) x = (run += 0.5 * x / mass + 0.5 / (double)rc.kl);
+        for (size_t t = 0; t < s.size(); ++t) {
+          // stratified uniforms through p's inverse CDF; each sample weighs 1 / (m p) of its key
+          const double x = ((double)t + unit(rng)) / m * run;
+          const int64_t j = std::min<int64_t>(rc.kl - 1, std::upper_bound(cdf.begin(), cdf.end(), x) - cdf.begin());
+          const double step = cdf[j] - (j > 0 ? cdf[j - 1] : 0.0);
+          s[t] = rc.ks + j;
+          lw[t] = (float)std::log2(run / (m * step));
+        }
+      } else {
+        for (size_t t = 0; t < s.size(); ++t) {
+          // the default variant stratifies: one uniform draw in each of m equal slices of the keys
+          // (each key still drawn with probability m / kl); the paper's are i.i.d. uniform
+          const double u = p.paper ? unit(rng) : ((double)t + unit(rng)) / m;
+          s[t] = rc.ks + std::min<int64_t>(rc.kl - 1, (int64_t)std::floor(u * (double)rc.kl));
+        }
       }
       samples[lv].push_back(std::move(s));
+      sample_log2w[lv].push_back(std::move(lw));
     }
   const float log2e = 1.44269504088896341f;
-  std::vector<float> qs((size_t)Sq * D), qg, kg, vg, kt;
+  std::vector<float> qs((size_t)Sq * D), qg, kg, vg, kt, gathered_log2w;
   std::vector<int64_t> q_rank, ids(Sq), row_lo, row_hi, ex_lo, ex_hi, gathered_rows, gathered_keys;
   std::iota(ids.begin(), ids.end(), 0);
   RowState st;
@@ -551,7 +591,7 @@ inline void hyper_attention_heads(const float* Q, int group, int64_t Sq, const f
         for (int64_t t = 0; t < rc.kl; ++t) k_pos[k_order[t] - rc.ks] = t;
         const int64_t nb = std::max<int64_t>(1, (rc.kl + p.block_size - 1) / p.block_size);
         const auto& smp = samples[lv][ri];
-        const float sample_log2w = smp.empty() ? 0.f : std::log2((float)rc.kl / (float)smp.size());
+        const auto& smp_log2w = sample_log2w[lv][ri];
         for (int64_t b = 0; b < nb; ++b) {
           const int64_t q_lo = b * rc.ql / nb, q_hi = (b + 1) * rc.ql / nb;
           const int64_t k_lo = b * rc.kl / nb, k_hi = (b + 1) * rc.kl / nb;
@@ -573,11 +613,15 @@ inline void hyper_attention_heads(const float* Q, int group, int64_t Sq, const f
             accumulate_rows(qg.data(), n_q, gathered_rows.data(), D, kt.data(), vg.data(),
                             (int64_t)gathered_keys.size(), gathered_keys.data(), 0, f, 0.f, st, ws);
           }
-          // samples outside the block, weight kl / m
+          // samples outside the block, each with its weight
           gathered_keys.clear();
-          for (int64_t s : smp) {
-            const int64_t t = k_pos[s - rc.ks];
-            if (((t + 1) * nb - 1) / rc.kl != b) gathered_keys.push_back(s);  // block_of_rank
+          gathered_log2w.clear();
+          for (size_t si = 0; si < smp.size(); ++si) {
+            const int64_t t = k_pos[smp[si] - rc.ks];
+            if (((t + 1) * nb - 1) / rc.kl != b) {  // block_of_rank
+              gathered_keys.push_back(smp[si]);
+              gathered_log2w.push_back(smp_log2w[si]);
+            }
           }
           if (!gathered_keys.empty()) {
             gather_rows(K, D, gathered_keys.data(), (int64_t)gathered_keys.size(), D, kg);
@@ -585,7 +629,8 @@ inline void hyper_attention_heads(const float* Q, int group, int64_t Sq, const f
             int64_t ldkt;
             pack_keys_transposed(kg.data(), D, (int64_t)gathered_keys.size(), D, kt, ldkt);
             accumulate_rows(qg.data(), n_q, gathered_rows.data(), D, kt.data(), vg.data(),
-                            (int64_t)gathered_keys.size(), gathered_keys.data(), 0, f, sample_log2w, st, ws);
+                            (int64_t)gathered_keys.size(), gathered_keys.data(), 0, f, 0.f, st, ws,
+                            gathered_log2w.data());
           }
         }
       }

@@ -164,6 +164,13 @@ struct AttentionOp {
       if (variant != "default" && variant != "paper" && variant != "null")
         throw std::runtime_error("hyper variant '" + variant + "' is not one of default, paper");
       p.paper = variant == "paper";
+      // unset: the variant's own (pattern.py, resolve_sampling): importance for default, uniform for paper
+      const std::string sampling = band.string("sampling", "null");
+      if (sampling != "uniform" && sampling != "importance" && sampling != "null")
+        throw std::runtime_error("hyper sampling '" + sampling + "' is not one of uniform, importance");
+      if (p.paper && sampling == "importance")
+        throw std::runtime_error("hyper variant 'paper' samples uniformly; sampling 'importance' needs 'default'");
+      p.importance = sampling == "importance" || (sampling == "null" && !p.paper);
       parallel_for(ctx, (size_t)(B * Hkv), [&](size_t item) {
         thread_local Workspace ws;
         const int64_t b = item / Hkv, hk = item % Hkv;
