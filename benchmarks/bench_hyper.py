@@ -9,8 +9,8 @@ forward+backward (hyper's backward kernels; LONGATTN_HYPER_BACKWARD=reference ti
 PyTorch reference's vjp instead). Times: triton.testing.do_bench median (CUDA events, warm-up first). Before
 timing, every hyper output is checked against the float64 reference on the same pattern (at 8K,
 both causal modes), and every timed output is checked finite. --extra times more hyper settings (PARAMS
-updated by each entry, e.g. another sampling or key budget) beside the default, forward and forward+backward. TFLOP/s counts exact attention's
-4·S²·D·H (halved for causal) for every row, so for hyper it is "exact-equivalent" throughput.
+updated by each entry, e.g. another sampling or key budget) beside the default, forward and forward+backward.
+TFLOP/s counts exact attention's 4·S²·D·H (halved for causal) for every row, so for hyper it is "exact-equivalent" throughput.
 Writes benchmarks/results/<date>-<device>-hyper.{md,jsonl}; ratios are only meaningful within one run.
 """
 from __future__ import annotations

@@ -17,8 +17,9 @@ convention aligns it):
   keys drawn uniformly with replacement from the rectangle with weight kl/m each (the default
   variant stratifies them: one uniform draw in each of m equal slices), skipping samples that lie
   in its own block. Keys in X_i are skipped in both, so no key is counted twice.
-  `sampling="importance"` (the default variant's default) draws the samples from p = ½·softmax(scale·q̄·k) + ½/kl over the rectangle's keys
-  instead (q̄: the mean of the rectangle's queries over the key head's group), by the same stratified
+  `sampling="importance"` (the default variant's default) draws the samples from
+  p = ½·softmax(scale·q̄·k) + ½/kl over the rectangle's keys instead (q̄: the mean of the rectangle's
+  queries over the key head's group), by the same stratified
   uniforms pushed through p's inverse CDF, and weights each by 1/(m·p): still an unbiased estimate of the
   rectangle's sum, with far less variance where attention concentrates on keys the block misses. The
   weights are part of the pattern: like the hashes, they are chosen in the forward pass and held fixed

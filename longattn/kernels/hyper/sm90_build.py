@@ -17,8 +17,8 @@ from . import triton_backward as bwd
 
 TYPES = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "O": "*fp32", "OF": "*bf16", "LSE": "*fp32",
          "DELTA": "*fp32", "DQ": "*fp32", "DK": "*fp32", "DV_": "*fp32", "LO": "*i64", "HI": "*i64", "QORD": "*i64",
-         "QSTART": "*i64", "KORD": "*i64", "SAMP": "*i64", "SBLK": "*i64", "SLW": "*fp32", "RECTS": "*i64", "ROW_LO": "*i64",
-         "ROW_HI": "*i64", "scale_log2": "fp32", "scale": "fp32"}
+         "QSTART": "*i64", "KORD": "*i64", "SAMP": "*i64", "SBLK": "*i64", "SLW": "*fp32", "RECTS": "*i64",
+         "ROW_LO": "*i64", "ROW_HI": "*i64", "scale_log2": "fp32", "scale": "fp32"}
 
 
 def build(kernel, tiles, head_dim, causal, local=False, **flags):

@@ -72,9 +72,9 @@ if triton is not None:
     def _local_kernel(Q, DO, KN, DU, DS, sq_b, sq_h, sq_s, sd_b, sd_h, sd_s, Hq, G, Sq, N, NQ, F, Dv, shift,
                       FMAP: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr, C: tl.constexpr,
                       BF: tl.constexpr, BV: tl.constexpr):
-        """The reverse walk's terms that do not depend on dS, for every chunk at once (the walk itself is sequential):
-        du_local = Σ_g (tril(qn knᵀ))ᵀ do into DU, and dS_local = Σ_g qnᵀ do into the chunk's slot of DS, which the
-        walk reads before it writes the chunk's dS there."""
+        """The reverse walk's terms that do not depend on dS, for every chunk at once (the walk itself is
+        sequential): du_local = Σ_g (tril(qn knᵀ))ᵀ do into DU, and dS_local = Σ_g qnᵀ do into the chunk's slot
+        of DS, which the walk reads before it writes the chunk's dS there."""
         t, iv, bkv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         Hkv = Hq // G
         b, hk = bkv // Hkv, bkv % Hkv
