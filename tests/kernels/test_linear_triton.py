@@ -274,7 +274,7 @@ def test_delta_rule_triton_backward_matches_float64_autograd(geometry):
             torch.randn(1, Hkv, L, 8, dtype=torch.float64), torch.rand(1, Hkv, L, dtype=torch.float64)]
     opts = dict(g, chunk=16, out_dtype=torch.float32, pure=True)
     xs = [x.float().requires_grad_() for x in xs64]
-    out = _FarDelta.apply(*xs, opts)
+    out = _FarDelta.apply(*xs, opts)[0]
     ys = [x.clone().requires_grad_() for x in xs64]
     ref = far_delta_torch(*ys, **dict(opts, out_dtype=torch.float64))
     assert _rel(out, ref) < 1e-5
@@ -293,10 +293,23 @@ def test_delta_rule_backward_env_var_picks_the_float32_recompute(monkeypatch):
 
     def grads():
         leaves = [x.clone().requires_grad_() for x in xs]
-        return torch.autograd.grad(_FarDelta.apply(*leaves, opts).sum(), leaves)
+        return torch.autograd.grad(_FarDelta.apply(*leaves, opts)[0].sum(), leaves)
 
     by_kernels = grads()
     monkeypatch.setattr(triton_delta_bwd, "far_delta_backward", lambda *a, **k: pytest.fail("Triton backward ran"))
     monkeypatch.setenv("LONGATTN_DELTA_BWD", "torch")
     for a, b in zip(grads(), by_kernels):
         assert _rel(a, b) < 1e-5
+
+
+def test_delta_rule_backward_reads_the_forwards_states_or_recomputes_them_alike():
+    """The backward takes the chunk states the forward kept (the autograd path) or rebuilds them: same gradients."""
+    from longattn.kernels.linear.triton_delta import far_delta_triton
+    from longattn.kernels.linear.triton_delta_bwd import far_delta_backward
+    xs = [torch.randn(1, 4, 40, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 8), torch.rand(1, 2, 40)]
+    opts = dict(fmap="elu", causal=True, offset=0, chunk=16, out_dtype=torch.float32, pure=True)
+    out, states = far_delta_triton(*xs, keep_states=True, **opts)
+    assert torch.equal(out, far_delta_triton(*xs, **opts))
+    grad = torch.randn_like(out)
+    for a, b in zip(far_delta_backward(grad, *xs, states=states, **opts), far_delta_backward(grad, *xs, **opts)):
+        torch.testing.assert_close(a, b)

@@ -157,9 +157,12 @@ def products_precision(bf16: bool) -> str:
     return "tf32" if bf16 else "tf32x3"
 
 
-def far_delta_triton(fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk: int, out_dtype, pure: bool):
+def far_delta_triton(fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk: int, out_dtype, pure: bool,
+                     keep_states: bool = False):
     """Unnormalised delta-rule far part. fq (B, Hq, Sq, F) / fk (B, Hkv, L, F) raw (fused maps) or features,
-    v (B, Hkv, L, Dv), beta (B, Hkv, L). Returns (B, Hq, Sq, Dv): in out_dtype when `pure`, else float32."""
+    v (B, Hkv, L, Dv), beta (B, Hkv, L). Returns (B, Hq, Sq, Dv): in out_dtype when `pure`, else float32;
+    keep_states: (that, the chunk states (KN, TT, UNEW, H) of `delta_states`), which the backward then reads
+    instead of recomputing them."""
     B, Hq, Sq, Fd = fq.shape
     Hkv, L, Dv = fk.shape[1], fk.shape[2], v.shape[-1]
     G = Hq // Hkv
@@ -167,7 +170,7 @@ def far_delta_triton(fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk:
     fq, fk, v = rows_addressable(fq, "q"), rows_addressable(fk, "k"), rows_addressable(v, "v")
     bf16 = out_dtype == torch.bfloat16
     fmap_id = FUSED_MAPS.get(fmap, 0)
-    KN, _, UNEW, H = delta_states(fk, v, beta, fmap_id=fmap_id, P=P, N=N, chunk=chunk, bf16=bf16)
+    KN, TT, UNEW, H = delta_states(fk, v, beta, fmap_id=fmap_id, P=P, N=N, chunk=chunk, bf16=bf16)
     out = torch.empty(B, Hq, Sq, Dv, dtype=out_dtype if pure else torch.float32, device=fq.device)
     BF = max(16, triton.next_power_of_2(Fd))
     OV, warps, stages = OUTPUT_TILE
@@ -178,7 +181,7 @@ def far_delta_triton(fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk:
         N * chunk * Fd, Fd, Hkv * N * chunk * Dv, N * chunk * Dv, Dv, out.stride(0), out.stride(1), out.stride(2),
         Hq, G, Sq, N * chunk, 0, N, Fd, Dv, shift, 0.0, FMAP=fmap_id, HAS_DEN=False, DIVIDE=False, BF16=bf16,
         C=chunk, BK=BF, BV=OV, KMAP=0, QL2=True, num_warps=warps, num_stages=stages)
-    return out
+    return (out, (KN, TT, UNEW, H)) if keep_states else out
 
 
 def far_delta_torch(fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk: int, out_dtype, pure: bool):
@@ -204,26 +207,31 @@ def triton_backward_trusted(x: torch.Tensor) -> bool:
 
 
 class _FarDelta(torch.autograd.Function):
+    """(out, KN, TT, UNEW, H): the far part and, not differentiable, the chunk states its backward reads. Keeping
+    them costs about four times k's memory per site and saves the backward their recompute (the inverse, W/u and
+    state kernels: ~1.1 ms of a 32K fwd+bwd on an H200, `results/2026-12-01-h200-profile-sampling.md`)."""
     @staticmethod
     def forward(fq, fk, v, beta, options):
-        return far_delta_triton(fq, fk, v, beta, **options)
+        out, states = far_delta_triton(fq, fk, v, beta, keep_states=True, **options)
+        return (out, *states)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         fq, fk, v, beta, options = inputs
-        ctx.save_for_backward(fq, fk, v, beta)
+        ctx.save_for_backward(fq, fk, v, beta, *output[1:])
+        ctx.mark_non_differentiable(*output[1:])
         ctx.options = options
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_):
         from .triton_additive import _functorch_wrapped
         from .triton_delta_bwd import far_delta_backward
-        fq, fk, v, beta = ctx.saved_tensors
+        fq, fk, v, beta, *states = ctx.saved_tensors
         if any(_functorch_wrapped(t) for t in (grad_out, fq, fk, v, beta)) or not triton_backward_trusted(fq):
             # under torch.func transforms Triton cannot read the wrapped tensors: the same function in PyTorch
             _, vjp = torch.func.vjp(lambda a, b, c, d: far_delta_torch(a, b, c, d, **ctx.options), fq, fk, v, beta)
             return (*vjp(grad_out), None)
-        return (*far_delta_backward(grad_out, fq, fk, v, beta, **ctx.options), None)
+        return (*far_delta_backward(grad_out, fq, fk, v, beta, states=states, **ctx.options), None)
 
 
 def linear_attention_delta_triton(q, k, v, *, scale=None, causal=False, feature_map="elu", num_features=256,
@@ -256,7 +264,8 @@ def linear_attention_delta_triton(q, k, v, *, scale=None, causal=False, feature_
     pure = exact is None and "far_scale" not in (feature_params or {})
     options = dict(fmap=feature_map, causal=causal, offset=fr.offset, chunk=chunk_size, out_dtype=q.dtype, pure=pure)
     fv = v[:, :, fr.start:fr.stop]
-    far = _FarDelta.apply(fq, fk, fv, b, options) if needs_grad(fq, fk, fv, b) else far_delta_triton(fq, fk, fv, b, **options)
+    far = _FarDelta.apply(fq, fk, fv, b, options)[0] if needs_grad(fq, fk, fv, b) else \
+        far_delta_triton(fq, fk, fv, b, **options)
     if pure:
         return far
     c = far_scale_per_head(feature_params, Hq, q.device, torch.float32)

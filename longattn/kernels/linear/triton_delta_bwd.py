@@ -275,8 +275,10 @@ else:
 LOCAL_TILE = DQ_TILE  # `_local_kernel`: dq's work (products with every query tile of the chunk), chosen without a sweep
 
 
-def far_delta_backward(grad, fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk: int, out_dtype, pure: bool):
-    """(dfq, dfk, dv, dbeta) of `triton_delta.far_delta_triton` for the upstream gradient of its output."""
+def far_delta_backward(grad, fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk: int, out_dtype, pure: bool,
+                       states=None):
+    """(dfq, dfk, dv, dbeta) of `triton_delta.far_delta_triton` for the upstream gradient of its output; states: the
+    forward's (KN, TT, UNEW, H) (`keep_states`), else recomputed."""
     from .triton_delta import delta_states, products_precision
     B, Hq, Sq, Fd = fq.shape
     Hkv, L, Dv = fk.shape[1], fk.shape[2], v.shape[-1]
@@ -287,7 +289,10 @@ def far_delta_backward(grad, fq, fk, v, beta, *, fmap: str, causal: bool, offset
     bf16 = out_dtype == torch.bfloat16
     fmap_id = FUSED_MAPS.get(fmap, 0)
     dev = fq.device
-    KN, TT, UNEW, H = delta_states(fk, v, beta, fmap_id=fmap_id, P=P, N=N, chunk=chunk, bf16=bf16)
+    if states:
+        KN, TT, UNEW, H = states
+    else:
+        KN, TT, UNEW, H = delta_states(fk, v, beta, fmap_id=fmap_id, P=P, N=N, chunk=chunk, bf16=bf16)
     BF = max(16, triton.next_power_of_2(Fd))
     BV = min(64, max(16, triton.next_power_of_2(Dv)))
     precision = products_precision(bf16)
