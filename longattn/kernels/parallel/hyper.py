@@ -2,7 +2,9 @@
 
 Communicated per layer: one all-gather of k and v (differentiable: the backward reduce-scatters dk and dv)
 and one of the queries' LSH ranks, (B, Hq, S) int32, instead of q: the hash is per row, so every rank
-hashes its own rows with the seed's hyperplanes. Every rank then builds the pattern one device would
+hashes its own rows with the seed's hyperplanes. Importance sampling (the default) also needs each rectangle's
+mean query: its 256 rows are summed over the ranks (one all-reduce per level, each row from the rank that holds
+it), so every rank computes the one device's mean. Every rank then builds the pattern one device would
 build (same hyperplanes, hashes, sorts, blocks, samples) and restricts it to its rows (`local_pattern`):
 the forward and backward kernels run over those rows only, against the keys at their global positions.
 dq stays local.
