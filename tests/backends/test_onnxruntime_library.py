@@ -146,17 +146,19 @@ def test_hyper_pattern_covers_every_key_once(library, variant, causal):
                                rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("causal,sampling", [(False, "paper"), (True, "paper"), (False, "importance"),
-                                             (True, "importance"), (True, "uniform")])
-def test_hyper_samples_estimate_the_keys_outside_the_blocks(library, causal, sampling):
+@pytest.mark.parametrize("causal,sampling,kv_heads", [(False, "paper", 2), (True, "paper", 2), (False, "importance", 2),
+                                                      (True, "importance", 2), (True, "importance", 1),
+                                                      (True, "uniform", 2)])
+def test_hyper_samples_estimate_the_keys_outside_the_blocks(library, causal, sampling, kv_heads):
     shape = (1, 2, 600, 16)
-    feeds = feeds_for(shape, shape)
-    exact = stock(node_model("FlashAttention", shape, shape, causal=causal), feeds)
+    kv = (1, kv_heads, 600, 16)  # one key head: the group's mean query steers the draws
+    feeds = feeds_for(shape, kv)
+    exact = stock(node_model("FlashAttention", shape, kv, causal=causal), feeds)
     params = {"min_seq_len": 64, "block_size": 32, "lsh_bits": 4, "variant": "paper"} if sampling == "paper" else \
         {"min_seq_len": 64, "block_size": 32, "lsh_bits": 4, "sink_tokens": 0, "local_window": 0, "sampling": sampling}
     errors = []
     for samples in (16, 4096):
-        got = with_library(node_model("HyperAttention", shape, shape, causal=causal,
+        got = with_library(node_model("HyperAttention", shape, kv, causal=causal,
                                       bands=(Band("hyper", None, dict(params, sample_size=samples)),)), feeds)
         errors.append(np.abs(got - exact).mean())
     assert errors[1] < 0.5 * errors[0]  # more samples, a better estimate of the far keys
