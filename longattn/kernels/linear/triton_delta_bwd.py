@@ -69,6 +69,15 @@ if triton is not None:
         return qn, do
 
     @triton.jit
+    def _value_tile_coords(iv, bkv, Hq, G, F, Dv, C: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr):
+        """A (value tile iv, key head bkv) program's coordinates: batch b, key head hk, chunk rows, features, and
+        the value columns of its tile, with their validity."""
+        Hkv = Hq // G
+        offs_f = tl.arange(0, BF)
+        offs_v = iv * BV + tl.arange(0, BV)
+        return bkv // Hkv, bkv % Hkv, tl.arange(0, C), offs_f, offs_v, offs_f < F, offs_v < Dv
+
+    @triton.jit
     def _local_kernel(Q, DO, KN, DU, DS, sq_b, sq_h, sq_s, sd_b, sd_h, sd_s, Hq, G, Sq, N, NQ, F, Dv, shift,
                       FMAP: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr, C: tl.constexpr,
                       BF: tl.constexpr, BV: tl.constexpr):
@@ -76,12 +85,7 @@ if triton is not None:
         sequential): du_local = Σ_g (tril(qn knᵀ))ᵀ do into DU, and dS_local = Σ_g qnᵀ do into the chunk's slot
         of DS, which the walk reads before it writes the chunk's dS there."""
         t, iv, bkv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        Hkv = Hq // G
-        b, hk = bkv // Hkv, bkv % Hkv
-        offs_c = tl.arange(0, C)
-        offs_f = tl.arange(0, BF)
-        offs_v = iv * BV + tl.arange(0, BV)
-        mask_f, mask_v = offs_f < F, offs_v < Dv
+        b, hk, offs_c, offs_f, offs_v, mask_f, mask_v = _value_tile_coords(iv, bkv, Hq, G, F, Dv, C, BF, BV)
         rows = bkv.to(tl.int64) * N * C + t * C + offs_c
         du = tl.zeros((C, BV), dtype=tl.float32)
         dsl = tl.zeros((BF, BV), dtype=tl.float32)
@@ -106,12 +110,7 @@ if triton is not None:
                      BF: tl.constexpr, BV: tl.constexpr):
         """dS backwards through the chunks (DS[t]: the state gradient after chunk t) and du = kn dS + du_local."""
         iv, bkv = tl.program_id(0), tl.program_id(1)
-        Hkv = Hq // G
-        b, hk = bkv // Hkv, bkv % Hkv
-        offs_c = tl.arange(0, C)
-        offs_f = tl.arange(0, BF)
-        offs_v = iv * BV + tl.arange(0, BV)
-        mask_f, mask_v = offs_f < F, offs_v < Dv
+        b, hk, offs_c, offs_f, offs_v, mask_f, mask_v = _value_tile_coords(iv, bkv, Hq, G, F, Dv, C, BF, BV)
         ds_ptrs = DS + bkv.to(tl.int64) * (N + 1) * F * Dv + offs_f[:, None] * Dv + offs_v[None, :]
         ds_mask = mask_f[:, None] & mask_v[None, :]
         dS = tl.zeros((BF, BV), dtype=tl.float32)
