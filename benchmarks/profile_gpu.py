@@ -70,6 +70,9 @@ def main():
     ap.add_argument("--flash-lengths", default="1024,4096,8192")
     ap.add_argument("--hyper-settings", default='{"default": {}, "paper": {"variant": "paper"}}',
                     help="JSON {name: PARAMS overrides} of the hyper calls to profile")
+    ap.add_argument("--hyper-shape", default="32x64", help="heads x head dim of the hyper calls")
+    ap.add_argument("--hyper-causal", default="0,1", help="causal modes of the hyper calls (0, 1)")
+    ap.add_argument("--hyper-grad", action="store_true", help="profile hyper's forward+backward")
     ap.add_argument("--linear-cases", default="ours-identity-raw,ours-delta,fla-linear-raw,fla-delta")
     ap.add_argument("--linear-grad", action="store_true", help="profile forward+backward instead of forward")
     ap.add_argument("--out", default=".")
@@ -85,14 +88,22 @@ def main():
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
     g = torch.Generator(device="cuda").manual_seed(0)
+    heads, dim = (int(x) for x in a.hyper_shape.split("x"))
     for s in [int(x) for x in a.hyper_lengths.split(",") if x]:
-        q, k, v = (torch.randn(1, 32, s, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
-        for causal in (False, True):
+        q, k, v = (torch.randn(1, heads, s, dim, device="cuda", dtype=torch.bfloat16, generator=g,
+                               requires_grad=a.hyper_grad) for _ in range(3))
+        for causal in [bool(int(c)) for c in a.hyper_causal.split(",")]:
             for name, extra in json.loads(a.hyper_settings).items():
-                fn = lambda: hyper_attention(q, k, v, causal=causal, **dict(PARAMS, **extra))
+                call = lambda: hyper_attention(q, k, v, causal=causal, **dict(PARAMS, **extra))[0]
+                if a.hyper_grad:
+                    fn = lambda: torch.autograd.grad(out := call(), (q, k, v), torch.ones_like(out))
+                else:
+                    fn = call
                 ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
                 table, total = kernel_table(fn)
-                lines += [f"## hyper S={s} causal={causal} {name} {json.dumps(extra)}: do_bench {ms:.3f} ms, "
+                mode = "forward+backward" if a.hyper_grad else "forward"
+                lines += [f"## hyper S={s} h{heads} d{dim} causal={causal} {mode} {name} {json.dumps(extra)}: "
+                          f"do_bench {ms:.3f} ms, "
                           f"kernels {total:.3f} ms, host/call {host_us(fn, 20) / 1e3:.3f} ms", "",
                           "| kernel | ms/call | launches/call |", "|---|---|---|"]
                 lines += [f"| `{n}` | {t:.3f} | {c:.0f} |" for n, t, c in table[:14]]
