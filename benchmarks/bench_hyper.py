@@ -44,6 +44,12 @@ HASH_CANDIDATES = [(64, 4, "ieee"), (256, 8, "ieee"), (128, 4, "tf32x3"), (256, 
                    (256, 8, "tf32")]
 EXACT_CANDIDATES = [(64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3),
                     (64, 128, 4, 2), (64, 128, 8, 2)]
+# backward: (BLOCK_M, BLOCK_N, warps, stages); for dk / dv BLOCK_N is the resident key tile
+DKDV_CANDIDATES = [(32, 128, 4, 2), (32, 128, 8, 2), (32, 128, 8, 1), (64, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2),
+                   (64, 64, 8, 2), (64, 32, 8, 1), (32, 32, 8, 1)]
+DQ_CANDIDATES = [(128, 32, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 32, 8, 1)]
+BWD_RECT_CANDIDATES = [(128, 32, 8, 1), (64, 32, 8, 1), (32, 32, 8, 1), (64, 64, 8, 1), (64, 32, 8, 2), (64, 32, 4, 2),
+                       (128, 32, 4, 2)]
 SDPA = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
 
 
@@ -137,7 +143,7 @@ def runners(h, d, s, causal, backward):
 
     fwds = {"hyper": hyper(), "hyper_paper": hyper(variant="paper"),
             **{name: hyper(**params) for name, params in EXTRA.items()},
-            "flash": lambda: flash_attention(q, k, v, causal=causal),  # our exact kernel
+            "flash": lambda: flash_attention(q, k, v, causal=causal)[0],  # our exact kernel
             "sdpa_cudnn": sdpa(SDPA["cudnn"]), "sdpa_flash": sdpa(SDPA["flash"])}
     if not backward:
         for name, fn in fwds.items():
@@ -224,10 +230,13 @@ def main():
                                      "gb_per_s": x.numel() * 2 / ms / 1e6})
     if args.sweep_bwd_tiles and not args.no_backward:
         for h, d in shapes:
-            keep_fastest(records, dict(kind="tiles_bwd", h=h, d=d, timed="causal forward+backward at 32K"),
-                         [(128, 32, 8, 1), (64, 32, 8, 1), (32, 32, 8, 1), (64, 64, 8, 1), (64, 32, 8, 2)],
-                         lambda c: triton_attention.TILES_BWD.__setitem__(max(64, d), c),
-                         lambda: bench(runners(h, d, 32768, True, True)["hyper"][0]))
+            # the exact part's dk / dv (key-major), its dq (row-major), then the rectangles (atomics)
+            for table, kind, candidates in ((triton_attention.TILES_BWD_DKDV, "tiles_bwd_dkdv", DKDV_CANDIDATES),
+                                            (triton_attention.TILES_BWD_DQ, "tiles_bwd_dq", DQ_CANDIDATES),
+                                            (triton_attention.TILES_BWD, "tiles_bwd", BWD_RECT_CANDIDATES)):
+                keep_fastest(records, dict(kind=kind, h=h, d=d, timed="causal forward+backward at 32K"), candidates,
+                             lambda c, table=table: table.__setitem__(max(64, d), c),
+                             lambda: bench(runners(h, d, 32768, True, True)["hyper"][0]))
 
     rows = []
     for h, d in shapes:
@@ -245,7 +254,9 @@ def main():
                                "tiles": list(triton_attention._tiles(d, d)),
                                "tiles_exact": list(triton_attention._tiles(d, d, triton_attention.TILES_EXACT)),
                                "tiles_window": list(triton_attention._tiles(d, d, triton_attention.TILES_WINDOW)),
-                               "tiles_bwd": list(triton_attention._tiles(d, d, triton_attention.TILES_BWD))}
+                               "tiles_bwd": list(triton_attention._tiles(d, d, triton_attention.TILES_BWD)),
+                               "tiles_bwd_dq": list(triton_attention._tiles(d, d, triton_attention.TILES_BWD_DQ)),
+                               "tiles_bwd_dkdv": list(triton_attention._tiles(d, d, triton_attention.TILES_BWD_DKDV))}
                         try:
                             res = (fwd or fn)()
                             if not torch.isfinite(res).all():

@@ -7,8 +7,8 @@ from longattn.kernels.hyper import build_pattern, hyper_attention, hyper_attenti
 from longattn.kernels.hyper.pattern import local_pattern, lsh_rank
 
 triton = pytest.importorskip("triton")
-from longattn.kernels.hyper.triton_attention import TILES_BWD, _tiles, hyper_forward_triton  # noqa: E402
-from longattn.kernels.hyper.triton_backward import hyper_backward_triton  # noqa: E402
+from longattn.kernels.hyper.triton_attention import hyper_forward_triton  # noqa: E402
+from longattn.kernels.hyper.triton_backward import exact_rows_by_key_tile, hyper_backward_triton  # noqa: E402
 from longattn.kernels.hyper.triton_hash import lsh_rank_triton  # noqa: E402
 
 SMALL = dict(block_size=8, sample_size=5, lsh_bits=3, min_seq_len=16, sink_tokens=2, local_window=3)
@@ -63,6 +63,47 @@ def test_exact_part_interior_tiles_run_unmasked_and_still_match(causal, window, 
     ref, ref_lse = hyper_attention_from_pattern(q.double(), k.double(), v.double(), pattern, scale=0.3, causal=causal)
     torch.testing.assert_close(out.double(), ref, **TOL[torch.float32])
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal,window,sq,sk", [(True, 5, 140, 140), (True, 40, 50, 83), (False, 45, 70, 70)])
+def test_exact_part_backward_interior_tiles_run_unmasked_and_still_match(causal, window, sq, sk):
+    """The backward's exact part skips masks on the same interiors: row-major for dq, and key-major for
+    dk / dv (row tiles whose ranges hold the whole key tile)."""
+    q, k, v = _qkv(sq=sq, sk=sk, grad=True)
+    params = dict(SMALL, min_seq_len=80, local_window=window)
+    pattern = build_pattern(q, k, causal=causal, seed=2, **params)
+    out, lse = hyper_forward_triton(q.detach(), k.detach(), v.detach(), pattern, scale=0.3, causal=causal)
+    g, g_lse = torch.randn_like(out), torch.randn_like(lse)
+    got = hyper_backward_triton(q.detach(), k.detach(), v.detach(), out, lse, g, g_lse, pattern, scale=0.3,
+                                causal=causal)
+    ref, ref_lse = hyper_attention_from_pattern(q, k, v, pattern, scale=0.3, causal=causal)
+    want = torch.autograd.grad((ref, ref_lse), (q, k, v), (g, g_lse))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("causal,sq,sk,window", [(True, 140, 140, 5), (True, 50, 83, 40), (False, 70, 70, 45),
+                                                 (False, 33, 70, 0)])
+def test_key_tiles_interior_rows_hold_the_whole_tile_and_every_row_of_the_tile_is_walked(causal, sq, sk, window):
+    q, k, _ = _qkv(sq=sq, sk=sk)
+    pattern = build_pattern(q, k, causal=causal, seed=2, **dict(SMALL, min_seq_len=80, local_window=window))
+    lo, hi = pattern.exact_lo, pattern.exact_hi
+    row_lo, row_hi, full_lo, full_hi = exact_rows_by_key_tile(pattern, sq, sk, 16, causal)
+    pos = torch.arange(sq) + sk - sq
+    for t, start in enumerate(range(0, sk, 16)):
+        keys = torch.arange(start, min(start + 16, sk))
+        # which rows' exact sets (sinks causally up to the row, and the range) hold which keys of the tile
+        in_range = (keys >= lo[:, None]) & (keys < hi[:, None]) & (keys >= pattern.sinks)
+        sinks = (keys < pattern.sinks) & (~torch.tensor(causal) | (keys <= pos[:, None]))
+        holds = in_range | sinks
+        walked = torch.zeros(sq, dtype=torch.bool)
+        walked[row_lo[t]:row_hi[t]] = True
+        assert not (holds.any(1) & ~walked).any(), f"tile {t}: a row holding one of its keys is not walked"
+        inside = torch.zeros(sq, dtype=torch.bool)
+        inside[full_lo[t]:max(full_lo[t], full_hi[t])] = True
+        assert (keys.numel() == 16) or not inside.any()
+        assert in_range[inside].all(), f"tile {t}: a row marked inside skips a key of it"
+    assert (full_hi > full_lo).any() or window == 0
 
 
 def test_kernel_handles_head_dims_that_are_not_powers_of_two_and_dv_unlike_d():
@@ -189,10 +230,9 @@ def test_local_kernels_equal_the_full_kernels_rows(rows, causal, sq, sk, params,
     mine[rows] = True
     g = torch.randn_like(out) * mine[:, None]
     g_lse = torch.randn_like(lse) * mine
-    tiles = _tiles(q.shape[-1], v.shape[-1], TILES_BWD)
-    want = hyper_backward_triton(q, k, v, out, lse, g, g_lse, pattern, scale=0.3, causal=causal, tiles=tiles)
+    want = hyper_backward_triton(q, k, v, out, lse, g, g_lse, pattern, scale=0.3, causal=causal)
     got = hyper_backward_triton(q[:, :, rows], k, v, out_l, lse_l, g[:, :, rows], g_lse[:, :, rows], local,
-                                scale=0.3, causal=causal, tiles=tiles)
+                                scale=0.3, causal=causal)
     torch.testing.assert_close(got[0], want[0][:, :, rows], **TOL[torch.float32])
     for a, b in zip(got[1:], want[1:]):
         torch.testing.assert_close(a, b, **TOL[torch.float32])

@@ -18,7 +18,7 @@ from . import triton_backward as bwd
 TYPES = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "O": "*fp32", "OF": "*bf16", "LSE": "*fp32",
          "DELTA": "*fp32", "DQ": "*fp32", "DK": "*fp32", "DV_": "*fp32", "LO": "*i64", "HI": "*i64", "QORD": "*i64",
          "QSTART": "*i64", "KORD": "*i64", "SAMP": "*i64", "SBLK": "*i64", "SLW": "*fp32", "RECTS": "*i64",
-         "ROW_LO": "*i64", "ROW_HI": "*i64", "scale_log2": "fp32", "scale": "fp32"}
+         "ROW_LO": "*i64", "ROW_HI": "*i64", "FULL_LO": "*i64", "FULL_HI": "*i64", "scale_log2": "fp32", "scale": "fp32"}
 
 
 def build(kernel, tiles, head_dim, causal, local=False, **flags):
@@ -46,6 +46,8 @@ def main():
         e_tiles = fwd._tiles(head_dim, head_dim, fwd.TILES_EXACT)
         w_tiles = fwd._tiles(head_dim, head_dim, fwd.TILES_WINDOW)
         b_tiles = fwd._tiles(head_dim, head_dim, fwd.TILES_BWD)
+        dq_tiles = fwd._tiles(head_dim, head_dim, fwd.TILES_BWD_DQ)
+        dkdv_tiles = fwd._tiles(head_dim, head_dim, fwd.TILES_BWD_DKDV)
         for name, kernel, tiles, local, flags in (
                 ("forward exact part", fwd._exact_part_kernel, e_tiles, False, {}),
                 ("forward exact part merging", fwd._exact_part_kernel, e_tiles, False, dict(MERGE=True)),
@@ -54,8 +56,8 @@ def main():
                 ("forward rectangles first, unmasked", fwd._rectangles_kernel, f_tiles, False,
                  dict(INIT=True, EXCLUDE=False)),
                 ("forward rectangles local", fwd._rectangles_kernel, f_tiles, True, {}),
-                ("backward exact dq", bwd._exact_part_bwd_kernel, b_tiles, False, {}),
-                ("backward exact dk/dv", bwd._exact_part_dkdv_kernel, b_tiles, False, {}),
+                ("backward exact dq", bwd._exact_part_bwd_kernel, dq_tiles, False, {}),
+                ("backward exact dk/dv", bwd._exact_part_dkdv_kernel, dkdv_tiles, False, {}),
                 ("backward rectangles", bwd._rectangles_bwd_kernel, b_tiles, False, {}),
                 ("backward rectangles local", bwd._rectangles_bwd_kernel, b_tiles, True, {})):
             use = build(kernel, tiles, head_dim, True, local, **flags)

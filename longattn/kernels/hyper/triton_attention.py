@@ -82,6 +82,21 @@ if HAVE_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
+    def _key_span(lo, hi, sinks, BLOCK_N: tl.constexpr):
+        """Key tiles of a tile of rows with exact ranges [lo, hi) (keys below `sinks` are counted apart):
+        (lo_tile, first_full, end_full, hi_tile). The rows span [lo_tile, hi_tile); tiles in
+        [first_full, end_full) lie inside every row's range, so they need no mask (for a causal leaf,
+        all but the diagonal tiles); the edges before and after need one. Tiles are aligned to lo_tile.
+        Rows outside the tile must carry lo = Sk, hi = 0 (no interior then)."""
+        lo_tile = tl.maximum(tl.min(lo, axis=0), sinks)
+        hi_tile = tl.max(hi, axis=0)
+        all_lo = tl.maximum(tl.max(lo, axis=0), sinks)
+        all_hi = tl.min(hi, axis=0)
+        first_full = lo_tile + tl.cdiv(tl.maximum(all_lo - lo_tile, 0), BLOCK_N) * BLOCK_N
+        end_full = first_full + tl.maximum(all_hi - first_full, 0) // BLOCK_N * BLOCK_N
+        return lo_tile, first_full, end_full, hi_tile
+
+    @triton.jit
     def _keep_outside(kidx, key_ok, lo, width):
         """(BM, BN) keep mask: key_ok (BN,) and the key outside the row's exact range [lo, lo + width).
         One subtraction and one unsigned compare per element: kidx - lo wraps negative values to large ones."""
@@ -146,15 +161,7 @@ if HAVE_TRITON:
                 keep = keep & (kidx[None, :] <= last_key[:, None])
             m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_base, v_base, kidx, kidx < sinks, keep, 0.0, sks, svs,
                                     scale_log2, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE)
-        # the tile's rows span [min lo, max hi); keys below `sinks` were counted above. Key tiles inside
-        # [max lo, min hi) are taken by every row: that interior runs unmasked (for a causal leaf, all
-        # but the diagonal tiles), the edges before and after it masked. Tiles are aligned to lo_tile.
-        lo_tile = tl.maximum(tl.min(lo, axis=0), sinks)
-        hi_tile = tl.max(hi, axis=0)
-        all_lo = tl.maximum(tl.max(lo, axis=0), sinks)
-        all_hi = tl.min(hi, axis=0)
-        first_full = lo_tile + tl.cdiv(tl.maximum(all_lo - lo_tile, 0), BLOCK_N) * BLOCK_N
-        end_full = first_full + tl.maximum(all_hi - first_full, 0) // BLOCK_N * BLOCK_N
+        lo_tile, first_full, end_full, hi_tile = _key_span(lo, hi, sinks, BLOCK_N)
         for start in range(lo_tile, tl.minimum(first_full, hi_tile), BLOCK_N):
             kidx = start + cols
             keep = (kidx[None, :] >= lo[:, None]) & (kidx[None, :] < hi[:, None]) & (kidx[None, :] >= sinks)
@@ -296,9 +303,13 @@ TILES_EXACT = {64: (64, 64, 4, 3), 128: (64, 32, 8, 1), 256: (32, 32, 8, 1)}
 # forward at 131K, results/2026-12-01-h200-hyper-window-tiles.md): 64x32 at 4 warps x 3 stages 7.98 ms,
 # 64x64 x 3 stages (the causal choice) 8.21, 128-row tiles 8.45-9.82
 TILES_WINDOW = {**TILES_EXACT, 64: (64, 32, 4, 3)}
-# backward: every program adds its dk / dv contributions with atomics, so taller query tiles mean
-# fewer atomics on the shared sample keys
+# backward, rectangles: every program adds its dk / dv contributions with atomics, so taller query tiles
+# mean fewer atomics on the shared sample keys
 TILES_BWD = {64: (128, 32, 8, 1), 128: (32, 32, 8, 1), 256: (16, 32, 8, 1)}
+# backward, exact part: dq row-major (a query tile streams key tiles), dk / dv key-major (a key tile,
+# BLOCK_N, stays while query tiles, BLOCK_M, stream past); the flash backward's default shapes
+TILES_BWD_DQ = {64: (128, 32, 8, 2), 128: (64, 32, 8, 1), 256: (32, 32, 8, 1)}
+TILES_BWD_DKDV = {64: (32, 128, 8, 1), 128: (64, 32, 8, 1), 256: (16, 32, 8, 1)}
 
 
 def _tiles(head_dim, dv, table=None):
@@ -435,7 +446,7 @@ class HyperAttentionTriton(torch.autograd.Function):
             q_, k_, v_, out_, lse_ = map(_plain, (q, k, v, out, lse))
             grad_out = torch.zeros_like(out_) if grad_out is None else _plain(grad_out)
             dq, dk, dv = hyper_backward_triton(q_, k_, v_, out_, lse_, grad_out, _plain(grad_lse), pattern,
-                                               scale=ctx.scale, causal=ctx.causal, tiles=_tiles(q.shape[-1], v.shape[-1], TILES_BWD))
+                                               scale=ctx.scale, causal=ctx.causal)
             return dq, dk, dv, None, None, None, None
         from .reference import hyper_attention_from_pattern
         fn = lambda q_, k_, v_: hyper_attention_from_pattern(q_, k_, v_, pattern, scale=ctx.scale, causal=ctx.causal)

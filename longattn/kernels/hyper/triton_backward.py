@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from .pattern import HyperPattern
-from .triton_attention import _block_rows, _offset_index, level_grid, level_indices, needs_wide_offsets
+from .triton_attention import (TILES_BWD, TILES_BWD_DKDV, TILES_BWD_DQ, _block_rows, _key_span, _offset_index, _tiles,
+                               level_grid, level_indices, needs_wide_offsets)
 from .triton_hash import HAVE_TRITON
 
 if HAVE_TRITON:
@@ -26,16 +27,26 @@ if HAVE_TRITON:
     @triton.jit
     def _grad_step(q, do, lse2, delta, dq, k_base, v_base, dk_base, dv_base, kidx, kvalid, keep, bias,
                    sks, svs, scale_log2, scale, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr, KV_GRADS: tl.constexpr = True):
+                   BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr, KV_GRADS: tl.constexpr = True,
+                   MASKED: tl.constexpr = True):
+        """One key tile's share of dq (returned) and, with KV_GRADS, of dk / dv (atomics).
+        MASKED=False: every row takes every key (kvalid and keep are not read)."""
         d = tl.arange(0, BLOCK_D)
         dv = tl.arange(0, BLOCK_DV)
         kidx = _offset_index(kidx, WIDE)
-        kmask = kvalid[:, None] & (d[None, :] < D)
-        vmask = kvalid[:, None] & (dv[None, :] < DV)
+        if MASKED:
+            kmask = kvalid[:, None] & (d[None, :] < D)
+            vmask = kvalid[:, None] & (dv[None, :] < DV)
+        else:
+            kmask = d[None, :] < D
+            vmask = dv[None, :] < DV
         k = tl.load(k_base + kidx[:, None] * sks + d[None, :], mask=kmask, other=0.0)
         v = tl.load(v_base + kidx[:, None] * svs + dv[None, :], mask=vmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 + bias
-        p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+        if MASKED:
+            p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+        else:
+            p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -65,6 +76,31 @@ if HAVE_TRITON:
         lse2 = tl.load(LSE + bh * Sq + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + bh * Sq + rows, mask=row_ok, other=0.0)
         return q, do, lse2, delta
+
+    @triton.jit
+    def _exact_dq_edge(q, do, lse2, delta, dq, k_base, v_base, kidx, row_ok, lo, hi, hi_tile, sinks, sks, svs,
+                       scale_log2, scale, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
+        """dq of a key tile at the edge of the rows' exact ranges (some rows skip some keys)."""
+        keep = row_ok[:, None] & (kidx[None, :] >= lo[:, None]) & (kidx[None, :] < hi[:, None]) & \
+            (kidx[None, :] >= sinks)
+        return _grad_step(q, do, lse2, delta, dq, k_base, v_base, k_base, v_base, kidx, kidx < hi_tile, keep, 0.0,
+                          sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE, False)
+
+    @triton.jit
+    def _kv_tile_step(k, v, dk, dvacc, q, do, lse2, delta, keep, scale_log2, PRECISION: tl.constexpr,
+                      MASKED: tl.constexpr):
+        """A resident key tile's dk / dv (unscaled) from one tile of rows; keep (BN, BM) when MASKED."""
+        s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
+        if MASKED:
+            p = tl.where(keep, tl.exp2(s - lse2[None, :]), 0.0)
+        else:
+            p = tl.exp2(s - lse2[None, :])
+        dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds = p * (dp - delta[None, :])
+        dvacc += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
+        dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
+        return dk, dvacc
 
     @triton.jit(do_not_specialize=["Hq", "Hkv", "group", "Sq", "Sk", "sinks"])
     def _exact_part_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, LO, HI,
@@ -98,20 +134,43 @@ if HAVE_TRITON:
                 keep = keep & (kidx[None, :] <= last_key[:, None])
             dq = _grad_step(q, do, lse2, delta, dq, k_base, v_base, dk_base, dv_base, kidx, kidx < sinks, keep, 0.0,
                             sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE, False)
-        lo_tile = tl.maximum(tl.min(lo, axis=0), sinks)
-        hi_tile = tl.max(hi, axis=0)
-        for start in range(lo_tile, hi_tile, BLOCK_N):
-            kidx = start + cols
-            keep = row_ok[:, None] & (kidx[None, :] >= lo[:, None]) & (kidx[None, :] < hi[:, None]) & \
-                (kidx[None, :] >= sinks)
-            dq = _grad_step(q, do, lse2, delta, dq, k_base, v_base, dk_base, dv_base, kidx, kidx < hi_tile, keep,
-                            0.0, sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE, False)
+        # masked edges, unmasked interior, as in the forward
+        lo_tile, first_full, end_full, hi_tile = _key_span(lo, hi, sinks, BLOCK_N)
+        for start in range(lo_tile, tl.minimum(first_full, hi_tile), BLOCK_N):
+            dq = _exact_dq_edge(q, do, lse2, delta, dq, k_base, v_base, start + cols, row_ok, lo, hi, hi_tile, sinks,
+                                sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE)
+        for start in range(first_full, end_full, BLOCK_N):
+            dq = _grad_step(q, do, lse2, delta, dq, k_base, v_base, k_base, v_base, start + cols, cols, cols, 0.0,
+                            sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE, False, MASKED=False)
+        for start in range(tl.maximum(end_full, first_full), hi_tile, BLOCK_N):
+            dq = _exact_dq_edge(q, do, lse2, delta, dq, k_base, v_base, start + cols, row_ok, lo, hi, hi_tile, sinks,
+                                sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE)
         d = tl.arange(0, BLOCK_D)
         tl.store(DQ + bh * Sq * D + _offset_index(rows, WIDE)[:, None] * D + d[None, :], dq * scale,
                  mask=row_ok[:, None] & (d[None, :] < D))
 
+    @triton.jit
+    def _dkdv_edge(Q, DO, LSE, DELTA, LO, HI, k, v, dk, dvacc, kidx, kvalid, start, r_hi, b, h, bh,
+                   sqb, sqh, sqs, Sq, sinks, scale_log2, CAUSAL: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+                   WIDE: tl.constexpr):
+        """A tile of rows at the edge of the key tile's rows: (BN, BM) mask of which rows' exact sets hold
+        which keys, as the forward counted them."""
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < r_hi
+        q, do, lse2, delta = _load_rows(Q, DO, LSE, DELTA, b, h, bh, rows, row_ok, sqb, sqh, sqs, Sq,
+                                        D, DV, BLOCK_D, BLOCK_DV, WIDE)
+        lo = tl.load(LO + rows, mask=row_ok, other=0)
+        hi = tl.load(HI + rows, mask=row_ok, other=0)
+        in_range = (kidx[:, None] >= lo[None, :]) & (kidx[:, None] < hi[None, :]) & (kidx[:, None] >= sinks)
+        in_sinks = kidx[:, None] < sinks
+        if CAUSAL:
+            in_sinks = in_sinks & (kidx[:, None] < hi[None, :])  # hi - 1 is the row's last key
+        keep = (in_range | in_sinks) & row_ok[None, :] & kvalid[:, None]
+        return _kv_tile_step(k, v, dk, dvacc, q, do, lse2, delta, keep, scale_log2, PRECISION, MASKED=True)
+
     @triton.jit(do_not_specialize=["Hq", "Hkv", "group", "Sq", "Sk", "sinks"])
-    def _exact_part_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, LO, HI, ROW_LO, ROW_HI,
+    def _exact_part_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, LO, HI, ROW_LO, ROW_HI, FULL_LO, FULL_HI,
                                 sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
                                 Hq, Hkv, group, Sq, Sk, sinks, scale_log2, scale,
                                 CAUSAL: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
@@ -119,7 +178,8 @@ if HAVE_TRITON:
                                 BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
         """dk / dv of the exact part, key-major: a program owns a key tile and walks the rows whose
         exact set can hold it (ROW_LO/ROW_HI, from the monotone exact ranges), so no atomics; it
-        writes every key of its tile, so it runs before the rectangles add theirs."""
+        writes every key of its tile, so it runs before the rectangles add theirs. Rows in
+        [FULL_LO, FULL_HI) hold the whole tile in their range: their row tiles run unmasked."""
         pid_n = tl.program_id(0)
         bkh = tl.program_id(1).to(tl.int64)
         b = bkh // Hkv
@@ -137,28 +197,25 @@ if HAVE_TRITON:
         dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
         r_lo = tl.load(ROW_LO + pid_n)
         r_hi = tl.load(ROW_HI + pid_n)
+        # row tiles aligned to r_lo: those inside [FULL_LO, FULL_HI) unmasked, the edges masked
+        first_full = r_lo + tl.cdiv(tl.maximum(tl.load(FULL_LO + pid_n) - r_lo, 0), BLOCK_M) * BLOCK_M
+        end_full = first_full + tl.maximum(tl.load(FULL_HI + pid_n) - first_full, 0) // BLOCK_M * BLOCK_M
         for g in range(0, group):
             h = kh * group + g
             bh = b * Hq + h
-            for start in range(r_lo, r_hi, BLOCK_M):
+            for start in range(r_lo, tl.minimum(first_full, r_hi), BLOCK_M):
+                dk, dvacc = _dkdv_edge(Q, DO, LSE, DELTA, LO, HI, k, v, dk, dvacc, kidx, kvalid, start, r_hi, b, h, bh,
+                                       sqb, sqh, sqs, Sq, sinks, scale_log2, CAUSAL, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV,
+                                       PRECISION, WIDE)
+            for start in range(first_full, end_full, BLOCK_M):
                 rows = start + tl.arange(0, BLOCK_M)
-                row_ok = rows < r_hi
-                q, do, lse2, delta = _load_rows(Q, DO, LSE, DELTA, b, h, bh, rows, row_ok, sqb, sqh, sqs, Sq,
+                q, do, lse2, delta = _load_rows(Q, DO, LSE, DELTA, b, h, bh, rows, rows < r_hi, sqb, sqh, sqs, Sq,
                                                 D, DV, BLOCK_D, BLOCK_DV, WIDE)
-                lo = tl.load(LO + rows, mask=row_ok, other=0)
-                hi = tl.load(HI + rows, mask=row_ok, other=0)
-                # (BN, BM): key j is in row i's exact set, as the forward counted it
-                in_range = (kidx[:, None] >= lo[None, :]) & (kidx[:, None] < hi[None, :]) & (kidx[:, None] >= sinks)
-                in_sinks = kidx[:, None] < sinks
-                if CAUSAL:
-                    in_sinks = in_sinks & (kidx[:, None] < hi[None, :])  # hi - 1 is the row's last key
-                keep = (in_range | in_sinks) & row_ok[None, :] & kvalid[:, None]
-                s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
-                p = tl.where(keep, tl.exp2(s - lse2[None, :]), 0.0)
-                dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-                ds = p * (dp - delta[None, :])
-                dvacc += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
-                dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
+                dk, dvacc = _kv_tile_step(k, v, dk, dvacc, q, do, lse2, delta, 0, scale_log2, PRECISION, MASKED=False)
+            for start in range(tl.maximum(end_full, first_full), r_hi, BLOCK_M):
+                dk, dvacc = _dkdv_edge(Q, DO, LSE, DELTA, LO, HI, k, v, dk, dvacc, kidx, kvalid, start, r_hi, b, h, bh,
+                                       sqb, sqh, sqs, Sq, sinks, scale_log2, CAUSAL, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV,
+                                       PRECISION, WIDE)
         tl.store(DK + bkh * Sk * D + k_off * D + d[None, :], dk * scale, mask=kvalid[:, None] & (d[None, :] < D))
         tl.store(DV_ + bkh * Sk * DV + k_off * DV + dv[None, :], dvacc, mask=kvalid[:, None] & (dv[None, :] < DV))
 
@@ -221,7 +278,7 @@ if HAVE_TRITON:
         tl.store(dq_ptr, tl.load(dq_ptr, mask=dq_mask, other=0.0) + dq * scale, mask=dq_mask)
 
 
-def hyper_backward_triton(q, k, v, out, lse, grad_out, grad_lse, pattern: HyperPattern, *, scale, causal, tiles):
+def hyper_backward_triton(q, k, v, out, lse, grad_out, grad_lse, pattern: HyperPattern, *, scale, causal):
     """Gradients (dq, dk, dv) of the forward's (out, lse) for `pattern`; grad_lse may be None.
     q/k/v as in the forward; out (B, Hq, Sq, Dv) and lse (B, Hq, Sq) float32 are the forward's results."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -240,36 +297,54 @@ def hyper_backward_triton(q, k, v, out, lse, grad_out, grad_lse, pattern: HyperP
     dv = torch.empty(B, Hkv, Sk, Dv, dtype=torch.float32, device=q.device)
     # index tensors stay int64 as the pattern made them: converting would cost a launch each
     lo, hi = pattern.exact_lo.contiguous(), pattern.exact_hi.contiguous()
-    block_m, block_n, warps, stages = tiles
-    dims = dict(D=D, DV=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
+    dims = dict(D=D, DV=Dv, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
                 PRECISION="ieee" if q.dtype == torch.float32 else None, WIDE=needs_wide_offsets(q, k, v, dq, dk, dv))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2))
     scale_log2 = float(scale) * 1.4426950408889634
-    _exact_part_bwd_kernel[(triton.cdiv(Sq, block_m), B * Hq)](
-        q, k, v, do, lse, delta, dq, dk, dv, lo, hi, *strides, Hq, Hkv, group, Sq, Sk, pattern.sinks,
-        scale_log2, float(scale), CAUSAL=bool(causal), num_warps=warps, num_stages=stages, **dims)
-    # rows whose exact set can hold a key of each key tile: exact_lo and exact_hi never decrease
-    # along the rows (also along a local pattern's increasing rows), so they are a contiguous run;
-    # tiles holding sinks take every row that sees them: causally the rows with hi > start, row_lo already
-    starts = torch.arange(0, Sk, block_n, device=q.device)
+
+    def launch(kernel, grid, table, *args, **flags):
+        block_m, block_n, warps, stages = _tiles(D, Dv, table)
+        kernel[grid(block_m, block_n)](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+                                       **flags, **dims)
+
+    launch(_exact_part_bwd_kernel, lambda bm, bn: (triton.cdiv(Sq, bm), B * Hq), TILES_BWD_DQ,
+           q, k, v, do, lse, delta, dq, dk, dv, lo, hi, *strides, Hq, Hkv, group, Sq, Sk, pattern.sinks,
+           scale_log2, float(scale), CAUSAL=bool(causal))
+    block_n = _tiles(D, Dv, TILES_BWD_DKDV)[1]
+    launch(_exact_part_dkdv_kernel, lambda bm, bn: (triton.cdiv(Sk, bn), B * Hkv), TILES_BWD_DKDV,
+           q, k, v, do, lse, delta, dk, dv, lo, hi, *exact_rows_by_key_tile(pattern, Sq, Sk, block_n, causal),
+           *strides, Hq, Hkv, group, Sq, Sk, pattern.sinks, scale_log2, float(scale), CAUSAL=bool(causal))
+    for level in pattern.levels:
+        block_m = _tiles(D, Dv, TILES_BWD)[0]
+        grid, tiles_per_block, nbq = level_grid(level, pattern.block_size, block_m, B * Hq)
+        m = level.samples.shape[-1]
+        launch(_rectangles_bwd_kernel, lambda bm, bn: grid, TILES_BWD,
+               q, k, v, do, lse, delta, dq, dk, dv, lo, hi, *level_indices(level), *strides, Hq, Hkv, group, Sq, Sk,
+               pattern.sinks, m, pattern.block_size, tiles_per_block, len(level.rect_list), nbq, scale_log2,
+               float(scale), LOCAL=level.q_start is not None)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def exact_rows_by_key_tile(pattern: HyperPattern, Sq, Sk, block_n, causal):
+    """For each key tile [start, start + block_n): (row_lo, row_hi, full_lo, full_hi), int64 (tiles,).
+    Rows [row_lo, row_hi) are those whose exact set can hold a key of the tile, rows [full_lo, full_hi)
+    those whose range holds all of it. exact_lo and exact_hi never decrease along the rows (also along
+    a local pattern's increasing rows), so both are contiguous runs."""
+    lo, hi = pattern.exact_lo.contiguous(), pattern.exact_hi.contiguous()
+    starts = torch.arange(0, Sk, block_n, device=lo.device)
     row_lo = torch.searchsorted(hi, starts, right=True)
     row_hi = torch.searchsorted(lo, starts + block_n, right=False)
+    # whole tiles inside [lo, hi), past the sinks and before Sk: from the first row with hi >= end to the
+    # last with lo <= start
+    full_lo = torch.searchsorted(hi, starts + block_n, right=False)
+    full_hi = torch.searchsorted(lo, starts, right=True)
+    plain = (starts >= pattern.sinks) & (starts + block_n <= Sk)
+    full_hi = torch.where(plain, full_hi, full_lo)
     if pattern.sinks > 0:
+        # tiles holding sinks take every row that sees them: causally the rows with hi > start, row_lo already
         with_sinks = starts < pattern.sinks
         if not causal:
             row_lo = torch.where(with_sinks, 0, row_lo)
         row_hi = torch.where(with_sinks, torch.full_like(row_hi, Sq), row_hi)
-    _exact_part_dkdv_kernel[(starts.numel(), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, lo, hi, row_lo, row_hi, *strides, Hq, Hkv, group, Sq, Sk, pattern.sinks,
-        scale_log2, float(scale), CAUSAL=bool(causal), num_warps=warps, num_stages=stages, **dims)
-    for level in pattern.levels:
-        grid, tiles_per_block, nbq = level_grid(level, pattern.block_size, block_m, B * Hq)
-        m = level.samples.shape[-1]
-        _rectangles_bwd_kernel[grid](
-            q, k, v, do, lse, delta, dq, dk, dv, lo, hi, *level_indices(level), *strides, Hq, Hkv, group, Sq, Sk,
-            pattern.sinks, m, pattern.block_size, tiles_per_block, len(level.rect_list), nbq, scale_log2,
-            float(scale), LOCAL=level.q_start is not None, num_warps=warps,
-            num_stages=stages, **dims)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return row_lo, row_hi, full_lo, full_hi
