@@ -48,6 +48,7 @@ def main():
         b_tiles = fwd._tiles(head_dim, head_dim, fwd.TILES_BWD)
         dq_tiles = fwd._tiles(head_dim, head_dim, fwd.TILES_BWD_DQ)
         dkdv_tiles = fwd._tiles(head_dim, head_dim, fwd.TILES_BWD_DKDV)
+        blocks_tiles = fwd._tiles(head_dim, head_dim, fwd.TILES_BWD_BLOCKS)
         for name, kernel, tiles, local, flags in (
                 ("forward exact part", fwd._exact_part_kernel, e_tiles, False, {}),
                 ("forward exact part merging", fwd._exact_part_kernel, e_tiles, False, dict(MERGE=True)),
@@ -58,6 +59,8 @@ def main():
                 ("forward rectangles local", fwd._rectangles_kernel, f_tiles, True, {}),
                 ("backward exact dq", bwd._exact_part_bwd_kernel, dq_tiles, False, {}),
                 ("backward exact dk/dv", bwd._exact_part_dkdv_kernel, dkdv_tiles, False, {}),
+                ("backward blocks", bwd._blocks_bwd_kernel, blocks_tiles, False, {}),
+                ("backward blocks local", bwd._blocks_bwd_kernel, blocks_tiles, True, {}),
                 ("backward rectangles", bwd._rectangles_bwd_kernel, b_tiles, False, {}),
                 ("backward rectangles local", bwd._rectangles_bwd_kernel, b_tiles, True, {})):
             use = build(kernel, tiles, head_dim, True, local, **flags)

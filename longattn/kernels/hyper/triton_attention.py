@@ -308,6 +308,9 @@ TILES_WINDOW = {**TILES_EXACT, 64: (64, 32, 4, 3)}
 TILES_BWD = {64: (128, 32, 8, 1), 128: (32, 32, 8, 1), 256: (16, 32, 8, 1)}
 # backward, exact part: dq row-major (a query tile streams key tiles), dk / dv key-major (a key tile,
 # BLOCK_N, stays while query tiles, BLOCK_M, stream past); the flash backward's default shapes
+# backward, the rectangles' blocks: key-major (a tile of BLOCK_N keys of a block stays, the block's query
+# tiles of BLOCK_M rows stream past)
+TILES_BWD_BLOCKS = {64: (32, 128, 8, 1), 128: (64, 32, 8, 1), 256: (16, 32, 8, 1)}
 TILES_BWD_DQ = {64: (128, 32, 8, 2), 128: (64, 32, 8, 1), 256: (32, 32, 8, 1)}
 TILES_BWD_DKDV = {64: (32, 128, 8, 1), 128: (64, 32, 8, 1), 256: (16, 32, 8, 1)}
 

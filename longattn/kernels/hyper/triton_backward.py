@@ -5,10 +5,12 @@ multiplicity (1 for exact / block keys, kl/m per sample occurrence). With Delta_
 and an incoming gradient g_i on lse_i, the usual flash-attention backward holds part by part:
 dS_ij = P_ij (dO_i . v_j - Delta_i + g_i), dq_i = scale sum_j dS_ij k_j, dk_j = scale sum_i dS_ij q_i,
 dv_j = sum_i P_ij dO_i. The launches mirror the forward (exact part, then one per level); each
-program recomputes P for its query tile from the final lse and accumulates dq in registers. The
-exact part's dk / dv come from a key-major pass (no atomics: its keys are the bulk of a causal
-row's work); the rectangles add their dk / dv contributions with float32 atomics (their keys are
-shared by blocks, samples and the heads of a GQA group).
+program recomputes P from the final lse. The exact part runs row-major for dq and key-major for
+dk / dv (no atomics: its keys are the bulk of a causal row's work), both unmasked inside the rows'
+ranges. Each level's blocks run key-major too: a key lies in one block per level, so its dk / dv
+are summed in registers and added once, and dq goes out with atomics (a block has few key tiles).
+Its samples run row-major: dq in registers, dk / dv with float32 atomics (the samples are shared by
+every block of the rectangle and the heads of a GQA group).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .pattern import HyperPattern
-from .triton_attention import (TILES_BWD, TILES_BWD_DKDV, TILES_BWD_DQ, _block_rows, _key_span, _offset_index, _tiles,
+from .triton_attention import (TILES_BWD, TILES_BWD_BLOCKS, TILES_BWD_DKDV, TILES_BWD_DQ, _block_rows, _key_span, _offset_index, _tiles,
                                level_grid, level_indices, needs_wide_offsets)
 from .triton_hash import HAVE_TRITON
 
@@ -219,6 +221,70 @@ if HAVE_TRITON:
         tl.store(DK + bkh * Sk * D + k_off * D + d[None, :], dk * scale, mask=kvalid[:, None] & (d[None, :] < D))
         tl.store(DV_ + bkh * Sk * DV + k_off * DV + dv[None, :], dvacc, mask=kvalid[:, None] & (dv[None, :] < DV))
 
+    @triton.jit(do_not_specialize=["Hq", "Hkv", "group", "Sq", "Sk", "sinks", "block_size", "key_tiles", "q_tiles",
+                                   "n_rects", "nbq"])
+    def _blocks_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, LO, HI, QORD, QSTART, KORD, RECTS,
+                           sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
+                           Hq, Hkv, group, Sq, Sk, sinks, block_size, key_tiles, q_tiles, n_rects, nbq,
+                           scale_log2, scale,
+                           D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+                           WIDE: tl.constexpr, LOCAL: tl.constexpr):
+        """One level's blocks, key-major: a program owns a tile of BLOCK_N keys of one block (sorted key
+        ranks) and walks the matching query block's rows for every query head of the group. dk / dv stay in
+        registers and are added to DK / DV once at the end (a key is in one block per level and one
+        program per launch holds it, so no atomics); dq contributions go out with atomics (a block has
+        few key tiles, so few per row)."""
+        pid = tl.program_id(0)
+        r = tl.program_id(1)
+        bkh = tl.program_id(2).to(tl.int64)
+        b = bkh // Hkv
+        kh = bkh % Hkv
+        ks = tl.load(RECTS + r * 4 + 2)
+        kl = tl.load(RECTS + r * 4 + 3)
+        nb = (kl + block_size - 1) // block_size
+        blk = pid // key_tiles
+        pos = ks + (blk * kl) // nb + (pid % key_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        kvalid = pos < (ks + ((blk + 1) * kl) // nb) * (blk < nb).to(tl.int32)  # none past the last block
+        kidx = tl.load(KORD + bkh * Sk + pos, mask=kvalid, other=0)
+        d = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        k_off = _offset_index(kidx, WIDE)[:, None]
+        k = tl.load(K + b * skb + kh * skh + k_off * sks + d[None, :], mask=kvalid[:, None] & (d[None, :] < D),
+                    other=0.0)
+        v = tl.load(V + b * svb + kh * svh + k_off * svs + dv[None, :], mask=kvalid[:, None] & (dv[None, :] < DV),
+                    other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+        for g in range(0, group):
+            h = kh * group + g
+            bh = b * Hq + h
+            for t in range(0, q_tiles):
+                rows, row_ok, active = _block_rows(QORD, QSTART, RECTS, bh, r, blk, t, nb, Sq, n_rects, nbq, BLOCK_M,
+                                                   LOCAL)
+                q, do, lse2, delta = _load_rows(Q, DO, LSE, DELTA, b, h, bh, rows, row_ok, sqb, sqh, sqs, Sq,
+                                                D, DV, BLOCK_D, BLOCK_DV, WIDE)
+                lo = tl.load(LO + rows, mask=row_ok, other=0)
+                hi = tl.load(HI + rows, mask=row_ok, other=0)
+                # (BN, BM): the block's keys, less each row's exact keys (counted by the exact part)
+                exact = (kidx[:, None] < sinks) | ((kidx[:, None] >= lo[None, :]) & (kidx[:, None] < hi[None, :]))
+                keep = kvalid[:, None] & row_ok[None, :] & ~exact
+                s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
+                p = tl.where(keep, tl.exp2(s - lse2[None, :]), 0.0)
+                dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+                ds = p * (dp - delta[None, :])
+                dvacc += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
+                dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
+                dq_part = tl.dot(tl.trans(ds.to(k.dtype)), k, input_precision=PRECISION) * scale
+                tl.atomic_add(DQ + bh * Sq * D + _offset_index(rows, WIDE)[:, None] * D + d[None, :], dq_part,
+                              mask=row_ok[:, None] & (d[None, :] < D), sem="relaxed")
+        dk_ptr = DK + bkh * Sk * D + k_off * D + d[None, :]
+        dv_ptr = DV_ + bkh * Sk * DV + k_off * DV + dv[None, :]
+        dk_mask = kvalid[:, None] & (d[None, :] < D)
+        dv_mask = kvalid[:, None] & (dv[None, :] < DV)
+        tl.store(dk_ptr, tl.load(dk_ptr, mask=dk_mask, other=0.0) + dk * scale, mask=dk_mask)
+        tl.store(dv_ptr, tl.load(dv_ptr, mask=dv_mask, other=0.0) + dvacc, mask=dv_mask)
+
     @triton.jit(do_not_specialize=["Hq", "Hkv", "group", "Sq", "Sk", "sinks", "n_samples", "block_size",
                                    "tiles_per_block", "n_rects", "nbq"])
     def _rectangles_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, LO, HI, QORD, QSTART, KORD, SAMP, SBLK, SLW,
@@ -228,13 +294,14 @@ if HAVE_TRITON:
                                D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
                                WIDE: tl.constexpr, LOCAL: tl.constexpr):
+        """One level's samples, row-major (a tile of one block's sorted query rows): dq added to DQ's rows
+        (one program per row, no race), dk / dv with atomics. KORD is unused (the blocks' kernel reads it)."""
         pid = tl.program_id(0)
         r = tl.program_id(1)
         bh = tl.program_id(2).to(tl.int64)
         b = bh // Hq
         h = bh % Hq
         kh = h // group
-        ks = tl.load(RECTS + r * 4 + 2)
         kl = tl.load(RECTS + r * 4 + 3)
         nb = (kl + block_size - 1) // block_size
         blk = pid // tiles_per_block
@@ -250,16 +317,6 @@ if HAVE_TRITON:
         dv_base = DV_ + (b * Hkv + kh) * Sk * DV
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         cols = tl.arange(0, BLOCK_N)
-        k_lo = ks + (blk * kl) // nb
-        k_hi = k_lo + (ks + ((blk + 1) * kl) // nb - k_lo) * active
-        kord = KORD + (b * Hkv + kh) * Sk
-        for start in range(k_lo, k_hi, BLOCK_N):
-            pos = start + cols
-            kvalid = pos < k_hi
-            kidx = tl.load(kord + pos, mask=kvalid, other=0)
-            keep = row_ok[:, None] & kvalid[None, :] & ~_excluded(kidx, lo, hi, sinks)
-            dq = _grad_step(q, do, lse2, delta, dq, k_base, v_base, dk_base, dv_base, kidx, kvalid, keep, 0.0,
-                            sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE)
         n_s = n_samples * active
         samp = ((b * Hkv + kh) * n_rects + r) * n_samples
         for start in range(0, n_s, BLOCK_N):
@@ -316,6 +373,16 @@ def hyper_backward_triton(q, k, v, out, lse, grad_out, grad_lse, pattern: HyperP
            q, k, v, do, lse, delta, dk, dv, lo, hi, *exact_rows_by_key_tile(pattern, Sq, Sk, block_n, causal),
            *strides, Hq, Hkv, group, Sq, Sk, pattern.sinks, scale_log2, float(scale), CAUSAL=bool(causal))
     for level in pattern.levels:
+        # the blocks key-major (dk / dv without atomics), then the samples row-major
+        block_m, block_n = _tiles(D, Dv, TILES_BWD_BLOCKS)[:2]
+        grid, q_tiles, nbq = level_grid(level, pattern.block_size, block_m, B * Hq)
+        key_tiles = triton.cdiv(pattern.block_size, block_n)
+        q_order, q_start, k_order, *_, rects = level_indices(level)
+        launch(_blocks_bwd_kernel, lambda bm, bn: (grid[0] // q_tiles * key_tiles, grid[1], B * Hkv), TILES_BWD_BLOCKS,
+               q, k, v, do, lse, delta, dq, dk, dv, lo, hi, q_order, q_start, k_order, rects, *strides, Hq, Hkv, group,
+               Sq, Sk,
+               pattern.sinks, pattern.block_size, key_tiles, q_tiles, len(level.rect_list), nbq, scale_log2,
+               float(scale), LOCAL=level.q_start is not None)
         block_m = _tiles(D, Dv, TILES_BWD)[0]
         grid, tiles_per_block, nbq = level_grid(level, pattern.block_size, block_m, B * Hq)
         m = level.samples.shape[-1]
