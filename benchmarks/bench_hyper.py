@@ -48,6 +48,8 @@ EXACT_CANDIDATES = [(64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 128,
 DKDV_CANDIDATES = [(32, 128, 4, 2), (32, 128, 8, 2), (32, 128, 8, 1), (64, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2),
                    (64, 64, 8, 2), (64, 32, 8, 1), (32, 32, 8, 1)]
 DQ_CANDIDATES = [(128, 32, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 32, 8, 1)]
+BLOCKS_CANDIDATES = [(32, 128, 8, 1), (64, 64, 8, 1), (64, 32, 8, 1), (32, 64, 8, 1), (32, 64, 4, 2), (64, 64, 4, 2),
+                     (32, 32, 8, 1)]
 BWD_RECT_CANDIDATES = [(128, 32, 8, 1), (64, 32, 8, 1), (32, 32, 8, 1), (64, 64, 8, 1), (64, 32, 8, 2), (64, 32, 4, 2),
                        (128, 32, 4, 2)]
 SDPA = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
@@ -165,7 +167,9 @@ def main():
                     help="time forward tile candidates at 32K first, keep the best")
     ap.add_argument("--sweep-window-tiles", action="store_true",
                     help="the non-causal exact part's tiles (sinks + window), timed non-causal at 131K")
-    ap.add_argument("--sweep-bwd-tiles", action="store_true", help="the same for the backward's tiles")
+    ap.add_argument("--sweep-bwd-tiles", nargs="?", const="dkdv,dq,blocks,samples", default="",
+                    help="the backward's tiles, timed causal forward+backward at 32K: the tables named (default all "
+                         "of dkdv,dq,blocks,samples)")
     ap.add_argument("--sweep-hash", action="store_true",
                     help="time the LSH kernel's tile candidates at 131K, keep the best")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -229,13 +233,15 @@ def main():
                          lambda ms: {"rows_unlike_ieee": int((lsh_rank_triton(x, planes, 1) != want).sum()),
                                      "gb_per_s": x.numel() * 2 / ms / 1e6})
     if args.sweep_bwd_tiles and not args.no_backward:
+        tables = {"dkdv": (triton_attention.TILES_BWD_DKDV, DKDV_CANDIDATES),  # the exact part's, key-major
+                  "dq": (triton_attention.TILES_BWD_DQ, DQ_CANDIDATES),  # the exact part's, row-major
+                  "blocks": (triton_attention.TILES_BWD_BLOCKS, BLOCKS_CANDIDATES),  # key-major, dq atomics
+                  "samples": (triton_attention.TILES_BWD, BWD_RECT_CANDIDATES)}  # row-major, dk / dv atomics
         for h, d in shapes:
-            # the exact part's dk / dv (key-major), its dq (row-major), then the rectangles (atomics)
-            for table, kind, candidates in ((triton_attention.TILES_BWD_DKDV, "tiles_bwd_dkdv", DKDV_CANDIDATES),
-                                            (triton_attention.TILES_BWD_DQ, "tiles_bwd_dq", DQ_CANDIDATES),
-                                            (triton_attention.TILES_BWD, "tiles_bwd", BWD_RECT_CANDIDATES)):
-                keep_fastest(records, dict(kind=kind, h=h, d=d, timed="causal forward+backward at 32K"), candidates,
-                             lambda c, table=table: table.__setitem__(max(64, d), c),
+            for name in args.sweep_bwd_tiles.split(","):
+                table, candidates = tables[name]
+                keep_fastest(records, dict(kind=f"tiles_bwd_{name}", h=h, d=d, timed="causal forward+backward at 32K"),
+                             candidates, lambda c, table=table: table.__setitem__(max(64, d), c),
                              lambda: bench(runners(h, d, 32768, True, True)["hyper"][0]))
 
     rows = []
@@ -256,7 +262,8 @@ def main():
                                "tiles_window": list(triton_attention._tiles(d, d, triton_attention.TILES_WINDOW)),
                                "tiles_bwd": list(triton_attention._tiles(d, d, triton_attention.TILES_BWD)),
                                "tiles_bwd_dq": list(triton_attention._tiles(d, d, triton_attention.TILES_BWD_DQ)),
-                               "tiles_bwd_dkdv": list(triton_attention._tiles(d, d, triton_attention.TILES_BWD_DKDV))}
+                               "tiles_bwd_dkdv": list(triton_attention._tiles(d, d, triton_attention.TILES_BWD_DKDV)),
+                               "tiles_bwd_blocks": list(triton_attention._tiles(d, d, triton_attention.TILES_BWD_BLOCKS))}
                         try:
                             res = (fwd or fn)()
                             if not torch.isfinite(res).all():

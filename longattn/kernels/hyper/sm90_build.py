@@ -65,7 +65,7 @@ def main():
                 ("backward rectangles local", bwd._rectangles_bwd_kernel, b_tiles, True, {})):
             use = build(kernel, tiles, head_dim, True, local, **flags)
             # a tile the GPU measured fastest although it spills (triton_attention.TILES' comment)
-            kept = " measured-fastest" if kernel is fwd._rectangles_kernel and tiles in fwd.SPILLING_BY_CHOICE else ""
+            kept = " measured-fastest" if tiles in fwd.SPILLING_BY_CHOICE else ""
             print(f"{name} d{head_dim} tiles={tiles} REG={use['REG']}{kept} STACK={use['STACK']}", flush=True)
 
 

@@ -286,33 +286,48 @@ if HAVE_TRITON:
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by largest head size; not autotuned because the
 # rectangle kernel updates its output in place (a tuning rerun would merge twice). The benchmark
-# sweeps candidates by assigning TILES / TILES_EXACT.
-# d64: swept on an H200 (triton 3.6, bf16, both causal modes at 32K, 2026-11-30; benchmarks/results/
-# 2026-11-30-h200-hyper-sweep.md): rectangles 128x64 at 4 warps 6.70 ms, 64x32 at 4 warps 7.40, 64x64 at
-# 8 warps 8.59 (16.1 before the mask rewrite). Triton 3.9 builds 128x64 with 664 bytes of register spills
-# (sm90_build), so newer Tritons take the best spill-free candidate. Larger heads: chosen without a GPU
-# run, the largest tiles whose sm_90 build spills no registers.
+# sweeps candidates by assigning to these tables (bench_hyper.py --sweep-*).
+# The GPU image's Triton (3.6) was measured on an H200; Triton 3.9 builds several of those tiles with
+# register spills (sm90_build), so newer Tritons take the best candidate that builds without them.
 _OLD_TRITON = triton_older_than(3, 7)
-TILES = {64: (128, 64, 4, 2) if _OLD_TRITON else (64, 32, 4, 2), 128: (64, 32, 8, 1), 256: (32, 32, 8, 1)}
-# rectangle tiles kept although their sm_90 build spills (measured fastest on triton 3.6 all the same)
-SPILLING_BY_CHOICE = [(128, 64, 4, 2)] if _OLD_TRITON else []
-# the exact part (sinks, window, causal leaves): contiguous keys, a flash-style loop
-TILES_EXACT = {64: (64, 64, 4, 3), 128: (64, 32, 8, 1), 256: (32, 32, 8, 1)}
+SPILLING_BY_CHOICE = set()  # tiles kept although their sm_90 build spills: measured fastest on triton 3.6
+
+
+def _measured(fastest, spill_free):
+    if _OLD_TRITON:
+        SPILLING_BY_CHOICE.add(fastest)
+        return fastest
+    return spill_free
+
+
+# Rectangles. d64: both causal modes at 32K (results/2026-11-30-h200-hyper-sweep.md): 128x64 at 4 warps
+# 6.70 ms, 64x32 at 4 warps 7.40, 64x64 at 8 warps 8.59. d128 (results/2026-12-01-h200-hyper-bwd-sweep.md):
+# 128x32 at 4 warps 8.82 ms, 64x64 9.21, 64x32 9.72.
+TILES = {64: _measured((128, 64, 4, 2), (64, 32, 4, 2)), 128: _measured((128, 32, 4, 2), (64, 32, 8, 1)),
+         256: (32, 32, 8, 1)}
+# the exact part (sinks, window, causal leaves): contiguous keys, a flash-style loop. d128: 64x64 at
+# 4 warps x 2 stages 7.02 ms, 128x64 7.43, 64x64 x 3 stages 7.46, 64x128 7.51 (same files)
+TILES_EXACT = {64: (64, 64, 4, 3), 128: _measured((64, 64, 4, 2), (64, 32, 8, 1)), 256: (32, 32, 8, 1)}
 # the non-causal exact part: sinks and a window around each row, no leaves (a tile of BLOCK_M rows reads the
 # sinks and BLOCK_M + window keys, so taller tiles waste more). d64 swept on an H200 (triton 3.6, non-causal
 # forward at 131K, results/2026-12-01-h200-hyper-window-tiles.md): 64x32 at 4 warps x 3 stages 7.98 ms,
 # 64x64 x 3 stages (the causal choice) 8.21, 128-row tiles 8.45-9.82
 TILES_WINDOW = {**TILES_EXACT, 64: (64, 32, 4, 3)}
-# backward, rectangles: every program adds its dk / dv contributions with atomics, so taller query tiles
-# mean fewer atomics on the shared sample keys
-TILES_BWD = {64: (128, 32, 8, 1), 128: (32, 32, 8, 1), 256: (16, 32, 8, 1)}
-# backward, exact part: dq row-major (a query tile streams key tiles), dk / dv key-major (a key tile,
-# BLOCK_N, stays while query tiles, BLOCK_M, stream past); the flash backward's default shapes
-# backward, the rectangles' blocks: key-major (a tile of BLOCK_N keys of a block stays, the block's query
-# tiles of BLOCK_M rows stream past)
-TILES_BWD_BLOCKS = {64: (32, 128, 8, 1), 128: (64, 32, 8, 1), 256: (16, 32, 8, 1)}
-TILES_BWD_DQ = {64: (128, 32, 8, 2), 128: (64, 32, 8, 1), 256: (32, 32, 8, 1)}
-TILES_BWD_DKDV = {64: (32, 128, 8, 1), 128: (64, 32, 8, 1), 256: (16, 32, 8, 1)}
+# Backward, timed as causal forward+backward at 32K (results/2026-12-01-h200-hyper-bwd-sweep.md).
+# The exact part: dk / dv key-major (a key tile of BLOCK_N stays while row tiles of BLOCK_M stream past):
+# d64 64x64 at 4 warps 18.20 ms (32x32 at 8 warps 33.89), d128 32x64 at 4 warps 30.24 (32x32 41.32);
+# dq row-major: d64 64x32 at 4 warps 17.86 (64x64 17.64 spills on 3.9), d128 64x32 at 4 warps 25.81
+# (64x32 at 8 warps 30.22).
+TILES_BWD_DKDV = {64: _measured((64, 64, 4, 2), (32, 128, 8, 1)), 128: _measured((32, 64, 4, 2), (64, 32, 8, 1)),
+                  256: (16, 32, 8, 1)}
+TILES_BWD_DQ = {64: (64, 32, 4, 2), 128: _measured((64, 32, 4, 2), (64, 32, 8, 1)), 256: (32, 32, 8, 1)}
+# The rectangles' blocks: key-major (a tile of BLOCK_N keys of a block stays, the block's query tiles of
+# BLOCK_M rows stream past), dq by atomics
+TILES_BWD_BLOCKS = {64: (32, 64, 8, 1), 128: (32, 32, 8, 1), 256: (16, 32, 8, 1)}
+# The rectangles' samples: row-major, dk / dv by atomics, so taller query tiles mean fewer atomics on the
+# shared sample keys
+TILES_BWD = {64: _measured((128, 32, 4, 2), (128, 32, 8, 1)), 128: _measured((128, 32, 8, 1), (32, 32, 8, 1)),
+             256: (16, 32, 8, 1)}
 
 
 def _tiles(head_dim, dv, table=None):
