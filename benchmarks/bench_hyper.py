@@ -276,17 +276,23 @@ def main():
                         records.append(rec)
                         rows.append(rec)
                         print(json.dumps(rec), flush=True)
+                        save(records, rows, env, args.out_dir, name)
 
-    stamp = datetime.date.today().isoformat()
-    base = os.path.join(args.out_dir, f"{stamp}-{device_slug(name)}-hyper")
-    os.makedirs(args.out_dir, exist_ok=True)
+    print(save(records, rows, env, args.out_dir, name))
+
+
+def save(records, rows, env, out_dir, device_name):
+    """Write <date>-<device>-hyper.jsonl and .md (called after every timing, so a run cut short by a time
+    limit keeps what it measured); returns the table."""
+    base = os.path.join(out_dir, f"{datetime.date.today().isoformat()}-{device_slug(device_name)}-hyper")
+    os.makedirs(out_dir, exist_ok=True)
     with open(base + ".jsonl", "w") as f:
         for rec in records:
             f.write(json.dumps(rec) + "\n")
     table = format_table(rows, env, [r for r in records if r["kind"] in ("check", "check_backward")])
     with open(base + ".md", "w") as f:
         f.write(table)
-    print(table)
+    return table
 
 
 def format_table(rows, env, checks):

@@ -202,6 +202,32 @@ def test_fused_decode_continues_a_state_built_by_the_pytorch_step():
     assert _rel(fast, slow) < 1e-5
 
 
+@pytest.mark.parametrize("heads,window,beta", [((4, 2), 3, None), ((6, 2), 70, 0.25), ((2, 2), 1, None)])
+def test_fused_decode_moves_a_full_window_along_itself_and_keeps_the_reference_state(heads, window, beta):
+    """In steady state the kernel attends to the old window's rows 1..W-1 and the new key, folds row 0, and
+    the group's programs write the next window (each a share, W = 70 spanning two 64-row chunks): output
+    and every state tensor equal the PyTorch step's."""
+    from longattn.kernels.linear import linear_attention_step, linear_attention_step_reference
+    s = window + 9
+    q, k, v = torch.randn(1, heads[0], s, 8), torch.randn(1, heads[1], s, 8), torch.randn(1, heads[1], s, 6)
+    opts = dict(feature_map="elu", sink_tokens=2, local_window=window, beta=beta)
+    with torch.no_grad():
+        _, state = linear_attention_step_reference(q[:, :, :window + 2], k[:, :, :window + 2], v[:, :, :window + 2],
+                                                   None, **opts)
+        fast_state = slow_state = state
+        for t in range(window + 2, s):
+            fast, fast_state = linear_attention_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], fast_state,
+                                                     **opts)
+            slow, slow_state = linear_attention_step_reference(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
+                                                               slow_state, **opts)
+            assert _rel(fast, slow) < 1e-5
+    assert fast_state.position == slow_state.position
+    for name in ("far", "sink_k", "sink_v", "window_k", "window_v", "window_beta"):
+        a, b = getattr(fast_state, name), getattr(slow_state, name)
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("causal,sq,sk,sinks,window", [
     (True, 70, 70, 3, 5), (True, 20, 90, 2, 200), (True, 90, 40, 100, 0), (True, 1, 33, 0, 7),
     (False, 20, 90, 3, 5), (False, 70, 70, 0, 70)])

@@ -15,7 +15,7 @@ import torch
 
 from .decode import LinearAttentionState
 from .feature_maps import feature_dtype
-from .reference import beta_per_key, check_options, far_scale_per_head
+from .reference import DEFAULT_BETA, beta_per_key, check_options, far_scale_per_head
 from .triton_additive import FUSED_MAPS
 
 try:
@@ -48,11 +48,40 @@ if triton is not None:
         return m, l, acc
 
     @triton.jit
-    def _decode_kernel(Q, FAR_IN, FAR_OUT, KOLD, VOLD, SK, SV, WK, WV, CFAR, O, Hq, G, n_sink, n_win, D, Dv, W,
-                       scale, eps, c_all, FMAP: tl.constexpr, HAS_FAR: tl.constexpr, FOLD: tl.constexpr,
-                       NORMALIZE: tl.constexpr, PER_HEAD_C: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                       BN: tl.constexpr):
-        """c_all: the far part's factor when it is one number (PER_HEAD_C False), else CFAR (Hq,) holds it."""
+    def _shift_window(WK, WV, WB, KNEW, VNEW, WK_OUT, WV_OUT, WB_OUT, bkv, part, parts, n_win, D, Dv, beta_new,
+                      offs_d, offs_v, BN: tl.constexpr):
+        """Rows [part·⌈W/parts⌉, …) of the key head's next window: old rows 1..W−1, then the new key."""
+        per = (n_win + parts - 1) // parts
+        lo = part * per
+        hi = tl.minimum(lo + per, n_win)
+        base_k = bkv.to(tl.int64) * n_win * D
+        base_v = bkv.to(tl.int64) * n_win * Dv
+        k_new = tl.load(KNEW + bkv.to(tl.int64) * D + offs_d, mask=offs_d < D, other=0.0).to(WK_OUT.dtype.element_ty)
+        v_new = tl.load(VNEW + bkv.to(tl.int64) * Dv + offs_v, mask=offs_v < Dv, other=0.0).to(WV_OUT.dtype.element_ty)
+        for r0 in range(lo, hi, BN):
+            rows = r0 + tl.arange(0, BN)
+            ok = rows < hi
+            old = ok & (rows + 1 < n_win)
+            last = (rows == n_win - 1)[:, None]
+            kd = ok[:, None] & (offs_d[None, :] < D)
+            vd = ok[:, None] & (offs_v[None, :] < Dv)
+            ko = tl.load(WK + base_k + (rows[:, None] + 1) * D + offs_d[None, :], mask=old[:, None] & kd, other=0.0)
+            vo = tl.load(WV + base_v + (rows[:, None] + 1) * Dv + offs_v[None, :], mask=old[:, None] & vd, other=0.0)
+            tl.store(WK_OUT + base_k + rows[:, None] * D + offs_d[None, :], tl.where(last, k_new[None, :], ko), mask=kd)
+            tl.store(WV_OUT + base_v + rows[:, None] * Dv + offs_v[None, :], tl.where(last, v_new[None, :], vo), mask=vd)
+            bo = tl.load(WB + bkv.to(tl.int64) * n_win + rows + 1, mask=old, other=0.0)
+            tl.store(WB_OUT + bkv.to(tl.int64) * n_win + rows, tl.where(rows == n_win - 1, beta_new, bo), mask=ok)
+
+    @triton.jit
+    def _decode_kernel(Q, FAR_IN, FAR_OUT, KOLD, VOLD, SK, SV, WK, WV, CFAR, O, WB, KNEW, VNEW, WK_OUT, WV_OUT, WB_OUT,
+                       Hq, G, n_sink, n_win, D, Dv, W, scale, eps, c_all, beta_new, FMAP: tl.constexpr,
+                       HAS_FAR: tl.constexpr, FOLD: tl.constexpr, NORMALIZE: tl.constexpr, PER_HEAD_C: tl.constexpr,
+                       SHIFT: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr):
+        """c_all: the far part's factor when it is one number (PER_HEAD_C False), else CFAR (Hq,) holds it.
+        SHIFT: the window WK / WV / WB is full and does not hold the new key KNEW / VNEW yet. The kernel
+        then moves it along itself: it attends to its rows 1..W−1 and the new key, folds row 0 (the
+        leaving key) into the far state, and the group's programs write the next window to WK_OUT /
+        WV_OUT / WB_OUT (a share each), so a steady-state step is this one launch."""
         bhq = tl.program_id(0)
         b, hq = bhq // Hq, bhq % Hq
         bkv = b * (Hq // G) + hq // G
@@ -67,8 +96,21 @@ if triton is not None:
         acc = tl.zeros((BDV,), dtype=tl.float32)
         m, l, acc = _exact_block(q, SK + bkv.to(tl.int64) * n_sink * D, SV + bkv.to(tl.int64) * n_sink * Dv, n_sink,
                                  tl.arange(0, BN), offs_d, offs_v, D, Dv, scale, m, l, acc, BN)
-        m, l, acc = _exact_block(q, WK + bkv.to(tl.int64) * n_win * D, WV + bkv.to(tl.int64) * n_win * Dv, n_win,
-                                 tl.arange(0, BN), offs_d, offs_v, D, Dv, scale, m, l, acc, BN)
+        if SHIFT:
+            m, l, acc = _exact_block(q, WK + (bkv.to(tl.int64) * n_win + 1) * D,
+                                     WV + (bkv.to(tl.int64) * n_win + 1) * Dv, n_win - 1,
+                                     tl.arange(0, BN), offs_d, offs_v, D, Dv, scale, m, l, acc, BN)
+            m, l, acc = _exact_block(q, KNEW + bkv.to(tl.int64) * D, VNEW + bkv.to(tl.int64) * Dv, 1,
+                                     tl.arange(0, BN), offs_d, offs_v, D, Dv, scale, m, l, acc, BN)
+            _shift_window(WK, WV, WB, KNEW, VNEW, WK_OUT, WV_OUT, WB_OUT, bkv, hq % G, G, n_win, D, Dv, beta_new,
+                          offs_d, offs_v, BN)
+            k_old_ptr = WK + bkv.to(tl.int64) * n_win * D
+            v_old_ptr = WV + bkv.to(tl.int64) * n_win * Dv
+        else:
+            m, l, acc = _exact_block(q, WK + bkv.to(tl.int64) * n_win * D, WV + bkv.to(tl.int64) * n_win * Dv, n_win,
+                                     tl.arange(0, BN), offs_d, offs_v, D, Dv, scale, m, l, acc, BN)
+            k_old_ptr = KOLD + bkv.to(tl.int64) * D
+            v_old_ptr = VOLD + bkv.to(tl.int64) * Dv
         num = tl.zeros((BDV,), dtype=tl.float32)
         den = tl.sum(tl.zeros((BDV,), dtype=tl.float32), 0)
         if HAS_FAR:  # far rows hold [Σφ(k)vᵀ | Σφ(k)], W = Dv (+ 1 when normalised) floats
@@ -78,9 +120,9 @@ if triton is not None:
             if NORMALIZE:
                 z = tl.load(FAR_IN + bkv.to(tl.int64) * D * W + offs_d * W + Dv, mask=mask_d, other=0.0)
             if FOLD:
-                ko = tl.load(KOLD + bkv.to(tl.int64) * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+                ko = tl.load(k_old_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
                 ko = tl.where(mask_d, _phi(ko, FMAP), 0.0)
-                vo = tl.load(VOLD + bkv.to(tl.int64) * Dv + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+                vo = tl.load(v_old_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
                 far = far + ko[:, None] * vo[None, :]
                 if NORMALIZE:
                     z = z + ko
@@ -134,13 +176,23 @@ def linear_attention_step_triton(q, k, v, state, *, scale=None, causal=True, fea
     per_head_c = not isinstance(c_value, (int, float))  # one number: a kernel argument, no tensor per step
     c = far_scale_per_head(feature_params, Hq, q.device, torch.float32).contiguous() if per_head_c else None
     width = Dv + int(normalize)
+    beta_value = DEFAULT_BETA if beta is None else beta
+    scalar_beta = isinstance(beta_value, (int, float)) and 0.0 <= beta_value <= 2.0
     outs = []
     for t in range(S):
         p = state.position
         sk, sv = state.sink_k, state.sink_v
         wk, wv, wb = state.window_k, state.window_v, state.window_beta
-        fold = False
-        if p >= sink_tokens and local_window == 0:
+        # steady state: a full window that the kernel moves along itself (one launch, no cache ops)
+        shift = local_window > 0 and p >= sink_tokens and wk.shape[2] == local_window and scalar_beta
+        k_new = v_new = wk_out = wv_out = wb_out = None
+        if shift:
+            fold = True
+            k_old = v_old = None
+            k_new, v_new = (x[:, :, t] if x[:, :, t].is_contiguous() else x[:, :, t].contiguous() for x in (k, v))
+            wk, wv, wb = (x if x.is_contiguous() else x.contiguous() for x in (wk, wv, wb))
+            wk_out, wv_out, wb_out = torch.empty_like(wk), torch.empty_like(wv), torch.empty_like(wb)
+        elif p >= sink_tokens and local_window == 0:
             # no window: the new key folds into the far state at once, read where it lies (the kernel converts)
             fold = True
             k_old, v_old = k[:, :, t], v[:, :, t]
@@ -164,16 +216,17 @@ def linear_attention_step_triton(q, k, v, state, *, scale=None, causal=True, fea
         far_out = torch.empty_like(far_in) if fold else far_in
         sk, sv, wk, wv = (x if x.is_contiguous() else x.contiguous() for x in (sk, sv, wk, wv))
         out = torch.empty(B, Hq, 1, Dv, dtype=q.dtype, device=q.device)
-        dummy = out
         qt = q[:, :, t:t + 1]
         _decode_kernel[(B * Hq,)](
-            qt if qt.is_contiguous() else qt.contiguous(), dummy if far_in is None else far_in,
-            dummy if far_out is None else far_out, dummy if k_old is None else k_old,
-            dummy if v_old is None else v_old, sk, sv, wk, wv, dummy if c is None else c, out,
+            qt if qt.is_contiguous() else qt.contiguous(), *(out if x is None else x for x in (
+                far_in, far_out, k_old, v_old, sk, sv, wk, wv, c, out, wb, k_new, v_new, wk_out, wv_out, wb_out)),
             Hq, G, sk.shape[2], wk.shape[2], D, Dv, width, scale, float(eps), 1.0 if per_head_c else float(c_value),
+            float(beta_value) if scalar_beta else 1.0,
             FMAP=FUSED_MAPS[feature_map], HAS_FAR=far_in is not None, FOLD=fold, NORMALIZE=normalize,
-            PER_HEAD_C=per_head_c, BD=max(16, triton.next_power_of_2(D)),
+            PER_HEAD_C=per_head_c, SHIFT=shift, BD=max(16, triton.next_power_of_2(D)),
             BDV=max(16, triton.next_power_of_2(Dv)), BN=64, num_warps=8 if D * Dv > 64 * 64 else 4)
         outs.append(out)
+        if shift:
+            wk, wv, wb = wk_out, wv_out, wb_out
         state = LinearAttentionState(p + 1, far_out, sk, sv, wk, wv, wb)
     return torch.cat(outs, dim=2) if S > 1 else outs[0], state
