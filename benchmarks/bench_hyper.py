@@ -238,9 +238,10 @@ def main():
                   "blocks": (triton_attention.TILES_BWD_BLOCKS, BLOCKS_CANDIDATES),  # key-major, dq atomics
                   "samples": (triton_attention.TILES_BWD, BWD_RECT_CANDIDATES)}  # row-major, dk / dv atomics
         for h, d in shapes:
-            for name in args.sweep_bwd_tiles.split(","):
-                table, candidates = tables[name]
-                keep_fastest(records, dict(kind=f"tiles_bwd_{name}", h=h, d=d, timed="causal forward+backward at 32K"),
+            for table_name in args.sweep_bwd_tiles.split(","):
+                table, candidates = tables[table_name]
+                keep_fastest(records, dict(kind=f"tiles_bwd_{table_name}", h=h, d=d,
+                                           timed="causal forward+backward at 32K"),
                              candidates, lambda c, table=table: table.__setitem__(max(64, d), c),
                              lambda: bench(runners(h, d, 32768, True, True)["hyper"][0]))
 

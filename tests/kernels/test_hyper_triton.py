@@ -82,6 +82,23 @@ def test_exact_part_backward_interior_tiles_run_unmasked_and_still_match(causal,
         torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("block_dq", ["rows", "atomic"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_blocks_dq_by_rows_or_by_atomics_gives_the_reference_gradients(monkeypatch, block_dq, causal):
+    from longattn.kernels.hyper import triton_backward
+    monkeypatch.setattr(triton_backward, "BLOCK_DQ", block_dq)
+    q, k, v = _qkv(hq=4, hkv=2, sq=45, sk=45, grad=True)
+    params = dict(SMALL, min_seq_len=16)
+    pattern = build_pattern(q, k, causal=causal, seed=4, **params)
+    out, lse = hyper_forward_triton(q.detach(), k.detach(), v.detach(), pattern, scale=0.3, causal=causal)
+    g, g_lse = torch.randn_like(out), torch.randn_like(lse)
+    got = hyper_backward_triton(q.detach(), k.detach(), v.detach(), out, lse, g, g_lse, pattern, scale=0.3,
+                                causal=causal)
+    ref, ref_lse = hyper_attention_from_pattern(q, k, v, pattern, scale=0.3, causal=causal)
+    for a, b in zip(got, torch.autograd.grad((ref, ref_lse), (q, k, v), (g, g_lse))):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("causal,sq,sk,window", [(True, 140, 140, 5), (True, 50, 83, 40), (False, 70, 70, 45),
                                                  (False, 33, 70, 0)])
 def test_key_tiles_interior_rows_hold_the_whole_tile_and_every_row_of_the_tile_is_walked(causal, sq, sk, window):

@@ -24,7 +24,8 @@ TYPES = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "O": "*fp32", 
 def build(kernel, tiles, head_dim, causal, local=False, **flags):
     block_m, block_n, warps, stages = tiles
     consts = dict(D=head_dim, DV=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim, BLOCK_DV=head_dim,
-                  PRECISION=None, WIDE=False, CAUSAL=causal, LOCAL=local)
+                  PRECISION=None, WIDE=False, CAUSAL=causal, LOCAL=local, DQ_ATOMIC=bwd.BLOCK_DQ == "atomic",
+                  BLOCK_DQ=bwd.BLOCK_DQ == "rows")
     consts.update(flags)
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
     sig = {n: "constexpr" if n in consts else TYPES.get(n, "i32") for n in kernel.arg_names}

@@ -322,10 +322,13 @@ TILES_BWD_DKDV = {64: _measured((64, 64, 4, 2), (32, 128, 8, 1)), 128: _measured
                   256: (16, 32, 8, 1)}
 TILES_BWD_DQ = {64: (64, 32, 4, 2), 128: _measured((64, 32, 4, 2), (64, 32, 8, 1)), 256: (32, 32, 8, 1)}
 # The rectangles' blocks: key-major (a tile of BLOCK_N keys of a block stays, the block's query tiles of
-# BLOCK_M rows stream past), dq by atomics
-TILES_BWD_BLOCKS = {64: (32, 64, 8, 1), 128: (32, 32, 8, 1), 256: (16, 32, 8, 1)}
+# BLOCK_M rows stream past): d64 64x64 at 4 warps 17.51 ms (32x128 at 8 warps 18.43, 32x32 25.62), d128 32x64
+# at 4 warps 15.75 (32x128 at 8 warps 16.07, 32x32 19.89); results/2026-12-01-h200-hyper-bwd-sweep2.md
+TILES_BWD_BLOCKS = {64: _measured((64, 64, 4, 2), (32, 64, 8, 1)), 128: _measured((32, 64, 4, 2), (32, 32, 8, 1)),
+                    256: (16, 32, 8, 1)}
 # The rectangles' samples: row-major, dk / dv by atomics, so taller query tiles mean fewer atomics on the
-# shared sample keys
+# shared sample keys: d64 128x32 at 4 warps 17.49 (64x32 18.05), d128 128x32 at 8 warps 15.76 (64x32 at
+# 4 warps 15.92, 32x32 18.91) (same file)
 TILES_BWD = {64: _measured((128, 32, 4, 2), (128, 32, 8, 1)), 128: _measured((128, 32, 8, 1), (32, 32, 8, 1)),
              256: (16, 32, 8, 1)}
 

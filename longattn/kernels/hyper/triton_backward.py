@@ -14,6 +14,7 @@ every block of the rectangle and the heads of a GQA group).
 """
 from __future__ import annotations
 
+import os
 
 import torch
 
@@ -229,12 +230,12 @@ if HAVE_TRITON:
                            scale_log2, scale,
                            D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-                           WIDE: tl.constexpr, LOCAL: tl.constexpr):
+                           WIDE: tl.constexpr, LOCAL: tl.constexpr, DQ_ATOMIC: tl.constexpr):
         """One level's blocks, key-major: a program owns a tile of BLOCK_N keys of one block (sorted key
         ranks) and walks the matching query block's rows for every query head of the group. dk / dv stay in
         registers and are added to DK / DV once at the end (a key is in one block per level and one
-        program per launch holds it, so no atomics); dq contributions go out with atomics (a block has
-        few key tiles, so few per row)."""
+        program per launch holds it, so no atomics). DQ_ATOMIC: dq contributions go out with atomics;
+        otherwise the row-major kernel computes the blocks' dq (recomputing P, without atomics)."""
         pid = tl.program_id(0)
         r = tl.program_id(1)
         bkh = tl.program_id(2).to(tl.int64)
@@ -275,9 +276,10 @@ if HAVE_TRITON:
                 ds = p * (dp - delta[None, :])
                 dvacc += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
                 dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
-                dq_part = tl.dot(tl.trans(ds.to(k.dtype)), k, input_precision=PRECISION) * scale
-                tl.atomic_add(DQ + bh * Sq * D + _offset_index(rows, WIDE)[:, None] * D + d[None, :], dq_part,
-                              mask=row_ok[:, None] & (d[None, :] < D), sem="relaxed")
+                if DQ_ATOMIC:
+                    dq_part = tl.dot(tl.trans(ds.to(k.dtype)), k, input_precision=PRECISION) * scale
+                    tl.atomic_add(DQ + bh * Sq * D + _offset_index(rows, WIDE)[:, None] * D + d[None, :], dq_part,
+                                  mask=row_ok[:, None] & (d[None, :] < D), sem="relaxed")
         dk_ptr = DK + bkh * Sk * D + k_off * D + d[None, :]
         dv_ptr = DV_ + bkh * Sk * DV + k_off * DV + dv[None, :]
         dk_mask = kvalid[:, None] & (d[None, :] < D)
@@ -293,9 +295,10 @@ if HAVE_TRITON:
                                scale_log2, scale,
                                D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-                               WIDE: tl.constexpr, LOCAL: tl.constexpr):
+                               WIDE: tl.constexpr, LOCAL: tl.constexpr, BLOCK_DQ: tl.constexpr):
         """One level's samples, row-major (a tile of one block's sorted query rows): dq added to DQ's rows
-        (one program per row, no race), dk / dv with atomics. KORD is unused (the blocks' kernel reads it)."""
+        (one program per row, no race), dk / dv with atomics. BLOCK_DQ: the block's keys' share of dq too
+        (their dk / dv come from the key-major blocks' kernel)."""
         pid = tl.program_id(0)
         r = tl.program_id(1)
         bh = tl.program_id(2).to(tl.int64)
@@ -317,6 +320,18 @@ if HAVE_TRITON:
         dv_base = DV_ + (b * Hkv + kh) * Sk * DV
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         cols = tl.arange(0, BLOCK_N)
+        if BLOCK_DQ:
+            ks = tl.load(RECTS + r * 4 + 2)
+            k_lo = ks + (blk * kl) // nb
+            k_hi = k_lo + (ks + ((blk + 1) * kl) // nb - k_lo) * active
+            kord = KORD + (b * Hkv + kh) * Sk
+            for start in range(k_lo, k_hi, BLOCK_N):
+                pos = start + cols
+                kvalid = pos < k_hi
+                kidx = tl.load(kord + pos, mask=kvalid, other=0)
+                keep = row_ok[:, None] & kvalid[None, :] & ~_excluded(kidx, lo, hi, sinks)
+                dq = _grad_step(q, do, lse2, delta, dq, k_base, v_base, dk_base, dv_base, kidx, kvalid, keep, 0.0,
+                                sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE, False)
         n_s = n_samples * active
         samp = ((b * Hkv + kh) * n_rects + r) * n_samples
         for start in range(0, n_s, BLOCK_N):
@@ -333,6 +348,13 @@ if HAVE_TRITON:
         dq_ptr = DQ + bh * Sq * D + _offset_index(rows, WIDE)[:, None] * D + d[None, :]
         dq_mask = row_ok[:, None] & (d[None, :] < D)
         tl.store(dq_ptr, tl.load(dq_ptr, mask=dq_mask, other=0.0) + dq * scale, mask=dq_mask)
+
+
+# the blocks' dq: "rows" recomputes P row-major in the samples' kernel (no atomics), "atomic" adds it from the
+# key-major kernel (one pass, float32 atomics); kept switchable for the benchmark's comparison
+BLOCK_DQ = os.environ.get("LONGATTN_HYPER_BLOCK_DQ", "rows")
+if BLOCK_DQ not in ("rows", "atomic"):
+    raise ValueError(f"LONGATTN_HYPER_BLOCK_DQ must be 'rows' or 'atomic', got {BLOCK_DQ!r}")
 
 
 def hyper_backward_triton(q, k, v, out, lse, grad_out, grad_lse, pattern: HyperPattern, *, scale, causal):
@@ -382,14 +404,14 @@ def hyper_backward_triton(q, k, v, out, lse, grad_out, grad_lse, pattern: HyperP
                q, k, v, do, lse, delta, dq, dk, dv, lo, hi, q_order, q_start, k_order, rects, *strides, Hq, Hkv, group,
                Sq, Sk,
                pattern.sinks, pattern.block_size, key_tiles, q_tiles, len(level.rect_list), nbq, scale_log2,
-               float(scale), LOCAL=level.q_start is not None)
+               float(scale), LOCAL=level.q_start is not None, DQ_ATOMIC=BLOCK_DQ == "atomic")
         block_m = _tiles(D, Dv, TILES_BWD)[0]
         grid, tiles_per_block, nbq = level_grid(level, pattern.block_size, block_m, B * Hq)
         m = level.samples.shape[-1]
         launch(_rectangles_bwd_kernel, lambda bm, bn: grid, TILES_BWD,
                q, k, v, do, lse, delta, dq, dk, dv, lo, hi, *level_indices(level), *strides, Hq, Hkv, group, Sq, Sk,
                pattern.sinks, m, pattern.block_size, tiles_per_block, len(level.rect_list), nbq, scale_log2,
-               float(scale), LOCAL=level.q_start is not None)
+               float(scale), LOCAL=level.q_start is not None, BLOCK_DQ=BLOCK_DQ == "rows")
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
