@@ -70,8 +70,13 @@ def test_exact_part_backward_interior_tiles_run_unmasked_and_still_match(causal,
     """The backward's exact part skips masks on the same interiors: row-major for dq, and key-major for
     dk / dv (row tiles whose ranges hold the whole key tile)."""
     q, k, v = _qkv(sq=sq, sk=sk, grad=True)
-    params = dict(SMALL, min_seq_len=80, local_window=window)
-    pattern = build_pattern(q, k, causal=causal, seed=2, **params)
+    pattern = build_pattern(q, k, causal=causal, seed=2, **dict(SMALL, min_seq_len=80, local_window=window))
+    _assert_backward_kernels_match_reference(q, k, v, pattern, causal)
+
+
+def _assert_backward_kernels_match_reference(q, k, v, pattern, causal):
+    """The Triton backward of the Triton forward's (out, lse), for random output and lse gradients, equals the
+    reference's autograd gradients on the same pattern."""
     out, lse = hyper_forward_triton(q.detach(), k.detach(), v.detach(), pattern, scale=0.3, causal=causal)
     g, g_lse = torch.randn_like(out), torch.randn_like(lse)
     got = hyper_backward_triton(q.detach(), k.detach(), v.detach(), out, lse, g, g_lse, pattern, scale=0.3,
@@ -88,15 +93,8 @@ def test_blocks_dq_by_rows_or_by_atomics_gives_the_reference_gradients(monkeypat
     from longattn.kernels.hyper import triton_backward
     monkeypatch.setattr(triton_backward, "BLOCK_DQ", block_dq)
     q, k, v = _qkv(hq=4, hkv=2, sq=45, sk=45, grad=True)
-    params = dict(SMALL, min_seq_len=16)
-    pattern = build_pattern(q, k, causal=causal, seed=4, **params)
-    out, lse = hyper_forward_triton(q.detach(), k.detach(), v.detach(), pattern, scale=0.3, causal=causal)
-    g, g_lse = torch.randn_like(out), torch.randn_like(lse)
-    got = hyper_backward_triton(q.detach(), k.detach(), v.detach(), out, lse, g, g_lse, pattern, scale=0.3,
-                                causal=causal)
-    ref, ref_lse = hyper_attention_from_pattern(q, k, v, pattern, scale=0.3, causal=causal)
-    for a, b in zip(got, torch.autograd.grad((ref, ref_lse), (q, k, v), (g, g_lse))):
-        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    pattern = build_pattern(q, k, causal=causal, seed=4, **dict(SMALL, min_seq_len=16))
+    _assert_backward_kernels_match_reference(q, k, v, pattern, causal)
 
 
 @pytest.mark.parametrize("causal,sq,sk,window", [(True, 140, 140, 5), (True, 50, 83, 40), (False, 70, 70, 45),

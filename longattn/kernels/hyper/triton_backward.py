@@ -91,6 +91,20 @@ if HAVE_TRITON:
                           sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE, False)
 
     @triton.jit
+    def _key_tile(K, V, b, kh, kidx, kvalid, skb, skh, sks, svb, svh, svs, D: tl.constexpr, DV: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, WIDE: tl.constexpr):
+        """A key-major program's start: row offsets (BN, 1) of keys kidx in key head kh, their keys (BN, D) and
+        values (BN, Dv) (zero where not kvalid), and zero dk / dv accumulators."""
+        k_off = _offset_index(kidx, WIDE)[:, None]
+        d = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        k = tl.load(K + b * skb + kh * skh + k_off * sks + d[None, :], mask=kvalid[:, None] & (d[None, :] < D),
+                    other=0.0)
+        v = tl.load(V + b * svb + kh * svh + k_off * svs + dv[None, :], mask=kvalid[:, None] & (dv[None, :] < DV),
+                    other=0.0)
+        return (k_off, k, v, tl.zeros([BLOCK_N, BLOCK_D], tl.float32), tl.zeros([BLOCK_N, BLOCK_DV], tl.float32))
+
+    @triton.jit
     def _kv_tile_step(k, v, dk, dvacc, q, do, lse2, delta, keep, scale_log2, PRECISION: tl.constexpr,
                       MASKED: tl.constexpr):
         """A resident key tile's dk / dv (unscaled) from one tile of rows; keep (BN, BM) when MASKED."""
@@ -191,13 +205,8 @@ if HAVE_TRITON:
         kvalid = kidx < Sk
         d = tl.arange(0, BLOCK_D)
         dv = tl.arange(0, BLOCK_DV)
-        k_off = _offset_index(kidx, WIDE)[:, None]
-        k = tl.load(K + b * skb + kh * skh + k_off * sks + d[None, :], mask=kvalid[:, None] & (d[None, :] < D),
-                    other=0.0)
-        v = tl.load(V + b * svb + kh * svh + k_off * svs + dv[None, :], mask=kvalid[:, None] & (dv[None, :] < DV),
-                    other=0.0)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+        k_off, k, v, dk, dvacc = _key_tile(K, V, b, kh, kidx, kvalid, skb, skh, sks, svb, svh, svs, D, DV, BLOCK_N,
+                                           BLOCK_D, BLOCK_DV, WIDE)
         r_lo = tl.load(ROW_LO + pid_n)
         r_hi = tl.load(ROW_HI + pid_n)
         # row tiles aligned to r_lo: those inside [FULL_LO, FULL_HI) unmasked, the edges masked
@@ -250,13 +259,8 @@ if HAVE_TRITON:
         kidx = tl.load(KORD + bkh * Sk + pos, mask=kvalid, other=0)
         d = tl.arange(0, BLOCK_D)
         dv = tl.arange(0, BLOCK_DV)
-        k_off = _offset_index(kidx, WIDE)[:, None]
-        k = tl.load(K + b * skb + kh * skh + k_off * sks + d[None, :], mask=kvalid[:, None] & (d[None, :] < D),
-                    other=0.0)
-        v = tl.load(V + b * svb + kh * svh + k_off * svs + dv[None, :], mask=kvalid[:, None] & (dv[None, :] < DV),
-                    other=0.0)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+        k_off, k, v, dk, dvacc = _key_tile(K, V, b, kh, kidx, kvalid, skb, skh, sks, svb, svh, svs, D, DV, BLOCK_N,
+                                           BLOCK_D, BLOCK_DV, WIDE)
         for g in range(0, group):
             h = kh * group + g
             bh = b * Hq + h
