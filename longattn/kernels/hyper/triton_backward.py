@@ -406,8 +406,7 @@ def hyper_backward_triton(q, k, v, out, lse, grad_out, grad_lse, pattern: HyperP
         q_order, q_start, k_order, *_, rects = level_indices(level)
         launch(_blocks_bwd_kernel, lambda bm, bn: (grid[0] // q_tiles * key_tiles, grid[1], B * Hkv), TILES_BWD_BLOCKS,
                q, k, v, do, lse, delta, dq, dk, dv, lo, hi, q_order, q_start, k_order, rects, *strides, Hq, Hkv, group,
-               Sq, Sk,
-               pattern.sinks, pattern.block_size, key_tiles, q_tiles, len(level.rect_list), nbq, scale_log2,
+               Sq, Sk, pattern.sinks, pattern.block_size, key_tiles, q_tiles, len(level.rect_list), nbq, scale_log2,
                float(scale), LOCAL=level.q_start is not None, DQ_ATOMIC=BLOCK_DQ == "atomic")
         block_m = _tiles(D, Dv, TILES_BWD)[0]
         grid, tiles_per_block, nbq = level_grid(level, pattern.block_size, block_m, B * Hq)
