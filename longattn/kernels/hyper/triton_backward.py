@@ -8,9 +8,9 @@ dv_j = sum_i P_ij dO_i. The launches mirror the forward (exact part, then one pe
 program recomputes P from the final lse. The exact part runs row-major for dq and key-major for
 dk / dv (no atomics: its keys are the bulk of a causal row's work), both unmasked inside the rows'
 ranges. Each level's blocks run key-major too: a key lies in one block per level, so its dk / dv
-are summed in registers and added once, and dq goes out with atomics (a block has few key tiles).
-Its samples run row-major: dq in registers, dk / dv with float32 atomics (the samples are shared by
-every block of the rectangle and the heads of a GQA group).
+are summed in registers and added once. Its samples run row-major: dq in registers (the blocks' dq
+too, recomputing P), dk / dv with float32 atomics (the samples are shared by every block of the
+rectangle and the heads of a GQA group).
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import os
 import torch
 
 from .pattern import HyperPattern
-from .triton_attention import (TILES_BWD, TILES_BWD_BLOCKS, TILES_BWD_DKDV, TILES_BWD_DQ, _block_rows, _key_span, _offset_index, _tiles,
-                               level_grid, level_indices, needs_wide_offsets)
+from .triton_attention import (TILES_BWD, TILES_BWD_BLOCKS, TILES_BWD_DKDV, TILES_BWD_DQ, _block_rows, _key_span,
+                               _offset_index, _tiles, level_grid, level_indices, needs_wide_offsets)
 from .triton_hash import HAVE_TRITON
 
 if HAVE_TRITON:
@@ -107,7 +107,8 @@ if HAVE_TRITON:
     @triton.jit
     def _kv_tile_step(k, v, dk, dvacc, q, do, lse2, delta, keep, scale_log2, PRECISION: tl.constexpr,
                       MASKED: tl.constexpr):
-        """A resident key tile's dk / dv (unscaled) from one tile of rows; keep (BN, BM) when MASKED."""
+        """A resident key tile's dk / dv (unscaled) from one tile of rows; keep (BN, BM) when MASKED.
+        Returns (dk, dv, dS (BN, BM)): dS also gives the rows' dq share, dSᵀ k."""
         s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
         if MASKED:
             p = tl.where(keep, tl.exp2(s - lse2[None, :]), 0.0)
@@ -117,10 +118,10 @@ if HAVE_TRITON:
         ds = p * (dp - delta[None, :])
         dvacc += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
         dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
-        return dk, dvacc
+        return dk, dvacc, ds
 
     @triton.jit(do_not_specialize=["Hq", "Hkv", "group", "Sq", "Sk", "sinks"])
-    def _exact_part_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, LO, HI,
+    def _exact_part_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI,
                                sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
                                Hq, Hkv, group, Sq, Sk, sinks, scale_log2, scale,
                                CAUSAL: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
@@ -140,16 +141,15 @@ if HAVE_TRITON:
         last_key = hi - 1  # causal: the exact range ends at the diagonal (see the forward)
         k_base = K + b * skb + kh * skh
         v_base = V + b * svb + kh * svh
-        dk_base = DK + (b * Hkv + kh) * Sk * D
-        dv_base = DV_ + (b * Hkv + kh) * Sk * DV
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         cols = tl.arange(0, BLOCK_N)
+        # dq only (KV_GRADS False): _grad_step's dk / dv pointers are not read, k_base / v_base fill them
         for start in range(0, sinks, BLOCK_N):
             kidx = start + cols
             keep = row_ok[:, None] & (kidx[None, :] < sinks)
             if CAUSAL:
                 keep = keep & (kidx[None, :] <= last_key[:, None])
-            dq = _grad_step(q, do, lse2, delta, dq, k_base, v_base, dk_base, dv_base, kidx, kidx < sinks, keep, 0.0,
+            dq = _grad_step(q, do, lse2, delta, dq, k_base, v_base, k_base, v_base, kidx, kidx < sinks, keep, 0.0,
                             sks, svs, scale_log2, scale, D, DV, BLOCK_D, BLOCK_DV, PRECISION, WIDE, False)
         # masked edges, unmasked interior, as in the forward
         lo_tile, first_full, end_full, hi_tile = _key_span(lo, hi, sinks, BLOCK_N)
@@ -184,7 +184,8 @@ if HAVE_TRITON:
         if CAUSAL:
             in_sinks = in_sinks & (kidx[:, None] < hi[None, :])  # hi - 1 is the row's last key
         keep = (in_range | in_sinks) & row_ok[None, :] & kvalid[:, None]
-        return _kv_tile_step(k, v, dk, dvacc, q, do, lse2, delta, keep, scale_log2, PRECISION, MASKED=True)
+        dk, dvacc, _ = _kv_tile_step(k, v, dk, dvacc, q, do, lse2, delta, keep, scale_log2, PRECISION, MASKED=True)
+        return dk, dvacc
 
     @triton.jit(do_not_specialize=["Hq", "Hkv", "group", "Sq", "Sk", "sinks"])
     def _exact_part_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, LO, HI, ROW_LO, ROW_HI, FULL_LO, FULL_HI,
@@ -223,7 +224,8 @@ if HAVE_TRITON:
                 rows = start + tl.arange(0, BLOCK_M)
                 q, do, lse2, delta = _load_rows(Q, DO, LSE, DELTA, b, h, bh, rows, rows < r_hi, sqb, sqh, sqs, Sq,
                                                 D, DV, BLOCK_D, BLOCK_DV, WIDE)
-                dk, dvacc = _kv_tile_step(k, v, dk, dvacc, q, do, lse2, delta, 0, scale_log2, PRECISION, MASKED=False)
+                dk, dvacc, _ = _kv_tile_step(k, v, dk, dvacc, q, do, lse2, delta, 0, scale_log2, PRECISION,
+                                             MASKED=False)
             for start in range(tl.maximum(end_full, first_full), r_hi, BLOCK_M):
                 dk, dvacc = _dkdv_edge(Q, DO, LSE, DELTA, LO, HI, k, v, dk, dvacc, kidx, kvalid, start, r_hi, b, h, bh,
                                        sqb, sqh, sqs, Sq, sinks, scale_log2, CAUSAL, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV,
@@ -274,12 +276,8 @@ if HAVE_TRITON:
                 # (BN, BM): the block's keys, less each row's exact keys (counted by the exact part)
                 exact = (kidx[:, None] < sinks) | ((kidx[:, None] >= lo[None, :]) & (kidx[:, None] < hi[None, :]))
                 keep = kvalid[:, None] & row_ok[None, :] & ~exact
-                s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
-                p = tl.where(keep, tl.exp2(s - lse2[None, :]), 0.0)
-                dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-                ds = p * (dp - delta[None, :])
-                dvacc += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
-                dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
+                dk, dvacc, ds = _kv_tile_step(k, v, dk, dvacc, q, do, lse2, delta, keep, scale_log2, PRECISION,
+                                              MASKED=True)
                 if DQ_ATOMIC:
                     dq_part = tl.dot(tl.trans(ds.to(k.dtype)), k, input_precision=PRECISION) * scale
                     tl.atomic_add(DQ + bh * Sq * D + _offset_index(rows, WIDE)[:, None] * D + d[None, :], dq_part,
@@ -392,7 +390,7 @@ def hyper_backward_triton(q, k, v, out, lse, grad_out, grad_lse, pattern: HyperP
                                        **flags, **dims)
 
     launch(_exact_part_bwd_kernel, lambda bm, bn: (triton.cdiv(Sq, bm), B * Hq), TILES_BWD_DQ,
-           q, k, v, do, lse, delta, dq, dk, dv, lo, hi, *strides, Hq, Hkv, group, Sq, Sk, pattern.sinks,
+           q, k, v, do, lse, delta, dq, lo, hi, *strides, Hq, Hkv, group, Sq, Sk, pattern.sinks,
            scale_log2, float(scale), CAUSAL=bool(causal))
     block_n = _tiles(D, Dv, TILES_BWD_DKDV)[1]
     launch(_exact_part_dkdv_kernel, lambda bm, bn: (triton.cdiv(Sk, bn), B * Hkv), TILES_BWD_DKDV,
