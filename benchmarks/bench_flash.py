@@ -36,6 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from longattn.kernels.flash import flash_attention  # noqa: E402
+from longattn.kernels.flash.triton_fwd_ws import ws_applies  # noqa: E402
 
 T0 = time.time()
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "fa2": SDPBackend.FLASH_ATTENTION,
@@ -99,6 +100,12 @@ def ours(q, k, v, causal):
     return flash_attention(q, k, v, causal=causal)[0]
 
 
+def ours_pointer(q, k, v, causal):
+    """Our pointer kernel alone (the path without warp specialisation), for the forward comparison."""
+    from longattn.kernels.flash.triton_fwd import flash_forward
+    return flash_forward(q, k, v, q.shape[-1] ** -0.5, causal)[0]
+
+
 def rel_err(x, ref):
     return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
 
@@ -128,6 +135,8 @@ def bench_attention(rec, mode, lengths, shapes):
                 q, k, v = (torch.randn(1, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
                 flops = 4 * s * s * d * h / (2 if causal else 1) * (3.5 if mode == "fwdbwd" else 1.0)
                 fns = {"ours": lambda: ours(q, k, v, causal)}
+                if mode == "fwd" and ws_applies(q, k, v, None):
+                    fns["pointer"] = lambda: ours_pointer(q, k, v, causal)
                 for name in BACKENDS:
                     if name == "efficient" and s > (16384 if mode == "fwdbwd" else 32768):
                         continue  # 1-4 s a call and far behind: not worth the device budget
@@ -208,15 +217,17 @@ def markdown(rec, env):
         rows = [r for r in rec.rows if r["kind"] == mode]
         if not rows:
             continue
-        lines += [f"## {title} (TFLOP/s; ours / cuDNN, ours / FA2)", "",
-                  "| h×d | causal | S | ours | cuDNN | FA2 | mem-eff | ours/cuDNN | ours/FA2 |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {title} (TFLOP/s; ours / cuDNN, ours / FA2; 'pointer': our kernel without warp "
+                  "specialisation, where ours takes the warp-specialised one)", "",
+                  "| h×d | causal | S | ours | pointer | cuDNN | FA2 | mem-eff | ours/cuDNN | ours/FA2 |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         keys = sorted({(r["h"], r["d"], r["causal"], r["s"]) for r in rows})
         for h, d, causal, s in keys:
             get = {r["impl"]: r.get("tflops") for r in rows if (r["h"], r["d"], r["causal"], r["s"]) == (h, d, causal, s)}
             fmt = lambda x: f"{x:.0f}" if x else "–"
             ratio = lambda a, b: f"{a / b:.2f}" if a and b else "–"
-            lines.append(f"| {h}×{d} | {causal} | {s} | {fmt(get.get('ours'))} | {fmt(get.get('cudnn'))} | "
+            lines.append(f"| {h}×{d} | {causal} | {s} | {fmt(get.get('ours'))} | {fmt(get.get('pointer'))} | "
+                         f"{fmt(get.get('cudnn'))} | "
                          f"{fmt(get.get('fa2'))} | {fmt(get.get('efficient'))} | "
                          f"{ratio(get.get('ours'), get.get('cudnn'))} | {ratio(get.get('ours'), get.get('fa2'))} |")
         lines.append("")
@@ -240,6 +251,7 @@ def main():
     ap.add_argument("--bwd-lengths", default="4096,8192,16384,32768")
     ap.add_argument("--decode-lengths", default="8192,32768,131072")
     ap.add_argument("--skip", default="")
+    ap.add_argument("--head-dims", default="64,128", help="which of the anchor shapes (h32 d64, h16 d128) to time")
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x]
     props = torch.cuda.get_device_properties(0)
@@ -254,7 +266,7 @@ def main():
     skip = set(args.skip.split(","))
     # `timeout` sends SIGTERM: turn it into an exception so that the tables below are still written
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt("SIGTERM")))
-    shapes = [(32, 64), (16, 128)]
+    shapes = [(h, d) for h, d in ((32, 64), (16, 128)) if d in ints(args.head_dims)]
     try:
         if "decode" not in skip:
             bench_decode(rec, ints(args.decode_lengths))

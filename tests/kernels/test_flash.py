@@ -205,3 +205,75 @@ def test_a_config_that_does_not_fit_the_gpu_falls_back_to_smaller_tiles():
     cfg = launch_first_that_fits(FakeKernel(), lambda c: (c["BLOCK_M"],), (), {}, fallback_configs(first))
     assert launched == [((cfg["BLOCK_M"],), cfg["BLOCK_M"], cfg["BLOCK_N"])]
     assert cfg["BLOCK_M"] * cfg["BLOCK_N"] == 64 * 32
+
+
+# (batch, q heads, kv heads, q len, k len, head dim, layout): "bshd" = q/k/v viewed from (B, S, H, D)
+WS_SHAPES = [(2, 8, 2, 1000, 1100, 128, "bhsd"), (1, 4, 4, 777, 1300, 128, "bshd"), (1, 2, 1, 600, 300, 128, "bhsd")] \
+    if ON_CUDA else [(1, 2, 2, 32, 32, 16, "bhsd"), (2, 4, 2, 20, 37, 32, "bshd"), (1, 2, 1, 37, 20, 16, "bhsd")]
+
+
+@pytest.mark.parametrize("shape", WS_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_warp_specialised_forward_matches_reference(shape, causal):
+    # uneven lengths (the last key tile masked, rows past Sq clipped), GQA, transposed layouts read through
+    # 4-d descriptors, and under causal with Sq > Sk rows that see no key (out 0, lse -inf)
+    from longattn.kernels.flash import triton_fwd_ws
+    b, hq, hkv, sq, sk, d, layout = shape
+    dtype = torch.bfloat16 if ON_CUDA else torch.float16
+
+    def make(h, s):
+        t = torch.randn(b, s, h, d, device=DEVICE, dtype=dtype)
+        return t.transpose(1, 2) if layout == "bshd" else t.transpose(1, 2).contiguous()
+
+    q, k, v = make(hq, sq), make(hkv, sk), make(hkv, sk)
+    if ON_CUDA and not triton_fwd_ws.ws_applies(q, k, v, None):
+        pytest.skip("no warp-specialised path on this GPU / Triton")
+    result = triton_fwd_ws.flash_forward_ws(q, k, v, 0.1, causal)
+    if result is None:
+        pytest.skip("this Triton cannot build the warp-specialised kernel (the pointer kernel runs instead)")
+    out, lse = result
+    _, ref_out, ref_lse = reference(q, k, v, scale=0.1, causal=causal)
+    assert relative_error(out, ref_out) < TOLERANCE[dtype]
+    torch.testing.assert_close(torch.isinf(lse), torch.isinf(ref_lse))
+    seen = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse.double()[seen], ref_lse[seen], atol=1e-2, rtol=1e-3)
+    if causal and sq > sk:
+        assert (~seen).any() and (out[~seen] == 0).all()
+
+
+def test_flash_attention_takes_the_warp_specialised_kernel_where_it_applies_and_falls_back_when_it_cannot_build(
+        monkeypatch):
+    from longattn.kernels.flash import triton_fwd_ws
+    if ON_CUDA:
+        pytest.skip("dispatch checked in the interpreter")
+    monkeypatch.setattr(triton_fwd_ws, "WS_HEAD_DIMS", (16,))
+    monkeypatch.setattr(triton_fwd_ws, "_broken", set())
+    calls = []
+    real = triton_fwd_ws._flash_fwd_ws_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(triton_fwd_ws, "_flash_fwd_ws_kernel", Spy())
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 16, torch.float16)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    out, _ = flash_attention(q, k, v, causal=True)
+    _, ref, _ = reference(q, k, v, causal=True)
+    assert len(calls) == 1 and relative_error(out, ref) < 5e-3
+    assert not triton_fwd_ws.ws_applies(q, k, v, torch.ones(40, 40, dtype=torch.bool))  # masks: pointer kernel
+    assert not triton_fwd_ws.ws_applies(q.float(), k.float(), v.float(), None)
+
+    class FailsToBuild:  # what Triton 3.9's warp-specialisation pass does with this kernel
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls.append("failed")
+                raise RuntimeError("PassManager::run failed")
+            return launch
+
+    monkeypatch.setattr(triton_fwd_ws, "_flash_fwd_ws_kernel", FailsToBuild())
+    for _ in range(2):  # the failure is remembered: one attempt, then the pointer kernel directly
+        out, _ = flash_attention(q, k, v, causal=True)
+        assert relative_error(out, ref) < 5e-3
+    assert calls.count("failed") == 1
