@@ -22,7 +22,7 @@ def forward_kernels(q, k, v, scale: float, causal: bool, attn_mask):
     warp-specialised on Hopper where it applies and builds, else the pointer kernel."""
     if q.shape[2] <= DECODE_MAX_QUERIES and k.shape[2] >= 4 * q.shape[2]:
         return decode_forward(q, k, v, scale, causal, attn_mask)
-    if ws_applies(q, k, v, attn_mask):
+    if ws_applies(q, k, v, attn_mask, causal):
         result = flash_forward_ws(q, k, v, scale, causal)
         if result is not None:
             return result

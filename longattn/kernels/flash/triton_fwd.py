@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import torch
 
@@ -324,6 +325,19 @@ def tma_allowed(k: torch.Tensor, v: torch.Tensor) -> bool:
             and _compute_capability(k.device.index if k.device.index is not None else 0) >= 9)
 
 
+_context_bound = threading.local()
+
+
+def bind_cuda_context(device: torch.device) -> None:
+    """Host TMA descriptors are encoded through the CUDA driver, which needs the thread's context
+    current. Autograd's backward thread may not have it yet (Triton binds it only at launch, after
+    encoding the descriptors), so one runtime call per thread binds the primary context."""
+    bound = _context_bound.__dict__.setdefault("devices", set())
+    if device.type == "cuda" and device.index not in bound:
+        torch.cuda.current_stream(device).query()
+        bound.add(device.index)
+
+
 def mask_as_4d(attn_mask: torch.Tensor | None, B: int, Hq: int, Sq: int, Sk: int, where: str):
     """View attn_mask as (B, Hq, Sq, Sk) with stride 0 on broadcast dims (no copy); bool -> uint8 view."""
     if attn_mask is None:
@@ -362,6 +376,7 @@ def flash_forward(q, k, v, scale: float, causal: bool, attn_mask=None, config: d
     mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
     tma_ok = tma_allowed(k, v)
     if tma_ok:  # block_shape is set per config by _set_tma_block_shapes
+        bind_cuda_context(k.device)
         k_desc = TensorDescriptor(k, [B * Hkv * Sk, D], [D, 1], [16, D])
         v_desc = TensorDescriptor(v, [B * Hkv * Sk, Dv], [Dv, 1], [16, Dv])
     else:

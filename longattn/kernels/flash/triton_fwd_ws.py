@@ -5,12 +5,13 @@ Triton 3.6 builds this from `tl.range(..., warp_specialize=True)` when every til
 through a tensor descriptor built on the device, Q included, and the loop is the kernel's only one
 (Triton 3.9's pass fails on it: the launch then falls back, see `flash_forward_ws`). Hence one loop: under causal, and where the keys end inside a tile, each score is compared with its
 row's last visible key (one compare and select per score, no branch: a branch in the loop turns the
-specialisation off). The descriptors are 4-d (B, H, S, D) views through the tensors' own strides, so
-transposed layouts and GQA need no copy, and the copy engine zero-fills reads past a head's last row.
+specialisation off). K and V come through 4-d (B, H, S, D) descriptors on their own strides, so
+transposed layouts and GQA need no copy, and the copy engine zero-fills reads past a head's last row;
+Q through a 2-d one on a contiguous copy (a 4-d Q descriptor hung the GPU).
 
-Measured on an H200 (`benchmarks/results/2026-12-04-h200-flash-ws.md`): 8% faster than the pointer
-kernel at d128 without a mask, no faster at d64. Where this path does not apply (masks, fp32, head
-dims that are not 128 or 256, unaligned strides, GPUs other than Hopper) `triton_fwd` runs.
+Measured on an H200 (`benchmarks/results/2026-12-04-h200-flash.md`): 4–11% faster than the pointer
+kernel at d128 non-causal (8K–131K), no faster at d64 or under causal. Where this path does not apply
+(causal, masks, fp32, head dims other than 128, unaligned K/V, GPUs other than Hopper) `triton_fwd` runs.
 Two stages only: with three, Triton 3.6 built a kernel that returned NaN in the probe.
 """
 from __future__ import annotations
@@ -28,7 +29,6 @@ if triton is not None:
     @triton.jit
     def _flash_fwd_ws_kernel(
         Q, K, V, Out, Lse,
-        stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
         stride_ob, stride_oh, stride_om,
@@ -46,13 +46,14 @@ if triton is not None:
         hk = h // (Hq // Hkv)
         m0 = pid_m * BLOCK_M
 
-        q_desc = tl.make_tensor_descriptor(Q, [B, Hq, Sq, HEAD_DIM], [stride_qb, stride_qh, stride_qm, 1],
-                                           [1, 1, BLOCK_M, HEAD_DIM])
+        # Q as one (B·Hq·Sq, D) matrix: a 4-d Q descriptor hung the GPU (Triton 3.6, H200). Rows past Sq
+        # belong to the next head or are zero-filled; they are computed but never stored.
+        q_desc = tl.make_tensor_descriptor(Q, [B * Hq * Sq, HEAD_DIM], [HEAD_DIM, 1], [BLOCK_M, HEAD_DIM])
         k_desc = tl.make_tensor_descriptor(K, [B, Hkv, Sk, HEAD_DIM], [stride_kb, stride_kh, stride_kn, 1],
                                            [1, 1, BLOCK_N, HEAD_DIM])
         v_desc = tl.make_tensor_descriptor(V, [B, Hkv, Sk, HEAD_DIM], [stride_vb, stride_vh, stride_vn, 1],
                                            [1, 1, BLOCK_N, HEAD_DIM])
-        q = q_desc.load([b, h, m0, 0]).reshape(BLOCK_M, HEAD_DIM)
+        q = q_desc.load([pid_bh * Sq + m0, 0])
 
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -97,6 +98,9 @@ if triton is not None:
 WS_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
 INTERPRETER_WS_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 WS_HEAD_DIMS = (128,)  # d64 measured no faster (the probe in the results file)
+# Causal measured −6% … +11% against the pointer kernel (1K–131K, mean +0.3%): the per-score compare runs
+# on every tile here, on the diagonal tiles only there. So causal stays on the pointer kernel.
+WS_CAUSAL = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,10 +116,12 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * e) % 16 == 0 for s in t.stride()[:-1])
 
 
-def ws_applies(q, k, v, attn_mask) -> bool:
-    """The warp-specialised kernel computes this call: no mask, fp16/bf16, one power-of-two head dim it
-    was measured faster at, TMA-aligned tensors, a Hopper GPU (or the interpreter, for the tests)."""
+def ws_applies(q, k, v, attn_mask, causal: bool) -> bool:
+    """The warp-specialised kernel computes this call: no mask, not causal, fp16/bf16, a head dim it was
+    measured faster at, TMA-aligned K/V, a Hopper GPU (or the interpreter, for the tests)."""
     if triton is None or attn_mask is not None or os.environ.get("LONGATTN_FLASH_WS", "1") == "0":
+        return False
+    if causal and not WS_CAUSAL:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16):
         return False
@@ -126,7 +132,7 @@ def ws_applies(q, k, v, attn_mask) -> bool:
         return q.device.type == "cpu"
     if not q.is_cuda or not _hopper_with_warp_specialisation(q.device.index or 0):
         return False
-    return all(_aligned(t) for t in (q, k, v))
+    return all(_aligned(t) for t in (k, v)) and (not q.is_contiguous() or _aligned(q))  # q is copied if strided
 
 
 _broken: set = set()  # (causal, head dim, dtype) whose build failed: never retried
@@ -149,10 +155,11 @@ def flash_forward_ws(q, k, v, scale: float, causal: bool, config: dict | None = 
         return out.zero_(), lse.fill_(float("-inf"))
     if not interpreting():
         _ensure_allocator()
+    q = q.contiguous()  # the kernel reads Q as one matrix; a copy costs ~1% of the attention at 8K
     grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq)
     try:
         _flash_fwd_ws_kernel[grid](
-            q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            q, k, v, out, lse, *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             B, Hq, Hkv, Sq, Sk, scale * LOG2E, Sk - Sq,
             HEAD_DIM=D, CAUSAL=bool(causal), EVEN_N=Sk % cfg["BLOCK_N"] == 0, WARP_SPEC=not interpreting(),
             **cfg)
