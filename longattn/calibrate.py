@@ -15,6 +15,9 @@ keys (measured on SmolLM2: worse than dropping them). Per layer, on Q/K/V captur
   Then c_h is fitted for the trained map as above. Optionally (`hybrid_steps`) a second stage trains the
   maps and log c_h together on the whole hybrid row (exact + far keys under one normaliser) against
   softmax's full row.
+- Optionally (`distill_model`, `longattn calibrate --distill-steps`) a last stage trains every layer's
+  maps and far_scale together, end to end, on the KL between the converted and the exact model's next-token
+  distributions: each layer's fit then accounts for what the converted layers before and after it do.
 
 The result is a file of per-layer sections (`kernels/linear/params_file.py`) that a policy's linear band
 references as `feature_params: FILE`; the rewriter picks each site's section.
@@ -395,6 +398,83 @@ def calibrate_model(model, ids: torch.Tensor, layers: Iterable[int], *, progress
                       **fit_options)
 
 
+def distill_model(model, ids: torch.Tensor, settings: dict, fits: dict, *, steps: int = 60, lr: float = 3e-3,
+                  progress: Optional[Callable] = None) -> dict[int, LayerFit]:
+    """End-to-end stage after the per-layer fits: train every converted layer's feature params (the maps'
+    weights and log far_scale) together so that the converted model's next-token distributions match the
+    exact model's: KL(exact || converted), mean over the positions that have far keys, on `ids` (W, S), one
+    window a step. The model's weights stay frozen (restored afterwards); only the fits' params change.
+
+    The exact model's log-probabilities are kept for every window: W · S · vocabulary floats (SmolLM2:
+    0.35 GB a 2K window). Returns new LayerFits with `kl_start` / `kl_trained` over all windows in stats."""
+    from transformers import AttentionInterface
+
+    from .quality import attention_in_layers
+    missing = sorted(set(settings) - set(fits))
+    if missing:
+        raise ValueError(f"distill: no per-layer fit for layer(s) {missing}: run fit_layers first")
+    start = min(s_["sink_tokens"] + s_["local_window"] for s_ in settings.values())
+    if start >= ids.shape[1] - 1:
+        raise ValueError(f"distill: {ids.shape[1]} tokens leave no position with far keys (first at {start})")
+    trainable = {layer: {name: (t.log() if name == "far_scale" else t).detach().float().clone().requires_grad_()
+                         for name, t in fits[layer].params.items()} for layer in settings}
+    band = {layer: {key: s_[key] for key in BAND_KEYS if key in s_} for layer, s_ in settings.items()}
+
+    def feature_params(layer):
+        return {name: t.exp() if name == "far_scale" else t for name, t in trainable[layer].items()}
+
+    def converted(query, key, value, scale, layer):
+        return linear_attention(query, key, value, scale=scale, causal=True, feature_params=feature_params(layer),
+                                **band[layer])
+
+    def log_probs(window):
+        logits = getattr(model(ids[window:window + 1]), "logits", None)
+        if logits is None:
+            raise ValueError(f"distill: {type(model).__name__} gives no logits; it needs a causal LM "
+                             "(e.g. LlamaForCausalLM, not LlamaModel)")
+        return torch.log_softmax(logits[0, start:].float(), -1)
+
+    def kl(teacher, student):
+        return (teacher.exp() * (teacher - student)).sum(-1).mean()
+
+    previous = model.config._attn_implementation
+    frozen = [p_ for p_ in model.parameters() if p_.requires_grad]
+    t0 = time.time()
+    try:
+        with torch.no_grad():
+            teacher = [log_probs(w) for w in range(ids.shape[0])]
+        AttentionInterface.register("longattn_distill", attention_in_layers(set(settings), converted))
+        model.set_attn_implementation("longattn_distill")
+        for p_ in frozen:
+            p_.requires_grad_(False)
+        with torch.no_grad():
+            kl_start = sum(kl(teacher[w], log_probs(w)).item() for w in range(ids.shape[0])) / ids.shape[0]
+        opt = torch.optim.Adam([t for params in trainable.values() for t in params.values()], lr=lr)
+        with torch.enable_grad():
+            for step in range(steps):
+                w = step % ids.shape[0]
+                loss = kl(teacher[w], log_probs(w))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if progress:
+                    progress(step, loss.item())
+        with torch.no_grad():
+            kl_end = sum(kl(teacher[w], log_probs(w)).item() for w in range(ids.shape[0])) / ids.shape[0]
+    finally:
+        model.set_attn_implementation(previous)
+        for p_ in frozen:
+            p_.requires_grad_(True)
+    seconds = time.time() - t0
+    out = {}
+    for layer, fit in fits.items():
+        params = {name: t.detach().clone() for name, t in feature_params(layer).items()} if layer in trainable \
+            else fit.params
+        stats = {**fit.stats, "kl_start": kl_start, "kl_trained": kl_end, "distill_seconds": seconds}
+        out[layer] = LayerFit(layer, params, stats, fit.seconds, stage1_params=fit.stage1_params)
+    return out
+
+
 def save_calibration(path: str, fits: dict, metadata: Optional[dict] = None) -> None:
     """Write the fitted parameters as per-layer sections (`kernels/linear/params_file.py`), atomically."""
     save_file(path, {layer: fit.params for layer, fit in fits.items()}, metadata or {})
@@ -442,4 +522,4 @@ def describe(fit: LayerFit) -> str:
 
 
 __all__ = ["LayerFit", "fit_layer", "fit_far_scale", "far_distillation_loss", "hybrid_loss", "output_errors",
-           "capture_layers", "fit_layers", "calibrate_model", "save_calibration", "linear_layers", "parse_layers", "describe"]
+           "capture_layers", "fit_layers", "calibrate_model", "distill_model", "save_calibration", "linear_layers", "parse_layers", "describe"]

@@ -143,6 +143,14 @@ def cmd_calibrate(args) -> int:
     fits = cal.fit_layers(model, ids, settings, sequential=args.sequential, steps=args.steps, rows=args.rows,
                           lr=args.lr, hybrid_steps=args.hybrid_steps, output_steps=args.output_steps,
                           progress=lambda fit: print(cal.describe(fit), flush=True))
+    if args.distill_steps:
+        def report(step, kl):
+            if step % 10 == 0 or step == args.distill_steps - 1:
+                print(f"distill step {step + 1}/{args.distill_steps}: KL to the exact model {kl:.4f}", flush=True)
+        fits = cal.distill_model(model, ids, settings, fits, steps=args.distill_steps, lr=args.distill_lr,
+                                 progress=report)
+        stats = next(iter(fits.values())).stats
+        print(f"distilled: KL over the calibration windows {stats['kl_start']:.4f} -> {stats['kl_trained']:.4f}")
     seconds = time.time() - t1
     maps = sorted({s["feature_map"] for s in settings.values()})
     meta = {"model": args.model, "text": text_source, "offset": args.offset, "tokens": args.tokens, "windows": args.windows,
@@ -151,6 +159,7 @@ def cmd_calibrate(args) -> int:
             "local_window": ",".join(sorted({str(s["local_window"]) for s in settings.values()})),
             "steps": args.steps, "hybrid_steps": args.hybrid_steps,
             "output_steps": args.output_steps, "rows": args.rows, "lr": args.lr, "sequential": str(args.sequential),
+            "distill_steps": args.distill_steps, "distill_lr": args.distill_lr,
             "seconds": f"{seconds:.1f}", "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     cal.save_calibration(args.out, fits, meta)
@@ -183,6 +192,10 @@ def add_calibrate_parser(sub) -> None:
                    help="then Adam steps on the whole hybrid row, maps and far_scale together (default 150)")
     c.add_argument("--output-steps", type=int, default=0,
                    help="then Adam steps on the attention output's squared error, maps and far_scale (default 0)")
+    c.add_argument("--distill-steps", type=int, default=0,
+                   help="then Adam steps training all layers' maps and far_scale together on the KL between the "
+                        "converted and the exact model's next-token distributions, one window a step (default 0)")
+    c.add_argument("--distill-lr", type=float, default=3e-3)
     c.add_argument("--rows", type=int, default=512, help="sampled query rows per layer (default 512)")
     c.add_argument("--lr", type=float, default=2e-2)
     c.add_argument("--seed", type=int, default=0)

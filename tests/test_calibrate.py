@@ -218,8 +218,55 @@ def test_sequential_calibration_fits_each_layer_on_the_converted_model():
     assert any(not torch.allclose(t, on_exact.params[name]) for name, t in fits[1].params.items())
 
 
+def test_distillation_lowers_the_converted_models_kl_to_the_exact_model_and_leaves_the_model_as_it_was():
+    from transformers import AttentionInterface
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from longattn.quality import attention_in_layers
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)).eval()
+    ids = torch.randint(0, 64, (2, 48), generator=torch.Generator().manual_seed(3))  # 2 windows
+    with pytest.raises(ValueError, match="gives no logits"):
+        cal.distill_model(_llama()[0], ids, {0: dict(sink_tokens=2, local_window=8)},
+                          {0: cal.LayerFit(0, {"far_scale": torch.ones(4)})}, steps=1)
+    band = dict(feature_map="hedgehog", sink_tokens=2, local_window=8)
+    with torch.enable_grad():
+        fits = cal.calibrate_model(model, ids, (0, 1), steps=5, rows=16, measure_output=False, **band)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    implementation = model.config._attn_implementation
+    seen = []
+    tuned = cal.distill_model(model, ids, {0: band, 1: band}, fits, steps=20, lr=3e-2,
+                              progress=lambda step, loss: seen.append(loss))
+    assert len(seen) == 20 and tuned[0].stats["kl_trained"] < 0.8 * tuned[0].stats["kl_start"]
+    assert model.config._attn_implementation == implementation
+    for n, p in model.named_parameters():
+        assert p.requires_grad and torch.equal(p, weights[n]), n
+    assert set(tuned[1].params) == set(fits[1].params) and (tuned[1].params["far_scale"] > 0).all()
+
+    # the KL it reports is the converted model's, recomputed here from the returned params
+    def kl_with(params):
+        fn = lambda q, k, v, scale, layer: linear_attention(q, k, v, scale=scale, causal=True,
+                                                            feature_params=params[layer], **band)
+        AttentionInterface.register("longattn_test_kl", attention_in_layers({0, 1}, fn))
+        model.set_attn_implementation("longattn_test_kl")
+        try:
+            with torch.no_grad():
+                got = [torch.log_softmax(model(ids[w:w + 1]).logits[0, 10:].float(), -1) for w in range(2)]
+        finally:
+            model.set_attn_implementation(implementation)
+        return got
+    with torch.no_grad():
+        exact = [torch.log_softmax(model(ids[w:w + 1]).logits[0, 10:].float(), -1) for w in range(2)]
+    kl = lambda got: sum((e.exp() * (e - g)).sum(-1).mean().item() for e, g in zip(exact, got)) / 2
+    assert kl(kl_with({i: f.params for i, f in tuned.items()})) == pytest.approx(tuned[0].stats["kl_trained"], rel=1e-4)
+    assert kl(kl_with({i: f.params for i, f in fits.items()})) == pytest.approx(tuned[0].stats["kl_start"], rel=1e-4)
+
+
 def test_cli_calibrates_a_model_folder_sequentially(tmp_path):
-    """`longattn calibrate FOLDER --sequential` end to end on a tiny random Llama with a word-level tokenizer."""
+    """`longattn calibrate FOLDER --sequential --distill-steps 2` end to end on a tiny random Llama with a
+    word-level tokenizer."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
@@ -237,9 +284,9 @@ def test_cli_calibrates_a_model_folder_sequentially(tmp_path):
     (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog . " * 20)
     out = tmp_path / "calib.safetensors"
     assert main(["calibrate", str(tmp_path / "tiny"), "--layers", "0-1", "--sequential", "--sink-tokens", "2",
-                 "--local-window", "8", "--tokens", "64", "--steps", "2", "--hybrid-steps", "2", "--rows", "8",
+                 "--local-window", "8", "--tokens", "64", "--steps", "2", "--hybrid-steps", "2", "--rows", "8", "--distill-steps", "2",
                  "--text", str(tmp_path / "text.txt"), "--out", str(out)]) == 0
     for layer in (0, 1):
         params = feature_params_from_file(f"{out}#layers.{layer}")
         assert {"far_scale", "q_weight", "k_weight"} <= set(params)
-    assert file_metadata(str(out))["sequential"] == "True"
+    assert file_metadata(str(out))["sequential"] == "True" and file_metadata(str(out))["distill_steps"] == "2"
