@@ -128,13 +128,15 @@ def cmd_calibrate(args) -> int:
                 for i, p in per_layer.items()}
     text_source = args.text or DOCS_DIR
     text = read_text(text_source)
-    need = args.offset + args.tokens * args.windows
+    distill_windows = args.distill_windows or args.windows
+    need = args.offset + args.tokens * max(args.windows, distill_windows)
     ids = tok(text[:8 * need], return_tensors="pt").input_ids
     if ids.shape[1] < need:
         ids = tok(text, return_tensors="pt").input_ids
     if ids.shape[1] < need:
         raise CliError(f"calibrate: {text_source} has {ids.shape[1]} tokens, fewer than --offset + --tokens ({need})")
-    ids = ids[0, args.offset:need].view(args.windows, args.tokens)
+    all_ids = ids[0, args.offset:need].view(-1, args.tokens)
+    ids = all_ids[:args.windows]
     print(f"model {args.model} loaded ({num_layers} layers) and {ids.numel()} tokens of {text_source} from token "
           f"{args.offset} in {time.time() - t0:.1f}s", flush=True)
     t1 = time.time()
@@ -147,7 +149,8 @@ def cmd_calibrate(args) -> int:
         def report(step, kl):
             if step % 10 == 0 or step == args.distill_steps - 1:
                 print(f"distill step {step + 1}/{args.distill_steps}: KL to the exact model {kl:.4f}", flush=True)
-        fits = cal.distill_model(model, ids, settings, fits, steps=args.distill_steps, lr=args.distill_lr,
+        fits = cal.distill_model(model, all_ids[:distill_windows], settings, fits, steps=args.distill_steps,
+                                 lr=args.distill_lr,
                                  progress=report)
         stats = next(iter(fits.values())).stats
         print(f"distilled: KL over the calibration windows {stats['kl_start']:.4f} -> {stats['kl_trained']:.4f}")
@@ -159,7 +162,7 @@ def cmd_calibrate(args) -> int:
             "local_window": ",".join(sorted({str(s["local_window"]) for s in settings.values()})),
             "steps": args.steps, "hybrid_steps": args.hybrid_steps,
             "output_steps": args.output_steps, "rows": args.rows, "lr": args.lr, "sequential": str(args.sequential),
-            "distill_steps": args.distill_steps, "distill_lr": args.distill_lr,
+            "distill_steps": args.distill_steps, "distill_lr": args.distill_lr, "distill_windows": distill_windows,
             "seconds": f"{seconds:.1f}", "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     cal.save_calibration(args.out, fits, meta)
@@ -195,6 +198,8 @@ def add_calibrate_parser(sub) -> None:
     c.add_argument("--distill-steps", type=int, default=0,
                    help="then Adam steps training all layers' maps and far_scale together on the KL between the "
                         "converted and the exact model's next-token distributions, one window a step (default 0)")
+    c.add_argument("--distill-windows", type=int, default=0,
+                   help="windows of --tokens for the distillation, from --offset on (default: --windows)")
     c.add_argument("--distill-lr", type=float, default=3e-3)
     c.add_argument("--rows", type=int, default=512, help="sampled query rows per layer (default 512)")
     c.add_argument("--lr", type=float, default=2e-2)

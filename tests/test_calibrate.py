@@ -284,9 +284,10 @@ def test_cli_calibrates_a_model_folder_sequentially(tmp_path):
     (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog . " * 20)
     out = tmp_path / "calib.safetensors"
     assert main(["calibrate", str(tmp_path / "tiny"), "--layers", "0-1", "--sequential", "--sink-tokens", "2",
-                 "--local-window", "8", "--tokens", "64", "--steps", "2", "--hybrid-steps", "2", "--rows", "8", "--distill-steps", "2",
+                 "--local-window", "8", "--tokens", "64", "--steps", "2", "--hybrid-steps", "2", "--rows", "8",
+                 "--distill-steps", "2", "--distill-windows", "2",
                  "--text", str(tmp_path / "text.txt"), "--out", str(out)]) == 0
     for layer in (0, 1):
         params = feature_params_from_file(f"{out}#layers.{layer}")
         assert {"far_scale", "q_weight", "k_weight"} <= set(params)
-    assert file_metadata(str(out))["sequential"] == "True" and file_metadata(str(out))["distill_steps"] == "2"
+    assert file_metadata(str(out))["sequential"] == "True" and file_metadata(str(out))["distill_windows"] == "2"
