@@ -67,7 +67,7 @@ def main():
                     help="then end-to-end distillation of the hybrid-row fit (KL to the exact model), a variant more")
     ap.add_argument("--distill-windows", type=int, default=0,
                     help="windows of --tokens for it, from the calibration text on (default: --calib-windows)")
-    ap.add_argument("--distill-lr", type=float, default=3e-3)
+    ap.add_argument("--distill-lr", type=float, default=1e-2)
     ap.add_argument("--sequential", action="store_true", help="calibrate layer by layer on the converted model")
     ap.add_argument("--hedgehog-dim", type=int, default=None, help="hedgehog's projection width F (default: head dim)")
     ap.add_argument("--skip", default="", help="variant names to leave out, separated by semicolons")

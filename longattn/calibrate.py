@@ -398,7 +398,7 @@ def calibrate_model(model, ids: torch.Tensor, layers: Iterable[int], *, progress
                       **fit_options)
 
 
-def distill_model(model, ids: torch.Tensor, settings: dict, fits: dict, *, steps: int = 60, lr: float = 3e-3,
+def distill_model(model, ids: torch.Tensor, settings: dict, fits: dict, *, steps: int = 60, lr: float = 1e-2,
                   progress: Optional[Callable] = None) -> dict[int, LayerFit]:
     """End-to-end stage after the per-layer fits: train every converted layer's feature params (the maps'
     weights and log far_scale) together so that the converted model's next-token distributions match the

@@ -200,7 +200,7 @@ def add_calibrate_parser(sub) -> None:
                         "converted and the exact model's next-token distributions, one window a step (default 0)")
     c.add_argument("--distill-windows", type=int, default=0,
                    help="windows of --tokens for the distillation, from --offset on (default: --windows)")
-    c.add_argument("--distill-lr", type=float, default=3e-3)
+    c.add_argument("--distill-lr", type=float, default=1e-2)
     c.add_argument("--rows", type=int, default=512, help="sampled query rows per layer (default 512)")
     c.add_argument("--lr", type=float, default=2e-2)
     c.add_argument("--seed", type=int, default=0)
