@@ -437,6 +437,10 @@ def distill_model(model, ids: torch.Tensor, settings: dict, fits: dict, *, steps
     def kl(teacher, student):
         return (teacher.exp() * (teacher - student)).sum(-1).mean()
 
+    def mean_kl():  # over all windows, with the params as they are now
+        with torch.no_grad():
+            return sum(kl(teacher[w], log_probs(w)).item() for w in range(ids.shape[0])) / ids.shape[0]
+
     previous = model.config._attn_implementation
     frozen = [p_ for p_ in model.parameters() if p_.requires_grad]
     t0 = time.time()
@@ -447,8 +451,7 @@ def distill_model(model, ids: torch.Tensor, settings: dict, fits: dict, *, steps
         model.set_attn_implementation("longattn_distill")
         for p_ in frozen:
             p_.requires_grad_(False)
-        with torch.no_grad():
-            kl_start = sum(kl(teacher[w], log_probs(w)).item() for w in range(ids.shape[0])) / ids.shape[0]
+        kl_start = mean_kl()
         opt = torch.optim.Adam([t for params in trainable.values() for t in params.values()], lr=lr)
         with torch.enable_grad():
             for step in range(steps):
@@ -459,8 +462,7 @@ def distill_model(model, ids: torch.Tensor, settings: dict, fits: dict, *, steps
                 opt.step()
                 if progress:
                     progress(step, loss.item())
-        with torch.no_grad():
-            kl_end = sum(kl(teacher[w], log_probs(w)).item() for w in range(ids.shape[0])) / ids.shape[0]
+        kl_end = mean_kl()
     finally:
         model.set_attn_implementation(previous)
         for p_ in frozen:

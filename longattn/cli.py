@@ -150,8 +150,7 @@ def cmd_calibrate(args) -> int:
             if step % 10 == 0 or step == args.distill_steps - 1:
                 print(f"distill step {step + 1}/{args.distill_steps}: KL to the exact model {kl:.4f}", flush=True)
         fits = cal.distill_model(model, all_ids[:distill_windows], settings, fits, steps=args.distill_steps,
-                                 lr=args.distill_lr,
-                                 progress=report)
+                                 lr=args.distill_lr, progress=report)
         stats = next(iter(fits.values())).stats
         print(f"distilled: KL over the calibration windows {stats['kl_start']:.4f} -> {stats['kl_trained']:.4f}")
     seconds = time.time() - t1

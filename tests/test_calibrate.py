@@ -219,9 +219,7 @@ def test_sequential_calibration_fits_each_layer_on_the_converted_model():
 
 
 def test_distillation_lowers_the_converted_models_kl_to_the_exact_model_and_leaves_the_model_as_it_was():
-    from transformers import AttentionInterface
-
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 
     from longattn.quality import attention_in_layers
     torch.manual_seed(0)

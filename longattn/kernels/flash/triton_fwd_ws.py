@@ -3,9 +3,9 @@ engine (TMA) while two consumer warp groups, 64 query rows each, run the matmuls
 
 Triton 3.6 builds this from `tl.range(..., warp_specialize=True)` when every tile the loop reads comes
 through a tensor descriptor built on the device, Q included, and the loop is the kernel's only one
-(Triton 3.9's pass fails on it: the launch then falls back, see `flash_forward_ws`). Hence one loop: under causal, and where the keys end inside a tile, each score is compared with its
-row's last visible key (one compare and select per score, no branch: a branch in the loop turns the
-specialisation off). K and V come through 4-d (B, H, S, D) descriptors on their own strides, so
+(Triton 3.9's pass fails on it: the launch then falls back, see `flash_forward_ws`). Hence one loop:
+under causal, and where the keys end inside a tile, each score is compared with its row's last visible
+key (one compare and select per score, no branch: a branch in the loop turns the specialisation off). K and V come through 4-d (B, H, S, D) descriptors on their own strides, so
 transposed layouts and GQA need no copy, and the copy engine zero-fills reads past a head's last row;
 Q through a 2-d one on a contiguous copy (a 4-d Q descriptor hung the GPU).
 
@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from .triton_fwd import LOG2E, OutOfResources, interpreting, triton
+from .triton_fwd import LOG2E, OutOfResources, _compute_capability, interpreting, triton
 
 if triton is not None:
     import triton.language as tl
@@ -105,7 +105,6 @@ WS_CAUSAL = False
 
 @functools.lru_cache(maxsize=None)
 def _hopper_with_warp_specialisation(device_index: int) -> bool:
-    from .triton_fwd import _compute_capability
     version = tuple(int(x) for x in triton.__version__.split(".")[:2])
     return _compute_capability(device_index) == 9 and version >= (3, 6)
 
