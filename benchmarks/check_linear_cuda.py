@@ -39,6 +39,29 @@ def main():
         ref = linear_attention_reference(*ref_leaves, causal=True, beta=None if beta is None else beta.double(), **kw)
         ref_grads = torch.autograd.grad(ref, ref_leaves, g.double())
         print(kw, "out", f"{rel(out, ref):.1e}", "dq/dk/dv", [f"{rel(a, b):.1e}" for a, b in zip(grads, ref_grads)])
+    check_decode()
+
+
+def check_decode(steps=300):
+    """The fused decode step (its programs merged by the last one to finish, through a counter) against the
+    PyTorch step, token by token past a full window, GQA 9/3 and 32/32: output and the state it carries."""
+    from longattn.kernels.linear import linear_attention_step, linear_attention_step_reference
+    opts = dict(causal=True, feature_map="elu", sink_tokens=64, local_window=256)
+    for hq, hkv in ((9, 3), (32, 32)):
+        torch.manual_seed(hq)
+        s = 64 + 256 + steps
+        q, k, v = (torch.randn(1, h, s, 64, device="cuda", dtype=torch.bfloat16) * 0.5 for h in (hq, hkv, hkv))
+        with torch.no_grad():
+            _, fast = linear_attention_step_reference(q[:, :, :320], k[:, :, :320], v[:, :, :320], None, **opts)
+            slow, worst = fast, 0.0
+            for t in range(320, s):
+                x = (q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1])
+                out, fast = linear_attention_step(*x, fast, **opts)
+                ref, slow = linear_attention_step_reference(*x, slow, **opts)
+                worst = max(worst, rel(out, ref))
+        state = max(rel(getattr(fast, n), getattr(slow, n)) for n in ("far", "window_k", "window_v"))
+        print(f"decode {hq}/{hkv}, {steps} steps past a full window: worst output rel err {worst:.1e}, "
+              f"state {state:.1e}")
 
 
 if __name__ == "__main__":

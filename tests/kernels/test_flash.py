@@ -207,6 +207,46 @@ def test_a_config_that_does_not_fit_the_gpu_falls_back_to_smaller_tiles():
     assert cfg["BLOCK_M"] * cfg["BLOCK_N"] == 64 * 32
 
 
+def test_a_tuned_config_is_kept_per_key_and_launched_on_the_plain_kernel_with_its_even_flags():
+    from longattn.kernels.flash.triton_fwd import ChosenConfigs
+    calls = []
+
+    class FakeTuner:  # the autotuner: picks a config per call, remembers it as best_config
+        def __getitem__(self, grid):
+            def run(*args, **meta):
+                self.best_config = type("Cfg", (), {"all_kwargs": lambda s: {"BLOCK_M": 64, "BLOCK_N": 32}})()
+                calls.append(("tune", grid(meta), args))
+            return run
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: calls.append(("launch", grid, args, kw))
+
+    chosen = ChosenConfigs(FakeTuner(), FakeKernel())
+    grid = lambda c: (c.get("BLOCK_M", 0),)
+    args_for = lambda cfg: ("tuner",) if cfg is None else ("chosen", cfg["BLOCK_N"])
+    chosen.launch(("key", 1), grid, args_for, {"CAUSAL": True}, (128, 100))
+    chosen.launch(("key", 1), grid, args_for, {"CAUSAL": True}, (128, 100))
+    chosen.launch(("key", 2), grid, args_for, {"CAUSAL": False}, (128, 96))
+    assert calls[0][0] == "tune" and calls[0][2] == ("tuner",)
+    assert calls[1] == ("launch", (64,), ("chosen", 32),
+                        {"CAUSAL": True, "BLOCK_M": 64, "BLOCK_N": 32, "EVEN_M": True, "EVEN_N": False})
+    assert calls[2][0] == "tune"  # a new key tunes again
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the autotuner needs a GPU")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_autotuned_forward_gives_the_same_result_when_tuning_and_when_launching_the_chosen_config(causal, monkeypatch):
+    from longattn.kernels.flash import triton_fwd
+    monkeypatch.setenv("LONGATTN_FLASH_AUTOTUNE", "1")
+    q, k, v = (t.detach() for t in make_qkv(1, 4, 2, 1000, 1100, 64, torch.bfloat16))
+    _, ref_out, _ = reference(q, k, v, scale=0.125, causal=causal)
+    first = triton_fwd.flash_forward(q, k, v, 0.125, causal)[0]  # tunes
+    again = triton_fwd.flash_forward(q, k, v, 0.125, causal)[0]  # the chosen config, launched directly
+    assert relative_error(first, ref_out) < TOLERANCE[torch.bfloat16]
+    assert relative_error(again, ref_out) < TOLERANCE[torch.bfloat16]
+
+
 # (batch, q heads, kv heads, q len, k len, head dim, layout): "bshd" = q/k/v viewed from (B, S, H, D)
 WS_SHAPES = [(2, 8, 2, 1000, 1100, 128, "bhsd"), (1, 4, 4, 777, 1300, 128, "bshd"), (1, 2, 1, 600, 300, 128, "bhsd")] \
     if ON_CUDA else [(1, 2, 2, 32, 32, 16, "bhsd"), (2, 4, 2, 20, 37, 32, "bshd"), (1, 2, 1, 37, 20, 16, "bhsd")]

@@ -20,7 +20,8 @@ except ImportError:  # pragma: no cover - other triton layouts
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 INTS = {"N", "NQ", "F", "G", "Hq", "Hkv", "D", "Dv", "W", "L", "P", "Sq", "Sk"}
-FLOATS = {"eps", "scale", "c_all"}
+FLOATS = {"eps", "scale", "c_all", "beta_new"}
+INT_PTRS = {"COUNT"}
 
 pytestmark = pytest.mark.skipif(GPUTarget is None or not os.path.exists(os.path.join(TOOLS, "ptxas"))
                                 or not os.path.exists(os.path.join(TOOLS, "cuobjdump")),
@@ -34,6 +35,8 @@ def _compile(kernel, constexprs, bf16_ptrs, num_warps):
             sig[name] = "constexpr"
         elif name in FLOATS:
             sig[name] = "fp32"
+        elif name in INT_PTRS:
+            sig[name] = "*i32"
         elif name[0].isupper() and name not in INTS:
             sig[name] = "*bf16" if name in bf16_ptrs else "*fp32"
         else:
@@ -101,7 +104,7 @@ def _cases():
          dbwd.DKV_TILE[1], io | {"TT"}),
         ("delta-bwd-dk", dbwd._dk_kernel, dict(FMAP=1, C=64, BF=64, PRECISION="tf32"), dbwd.DK_WARPS, io),
         ("decode", dec._decode_kernel, dict(FMAP=1, HAS_FAR=True, FOLD=True, NORMALIZE=True, PER_HEAD_C=True, BD=64,
-                                            BDV=64, BN=64),
+                                            BDV=64, BN=dec.KEYS_PER_PROGRAM, SHIFT=True, PARTS=8),
          4, {"Q", "O"}),
         ("exact", exact._exact_kernel, dict(CAUSAL=True, BF16=True, BM=64, BN=64, BD=64, BDV=64), 4, {"Q", "K", "V"}),
         ("exact-dq", exact._exact_dq_kernel, dict(CAUSAL=True, BF16=True, BM=64, BN=64, BD=64, BDV=64), 8,

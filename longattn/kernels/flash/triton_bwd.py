@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_fwd import (LOG2E, OutOfResources, _load_2d, _score_bias, autotuning, dot_precision,
+from .triton_fwd import (LOG2E, ChosenConfigs, OutOfResources, _load_2d, _score_bias, autotuning, dot_precision,
                          fallback_configs, interpreting, launch_first_that_fits, last_dim_contiguous, mask_as_4d,
                          padded_dim, triton)
 
@@ -246,6 +246,8 @@ if triton is not None:
     _dq_tuned = triton.autotune(
         configs=_configs([(128, 64, 8, 2), (128, 32, 4, 3), (128, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)]),
         key=_KEY, prune_configs_by={"early_config_prune": _prune})(_dq_heuristic)
+    _dkdv_chosen = ChosenConfigs(_dkdv_tuned, _bwd_dkdv_kernel)
+    _dq_chosen = ChosenConfigs(_dq_tuned, _bwd_dq_kernel)
     INTERPRETER_BWD_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 
 
@@ -283,9 +285,10 @@ def flash_backward(dout, dlse, q, k, v, out, lse, scale: float, causal: bool, at
     dkdv_grid = lambda c: (triton.cdiv(Sk, c["BLOCK_N"]), B * Hkv)
     dq_grid = lambda c: (triton.cdiv(Sq, c["BLOCK_M"]), B * Hq)
     if autotuning():
+        key = (q.device.index, q.dtype, *buckets, *meta.values())
         try:
-            _dkdv_tuned[dkdv_grid](*dkdv_args, **meta)
-            _dq_tuned[dq_grid](*dq_args, **meta)
+            _dkdv_chosen.launch(key, dkdv_grid, lambda cfg: dkdv_args, meta, (Sq, Sk))
+            _dq_chosen.launch(key, dq_grid, lambda cfg: dq_args, meta, (Sq, Sk))
             return dq, dk, dv
         except OutOfResources:  # no tuned config fits: shrink below (both kernels rerun; they only write)
             pass

@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from .triton_fwd import (LOG2E, _load_2d, autotuning, dot_precision, interpreting, last_dim_contiguous,
+from .triton_fwd import (LOG2E, ChosenConfigs, _load_2d, autotuning, dot_precision, interpreting, last_dim_contiguous,
                          launch_first_that_fits, mask_as_4d,
                          padded_dim, triton)
 
@@ -128,6 +128,7 @@ if triton is not None:
                  for bn, w, s in [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4)]],
         key=["SK_BUCKET", "ROWS", "HEAD_DIM_PAD", "DV_PAD", "CAUSAL", "HAS_MASK"],
     )(_decode_split_kernel)
+    _decode_chosen = ChosenConfigs(_decode_tuned, _decode_split_kernel)
 
 
 @functools.lru_cache(maxsize=8)
@@ -178,7 +179,8 @@ def decode_forward(q, k, v, scale: float, causal: bool, attn_mask=None):
         launch_first_that_fits(_decode_split_kernel, lambda cfg: (splits, B * Hkv), args, meta,
                                [dict(BLOCK_N=bn, num_warps=4, num_stages=st) for bn, st in DECODE_FALLBACK_TILES])
     else:
-        _decode_tuned[(splits, B * Hkv)](*args, **meta)
+        _decode_chosen.launch((q.device.index, q.dtype, args[-1], *meta.values()), lambda cfg: (splits, B * Hkv),
+                              lambda cfg: args, meta)
     out = torch.empty(B, Hq, Sq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
     _decode_merge_kernel[(B * Hkv * n_rows,)](part_out, part_lse, out, lse, *out.stride()[:3], Hkv, Hq, Sq, group,

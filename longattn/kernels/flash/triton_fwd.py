@@ -266,7 +266,8 @@ if triton is not None:
     _fwd_heuristic = _even_heuristics(_flash_fwd_kernel)
     _fwd_tuned = triton.autotune(
         configs=FWD_CONFIGS,
-        key=["SQ_BUCKET", "SK_BUCKET", "HEAD_DIM_PAD", "DV_PAD", "CAUSAL", "HAS_MASK", "MASK_IS_BOOL"],
+        # TMA_OK: the pruner keeps TMA configs only where the inputs allow them
+        key=["SQ_BUCKET", "SK_BUCKET", "HEAD_DIM_PAD", "DV_PAD", "CAUSAL", "HAS_MASK", "MASK_IS_BOOL", "TMA_OK"],
         prune_configs_by={"early_config_prune": _prune_by_shared_memory},
     )(_fwd_heuristic)
 
@@ -355,6 +356,47 @@ def mask_as_4d(attn_mask: torch.Tensor | None, B: int, Hq: int, Sq: int, Sk: int
     return m
 
 
+def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
+    """Host TMA descriptors reading K and V as (B·Hkv·Sk, D) matrices in tiles of block_n rows."""
+    bind_cuda_context(k.device)
+    rows, d, dv = k.shape[0] * k.shape[1] * k.shape[2], k.shape[-1], v.shape[-1]
+    return (TensorDescriptor(k, [rows, d], [d, 1], [block_n, d]),
+            TensorDescriptor(v, [rows, dv], [dv, 1], [block_n, dv]))
+
+
+class ChosenConfigs:
+    """Triton's autotuner for the first call of each key, then the config it chose launched on the plain
+    kernel. Its wrappers (autotuner, heuristics) cost about a quarter of an eager call's host time
+    (cProfile on the H200's host, 1K tokens: ~60 of ~250 µs). The key must hold everything the tuner's
+    key and pruning see."""
+
+    def __init__(self, tuned, kernel):
+        self.tuned, self.kernel, self.chosen, self.lock = tuned, kernel, {}, threading.Lock()
+
+    def launch(self, key, grid, args_for, meta, lengths=None) -> None:
+        """`args_for(cfg)`: the positional arguments for a chosen config, or for the tuner (cfg None).
+        `lengths` (Sq, Sk): set EVEN_M / EVEN_N as the kernels' heuristics would."""
+        cfg = self.chosen.get(key)
+        if cfg is None:
+            with self.lock:  # best_config is the tuner's last choice: read it before another call tunes
+                self.tuned[grid](*args_for(None), **meta)
+                best = getattr(self.tuned, "best_config", None)
+                if best is not None:
+                    self.chosen[key] = best.all_kwargs()
+            return
+        launch_with(self.kernel, grid, args_for(cfg), meta, cfg, lengths)
+
+
+def launch_with(kernel, grid, args, meta, cfg: dict, lengths=None) -> None:
+    """`kernel` (without the heuristics wrapper) with config `cfg`; lengths (Sq, Sk) set EVEN_M / EVEN_N."""
+    even = {} if lengths is None else {"EVEN_M": lengths[0] % cfg["BLOCK_M"] == 0,
+                                       "EVEN_N": lengths[1] % cfg["BLOCK_N"] == 0}
+    kernel[grid(cfg)](*args, **meta, **cfg, **even)
+
+
+_fwd_chosen = ChosenConfigs(_fwd_tuned, _flash_fwd_kernel) if triton is not None else None
+
+
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -375,34 +417,30 @@ def flash_forward(q, k, v, scale: float, causal: bool, attn_mask=None, config: d
     mask_arg = mask if mask is not None else q  # never read when HAS_MASK is False
     mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
     tma_ok = tma_allowed(k, v)
-    if tma_ok:  # block_shape is set per config by _set_tma_block_shapes
-        bind_cuda_context(k.device)
-        k_desc = TensorDescriptor(k, [B * Hkv * Sk, D], [D, 1], [16, D])
-        v_desc = TensorDescriptor(v, [B * Hkv * Sk, Dv], [Dv, 1], [16, Dv])
-    else:
-        k_desc, v_desc = k, v
-    args = (q, k, v, k_desc, v_desc, mask_arg, out, lse,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
-            Hq, Sq, Sk, Hq // Hkv, scale * LOG2E, Sk - Sq,
-            triton.next_power_of_2(Sq), triton.next_power_of_2(max(Sk, 1)))
+    kv_desc = lambda block_n: _kv_descriptors(k, v, block_n) if tma_ok else (k, v)
+    buckets = (triton.next_power_of_2(Sq), triton.next_power_of_2(max(Sk, 1)))
+    args = lambda descs: (q, k, v, *descs, mask_arg, out, lse,
+                          *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
+                          Hq, Sq, Sk, Hq // Hkv, scale * LOG2E, Sk - Sq, *buckets)
     meta = dict(HEAD_DIM=D, HEAD_DIM_PAD=padded_dim(D), DV=Dv, DV_PAD=padded_dim(Dv), CAUSAL=bool(causal),
                 HAS_MASK=mask is not None, MASK_IS_BOOL=mask is not None and mask.dtype == torch.uint8,
                 TMA_OK=tma_ok, DOT_PRECISION=dot_precision(q.dtype))
     grid = lambda c: (triton.cdiv(Sq, c["BLOCK_M"]), B * Hq)
+
+    def args_for(cfg):  # descriptors for the tuner wherever TMA is allowed, else only for configs using them
+        return args(kv_desc(16 if cfg is None else cfg["BLOCK_N"]) if cfg is None or cfg["USE_TMA"] else (k, v))
+
     if config is not None:
-        cfg = dict(config)
-        if cfg["USE_TMA"]:
-            if not tma_ok:
-                raise ValueError(f"flash_forward: config {config} asks for TMA, which these inputs do not allow")
-            _set_tma_block_shapes({**meta, **cfg, "K_desc": k_desc, "V_desc": v_desc})
-        _fwd_heuristic[grid(cfg)](*args, **meta, **cfg)
+        if config["USE_TMA"] and not tma_ok:
+            raise ValueError(f"flash_forward: config {config} asks for TMA, which these inputs do not allow")
+        launch_with(_flash_fwd_kernel, grid, args_for(config), meta, dict(config), (Sq, Sk))
         return out, lse
     if autotuning():
         try:
-            _fwd_tuned[grid](*args, **meta)
+            _fwd_chosen.launch((q.device.index, q.dtype, *buckets, *meta.values()), grid, args_for, meta, (Sq, Sk))
             return out, lse
         except OutOfResources:  # no tuned config fits (e.g. fp32 with d256): shrink below
             pass
     first = default_fwd_config(max(meta["HEAD_DIM_PAD"], meta["DV_PAD"]), q.element_size())
-    launch_first_that_fits(_fwd_heuristic, grid, args, meta, fallback_configs(first))
+    launch_first_that_fits(_fwd_heuristic, grid, args((k, v)), meta, fallback_configs(first))
     return out, lse

@@ -73,80 +73,141 @@ if triton is not None:
             tl.store(WB_OUT + bkv.to(tl.int64) * n_win + rows, tl.where(rows == n_win - 1, beta_new, bo), mask=ok)
 
     @triton.jit
+    def _exact_segment(q, K, V, seg_start, seg_len, lo, hi, offs_n, offs_d, offs_v, D, Dv, scale, m, l, acc,
+                       BN: tl.constexpr):
+        """The part of keys [lo, hi) of the virtual list (sinks | window | new key) that falls in one segment
+        of it, which starts at seg_start and holds seg_len keys."""
+        a = tl.minimum(tl.maximum(lo - seg_start, 0), seg_len)
+        z = tl.minimum(tl.maximum(hi - seg_start, 0), seg_len)
+        return _exact_block(q, K + a * D, V + a * Dv, z - a, offs_n, offs_d, offs_v, D, Dv, scale, m, l, acc, BN)
+
+    @triton.jit
     def _decode_kernel(Q, FAR_IN, FAR_OUT, KOLD, VOLD, SK, SV, WK, WV, CFAR, O, WB, KNEW, VNEW, WK_OUT, WV_OUT, WB_OUT,
-                       Hq, G, n_sink, n_win, D, Dv, W, scale, eps, c_all, beta_new, FMAP: tl.constexpr,
+                       PART, COUNT, Hq, G, n_sink, n_win, D, Dv, W, scale, eps, c_all, beta_new, FMAP: tl.constexpr,
                        HAS_FAR: tl.constexpr, FOLD: tl.constexpr, NORMALIZE: tl.constexpr, PER_HEAD_C: tl.constexpr,
-                       SHIFT: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr):
-        """c_all: the far part's factor when it is one number (PER_HEAD_C False), else CFAR (Hq,) holds it.
+                       n_parts, SHIFT: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
+                       PARTS: tl.constexpr):
+        """Program (query head, part): part 0 the far part, part j >= 1 keys [(j−1)·BN, j·BN) of the exact
+        keys (sinks, then the window, then the new key); each writes a partial to PART, and the head's last
+        program to finish (a counter in COUNT, reset by it) merges them and writes the output. Splitting a
+        head over PARTS programs instead of walking its ~320 keys in one is what makes a step short.
+        c_all: the far part's factor when it is one number (PER_HEAD_C False), else CFAR (Hq,) holds it.
         SHIFT: the window WK / WV / WB is full and does not hold the new key KNEW / VNEW yet. The kernel
         then moves it along itself: it attends to its rows 1..W−1 and the new key, folds row 0 (the
         leaving key) into the far state, and the group's programs write the next window to WK_OUT /
         WV_OUT / WB_OUT (a share each), so a steady-state step is this one launch."""
         bhq = tl.program_id(0)
+        part = tl.program_id(1)
         b, hq = bhq // Hq, bhq % Hq
         bkv = b * (Hq // G) + hq // G
         offs_d = tl.arange(0, BD)
         offs_v = tl.arange(0, BDV)
         mask_d, mask_v = offs_d < D, offs_v < Dv
         q = tl.load(Q + bhq.to(tl.int64) * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        # exact part over the sinks and the window (the window already holds this token's key)
-        # scalars made by reductions so every loop-carried value has one type on every backend
-        m = tl.max(tl.full((BDV,), float("-inf"), tl.float32), 0)
-        l = tl.sum(tl.zeros((BDV,), dtype=tl.float32), 0)
-        acc = tl.zeros((BDV,), dtype=tl.float32)
-        m, l, acc = _exact_block(q, SK + bkv.to(tl.int64) * n_sink * D, SV + bkv.to(tl.int64) * n_sink * Dv, n_sink,
-                                 tl.arange(0, BN), offs_d, offs_v, D, Dv, scale, m, l, acc, BN)
-        if SHIFT:
-            m, l, acc = _exact_block(q, WK + (bkv.to(tl.int64) * n_win + 1) * D,
-                                     WV + (bkv.to(tl.int64) * n_win + 1) * Dv, n_win - 1,
-                                     tl.arange(0, BN), offs_d, offs_v, D, Dv, scale, m, l, acc, BN)
-            m, l, acc = _exact_block(q, KNEW + bkv.to(tl.int64) * D, VNEW + bkv.to(tl.int64) * Dv, 1,
-                                     tl.arange(0, BN), offs_d, offs_v, D, Dv, scale, m, l, acc, BN)
-            _shift_window(WK, WV, WB, KNEW, VNEW, WK_OUT, WV_OUT, WB_OUT, bkv, hq % G, G, n_win, D, Dv, beta_new,
-                          offs_d, offs_v, BN)
-            k_old_ptr = WK + bkv.to(tl.int64) * n_win * D
-            v_old_ptr = WV + bkv.to(tl.int64) * n_win * Dv
-        else:
-            m, l, acc = _exact_block(q, WK + bkv.to(tl.int64) * n_win * D, WV + bkv.to(tl.int64) * n_win * Dv, n_win,
-                                     tl.arange(0, BN), offs_d, offs_v, D, Dv, scale, m, l, acc, BN)
-            k_old_ptr = KOLD + bkv.to(tl.int64) * D
-            v_old_ptr = VOLD + bkv.to(tl.int64) * Dv
-        num = tl.zeros((BDV,), dtype=tl.float32)
-        den = tl.sum(tl.zeros((BDV,), dtype=tl.float32), 0)
-        if HAS_FAR:  # far rows hold [Σφ(k)vᵀ | Σφ(k)], W = Dv (+ 1 when normalised) floats
-            f_ptrs = FAR_IN + bkv.to(tl.int64) * D * W + offs_d[:, None] * W + offs_v[None, :]
-            fmask = mask_d[:, None] & mask_v[None, :]
-            far = tl.load(f_ptrs, mask=fmask, other=0.0)
-            if NORMALIZE:
-                z = tl.load(FAR_IN + bkv.to(tl.int64) * D * W + offs_d * W + Dv, mask=mask_d, other=0.0)
-            if FOLD:
-                ko = tl.load(k_old_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-                ko = tl.where(mask_d, _phi(ko, FMAP), 0.0)
-                vo = tl.load(v_old_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
-                far = far + ko[:, None] * vo[None, :]
+        part_row = PART + (bhq.to(tl.int64) * PARTS + part) * (BDV + 2)
+        if SHIFT:  # every program of the key head's group copies a share of the next window
+            _shift_window(WK, WV, WB, KNEW, VNEW, WK_OUT, WV_OUT, WB_OUT, bkv, (hq % G) * n_parts + part, G * n_parts,
+                          n_win, D, Dv, beta_new, offs_d, offs_v, BN)
+        if part == 0:
+            num = tl.zeros((BDV,), dtype=tl.float32)
+            den = tl.sum(tl.zeros((BDV,), dtype=tl.float32), 0)
+            if HAS_FAR:  # far rows hold [Σφ(k)vᵀ | Σφ(k)], W = Dv (+ 1 when normalised) floats
+                if SHIFT:  # the key leaving the window is its row 0
+                    k_old_ptr = WK + bkv.to(tl.int64) * n_win * D
+                    v_old_ptr = WV + bkv.to(tl.int64) * n_win * Dv
+                else:
+                    k_old_ptr = KOLD + bkv.to(tl.int64) * D
+                    v_old_ptr = VOLD + bkv.to(tl.int64) * Dv
+                f_ptrs = FAR_IN + bkv.to(tl.int64) * D * W + offs_d[:, None] * W + offs_v[None, :]
+                fmask = mask_d[:, None] & mask_v[None, :]
+                far = tl.load(f_ptrs, mask=fmask, other=0.0)
                 if NORMALIZE:
-                    z = z + ko
-                if hq % G == 0:  # one writer per key head
-                    out_ptrs = FAR_OUT + bkv.to(tl.int64) * D * W + offs_d[:, None] * W + offs_v[None, :]
-                    tl.store(out_ptrs, far, mask=fmask)
+                    z = tl.load(FAR_IN + bkv.to(tl.int64) * D * W + offs_d * W + Dv, mask=mask_d, other=0.0)
+                if FOLD:
+                    ko = tl.load(k_old_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+                    ko = tl.where(mask_d, _phi(ko, FMAP), 0.0)
+                    vo = tl.load(v_old_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+                    far = far + ko[:, None] * vo[None, :]
                     if NORMALIZE:
-                        tl.store(FAR_OUT + bkv.to(tl.int64) * D * W + offs_d * W + Dv, z, mask=mask_d)
-            fq = tl.where(mask_d, _phi(q, FMAP), 0.0)
-            num = tl.sum(fq[:, None] * far, 0)
+                        z = z + ko
+                    if hq % G == 0:  # one writer per key head
+                        out_ptrs = FAR_OUT + bkv.to(tl.int64) * D * W + offs_d[:, None] * W + offs_v[None, :]
+                        tl.store(out_ptrs, far, mask=fmask)
+                        if NORMALIZE:
+                            tl.store(FAR_OUT + bkv.to(tl.int64) * D * W + offs_d * W + Dv, z, mask=mask_d)
+                fq = tl.where(mask_d, _phi(q, FMAP), 0.0)
+                num = tl.sum(fq[:, None] * far, 0)
+                if NORMALIZE:
+                    den = tl.sum(fq * z, 0)
+            tl.store(part_row + offs_v, num)
+            tl.store(part_row + BDV, den)
+        else:
+            # scalars made by reductions so every loop-carried value has one type on every backend
+            m = tl.max(tl.full((BDV,), float("-inf"), tl.float32), 0)
+            l = tl.sum(tl.zeros((BDV,), dtype=tl.float32), 0)
+            acc = tl.zeros((BDV,), dtype=tl.float32)
+            lo = (part - 1) * BN
+            hi = lo + BN
+            offs_n = tl.arange(0, BN)
+            m, l, acc = _exact_segment(q, SK + bkv.to(tl.int64) * n_sink * D, SV + bkv.to(tl.int64) * n_sink * Dv,
+                                       0, n_sink, lo, hi, offs_n, offs_d, offs_v, D, Dv, scale, m, l, acc, BN)
+            if SHIFT:  # the window's rows 1..W−1, then the new key
+                m, l, acc = _exact_segment(q, WK + (bkv.to(tl.int64) * n_win + 1) * D,
+                                           WV + (bkv.to(tl.int64) * n_win + 1) * Dv, n_sink, n_win - 1, lo, hi,
+                                           offs_n, offs_d, offs_v, D, Dv, scale, m, l, acc, BN)
+                m, l, acc = _exact_segment(q, KNEW + bkv.to(tl.int64) * D, VNEW + bkv.to(tl.int64) * Dv,
+                                           n_sink + n_win - 1, 1, lo, hi, offs_n, offs_d, offs_v, D, Dv, scale,
+                                           m, l, acc, BN)
+            else:  # the window already holds this token's key
+                m, l, acc = _exact_segment(q, WK + bkv.to(tl.int64) * n_win * D, WV + bkv.to(tl.int64) * n_win * Dv,
+                                           n_sink, n_win, lo, hi, offs_n, offs_d, offs_v, D, Dv, scale, m, l, acc, BN)
+            tl.store(part_row + offs_v, acc)
+            tl.store(part_row + BDV, m)
+            tl.store(part_row + BDV + 1, l)
+        # the last program of this head to get here merges: the barrier orders the CTA's stores before
+        # the counter's release, the acquire orders the merge's loads after everyone's
+        tl.debug_barrier()
+        done = tl.atomic_add(COUNT + bhq, 1, sem="acq_rel")
+        if done == n_parts - 1:
+            tl.atomic_xchg(COUNT + bhq, 0)  # ready for the next step (and for CUDA-graph replays)
+            parts = tl.arange(0, PARTS)
+            rows = PART + (bhq.to(tl.int64) * PARTS + parts) * (BDV + 2)
+            exact = (parts > 0) & (parts < n_parts)
+            tiles = tl.load(rows[:, None] + offs_v[None, :], mask=exact[:, None], other=0.0, cache_modifier=".cg")
+            ms = tl.load(rows + BDV, mask=exact, other=float("-inf"), cache_modifier=".cg")
+            ls = tl.load(rows + BDV + 1, mask=exact, other=0.0, cache_modifier=".cg")
+            m = tl.max(ms, 0)
+            w_p = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - tl.where(m == float("-inf"), 0.0, m)))
+            acc = tl.sum(w_p[:, None] * tiles, 0)
+            l = tl.sum(w_p * ls, 0)
+            far_row = PART + bhq.to(tl.int64) * PARTS * (BDV + 2)
+            num = tl.load(far_row + offs_v, cache_modifier=".cg")
+            den = tl.load(far_row + BDV, cache_modifier=".cg")
+            if PER_HEAD_C:
+                c = tl.load(CFAR + hq)
+            else:
+                c = c_all
             if NORMALIZE:
-                den = tl.sum(fq * z, 0)
-        if PER_HEAD_C:
-            c = tl.load(CFAR + hq)
-        else:
-            c = c_all
-        if NORMALIZE:
-            M = tl.maximum(m, 0.0)
-            we = tl.exp(m - M)  # 0 when there is no exact key (m = −inf)
-            wf = c * tl.exp(-M)
-            out = (we * acc + wf * num) / (we * l + wf * den + eps * tl.exp(-M))
-        else:
-            out = c * num
-        tl.store(O + bhq.to(tl.int64) * Dv + offs_v, out.to(O.dtype.element_ty), mask=mask_v)
+                M = tl.maximum(m, 0.0)
+                we = tl.exp(m - M)  # 0 when there is no exact key (m = −inf)
+                wf = c * tl.exp(-M)
+                out = (we * acc + wf * num) / (we * l + wf * den + eps * tl.exp(-M))
+            else:
+                out = c * num
+            tl.store(O + bhq.to(tl.int64) * Dv + offs_v, out.to(O.dtype.element_ty), mask=mask_v)
+
+
+KEYS_PER_PROGRAM = 64  # exact keys per program of a decode step (a power of two)
+_counter_buffers: dict = {}
+
+
+def _counters(n: int, device: torch.device) -> torch.Tensor:
+    """n int32 zeros, one per query head: the decode kernel's finish counters. Each step's merging program
+    resets its counter, so one buffer per device serves every step (and CUDA-graph replays)."""
+    buf = _counter_buffers.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _counter_buffers[device] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+    return buf
 
 
 def supports(q, feature_map: str, update_rule: str) -> bool:
@@ -217,14 +278,19 @@ def linear_attention_step_triton(q, k, v, state, *, scale=None, causal=True, fea
         sk, sv, wk, wv = (x if x.is_contiguous() else x.contiguous() for x in (sk, sv, wk, wv))
         out = torch.empty(B, Hq, 1, Dv, dtype=q.dtype, device=q.device)
         qt = q[:, :, t:t + 1]
-        _decode_kernel[(B * Hq,)](
+        bdv = max(16, triton.next_power_of_2(Dv))
+        n_parts = 1 + triton.cdiv(sk.shape[2] + wk.shape[2], KEYS_PER_PROGRAM)  # the far part + exact key slices
+        parts = triton.next_power_of_2(n_parts)
+        partials = torch.empty(B * Hq, parts, bdv + 2, dtype=torch.float32, device=q.device)
+        _decode_kernel[(B * Hq, n_parts)](
             qt if qt.is_contiguous() else qt.contiguous(), *(out if x is None else x for x in (
                 far_in, far_out, k_old, v_old, sk, sv, wk, wv, c, out, wb, k_new, v_new, wk_out, wv_out, wb_out)),
+            partials, _counters(B * Hq, q.device),
             Hq, G, sk.shape[2], wk.shape[2], D, Dv, width, scale, float(eps), 1.0 if per_head_c else float(c_value),
             float(beta_value) if scalar_beta else 1.0,
             FMAP=FUSED_MAPS[feature_map], HAS_FAR=far_in is not None, FOLD=fold, NORMALIZE=normalize,
-            PER_HEAD_C=per_head_c, SHIFT=shift, BD=max(16, triton.next_power_of_2(D)),
-            BDV=max(16, triton.next_power_of_2(Dv)), BN=64, num_warps=8 if D * Dv > 64 * 64 else 4)
+            PER_HEAD_C=per_head_c, n_parts=n_parts, SHIFT=shift, BD=max(16, triton.next_power_of_2(D)), BDV=bdv,
+            BN=KEYS_PER_PROGRAM, PARTS=parts, num_warps=8 if D * Dv > 64 * 64 else 4)
         outs.append(out)
         if shift:
             wk, wv, wb = wk_out, wv_out, wb_out
