@@ -25,6 +25,7 @@ DECODE_MAX_QUERIES = 16
 MAX_GROUP_ROWS = 128  # group·Sq rows per program; beyond that the tiled forward is as good
 MAX_SPLITS = 128
 MIN_KEYS_PER_SPLIT = 128
+PROGRAMS_PER_SM = 3  # key chunks are sized so that about this many split programs run per SM
 DECODE_FALLBACK_TILES = [(64, 3), (64, 2), (32, 2), (16, 1)]  # (BLOCK_N, num_stages), first that fits
 
 if triton is not None:
@@ -137,17 +138,18 @@ def _num_sms(device_index: int) -> int:
 
 
 def decode_splits(batch_kv_heads: int, Sk: int, num_sms: int) -> tuple[int, int]:
-    """(number of key chunks, keys per chunk): about three programs per SM, chunks of >= 128 keys
+    """(number of key chunks, keys per chunk): about PROGRAMS_PER_SM programs per SM, chunks of >= 128 keys
     (a multiple of 128, so every chunk starts on an aligned tile)."""
-    wanted = max(1, triton.cdiv(3 * num_sms, batch_kv_heads))
+    wanted = max(1, triton.cdiv(PROGRAMS_PER_SM * num_sms, batch_kv_heads))
     splits = max(1, min(wanted, triton.cdiv(Sk, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
     keys = triton.cdiv(triton.cdiv(Sk, splits), MIN_KEYS_PER_SPLIT) * MIN_KEYS_PER_SPLIT
     return triton.cdiv(Sk, keys), keys
 
 
-def decode_forward(q, k, v, scale: float, causal: bool, attn_mask=None):
+def decode_forward(q, k, v, scale: float, causal: bool, attn_mask=None, config: dict | None = None):
     """(out, lse) like `flash_forward`, for Sq <= 16. Falls back to the tiled forward when the
-    query group is too tall for one tile (group·Sq > 128)."""
+    query group is too tall for one tile (group·Sq > 128). `config` (BLOCK_N, num_warps, num_stages)
+    bypasses the autotuner."""
     from .triton_fwd import flash_forward
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -172,8 +174,9 @@ def decode_forward(q, k, v, scale: float, causal: bool, attn_mask=None):
     meta = dict(HEAD_DIM=D, HEAD_DIM_PAD=padded_dim(D), DV=Dv, DV_PAD=padded_dim(Dv),
                 ROWS=max(16, triton.next_power_of_2(n_rows)), CAUSAL=bool(causal), HAS_MASK=mask is not None,
                 MASK_IS_BOOL=mask is not None and mask.dtype == torch.uint8, DOT_PRECISION=dot_precision(q.dtype))
-    if interpreting():
-        _decode_split_kernel[(splits, B * Hkv)](*args, **meta, BLOCK_N=16, num_warps=4, num_stages=1)
+    if config is not None or interpreting():
+        cfg = config or dict(BLOCK_N=16, num_warps=4, num_stages=1)
+        _decode_split_kernel[(splits, B * Hkv)](*args, **meta, **cfg)
     elif not autotuning():
         # tall query groups with wide heads outgrow shared memory at 64 keys x 3 stages: step down
         launch_first_that_fits(_decode_split_kernel, lambda cfg: (splits, B * Hkv), args, meta,
