@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from longattn.kernels.linear import LinearAttentionState, linear_attention, linear_attention_step  # noqa: E402
+from longattn.kernels.linear import (LinearAttentionState, linear_attention, linear_attention_step,  # noqa: E402
+                                     linear_attention_step_reference)
 
 try:
     import fla
@@ -213,12 +214,18 @@ def bench_decode(rec, lengths):
             q, k1, v1 = (torch.randn(1, h, 1, d, device="cuda", dtype=torch.bfloat16) for h in (hq, hkv, hkv))
             K, V = (torch.randn(1, hkv, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
             fns = {}
-            for name, sinks, window in (("ours-linear-step", 0, 0), ("ours-hybrid-step", 64, 256)):
-                state = decode_state(hkv, d, sinks, window, d, s)
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            hedgehog = {f"{x}_weight": torch.randn(h, d, d, device="cuda", generator=gen) / d ** 0.5
+                        for x, h in (("q", hq), ("k", hkv))}
+            for name, sinks, window, fmap in (("ours-linear-step", 0, 0, "elu"), ("ours-hybrid-step", 64, 256, "elu"),
+                                              ("ours-hybrid-hedgehog-step", 64, 256, "hedgehog"),
+                                              ("torch-hybrid-hedgehog-step", 64, 256, "hedgehog")):
+                state = decode_state(hkv, d, sinks, window, 2 * d if fmap == "hedgehog" else d, s)
+                stepper = linear_attention_step_reference if name.startswith("torch") else linear_attention_step
 
-                def step(state=state, sinks=sinks, window=window, copy_back=False):
-                    out, new = linear_attention_step(q, k1, v1, state, causal=True, feature_map="elu",
-                                                     sink_tokens=sinks, local_window=window)
+                def step(state=state, sinks=sinks, window=window, fmap=fmap, stepper=stepper, copy_back=False):
+                    out, new = stepper(q, k1, v1, state, causal=True, feature_map=fmap, sink_tokens=sinks,
+                                       local_window=window, feature_params=hedgehog if fmap == "hedgehog" else None)
                     if copy_back:  # the state evolves across replays (three copies more per step)
                         state.far.copy_(new.far)
                         state.window_k.copy_(new.window_k)
@@ -227,7 +234,8 @@ def bench_decode(rec, lengths):
                 # every replay takes the same steady-state step from the same state (the work of any step);
                 # "+copy-back" also writes the new state over the old, as runs before 2026-12-04 timed it
                 fns[name] = step
-                fns[name + "+copy-back"] = functools.partial(step, copy_back=True)
+                if fmap == "elu":
+                    fns[name + "+copy-back"] = functools.partial(step, copy_back=True)
             fns["flash-decode"] = lambda: flash_attention(q, K, V)[0]
             for backend, tag in ((SDPBackend.CUDNN_ATTENTION, "sdpa-cudnn"), (SDPBackend.FLASH_ATTENTION, "sdpa-flash")):
                 def sdpa(backend=backend):

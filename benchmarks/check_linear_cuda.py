@@ -44,11 +44,14 @@ def main():
 
 def check_decode(steps=300):
     """The fused decode step (its programs merged by the last one to finish, through a counter) against the
-    PyTorch step, token by token past a full window, GQA 9/3 and 32/32: output and the state it carries."""
+    PyTorch step, token by token past a full window, GQA 9/3 and 32/32 (elu), 9/3 with a hedgehog map (random
+    weights, F = 64, per head, with biases): output and the state it carries."""
     from longattn.kernels.linear import linear_attention_step, linear_attention_step_reference
-    opts = dict(causal=True, feature_map="elu", sink_tokens=64, local_window=256)
-    for hq, hkv in ((9, 3), (32, 32)):
+    for hq, hkv, fmap in ((9, 3, "elu"), (32, 32, "elu"), (9, 3, "hedgehog")):
         torch.manual_seed(hq)
+        params = {"q_weight": torch.randn(hq, 64, 64) / 8, "k_weight": torch.randn(hkv, 64, 64) / 8,
+                  "q_bias": torch.randn(hq, 64), "k_bias": torch.randn(hkv, 64)} if fmap == "hedgehog" else None
+        opts = dict(causal=True, feature_map=fmap, sink_tokens=64, local_window=256, feature_params=params)
         s = 64 + 256 + steps
         q, k, v = (torch.randn(1, h, s, 64, device="cuda", dtype=torch.bfloat16) * 0.5 for h in (hq, hkv, hkv))
         with torch.no_grad():
@@ -60,7 +63,7 @@ def check_decode(steps=300):
                 ref, slow = linear_attention_step_reference(*x, slow, **opts)
                 worst = max(worst, rel(out, ref))
         state = max(rel(getattr(fast, n), getattr(slow, n)) for n in ("far", "window_k", "window_v"))
-        print(f"decode {hq}/{hkv}, {steps} steps past a full window: worst output rel err {worst:.1e}, "
+        print(f"decode {fmap} {hq}/{hkv}, {steps} steps past a full window: worst output rel err {worst:.1e}, "
               f"state {state:.1e}")
 
 

@@ -19,8 +19,8 @@ except ImportError:  # pragma: no cover - other triton layouts
     GPUTarget = ASTSource = None
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-INTS = {"N", "NQ", "F", "G", "Hq", "Hkv", "D", "Dv", "W", "L", "P", "Sq", "Sk"}
-FLOATS = {"eps", "scale", "c_all", "beta_new"}
+INTS = {"N", "NQ", "F", "FD", "G", "Hq", "Hkv", "D", "Dv", "W", "L", "P", "Sq", "Sk"}
+FLOATS = {"eps", "scale", "c_all", "beta_new", "phi_scale"}
 INT_PTRS = {"COUNT"}
 
 pytestmark = pytest.mark.skipif(GPUTarget is None or not os.path.exists(os.path.join(TOOLS, "ptxas"))
@@ -103,9 +103,10 @@ def _cases():
         ("delta-bwd-dkv", dbwd._dkv_kernel, dict(BF16=True, PRECISION="tf32", C=64, BF=64, BV=dbwd.DKV_TILE[0]),
          dbwd.DKV_TILE[1], io | {"TT"}),
         ("delta-bwd-dk", dbwd._dk_kernel, dict(FMAP=1, C=64, BF=64, PRECISION="tf32"), dbwd.DK_WARPS, io),
-        ("decode", dec._decode_kernel, dict(FMAP=1, HAS_FAR=True, FOLD=True, NORMALIZE=True, PER_HEAD_C=True, BD=64,
-                                            BDV=64, BN=dec.KEYS_PER_PROGRAM, SHIFT=True, PARTS=8),
-         4, {"Q", "O"}),
+        *((name, dec._decode_kernel, dict(FMAP=fmap, HAS_FAR=True, FOLD=True, NORMALIZE=True, PER_HEAD_C=True, BD=64,
+                                          BDV=64, BN=dec.KEYS_PER_PROGRAM, SHIFT=True, PARTS=8, BF=bf, HAS_BIAS=True),
+           warps, {"Q", "O"})
+          for name, fmap, bf, warps in (("decode", 1, 64, 4), ("decode-hedgehog", dec.HEDGEHOG, 128, 8))),
         ("exact", exact._exact_kernel, dict(CAUSAL=True, BF16=True, BM=64, BN=64, BD=64, BDV=64), 4, {"Q", "K", "V"}),
         ("exact-dq", exact._exact_dq_kernel, dict(CAUSAL=True, BF16=True, BM=64, BN=64, BD=64, BDV=64), 8,
          {"Q", "K", "V", "DQ"}),
@@ -115,7 +116,7 @@ def _cases():
 
 
 NAMES = ["states", "output", "output-init", "dq", "dq-init", "dq-identity", "dk", "dv", "dk-identity", "dv-identity",
-         "rev", "delta-bwd-walk", "delta-bwd-dq", "delta-bwd-dkn", "delta-bwd-dkv", "delta-bwd-dk", "delta-inverse", "delta-wu", "delta-states", "delta-output", "decode", "exact", "exact-dq", "exact-dkv"]
+         "rev", "delta-bwd-walk", "delta-bwd-dq", "delta-bwd-dkn", "delta-bwd-dkv", "delta-bwd-dk", "delta-inverse", "delta-wu", "delta-states", "delta-output", "decode", "decode-hedgehog", "exact", "exact-dq", "exact-dkv"]
 
 
 def _report_all() -> dict:
@@ -147,7 +148,7 @@ def reports():
 def test_kernel_compiles_for_sm90_without_spilling(reports, name):
     report = reports[name]
     assert "error" not in report, report.get("error")
-    if name != "decode":  # one query row: no matrix product to put on tensor cores
+    if not name.startswith("decode"):  # one query row: no matrix product to put on tensor cores
         assert report["mma"], f"{name}: no tensor-core instructions"
     allowed = SPILL_ALLOWED.get(name, 0)
     assert report["spill"] <= allowed, f"{name}: {report['spill']} bytes of registers spill to the stack"
@@ -155,4 +156,6 @@ def test_kernel_compiles_for_sm90_without_spilling(reports, name):
 
 # known spills, bounded so they cannot grow unnoticed: the delta rule's inverse backward (T = M diag(β): M rebuilt,
 # then dβ, dA = −Mᵀ dM Mᵀ and A's part of dk) keeps several 64 × 64 float32 tiles live at once (triton 3.9, sm_90)
-SPILL_ALLOWED = {"delta-bwd-dk": 256}
+# The decode step with a hedgehog map (F = 64: a 64 × 128 map tile and a 128 × 64 far state, 8 warps) spills 24 bytes
+# (triton 3.9): one vector of work per program, so a few stack slots do not show against its launch.
+SPILL_ALLOWED = {"delta-bwd-dk": 256, "decode-hedgehog": 48}

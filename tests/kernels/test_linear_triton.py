@@ -165,6 +165,13 @@ def test_dispatcher_op_with_a_linear_band_trains_like_the_reference():
         assert _rel(a, b) < 1e-5
 
 
+_GEN = torch.Generator().manual_seed(7)
+# a learned map as calibration writes it (4 query heads, 2 key heads, head dim 8), F = 5: 2F = 10 feature rows
+HEDGEHOG_PER_HEAD = {"q_weight": torch.randn(4, 8, 5, generator=_GEN), "k_weight": torch.randn(2, 8, 5, generator=_GEN),
+                     "q_bias": torch.randn(4, 5, generator=_GEN), "k_bias": torch.randn(2, 5, generator=_GEN),
+                     "far_scale": [0.5, 1.0, 2.0, 1.5]}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("opts", [
     dict(feature_map="elu"),
@@ -172,7 +179,10 @@ def test_dispatcher_op_with_a_linear_band_trains_like_the_reference():
     dict(feature_map="relu", normalize=False),
     dict(feature_map="identity", sink_tokens=1, local_window=2, feature_params={"far_scale": [0.5, 1.0, 2.0, 3.0]}),
     dict(feature_map="elu", sink_tokens=3, feature_params={"far_scale": 0.5}),  # sinks, then keys fold at once
-], ids=["elu", "elu-hybrid", "relu-unnormalised", "identity-far-scale", "elu-sinks-no-window-scalar-scale"])
+    dict(feature_map="hedgehog", sink_tokens=2, local_window=3, feature_params=HEDGEHOG_PER_HEAD),
+    dict(feature_map="hedgehog", feature_params={"weight": torch.randn(1, 8, 4, generator=_GEN)}),
+], ids=["elu", "elu-hybrid", "relu-unnormalised", "identity-far-scale", "elu-sinks-no-window-scalar-scale",
+        "hedgehog-hybrid-per-head", "hedgehog-shared-map"])
 def test_fused_decode_kernel_steps_equal_the_float64_prefill(dtype, opts):
     from longattn.kernels.linear import linear_attention_step
     q, k, v = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
@@ -202,15 +212,17 @@ def test_fused_decode_continues_a_state_built_by_the_pytorch_step():
     assert _rel(fast, slow) < 1e-5
 
 
-@pytest.mark.parametrize("heads,window,beta", [((4, 2), 3, None), ((6, 2), 70, 0.25), ((2, 2), 1, None)])
-def test_fused_decode_moves_a_full_window_along_itself_and_keeps_the_reference_state(heads, window, beta):
+@pytest.mark.parametrize("heads,window,beta,fmap", [((4, 2), 3, None, "elu"), ((6, 2), 70, 0.25, "elu"),
+                                                   ((2, 2), 1, None, "elu"), ((4, 2), 5, None, "hedgehog")])
+def test_fused_decode_moves_a_full_window_along_itself_and_keeps_the_reference_state(heads, window, beta, fmap):
     """In steady state the kernel attends to the old window's rows 1..W-1 and the new key, folds row 0, and
     the group's programs write the next window (each a share, W = 70 spanning two 64-row chunks): output
     and every state tensor equal the PyTorch step's."""
     from longattn.kernels.linear import linear_attention_step, linear_attention_step_reference
     s = window + 9
     q, k, v = torch.randn(1, heads[0], s, 8), torch.randn(1, heads[1], s, 8), torch.randn(1, heads[1], s, 6)
-    opts = dict(feature_map="elu", sink_tokens=2, local_window=window, beta=beta)
+    opts = dict(feature_map=fmap, sink_tokens=2, local_window=window, beta=beta,
+                feature_params=HEDGEHOG_PER_HEAD if fmap == "hedgehog" else None)
     with torch.no_grad():
         _, state = linear_attention_step_reference(q[:, :, :window + 2], k[:, :, :window + 2], v[:, :, :window + 2],
                                                    None, **opts)

@@ -14,7 +14,7 @@ import math
 import torch
 
 from .decode import LinearAttentionState
-from .feature_maps import feature_dtype
+from .feature_maps import _hedgehog_weights, feature_dtype
 from .reference import DEFAULT_BETA, beta_per_key, check_options, far_scale_per_head
 from .triton_additive import FUSED_MAPS
 
@@ -82,15 +82,38 @@ if triton is not None:
         return _exact_block(q, K + a * D, V + a * Dv, z - a, offs_n, offs_d, offs_v, D, Dv, scale, m, l, acc, BN)
 
     @triton.jit
+    def _features(x, FMAP: tl.constexpr, MAP_W, MAP_B, offs_d, mask_d, offs_f, F, phi_scale, HAS_BIAS: tl.constexpr):
+        """φ(x) on the far state's feature rows offs_f, zero past them. Elementwise maps: offs_f is offs_d.
+        Hedgehog (FMAP 3): [softmax(z), softmax(−z)] with z = (x·phi_scale) W + b, W (D, F) at MAP_W, b at MAP_B."""
+        if FMAP == 3:
+            f = offs_f % F
+            pos = offs_f < F
+            valid = offs_f < 2 * F
+            w = tl.load(MAP_W + offs_d[:, None] * F + f[None, :], mask=mask_d[:, None] & valid[None, :], other=0.0)
+            z = tl.sum((x * phi_scale)[:, None] * w, 0)
+            if HAS_BIAS:
+                z = z + tl.load(MAP_B + f, mask=valid, other=0.0)
+            z = tl.where(pos, z, -z)
+            m = tl.where(pos, tl.max(tl.where(pos, z, float("-inf")), 0),
+                         tl.max(tl.where(valid & (offs_f >= F), z, float("-inf")), 0))
+            e = tl.where(valid, tl.exp(z - m), 0.0)
+            return e / tl.where(pos, tl.sum(tl.where(pos, e, 0.0), 0), tl.sum(tl.where(pos, 0.0, e), 0))
+        else:
+            return tl.where(mask_d, _phi(x, FMAP), 0.0)
+
+    @triton.jit
     def _decode_kernel(Q, FAR_IN, FAR_OUT, KOLD, VOLD, SK, SV, WK, WV, CFAR, O, WB, KNEW, VNEW, WK_OUT, WV_OUT, WB_OUT,
-                       PART, COUNT, Hq, G, n_sink, n_win, D, Dv, W, scale, eps, c_all, beta_new, FMAP: tl.constexpr,
+                       PART, COUNT, QW, KW, QB, KB, qw_h, kw_h, qb_h, kb_h, F, FD, phi_scale,
+                       Hq, G, n_sink, n_win, D, Dv, W, scale, eps, c_all, beta_new, FMAP: tl.constexpr,
                        HAS_FAR: tl.constexpr, FOLD: tl.constexpr, NORMALIZE: tl.constexpr, PER_HEAD_C: tl.constexpr,
                        n_parts, SHIFT: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
-                       PARTS: tl.constexpr):
+                       PARTS: tl.constexpr, BF: tl.constexpr, HAS_BIAS: tl.constexpr):
         """Program (query head, part): part 0 the far part, part j >= 1 keys [(j−1)·BN, j·BN) of the exact
         keys (sinks, then the window, then the new key); each writes a partial to PART, and the head's last
         program to finish (a counter in COUNT, reset by it) merges them and writes the output. Splitting a
         head over PARTS programs instead of walking its ~320 keys in one is what makes a step short.
+        The far state has FD feature rows (BF padded): D for the elementwise maps, 2F for hedgehog, whose maps
+        QW / KW (heads or 1, D, F) and biases QB / KB the programs read at head strides qw_h, kw_h, qb_h, kb_h.
         c_all: the far part's factor when it is one number (PER_HEAD_C False), else CFAR (Hq,) holds it.
         SHIFT: the window WK / WV / WB is full and does not hold the new key KNEW / VNEW yet. The kernel
         then moves it along itself: it attends to its rows 1..W−1 and the new key, folds row 0 (the
@@ -103,6 +126,8 @@ if triton is not None:
         offs_d = tl.arange(0, BD)
         offs_v = tl.arange(0, BDV)
         mask_d, mask_v = offs_d < D, offs_v < Dv
+        offs_f = tl.arange(0, BF)
+        mask_f = offs_f < FD
         q = tl.load(Q + bhq.to(tl.int64) * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         part_row = PART + (bhq.to(tl.int64) * PARTS + part) * (BDV + 2)
         if SHIFT:  # every program of the key head's group copies a share of the next window
@@ -118,24 +143,26 @@ if triton is not None:
                 else:
                     k_old_ptr = KOLD + bkv.to(tl.int64) * D
                     v_old_ptr = VOLD + bkv.to(tl.int64) * Dv
-                f_ptrs = FAR_IN + bkv.to(tl.int64) * D * W + offs_d[:, None] * W + offs_v[None, :]
-                fmask = mask_d[:, None] & mask_v[None, :]
+                f_ptrs = FAR_IN + bkv.to(tl.int64) * FD * W + offs_f[:, None] * W + offs_v[None, :]
+                fmask = mask_f[:, None] & mask_v[None, :]
                 far = tl.load(f_ptrs, mask=fmask, other=0.0)
                 if NORMALIZE:
-                    z = tl.load(FAR_IN + bkv.to(tl.int64) * D * W + offs_d * W + Dv, mask=mask_d, other=0.0)
+                    z = tl.load(FAR_IN + bkv.to(tl.int64) * FD * W + offs_f * W + Dv, mask=mask_f, other=0.0)
                 if FOLD:
                     ko = tl.load(k_old_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-                    ko = tl.where(mask_d, _phi(ko, FMAP), 0.0)
+                    hk = bkv % (Hq // G)
+                    ko = _features(ko, FMAP, KW + hk * kw_h, KB + hk * kb_h, offs_d, mask_d, offs_f, F, phi_scale,
+                                   HAS_BIAS)
                     vo = tl.load(v_old_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
                     far = far + ko[:, None] * vo[None, :]
                     if NORMALIZE:
                         z = z + ko
                     if hq % G == 0:  # one writer per key head
-                        out_ptrs = FAR_OUT + bkv.to(tl.int64) * D * W + offs_d[:, None] * W + offs_v[None, :]
+                        out_ptrs = FAR_OUT + bkv.to(tl.int64) * FD * W + offs_f[:, None] * W + offs_v[None, :]
                         tl.store(out_ptrs, far, mask=fmask)
                         if NORMALIZE:
-                            tl.store(FAR_OUT + bkv.to(tl.int64) * D * W + offs_d * W + Dv, z, mask=mask_d)
-                fq = tl.where(mask_d, _phi(q, FMAP), 0.0)
+                            tl.store(FAR_OUT + bkv.to(tl.int64) * FD * W + offs_f * W + Dv, z, mask=mask_f)
+                fq = _features(q, FMAP, QW + hq * qw_h, QB + hq * qb_h, offs_d, mask_d, offs_f, F, phi_scale, HAS_BIAS)
                 num = tl.sum(fq[:, None] * far, 0)
                 if NORMALIZE:
                     den = tl.sum(fq * z, 0)
@@ -210,9 +237,48 @@ def _counters(n: int, device: torch.device) -> torch.Tensor:
     return buf
 
 
+HEDGEHOG = 3  # the kernel's FMAP for the learned hedgehog map (the elementwise maps keep FUSED_MAPS' ids)
+_device_copies: dict = {}
+
+
+def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t as contiguous float32 on device, copied once per source tensor (a decode step must not copy the
+    map's weights from the host every token). The cache keeps the source alive, so its id stays its own."""
+    if t.device == device and t.dtype == torch.float32 and t.is_contiguous():
+        return t
+    key = (id(t), device)
+    hit = _device_copies.get(key)
+    if hit is None or hit[0] is not t:
+        if len(_device_copies) > 256:
+            _device_copies.clear()
+        hit = _device_copies[key] = (t, t.detach().to(device=device, dtype=torch.float32).contiguous())
+    return hit[1]
+
+
+def _map_arguments(feature_map, feature_params, Hq, Hkv, D, scale, device, dummy):
+    """(QW, KW, QB, KB, qw_h, kw_h, qb_h, kb_h, F, FD, phi_scale, HAS_BIAS, BF) for the decode kernel."""
+    if feature_map != "hedgehog":
+        bd = max(16, triton.next_power_of_2(D))
+        return (dummy,) * 4 + (0, 0, 0, 0, 1, D, 1.0, False, bd)
+    wq, bq = _hedgehog_weights(feature_params, "q", Hq, D)
+    wk, bk = _hedgehog_weights(feature_params, "k", Hkv, D)
+    F = wq.shape[-1]
+    if wk.shape[-1] != F:
+        raise ValueError(f"linear_attention_step: hedgehog q and k maps differ in width ({F} vs {wk.shape[-1]})")
+    has_bias = bq is not None or bk is not None
+    wq, wk = _on_device(wq, device), _on_device(wk, device)
+    bq = _on_device(bq if bq is not None else torch.zeros(1, F), device)
+    bk = _on_device(bk if bk is not None else torch.zeros(1, F), device)
+    head = lambda t, per_head: per_head if t.shape[0] > 1 else 0  # noqa: E731  (one map shared by all heads)
+    return (wq, wk, bq, bk, head(wq, D * F), head(wk, D * F), head(bq, F), head(bk, F), F, 2 * F,
+            math.sqrt(scale), has_bias, max(16, triton.next_power_of_2(2 * F)))
+
+
 def supports(q, feature_map: str, update_rule: str) -> bool:
     import os
-    if triton is None or q.dtype == torch.float64 or feature_map not in FUSED_MAPS or update_rule != "add":
+    if triton is None or q.dtype == torch.float64 or update_rule != "add":
+        return False
+    if feature_map not in FUSED_MAPS and feature_map != "hedgehog":
         return False
     return q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -220,7 +286,8 @@ def supports(q, feature_map: str, update_rule: str) -> bool:
 def linear_attention_step_triton(q, k, v, state, *, scale=None, causal=True, feature_map="elu", num_features=256,
                                  seed=0, sink_tokens=0, local_window=0, normalize=True, eps=1e-6,
                                  update_rule="add", beta=None, chunk_size=64, feature_params=None):
-    """`linear_attention_step` (same arguments, state and result) for the additive rule with elu/relu/identity."""
+    """`linear_attention_step` (same arguments, state and result) for the additive rule with elu/relu/identity
+    or a learned hedgehog map."""
     check_options(causal=causal, feature_map=feature_map, sink_tokens=sink_tokens, local_window=local_window,
                   normalize=normalize, eps=eps, update_rule=update_rule, chunk_size=chunk_size,
                   where="linear_attention_step")
@@ -237,6 +304,8 @@ def linear_attention_step_triton(q, k, v, state, *, scale=None, causal=True, fea
     per_head_c = not isinstance(c_value, (int, float))  # one number: a kernel argument, no tensor per step
     c = far_scale_per_head(feature_params, Hq, q.device, torch.float32).contiguous() if per_head_c else None
     width = Dv + int(normalize)
+    maps = _map_arguments(feature_map, feature_params, Hq, Hkv, D, scale, q.device, q)
+    FD = maps[9]
     beta_value = DEFAULT_BETA if beta is None else beta
     scalar_beta = isinstance(beta_value, (int, float)) and 0.0 <= beta_value <= 2.0
     outs = []
@@ -273,7 +342,7 @@ def linear_attention_step_triton(q, k, v, state, *, scale=None, causal=True, fea
                 wk, wv, wb = wk[:, :, 1:], wv[:, :, 1:], wb[:, :, 1:]
         far_in = state.far
         if fold and far_in is None:
-            far_in = torch.zeros(B, Hkv, D, width, dtype=dt, device=q.device)
+            far_in = torch.zeros(B, Hkv, FD, width, dtype=dt, device=q.device)
         far_out = torch.empty_like(far_in) if fold else far_in
         sk, sv, wk, wv = (x if x.is_contiguous() else x.contiguous() for x in (sk, sv, wk, wv))
         out = torch.empty(B, Hq, 1, Dv, dtype=q.dtype, device=q.device)
@@ -285,12 +354,13 @@ def linear_attention_step_triton(q, k, v, state, *, scale=None, causal=True, fea
         _decode_kernel[(B * Hq, n_parts)](
             qt if qt.is_contiguous() else qt.contiguous(), *(out if x is None else x for x in (
                 far_in, far_out, k_old, v_old, sk, sv, wk, wv, c, out, wb, k_new, v_new, wk_out, wv_out, wb_out)),
-            partials, _counters(B * Hq, q.device),
+            partials, _counters(B * Hq, q.device), *maps[:11],
             Hq, G, sk.shape[2], wk.shape[2], D, Dv, width, scale, float(eps), 1.0 if per_head_c else float(c_value),
             float(beta_value) if scalar_beta else 1.0,
-            FMAP=FUSED_MAPS[feature_map], HAS_FAR=far_in is not None, FOLD=fold, NORMALIZE=normalize,
+            FMAP=HEDGEHOG if feature_map == "hedgehog" else FUSED_MAPS[feature_map], HAS_FAR=far_in is not None, FOLD=fold, NORMALIZE=normalize,
             PER_HEAD_C=per_head_c, n_parts=n_parts, SHIFT=shift, BD=max(16, triton.next_power_of_2(D)), BDV=bdv,
-            BN=KEYS_PER_PROGRAM, PARTS=parts, num_warps=8 if D * Dv > 64 * 64 else 4)
+            BN=KEYS_PER_PROGRAM, PARTS=parts, HAS_BIAS=maps[11], BF=maps[12],
+            num_warps=8 if max(D, FD) * Dv > 64 * 64 else 4)
         outs.append(out)
         if shift:
             wk, wv, wb = wk_out, wv_out, wb_out
