@@ -9,6 +9,7 @@ Work per token is O(F·Dv + (sinks + window)·D) per head, independent of the co
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -255,6 +256,11 @@ def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return hit[1]
 
 
+@functools.lru_cache(maxsize=16)
+def _zero_bias(heads: int, F: int) -> torch.Tensor:
+    return torch.zeros(heads, F)
+
+
 def _map_arguments(feature_map, feature_params, Hq, Hkv, D, scale, device, dummy):
     """(QW, KW, QB, KB, qw_h, kw_h, qb_h, kb_h, F, FD, phi_scale, HAS_BIAS, BF) for the decode kernel."""
     if feature_map != "hedgehog":
@@ -265,10 +271,11 @@ def _map_arguments(feature_map, feature_params, Hq, Hkv, D, scale, device, dummy
     F = wq.shape[-1]
     if wk.shape[-1] != F:
         raise ValueError(f"linear_attention_step: hedgehog q and k maps differ in width ({F} vs {wk.shape[-1]})")
-    has_bias = bq is not None or bk is not None
     wq, wk = _on_device(wq, device), _on_device(wk, device)
-    bq = _on_device(bq if bq is not None else torch.zeros(1, F), device)
-    bk = _on_device(bk if bk is not None else torch.zeros(1, F), device)
+    if (bq is None) != (bk is None):  # one of the two: the other is zeros (made once, cached by its source)
+        bq, bk = (b if b is not None else _zero_bias(w.shape[0], F) for b, w in ((bq, wq), (bk, wk)))
+    has_bias = bq is not None
+    bq, bk = (_on_device(b, device) if has_bias else w for b, w in ((bq, wq), (bk, wk)))  # else never read
     head = lambda t, per_head: per_head if t.shape[0] > 1 else 0  # noqa: E731  (one map shared by all heads)
     return (wq, wk, bq, bk, head(wq, D * F), head(wk, D * F), head(bq, F), head(bk, F), F, 2 * F,
             math.sqrt(scale), has_bias, max(16, triton.next_power_of_2(2 * F)))
