@@ -66,7 +66,7 @@ def linear_attention_step(q, k, v, state=None, *, scale=None, causal=True, featu
     q (B, Hq, S, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) -> (out (B, Hq, S, Dv) in q's dtype, new
     `LinearAttentionState`); state None starts a sequence. Equals `linear_attention(..., causal=True)` over
     the whole sequence at those positions. One fused Triton kernel per token for the additive rule with
-    elu/relu/identity maps (`triton_decode.py`), the PyTorch step (`decode.py`) otherwise.
+    elu/relu/identity or learned hedgehog maps (`triton_decode.py`), the PyTorch step (`decode.py`) otherwise.
     """
     kwargs = dict(scale=scale, causal=causal, feature_map=feature_map, num_features=num_features, seed=seed,
                   sink_tokens=sink_tokens, local_window=local_window, normalize=normalize, eps=eps,

@@ -1,11 +1,14 @@
-"""One fused Triton kernel per decoded token for additive linear attention with an elementwise map.
+"""One fused Triton kernel per decoded token for additive linear attention (elu/relu/identity or a learned
+hedgehog map), doing what `decode.py` does with a dozen PyTorch ops.
 
-Each program serves one query head: it folds the key that just left the window into its key head's far
-state (far_in + φ(k_old)[v_old, 1]ᵀ, in registers; the group's first query head writes far_out), reads the
-far part φ(q)ᵀ far, runs an online softmax over the cached sink and window keys, and combines both under the
-shared normaliser, exactly as `decode.py` does with a dozen PyTorch ops. The caches themselves (append the
-new key, drop the oldest) stay PyTorch slicing, so the state is the same `LinearAttentionState` either way.
-Work per token is O(F·Dv + (sinks + window)·D) per head, independent of the context length.
+Each query head's step is split over programs: part 0 folds the key that just left the window into its key
+head's far state (far_in + φ(k_old)[v_old, 1]ᵀ; the group's first query head writes far_out) and reads the far
+part φ(q)ᵀ far; parts 1.. each run an online softmax over 64 of the cached sink and window keys. Each writes
+a partial, and the head's last program to finish merges them under the shared normaliser (a per-head counter
+orders it after the others). In steady state (a full window) the programs also move the window along, so
+a step is one launch; otherwise the caches are PyTorch slicing, and the state is the same
+`LinearAttentionState` either way. Work per token is O(F·Dv + (sinks + window)·D) per head, independent of
+the context length.
 """
 from __future__ import annotations
 
