@@ -253,7 +253,7 @@ def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     key = (id(t), device)
     hit = _device_copies.get(key)
     if hit is None or hit[0] is not t:
-        if len(_device_copies) > 256:
+        if len(_device_copies) > 4096:  # a bound, far above a model's layers × 4 maps
             _device_copies.clear()
         hit = _device_copies[key] = (t, t.detach().to(device=device, dtype=torch.float32).contiguous())
     return hit[1]
