@@ -14,7 +14,6 @@ import io
 import json
 import os
 import pstats
-import statistics
 import sys
 import time
 
@@ -23,6 +22,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_flash import time_ms  # noqa: E402  (the eager event timing bench_flash reports)
 from longattn.kernels.flash import flash_attention  # noqa: E402
 
 
@@ -37,18 +38,6 @@ def host_us_per_call(fn, calls=300):
     t1 = time.perf_counter()
     torch.cuda.synchronize()
     return (t1 - t0) / calls * 1e6
-
-
-def event_ms(fn, reps=50):
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
 
 
 def top_functions(fn, calls=300, n=18):
@@ -92,7 +81,7 @@ def main():
                 try:
                     for _ in range(3):
                         fn()
-                    row = dict(shape=label, impl=name, host_us=host_us_per_call(fn), event_ms=event_ms(fn))
+                    row = dict(shape=label, impl=name, host_us=host_us_per_call(fn), event_ms=time_ms(fn, budget_ms=50, max_reps=50))
                 except Exception as e:  # a backend that does not take this shape
                     row = dict(shape=label, impl=name, error=str(e).splitlines()[0][:160])
                 rows.append(row)
