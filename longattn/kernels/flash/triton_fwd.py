@@ -89,6 +89,20 @@ if triton is not None:
         return qk
 
     @triton.jit
+    def softmax_step(qk, m_i, l_i, acc, tile_scale, GUARD: tl.constexpr):
+        """One online-softmax step over a tile of scores qk (base 2 once multiplied by tile_scale > 0): the
+        tile's probabilities p, the new running max, and l and acc rescaled to it (p·V not yet added).
+        GUARD: a row may have seen no key yet and keep m = -inf; subtract 0 then (avoids -inf - -inf)."""
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * tile_scale)
+        if GUARD:
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_sub = m_new
+        p = tl.math.exp2(qk * tile_scale - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
+
+    @triton.jit
     def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_row0, mask_base, offs_m, lo, hi,
                    stride_kn, stride_vn, stride_mask_n, qk_scale, Sq, Sk, causal_offset,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
@@ -125,16 +139,7 @@ if triton is not None:
                 if CAUSAL:
                     keep = keep & (cols[None, :] <= offs_m[:, None] + causal_offset)
                 qk = tl.where(keep, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * tile_scale)
-            if MASKED or HAS_MASK:
-                # a row with no visible key yet keeps m = -inf; subtract 0 instead (avoids -inf - -inf)
-                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_sub = m_new
-            p = tl.math.exp2(qk * tile_scale - m_sub[:, None])
-            alpha = tl.math.exp2(m_i - m_sub)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
+            p, m_new, l_i, acc = softmax_step(qk, m_i, l_i, acc, tile_scale, MASKED or HAS_MASK)
             if USE_TMA:
                 v = v_desc.load([kv_row0 + start_n, 0])
             else:

@@ -26,6 +26,8 @@ from .triton_fwd import LOG2E, OutOfResources, _compute_capability, interpreting
 if triton is not None:
     import triton.language as tl
 
+    from .triton_fwd import softmax_step
+
     @triton.jit
     def _flash_fwd_ws_kernel(
         Q, K, V, Out, Lse,
@@ -71,15 +73,7 @@ if triton is not None:
             qk = tl.dot(q, k.T)
             if CAUSAL or not EVEN_N:
                 qk = tl.where((start_n + offs_n)[None, :] <= last[:, None], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            if CAUSAL:  # a row that sees no key yet keeps m = -inf: subtract 0 (avoids -inf - -inf)
-                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_sub = m_new
-            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
-            alpha = tl.math.exp2(m_i - m_sub)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
+            p, m_new, l_i, acc = softmax_step(qk, m_i, l_i, acc, qk_scale, CAUSAL)
             v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
             acc = tl.dot(p.to(v.dtype), v, acc)
             m_i = m_new
