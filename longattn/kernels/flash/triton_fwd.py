@@ -432,8 +432,12 @@ def flash_forward(q, k, v, scale: float, causal: bool, attn_mask=None, config: d
                 TMA_OK=tma_ok, DOT_PRECISION=dot_precision(q.dtype))
     grid = lambda c: (triton.cdiv(Sq, c["BLOCK_M"]), B * Hq)
 
-    def args_for(cfg):  # descriptors for the tuner wherever TMA is allowed, else only for configs using them
-        return args(kv_desc(16 if cfg is None else cfg["BLOCK_N"]) if cfg is None or cfg["USE_TMA"] else (k, v))
+    def args_for(cfg):
+        """The tuner (cfg None) gets descriptors wherever TMA is allowed (its pre-hook sets their tiles);
+        a chosen config only when it reads through TMA."""
+        if cfg is None:
+            return args(kv_desc(16))
+        return args(kv_desc(cfg["BLOCK_N"]) if cfg["USE_TMA"] else (k, v))
 
     if config is not None:
         if config["USE_TMA"] and not tma_ok:
