@@ -8,12 +8,13 @@ over `--windows` windows of `--tokens` tokens from the start of the text (or one
 `--eval-offsets`, spread over the text), with the attention of `--layers` replaced (causal) by:
 - exact (the model as it is);
 - sinks + window, far keys dropped (`feature_map: none`);
-- sinks + window + elu far part, uncalibrated (far_scale 1), and with far_scale fitted;
-- sinks + window + hedgehog far part, maps and far_scale fitted; with `--hybrid-steps`, also the maps and
+- sinks + window + a fixed far part (`--feature-maps`: elu, relu, favor, taylor2, identity), uncalibrated
+  (far_scale 1) and with far_scale fitted;
+- sinks + window + hedgehog far part (in `--feature-maps` by default), maps and far_scale fitted; with `--hybrid-steps`, also the maps and
   far_scale trained further on the whole hybrid row; with `--distill-steps`, then all layers together end to
   end on the KL to the exact model's next-token distributions (`--distill-windows` windows from the
   calibration text on);
-- pure elu linear attention (no sinks, no window), uncalibrated.
+- pure linear attention (no sinks, no window; `--pure-maps`), fixed maps uncalibrated, hedgehog fitted.
 Calibration (`longattn.calibrate`) runs on the window right after the evaluation windows (a different text)
 and its files are read back through the same reference ("FILE#layers.N") a policy's band uses.
 Writes benchmarks/results/<date>-cpu-quality-linear.{md,jsonl}.
@@ -70,6 +71,10 @@ def main():
     ap.add_argument("--distill-lr", type=float, default=1e-2)
     ap.add_argument("--sequential", action="store_true", help="calibrate layer by layer on the converted model")
     ap.add_argument("--hedgehog-dim", type=int, default=None, help="hedgehog's projection width F (default: head dim)")
+    ap.add_argument("--feature-maps", default="elu,hedgehog",
+                    help="far parts of the hybrid: each fixed map uncalibrated and with far_scale fitted; hedgehog fitted")
+    ap.add_argument("--pure-maps", default="elu", help="pure linear attention (no sinks, no window) with these maps; "
+                    "fixed maps uncalibrated, hedgehog fitted")
     ap.add_argument("--skip", default="", help="variant names to leave out, separated by semicolons")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tag", default="")
@@ -80,6 +85,11 @@ def main():
     from transformers import AttentionInterface
     layers = cal.parse_layers(args.layers)
     skip = {x.strip() for x in args.skip.split(";") if x.strip()}
+    hybrid_maps, pure_maps = ([m.strip() for m in x.split(",") if m.strip()] for x in (args.feature_maps, args.pure_maps))
+    unknown = sorted(set(hybrid_maps + pure_maps) - set(cal.FITTED_MAPS))
+    if unknown:
+        ap.error(f"unknown feature map(s) {unknown}; choose from {', '.join(cal.FITTED_MAPS)}")
+    fixed_maps = [m for m in hybrid_maps if m != "hedgehog"]
     model, tok = load_model("smollm2")
     starts = [int(x) for x in args.eval_offsets.split(",") if x] or \
         [args.eval_offset + i * args.tokens for i in range(args.windows)]
@@ -112,59 +122,69 @@ def main():
 
     tmp = tempfile.mkdtemp(prefix="longattn-calib-")
     calib = {}
-    # with --hybrid-steps the hedgehog fit's first stage (far-key distillation + far_scale) is kept as the
-    # "hedgehog" variant and the whole run as "hedgehog+hybrid": one calibration, two files
-    second = args.hybrid_steps or args.output_steps
-    for name, fmap, hsteps in (("elu", "elu", 0), ("hedgehog", "hedgehog", second)):
+
+    def calibrate(name, fmap, band, hsteps=0):
         t = time.time()
         with torch.enable_grad():
             fits = cal.calibrate_model(model, calib_ids, layers, feature_map=fmap, steps=args.steps,
                                        hybrid_steps=args.hybrid_steps if hsteps else 0,
-                                       output_steps=args.output_steps if hsteps else 0, rows=args.rows, **hybrid,
+                                       output_steps=args.output_steps if hsteps else 0, rows=args.rows, **band,
                                        sequential=args.sequential,
                                        **({"hedgehog_dim": args.hedgehog_dim} if fmap == "hedgehog" and args.hedgehog_dim else {}),
                                        progress=lambda f: print("  " + cal.describe(f), flush=True))
         seconds = time.time() - t
-        calib[name] = os.path.join(tmp, f"{name}.safetensors")
+        calib[name] = os.path.join(tmp, f"{name.replace(' ', '-')}.safetensors")
         cal.save_calibration(calib[name], fits, {"feature_map": fmap, "layers": args.layers})
-        if hsteps:
-            calib["hedgehog+hybrid"] = calib.pop(name)
-            calib[name] = os.path.join(tmp, f"{name}-stage1.safetensors")
-            save_file(calib[name], {f.layer: f.stage1_params for f in fits.values()}, {"feature_map": fmap})
-        if hsteps and args.distill_steps:
-            t_d = time.time()
-            fits = cal.distill_model(model, distill_ids, {layer: dict(feature_map=fmap, **hybrid) for layer in fits},
-                                     fits, steps=args.distill_steps, lr=args.distill_lr,
-                                     progress=lambda step, kl: print(f"  distill {step} KL {kl:.4f}", flush=True)
-                                     if step % 10 == 0 else None)
-            calib["hedgehog+hybrid+distill"] = os.path.join(tmp, "hedgehog-distilled.safetensors")
-            cal.save_calibration(calib["hedgehog+hybrid+distill"], fits, {"feature_map": fmap})
-            stats = next(iter(fits.values())).stats
-            records.append({"kind": "distillation", "steps": args.distill_steps, "windows": distill_ids.shape[0],
-                            "seconds": time.time() - t_d, "kl_start": stats["kl_start"],
-                            "kl_trained": stats["kl_trained"]})
-            print(json.dumps(records[-1]), flush=True)
         records.append({"kind": "calibration", "fit": name, "feature_map": fmap, "seconds": seconds,
                         "hybrid_steps": hsteps, "layers": {f.layer: {**{k: v for k, v in f.stats.items()
                                                                         if not isinstance(v, list)},
                                                                      "seconds": f.seconds} for f in fits.values()}})
         print(json.dumps({"kind": "calibration", "fit": name, "seconds": round(seconds, 1)}), flush=True)
+        return fits
 
-    variants = [
-        ("exact", None),
-        ("sinks+window, far dropped", linear_fn(dict(feature_map="none", **hybrid))),
-        ("sinks+window + elu far, uncalibrated", linear_fn(dict(feature_map="elu", **hybrid))),
-        ("sinks+window + elu far, fitted far_scale", linear_fn(dict(feature_map="elu", **hybrid), calib["elu"])),
-        ("sinks+window + hedgehog far, fitted", linear_fn(dict(feature_map="hedgehog", **hybrid), calib["hedgehog"])),
-    ]
-    if "hedgehog+hybrid" in calib:
-        stage2 = " + ".join(x for x, n in (("hybrid-row", args.hybrid_steps), ("output", args.output_steps)) if n)
-        variants.append((f"sinks+window + hedgehog far, fitted + {stage2} stage",
-                         linear_fn(dict(feature_map="hedgehog", **hybrid), calib["hedgehog+hybrid"])))
-    if "hedgehog+hybrid+distill" in calib:
-        variants.append((f"sinks+window + hedgehog far, fitted + {stage2} stage + end-to-end distillation",
-                         linear_fn(dict(feature_map="hedgehog", **hybrid), calib["hedgehog+hybrid+distill"])))
-    variants.append(("pure elu linear, uncalibrated", linear_fn(dict(feature_map="elu"))))
+    variants = [("exact", None), ("sinks+window, far dropped", linear_fn(dict(feature_map="none", **hybrid)))]
+    for fmap in fixed_maps:  # far_scale is all a fixed map's calibration fits
+        calibrate(fmap, fmap, hybrid)
+        variants += [(f"sinks+window + {fmap} far, uncalibrated", linear_fn(dict(feature_map=fmap, **hybrid))),
+                     (f"sinks+window + {fmap} far, fitted far_scale",
+                      linear_fn(dict(feature_map=fmap, **hybrid), calib[fmap]))]
+    if "hedgehog" in hybrid_maps:
+        # with --hybrid-steps the fit's first stage (far-key distillation + far_scale) is kept as the "hedgehog"
+        # variant and the whole run as "hedgehog+hybrid": one calibration, two files
+        second = args.hybrid_steps or args.output_steps
+        fits = calibrate("hedgehog", "hedgehog", hybrid, second)
+        variants.append(("sinks+window + hedgehog far, fitted",
+                         linear_fn(dict(feature_map="hedgehog", **hybrid), calib["hedgehog"])))
+        if second:
+            calib["hedgehog+hybrid"] = calib["hedgehog"]
+            calib["hedgehog"] = os.path.join(tmp, "hedgehog-stage1.safetensors")
+            save_file(calib["hedgehog"], {f.layer: f.stage1_params for f in fits.values()}, {"feature_map": "hedgehog"})
+            stage2 = " + ".join(x for x, n in (("hybrid-row", args.hybrid_steps), ("output", args.output_steps)) if n)
+            variants.append((f"sinks+window + hedgehog far, fitted + {stage2} stage",
+                             linear_fn(dict(feature_map="hedgehog", **hybrid), calib["hedgehog+hybrid"])))
+        if second and args.distill_steps:
+            t_d = time.time()
+            fits = cal.distill_model(model, distill_ids, {layer: dict(feature_map="hedgehog", **hybrid) for layer in fits},
+                                     fits, steps=args.distill_steps, lr=args.distill_lr,
+                                     progress=lambda step, kl: print(f"  distill {step} KL {kl:.4f}", flush=True)
+                                     if step % 10 == 0 else None)
+            calib["hedgehog+hybrid+distill"] = os.path.join(tmp, "hedgehog-distilled.safetensors")
+            cal.save_calibration(calib["hedgehog+hybrid+distill"], fits, {"feature_map": "hedgehog"})
+            stats = next(iter(fits.values())).stats
+            records.append({"kind": "distillation", "steps": args.distill_steps, "windows": distill_ids.shape[0],
+                            "seconds": time.time() - t_d, "kl_start": stats["kl_start"],
+                            "kl_trained": stats["kl_trained"]})
+            print(json.dumps(records[-1]), flush=True)
+            variants.append((f"sinks+window + hedgehog far, fitted + {stage2} stage + end-to-end distillation",
+                             linear_fn(dict(feature_map="hedgehog", **hybrid), calib["hedgehog+hybrid+distill"])))
+    pure = dict(sink_tokens=0, local_window=0)
+    for fmap in pure_maps:  # a fixed map's far_scale cancels without an exact part: only hedgehog is fitted
+        if fmap == "hedgehog":
+            calibrate("pure hedgehog", "hedgehog", pure)
+            variants.append(("pure hedgehog linear, fitted", linear_fn(dict(feature_map="hedgehog", **pure),
+                                                                        calib["pure hedgehog"])))
+        else:
+            variants.append((f"pure {fmap} linear, uncalibrated", linear_fn(dict(feature_map=fmap))))
     ppl_exact = None
     for i, (name, fn) in enumerate(variants):
         if name in skip:
@@ -230,9 +250,9 @@ def format_md(records):
         for layer, s in r["layers"].items():
             ce = (f"{s['far_ce_init']:.3f} -> {s['far_ce_trained']:.3f} ({s['far_ce_floor']:.3f})"
                   if "far_ce_init" in s else "—")
-            c1 = f"{s['out_err_c1']:.3f}" if "out_err_c1" in s else "—"
+            c1, dropped = (f"{s[key]:.3f}" if key in s else "—" for key in ("out_err_c1", "out_err_dropped"))
             lines.append(f"| {r['fit']} | {layer} | {s['far_share']:.3f} | {s['share_rms_c1']:.3f} -> "
-                         f"{s['share_rms_fitted']:.3f} | {ce} | {s['out_err_dropped']:.3f} | {c1} | "
+                         f"{s['share_rms_fitted']:.3f} | {ce} | {dropped} | {c1} | "
                          f"{s['out_err_fitted']:.3f} |")
     return "\n".join(lines) + "\n"
 

@@ -312,14 +312,17 @@ def _entropy_far(r: _Rows) -> float:
 def output_errors(q, k, v, *, scale, feature_map, sink_tokens, local_window, params, num_features=256, seed=0,
                   from_position: Optional[int] = None) -> dict:
     """Relative error ||o − o*|| / ||o*|| of the layer's attention output over rows with far keys, vs exact
-    softmax, for: far keys dropped, the map with c = 1, and the fitted parameters."""
+    softmax, for: far keys dropped (when there is an exact part to keep), the map with c = 1, and the fitted
+    parameters."""
     q4, k4, v4 = q[None], k[None], v[None]
     exact = torch.nn.functional.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale,
                                                              enable_gqa=True)
     start = sink_tokens + local_window if from_position is None else from_position
     rel = lambda o: ((o - exact)[:, :, start:].norm() / exact[:, :, start:].norm()).item()
     common = dict(scale=scale, causal=True, sink_tokens=sink_tokens, local_window=local_window)
-    out = {"out_err_dropped": rel(linear_attention(q4, k4, v4, feature_map="none", **common))}
+    out = {}
+    if sink_tokens or local_window:
+        out["out_err_dropped"] = rel(linear_attention(q4, k4, v4, feature_map="none", **common))
     uncal = {k_: v_ for k_, v_ in params.items() if k_ != "far_scale"} or None
     if feature_map != "hedgehog":
         out["out_err_c1"] = rel(linear_attention(q4, k4, v4, feature_map=feature_map, num_features=num_features,
@@ -517,9 +520,9 @@ def describe(fit: LayerFit) -> str:
     c = fit.params["far_scale"]
     parts.append(f"far_scale {c.min().item():.3g}..{c.max().item():.3g}")
     if "out_err_fitted" in s:
-        parts.append("out err dropped {:.3f}{} fitted {:.3f}".format(
-            s["out_err_dropped"], f", c=1 {s['out_err_c1']:.3f}," if "out_err_c1" in s else ",",
-            s["out_err_fitted"]))
+        dropped = f"dropped {s['out_err_dropped']:.3f}, " if "out_err_dropped" in s else ""
+        c1 = f"c=1 {s['out_err_c1']:.3f}, " if "out_err_c1" in s else ""
+        parts.append(f"out err {dropped}{c1}fitted {s['out_err_fitted']:.3f}")
     return "; ".join(parts)
 
 
