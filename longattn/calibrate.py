@@ -125,7 +125,9 @@ def _far_phi(rows: _Rows, k, *, feature_map, scale, num_features, seed, feature_
 
 
 def fit_far_scale(rows: _Rows, phi: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Per-head c minimising Σ_rows (σ(log c + log A − log E) − σ(log B − log E))²; returns (c (Hq,), stats)."""
+    """Per-head c minimising Σ_rows (σ(log c + log A − log E) − σ(log B − log E))²; returns (c (Hq,), stats).
+    A head whose rows have no exact key (pure linear attention) keeps c = 1: there c cancels in the
+    normaliser, every c has the same loss, and the search would return its lower end."""
     log_a = phi.sum(-1).clamp_min(1e-30).log()
     x = (log_a - rows.log_e).double()           # (Hq, n)
     target = torch.sigmoid((rows.log_b - rows.log_e).double())
@@ -139,6 +141,7 @@ def fit_far_scale(rows: _Rows, phi: torch.Tensor) -> tuple[torch.Tensor, dict]:
     for step in (0.01, 0.001):
         fine = best[:, None] + torch.arange(-10, 11, dtype=torch.float64) * step
         best = fine.gather(1, loss(fine).argmin(-1, keepdim=True)).squeeze(1)
+    best = torch.where(torch.isfinite(rows.log_e).any(-1), best, torch.zeros_like(best))
     rms = lambda t: loss(t[:, None]).squeeze(1).sqrt()
     stats = {"far_share": target.mean().item(),
              "share_rms_c1": rms(torch.zeros_like(best)).mean().item(),

@@ -62,6 +62,20 @@ def test_hedgehog_training_reduces_the_distillation_loss():
     assert fit2.stats["hybrid_ce_trained"] < fit2.stats["hybrid_ce_start"]
 
 
+def test_pure_linear_hedgehog_fit_has_no_dropped_baseline_and_beats_the_untrained_map():
+    # no sinks, no window: every key is far, so "far keys dropped" would be an empty row and is not reported
+    q, k, v = _qkv()
+    fit = cal.fit_layer(q, k, v, scale=0.25, feature_map="hedgehog", steps=40, lr=3e-2, sink_tokens=0,
+                        local_window=0, rows=96)
+    s = fit.stats
+    assert "out_err_dropped" not in s
+    # far_scale cancels in the normaliser here: it stays 1 (the search would otherwise run to its lower end)
+    torch.testing.assert_close(fit.params["far_scale"], torch.ones(4))
+    assert s["far_ce_trained"] < s["far_ce_init"] - 0.05
+    assert 0 < s["out_err_fitted"] < 1
+    assert "dropped" not in cal.describe(fit) and "fitted" in cal.describe(fit)
+
+
 def test_far_distillation_loss_is_at_its_floor_when_the_map_is_exp():
     q, k, _ = _qkv(S=96)
     rows = cal._rows(q, k, scale=0.25, sink_tokens=4, local_window=16, rows=0, generator=torch.Generator())
