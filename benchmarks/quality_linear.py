@@ -153,12 +153,13 @@ def main():
         # variant and the whole run as "hedgehog+hybrid": one calibration, two files
         second = args.hybrid_steps or args.output_steps
         fits = calibrate("hedgehog", "hedgehog", hybrid, second)
-        variants.append(("sinks+window + hedgehog far, fitted",
-                         linear_fn(dict(feature_map="hedgehog", **hybrid), calib["hedgehog"])))
-        if second:
+        if second:  # the file just saved holds the whole run; the first stage gets its own
             calib["hedgehog+hybrid"] = calib["hedgehog"]
             calib["hedgehog"] = os.path.join(tmp, "hedgehog-stage1.safetensors")
             save_file(calib["hedgehog"], {f.layer: f.stage1_params for f in fits.values()}, {"feature_map": "hedgehog"})
+        variants.append(("sinks+window + hedgehog far, fitted",
+                         linear_fn(dict(feature_map="hedgehog", **hybrid), calib["hedgehog"])))
+        if second:
             stage2 = " + ".join(x for x, n in (("hybrid-row", args.hybrid_steps), ("output", args.output_steps)) if n)
             variants.append((f"sinks+window + hedgehog far, fitted + {stage2} stage",
                              linear_fn(dict(feature_map="hedgehog", **hybrid), calib["hedgehog+hybrid"])))
