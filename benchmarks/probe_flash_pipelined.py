@@ -5,7 +5,8 @@ without the pipelining, with and without warp specialisation; each config in its
 limit (a bad build can hang the GPU); cuDNN SDPA and our dispatched forward timed in the parent, same run.
 
     PYTHONPATH=. OUT=DIR python benchmarks/probe_flash_pipelined.py [--lengths 8192,32768]
-Rows go to $OUT/pipelined.jsonl.
+Rows go to $OUT/pipelined.jsonl. Not run yet: written 2026-12-05, when no device machine could be had; checked
+only in the Triton interpreter (both loops match SDPA on small shapes).
 """
 import argparse
 import json
