@@ -19,15 +19,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from longattn.kernels.flash.triton_fwd import softmax_step
+
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _step(qk, m_i, l_i, acc, qk_scale):
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
 
 
 @triton.jit
@@ -48,17 +42,17 @@ def kern(Q, K, V, O, S, qk_scale, D: tl.constexpr, BM: tl.constexpr, BN: tl.cons
         qk = tl.dot(q, dk.load([rows, 0]).T)
         for s in tl.range(BN, S, BN, warp_specialize=WS):
             qk_next = tl.dot(q, dk.load([rows + s, 0]).T)  # independent of the softmax below
-            p, m_i, l_i, acc = _step(qk, m_i, l_i, acc, qk_scale)
+            p, m_i, l_i, acc = softmax_step(qk, m_i, l_i, acc, qk_scale, False)
             v = dv.load([rows + s - BN, 0])
             acc = tl.dot(p.to(v.dtype), v, acc)
             qk = qk_next
-        p, m_i, l_i, acc = _step(qk, m_i, l_i, acc, qk_scale)
+        p, m_i, l_i, acc = softmax_step(qk, m_i, l_i, acc, qk_scale, False)
         v = dv.load([rows + S - BN, 0])
         acc = tl.dot(p.to(v.dtype), v, acc)
     else:
         for s in tl.range(0, S, BN, warp_specialize=WS):
             qk = tl.dot(q, dk.load([rows + s, 0]).T)
-            p, m_i, l_i, acc = _step(qk, m_i, l_i, acc, qk_scale)
+            p, m_i, l_i, acc = softmax_step(qk, m_i, l_i, acc, qk_scale, False)
             v = dv.load([rows + s, 0])
             acc = tl.dot(p.to(v.dtype), v, acc)
     acc = acc / l_i[:, None]
