@@ -5,8 +5,8 @@ without the pipelining, with and without warp specialisation; each config in its
 limit (a bad build can hang the GPU); cuDNN SDPA and our dispatched forward timed in the parent, same run.
 
     PYTHONPATH=. OUT=DIR python benchmarks/probe_flash_pipelined.py [--lengths 8192,32768]
-Rows go to $OUT/pipelined.jsonl. Not run yet: written 2026-12-05, when no device machine could be had; checked
-only in the Triton interpreter (both loops match SDPA on small shapes).
+Rows go to $OUT/pipelined.jsonl. Result (H200, 2026-12-05): no gain; pipelining alone stays below warp
+specialisation alone, and the two together do not compile in Triton 3.6 (`results/2026-12-05-h200-flash-pipelined.md`).
 """
 import argparse
 import json

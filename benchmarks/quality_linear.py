@@ -22,6 +22,7 @@ Writes benchmarks/results/<date>-cpu-quality-linear.{md,jsonl}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -47,6 +48,20 @@ def linear_fn(params, calib_file=None):
     return fn
 
 
+@contextlib.contextmanager
+def merged_adapters(model, fits):
+    """The model with the fits' adapters merged into its weights, restored afterwards."""
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("_proj.weight")} if fits else {}
+    cal.merge_adapters(model, fits)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", default=DOCS_DIR, help=".../usr/share/doc/python3.11/html")
@@ -69,6 +84,10 @@ def main():
     ap.add_argument("--distill-windows", type=int, default=0,
                     help="windows of --tokens for it, from the calibration text on (default: --calib-windows)")
     ap.add_argument("--distill-lr", type=float, default=1e-2)
+    ap.add_argument("--adapter-rank", type=int, default=0,
+                    help="with --distill-steps: also train rank-r corrections of the converted layers' q/k/v/o "
+                         "projections (LoRA), merged into the model for that variant's evaluation")
+    ap.add_argument("--adapter-lr", type=float, default=1e-3)
     ap.add_argument("--sequential", action="store_true", help="calibrate layer by layer on the converted model")
     ap.add_argument("--hedgehog-dim", type=int, default=None, help="hedgehog's projection width F (default: head dim)")
     ap.add_argument("--feature-maps", default="elu,hedgehog",
@@ -114,6 +133,7 @@ def main():
            "layers": args.layers, **hybrid, "steps": args.steps, "hybrid_steps": args.hybrid_steps,
            "output_steps": args.output_steps, "sequential": args.sequential, "hedgehog_dim": args.hedgehog_dim,
            "distill_steps": args.distill_steps, "distill_windows": distill_ids.shape[0], "distill_lr": args.distill_lr,
+           "adapter_rank": args.adapter_rank, "adapter_lr": args.adapter_lr,
            "rows": args.rows, "torch": torch.__version__, "threads": args.threads,
            "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -142,6 +162,7 @@ def main():
         print(json.dumps({"kind": "calibration", "fit": name, "seconds": round(seconds, 1)}), flush=True)
         return fits
 
+    adapter_fits = {}  # variant name -> fits whose adapters are merged into the model while it is evaluated
     variants = [("exact", None), ("sinks+window, far dropped", linear_fn(dict(feature_map="none", **hybrid)))]
     for fmap in fixed_maps:  # far_scale is all a fixed map's calibration fits
         calibrate(fmap, fmap, hybrid)
@@ -167,6 +188,7 @@ def main():
             t_d = time.time()
             fits = cal.distill_model(model, distill_ids, {layer: dict(feature_map="hedgehog", **hybrid) for layer in fits},
                                      fits, steps=args.distill_steps, lr=args.distill_lr,
+                                     adapter_rank=args.adapter_rank, adapter_lr=args.adapter_lr,
                                      progress=lambda step, kl: print(f"  distill {step} KL {kl:.4f}", flush=True)
                                      if step % 10 == 0 else None)
             calib["hedgehog+hybrid+distill"] = os.path.join(tmp, "hedgehog-distilled.safetensors")
@@ -176,8 +198,10 @@ def main():
                             "seconds": time.time() - t_d, "kl_start": stats["kl_start"],
                             "kl_trained": stats["kl_trained"]})
             print(json.dumps(records[-1]), flush=True)
-            variants.append((f"sinks+window + hedgehog far, fitted + {stage2} stage + end-to-end distillation",
+            adapted = f" + rank-{args.adapter_rank} q/k/v/o adapters" if args.adapter_rank else ""
+            variants.append((f"sinks+window + hedgehog far, fitted + {stage2} stage + end-to-end distillation{adapted}",
                              linear_fn(dict(feature_map="hedgehog", **hybrid), calib["hedgehog+hybrid+distill"])))
+            adapter_fits[variants[-1][0]] = fits
     pure = dict(sink_tokens=0, local_window=0)
     for fmap in pure_maps:  # a fixed map's far_scale cancels without an exact part: only hedgehog is fitted
         if fmap == "hedgehog":
@@ -196,7 +220,8 @@ def main():
             AttentionInterface.register(f"longattn_quality_{i}", attention_in_layers(set(layers), fn))
             model.set_attn_implementation(f"longattn_quality_{i}")
         t = time.time()
-        ppl = perplexity(model, windows)
+        with merged_adapters(model, adapter_fits.get(name, {})):
+            ppl = perplexity(model, windows)
         ppl_exact = ppl if fn is None else ppl_exact
         records.append({"kind": "ppl", "attention": name, "layers": "all" if fn is None else args.layers, "ppl": ppl,
                         "rel_to_exact": None if ppl_exact is None else ppl / ppl_exact - 1, "s": time.time() - t})
@@ -221,7 +246,9 @@ def format_md(records):
              + ("; sequential (each layer fitted on the model with the layers before it converted)"
                 if env.get("sequential") else "")
              + (f"; hedgehog projection width {env['hedgehog_dim']}" if env.get("hedgehog_dim") else "")
-             + (f"; end-to-end distillation: {env['distill_steps']} Adam steps (lr {env['distill_lr']}), one window "
+             + (f"; end-to-end distillation: {env['distill_steps']} Adam steps (lr {env['distill_lr']}"
+                + (f"; rank-{env['adapter_rank']} adapters on the converted layers' q/k/v/o projections, lr "
+                   f"{env['adapter_lr']}" if env.get("adapter_rank") else "") + "), one window "
                 f"a step, over {env['distill_windows']} windows of the text from the calibration window on (all after "
                 "the evaluation windows)" if env.get("distill_steps") else "") + ".", "",
              "## Perplexity", "", "| attention | perplexity | vs exact |", "|---|---|---|"]

@@ -47,6 +47,7 @@ class LayerFit:
     stats: dict = field(default_factory=dict)
     seconds: float = 0.0
     stage1_params: Optional[dict] = None  # with hybrid_steps: the maps after the far-key stage, far_scale fitted
+    adapters: dict = field(default_factory=dict)  # distill_model's adapter_rank: {projection: (A, B)}
 
 
 # ----------------------------------------------------------------------------------------------- row targets
@@ -404,7 +405,25 @@ def calibrate_model(model, ids: torch.Tensor, layers: Iterable[int], *, progress
                       **fit_options)
 
 
+class LowRankDelta(torch.nn.Module):
+    """A projection's weight W as W + B·A (LoRA, Hu et al. 2021): B starts at zero, so training starts from
+    the model as it is. Registered as a `torch.nn.utils.parametrize` parametrization of a frozen weight."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, generator: torch.Generator):
+        super().__init__()
+        out_features, in_features = weight.shape
+        self.A = torch.nn.Parameter(torch.randn(rank, in_features, generator=generator) / in_features ** 0.5)
+        self.B = torch.nn.Parameter(torch.zeros(out_features, rank))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (self.B @ self.A).to(weight.dtype)
+
+
+ADAPTED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
 def distill_model(model, ids: torch.Tensor, settings: dict, fits: dict, *, steps: int = 60, lr: float = 1e-2,
+                  adapter_rank: int = 0, adapter_lr: float = 1e-3, module_path: str = "model.layers.{}.self_attn",
                   progress: Optional[Callable] = None) -> dict[int, LayerFit]:
     """End-to-end stage after the per-layer fits: train every converted layer's feature params (the maps'
     weights and log far_scale) together so that the converted model's next-token distributions match the
@@ -412,7 +431,13 @@ def distill_model(model, ids: torch.Tensor, settings: dict, fits: dict, *, steps
     window a step. The model's weights stay frozen (restored afterwards); only the fits' params change.
 
     The exact model's log-probabilities are kept for every window: W · S · vocabulary floats (SmolLM2:
-    0.35 GB a 2K window). Returns new LayerFits with `kl_start` / `kl_trained` over all windows in stats."""
+    0.35 GB a 2K window). Returns new LayerFits with `kl_start` / `kl_trained` over all windows in stats.
+
+    With `adapter_rank` r > 0 the converted layers' projections (`module_path`.format(layer) + q/k/v/o_proj)
+    also get trainable rank-r corrections (LoRA; LoLCATs, Zhang et al. 2024, pairs them with linearised
+    attention), trained with `adapter_lr`; each LayerFit's `adapters` then holds {projection: (A, B)}, the
+    model itself is left unchanged: `merge_adapters` applies them."""
+    from torch.nn.utils import parametrize
     from transformers import AttentionInterface
 
     from .quality import attention_in_layers
@@ -449,6 +474,7 @@ def distill_model(model, ids: torch.Tensor, settings: dict, fits: dict, *, steps
 
     previous = model.config._attn_implementation
     frozen = [p_ for p_ in model.parameters() if p_.requires_grad]
+    adapters = {}   # (layer, projection name) -> (module, LowRankDelta)
     t0 = time.time()
     try:
         with torch.no_grad():
@@ -457,8 +483,14 @@ def distill_model(model, ids: torch.Tensor, settings: dict, fits: dict, *, steps
         model.set_attn_implementation("longattn_distill")
         for p_ in frozen:
             p_.requires_grad_(False)
+        if adapter_rank:
+            adapters = _add_adapters(model, sorted(settings), adapter_rank, module_path)
         kl_start = mean_kl()
-        opt = torch.optim.Adam([t for params in trainable.values() for t in params.values()], lr=lr)
+        groups = [{"params": [t for params in trainable.values() for t in params.values()], "lr": lr}]
+        if adapters:
+            groups.append({"params": [p_ for _, delta in adapters.values() for p_ in delta.parameters()],
+                           "lr": adapter_lr})
+        opt = torch.optim.Adam(groups)
         with torch.enable_grad():
             for step in range(steps):
                 w = step % ids.shape[0]
@@ -471,6 +503,8 @@ def distill_model(model, ids: torch.Tensor, settings: dict, fits: dict, *, steps
         kl_end = mean_kl()
     finally:
         model.set_attn_implementation(previous)
+        for module, _ in adapters.values():
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
         for p_ in frozen:
             p_.requires_grad_(True)
     seconds = time.time() - t0
@@ -479,8 +513,53 @@ def distill_model(model, ids: torch.Tensor, settings: dict, fits: dict, *, steps
         params = {name: t.detach().clone() for name, t in feature_params(layer).items()} if layer in trainable \
             else fit.params
         stats = {**fit.stats, "kl_start": kl_start, "kl_trained": kl_end, "distill_seconds": seconds}
-        out[layer] = LayerFit(layer, params, stats, fit.seconds, stage1_params=fit.stage1_params)
+        layer_adapters = {name: (delta.A.detach().clone(), delta.B.detach().clone())
+                          for (at, name), (_, delta) in adapters.items() if at == layer}
+        out[layer] = LayerFit(layer, params, stats, fit.seconds, stage1_params=fit.stage1_params,
+                              adapters=layer_adapters or fit.adapters)
     return out
+
+
+def _projections(model, layer: int, module_path: str) -> dict[str, torch.nn.Linear]:
+    path = module_path.format(layer)
+    try:
+        attention = model.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"adapters: {type(model).__name__} has no module {path!r} (module_path)") from None
+    found = {name: getattr(attention, name, None) for name in ADAPTED_PROJECTIONS}
+    missing = [name for name, m in found.items() if not isinstance(m, torch.nn.Linear)]
+    if missing:
+        raise ValueError(f"adapters: {path} has no nn.Linear {', '.join(missing)}")
+    return found
+
+
+def _add_adapters(model, layers, rank: int, module_path: str) -> dict:
+    from torch.nn.utils import parametrize
+    generator = torch.Generator().manual_seed(0)
+    adapters = {}
+    for layer in layers:
+        for name, module in _projections(model, layer, module_path).items():
+            delta = LowRankDelta(module.weight.detach(), rank, generator)
+            parametrize.register_parametrization(module, "weight", delta)
+            adapters[layer, name] = module, delta
+    return adapters
+
+
+@torch.no_grad()
+def merge_adapters(model, fits: dict, module_path: str = "model.layers.{}.self_attn") -> int:
+    """Add each fit's adapters (W += B·A) to the model's projections, in place; returns how many were merged.
+    The fitted feature params were trained with these corrections: use both or neither."""
+    merged = 0
+    for layer, fit in fits.items():
+        projections = _projections(model, layer, module_path) if fit.adapters else {}
+        for name, (a, b) in fit.adapters.items():
+            weight = projections[name].weight
+            if weight.shape != (b.shape[0], a.shape[1]):
+                raise ValueError(f"merge_adapters: layer {layer} {name}: weight {tuple(weight.shape)} does not "
+                                 f"match the adapter's {(b.shape[0], a.shape[1])}")
+            weight += (b @ a).to(weight)
+            merged += 1
+    return merged
 
 
 def save_calibration(path: str, fits: dict, metadata: Optional[dict] = None) -> None:
@@ -530,4 +609,4 @@ def describe(fit: LayerFit) -> str:
 
 
 __all__ = ["LayerFit", "fit_layer", "fit_far_scale", "far_distillation_loss", "hybrid_loss", "output_errors",
-           "capture_layers", "fit_layers", "calibrate_model", "distill_model", "save_calibration", "linear_layers", "parse_layers", "describe"]
+           "capture_layers", "fit_layers", "calibrate_model", "distill_model", "merge_adapters", "LowRankDelta", "save_calibration", "linear_layers", "parse_layers", "describe"]
