@@ -47,7 +47,7 @@ class LayerFit:
     stats: dict = field(default_factory=dict)
     seconds: float = 0.0
     stage1_params: Optional[dict] = None  # with hybrid_steps: the maps after the far-key stage, far_scale fitted
-    adapters: dict = field(default_factory=dict)  # distill_model's adapter_rank: {projection: (A, B)}
+    adapters: dict = field(default_factory=dict)  # distill_model's adapter_rank: {projection: (A, B, row sums)}
 
 
 # ----------------------------------------------------------------------------------------------- row targets
@@ -435,7 +435,7 @@ def distill_model(model, ids: torch.Tensor, settings: dict, fits: dict, *, steps
 
     With `adapter_rank` r > 0 the converted layers' projections (`module_path`.format(layer) + q/k/v/o_proj)
     also get trainable rank-r corrections (LoRA; LoLCATs, Zhang et al. 2024, pairs them with linearised
-    attention), trained with `adapter_lr`; each LayerFit's `adapters` then holds {projection: (A, B)}, the
+    attention), trained with `adapter_lr`; each LayerFit's `adapters` then holds {projection: (A, B, row sums of the weight trained on)}, the
     model itself is left unchanged: `merge_adapters` applies them."""
     from torch.nn.utils import parametrize
     from transformers import AttentionInterface
@@ -513,11 +513,16 @@ def distill_model(model, ids: torch.Tensor, settings: dict, fits: dict, *, steps
         params = {name: t.detach().clone() for name, t in feature_params(layer).items()} if layer in trainable \
             else fit.params
         stats = {**fit.stats, "kl_start": kl_start, "kl_trained": kl_end, "distill_seconds": seconds}
-        layer_adapters = {name: (delta.A.detach().clone(), delta.B.detach().clone())
-                          for (at, name), (_, delta) in adapters.items() if at == layer}
+        layer_adapters = {name: (delta.A.detach().clone(), delta.B.detach().clone(), _row_sums(module.weight))
+                          for (at, name), (module, delta) in adapters.items() if at == layer}
         out[layer] = LayerFit(layer, params, stats, fit.seconds, stage1_params=fit.stage1_params,
                               adapters=layer_adapters or fit.adapters)
     return out
+
+
+def _row_sums(weight: torch.Tensor) -> torch.Tensor:
+    """A fingerprint of a projection's weight: tells the weight an adapter was trained on from a merged one."""
+    return weight.detach().double().sum(1).float()
 
 
 def _projections(model, layer: int, module_path: str) -> dict[str, torch.nn.Linear]:
@@ -546,25 +551,42 @@ def _add_adapters(model, layers, rank: int, module_path: str) -> dict:
 
 
 @torch.no_grad()
-def merge_adapters(model, fits: dict, module_path: str = "model.layers.{}.self_attn") -> int:
-    """Add each fit's adapters (W += B·A) to the model's projections, in place; returns how many were merged.
-    The fitted feature params were trained with these corrections: use both or neither."""
+def merge_adapters(model, fits, module_path: str = "model.layers.{}.self_attn") -> int:
+    """Add the adapters of `fits` ({layer: LayerFit}, or a calibration file's path) to the model's projections
+    (W += B·A), in place; returns how many were merged. The fitted feature params were trained with these
+    corrections: use both or neither, and merge once."""
+    if isinstance(fits, str):
+        from .kernels.linear.params_file import adapters_from_file
+        adapters = adapters_from_file(fits)
+    else:
+        adapters = {layer: fit.adapters for layer, fit in fits.items()}
     merged = 0
-    for layer, fit in fits.items():
-        projections = _projections(model, layer, module_path) if fit.adapters else {}
-        for name, (a, b) in fit.adapters.items():
+    for layer, layer_adapters in adapters.items():
+        projections = _projections(model, layer, module_path) if layer_adapters else {}
+        for name, (a, b, row_sums) in layer_adapters.items():
             weight = projections[name].weight
+            where = f"merge_adapters: layer {layer} {name}"
             if weight.shape != (b.shape[0], a.shape[1]):
-                raise ValueError(f"merge_adapters: layer {layer} {name}: weight {tuple(weight.shape)} does not "
-                                 f"match the adapter's {(b.shape[0], a.shape[1])}")
-            weight += (b @ a).to(weight)
+                raise ValueError(f"{where}: weight {tuple(weight.shape)} does not match the adapter's "
+                                 f"{(b.shape[0], a.shape[1])}")
+            delta = b @ a
+            now = _row_sums(weight)
+            if not torch.allclose(now, row_sums, rtol=1e-4, atol=1e-4):
+                merged_already = torch.allclose(now, row_sums + delta.double().sum(1).float(), rtol=1e-4, atol=1e-4)
+                raise ValueError(f"{where}: " + ("the adapters are merged already" if merged_already else
+                                 "the weight is not the one the adapters were trained on (another model?)"))
+            weight += delta.to(weight)
             merged += 1
     return merged
 
 
 def save_calibration(path: str, fits: dict, metadata: Optional[dict] = None) -> None:
     """Write the fitted parameters as per-layer sections (`kernels/linear/params_file.py`), atomically."""
-    save_file(path, {layer: fit.params for layer, fit in fits.items()}, metadata or {})
+    adapters = {layer: fit.adapters for layer, fit in fits.items() if fit.adapters}
+    if adapters:
+        metadata = {**(metadata or {}), "adapters": "q/k/v/o projection corrections: merge them into the model "
+                    "(longattn.calibrate.merge_adapters) before rewriting it"}
+    save_file(path, {layer: fit.params for layer, fit in fits.items()}, metadata or {}, adapters=adapters)
 
 
 def linear_layers(policy, num_layers: int, module_path: str = "model.layers.{}.self_attn") -> dict[int, dict]:

@@ -104,6 +104,8 @@ def cmd_calibrate(args) -> int:
     from .quality import DOCS_DIR, load_model, read_text
     if args.policy is None and args.layers is None:
         raise CliError("calibrate: give --layers (e.g. 20-29) or --policy (its linear layers are fitted)")
+    if args.adapter_rank and not args.distill_steps:
+        raise CliError("calibrate: --adapter-rank trains during the distillation: give --distill-steps too")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -150,7 +152,8 @@ def cmd_calibrate(args) -> int:
             if step % 10 == 0 or step == args.distill_steps - 1:
                 print(f"distill step {step + 1}/{args.distill_steps}: KL to the exact model {kl:.4f}", flush=True)
         fits = cal.distill_model(model, all_ids[:distill_windows], settings, fits, steps=args.distill_steps,
-                                 lr=args.distill_lr, progress=report)
+                                 lr=args.distill_lr, adapter_rank=args.adapter_rank, adapter_lr=args.adapter_lr,
+                                 progress=report)
         stats = next(iter(fits.values())).stats
         print(f"distilled: KL over the calibration windows {stats['kl_start']:.4f} -> {stats['kl_trained']:.4f}")
     seconds = time.time() - t1
@@ -162,12 +165,16 @@ def cmd_calibrate(args) -> int:
             "steps": args.steps, "hybrid_steps": args.hybrid_steps,
             "output_steps": args.output_steps, "rows": args.rows, "lr": args.lr, "sequential": str(args.sequential),
             "distill_steps": args.distill_steps, "distill_lr": args.distill_lr, "distill_windows": distill_windows,
+            "adapter_rank": args.adapter_rank, "adapter_lr": args.adapter_lr,
             "seconds": f"{seconds:.1f}", "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     cal.save_calibration(args.out, fits, meta)
     print(f"calibrated {len(fits)} layer(s) in {seconds:.1f}s (capture + fit); wrote {args.out}")
     print(f"use it: a linear band with feature_map: {maps[0]}, feature_params: {args.out} "
           "(a relative path is taken from the policy file's folder)")
+    if args.adapter_rank:
+        print(f"and merge its adapters into the model before rewriting it: "
+              f"longattn.calibrate.merge_adapters(model, {args.out!r})")
     return 0
 
 
@@ -200,6 +207,11 @@ def add_calibrate_parser(sub) -> None:
     c.add_argument("--distill-windows", type=int, default=0,
                    help="windows of --tokens for the distillation, from --offset on (default: --windows)")
     c.add_argument("--distill-lr", type=float, default=1e-2)
+    c.add_argument("--adapter-rank", type=int, default=0,
+                   help="with --distill-steps: also train rank-r corrections of the linear layers' q/k/v/o "
+                        "projections (LoRA), saved in --out; merge them with longattn.calibrate.merge_adapters "
+                        "before rewriting (default 0: none)")
+    c.add_argument("--adapter-lr", type=float, default=1e-3)
     c.add_argument("--rows", type=int, default=512, help="sampled query rows per layer (default 512)")
     c.add_argument("--lr", type=float, default=2e-2)
     c.add_argument("--seed", type=int, default=0)

@@ -297,9 +297,86 @@ def test_cli_calibrates_a_model_folder_sequentially(tmp_path):
     out = tmp_path / "calib.safetensors"
     assert main(["calibrate", str(tmp_path / "tiny"), "--layers", "0-1", "--sequential", "--sink-tokens", "2",
                  "--local-window", "8", "--tokens", "64", "--steps", "2", "--hybrid-steps", "2", "--rows", "8",
-                 "--distill-steps", "2", "--distill-windows", "2",
+                 "--distill-steps", "2", "--distill-windows", "2", "--adapter-rank", "2",
                  "--text", str(tmp_path / "text.txt"), "--out", str(out)]) == 0
     for layer in (0, 1):
         params = feature_params_from_file(f"{out}#layers.{layer}")
         assert {"far_scale", "q_weight", "k_weight"} <= set(params)
     assert file_metadata(str(out))["sequential"] == "True" and file_metadata(str(out))["distill_windows"] == "2"
+    from longattn.kernels.linear.params_file import adapters_from_file
+    assert "adapters" in file_metadata(str(out)) and sorted(adapters_from_file(str(out))) == [0, 1]
+
+
+def test_distillation_with_adapters_saves_them_and_merging_them_reproduces_the_reported_kl(tmp_path):
+    """distill_model(adapter_rank=r): q/k/v/o corrections trained with the maps, the model left as it was; the
+    file round-trips them; merge_adapters from the file gives the model whose converted KL is the reported
+    one, and refuses a second merge."""
+    from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+
+    from longattn.kernels.linear.params_file import adapters_from_file, feature_params_from_file, sections
+    from longattn.kernels.linear.params_file import load_file
+    from longattn.quality import attention_in_layers
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)).eval()
+    ids = torch.randint(0, 64, (2, 48), generator=torch.Generator().manual_seed(3))
+    band = dict(feature_map="hedgehog", sink_tokens=2, local_window=8)
+    with torch.enable_grad():
+        fits = cal.calibrate_model(model, ids, (0, 1), steps=5, rows=16, measure_output=False, **band)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tuned = cal.distill_model(model, ids, {0: band, 1: band}, fits, steps=20, lr=3e-2, adapter_rank=4,
+                              adapter_lr=1e-2)
+    assert [n for n, _ in model.named_parameters()] == list(weights)  # parametrizations removed
+    for n, p in model.named_parameters():
+        assert torch.equal(p, weights[n]), n
+    assert set(tuned[1].adapters) == set(cal.ADAPTED_PROJECTIONS)
+    a, b, _ = tuned[0].adapters["k_proj"]
+    assert a.shape == (4, 32) and b.shape == (16, 4) and b.abs().max() > 0  # trained away from zero
+    assert tuned[0].stats["kl_trained"] < 0.8 * tuned[0].stats["kl_start"]
+
+    path = str(tmp_path / "calib.safetensors")
+    cal.save_calibration(path, tuned)
+    assert sections(load_file(path)[0]) == ["layers.0", "layers.1"]  # adapters are no section
+    assert set(feature_params_from_file(f"{path}#layers.1")) == set(tuned[1].params)
+    for layer, projections in adapters_from_file(path).items():
+        for name, factors in projections.items():
+            for got, want in zip(factors, tuned[layer].adapters[name]):
+                assert torch.allclose(got, want)
+
+    fn = lambda q, k, v, scale, layer: linear_attention(q, k, v, scale=scale, causal=True,
+                                                        feature_params=tuned[layer].params, **band)
+    with torch.no_grad():
+        exact = [torch.log_softmax(model(ids[w:w + 1]).logits[0, 10:].float(), -1) for w in range(2)]
+    assert cal.merge_adapters(model, path) == 8
+    with pytest.raises(ValueError, match="merged already"):
+        cal.merge_adapters(model, path)
+    implementation = model.config._attn_implementation
+    AttentionInterface.register("longattn_test_adapters", attention_in_layers({0, 1}, fn))
+    model.set_attn_implementation("longattn_test_adapters")
+    try:
+        with torch.no_grad():
+            got = [torch.log_softmax(model(ids[w:w + 1]).logits[0, 10:].float(), -1) for w in range(2)]
+    finally:
+        model.set_attn_implementation(implementation)
+    kl = sum((e.exp() * (e - g)).sum(-1).mean().item() for e, g in zip(exact, got)) / 2
+    assert kl == pytest.approx(tuned[0].stats["kl_trained"], rel=1e-4)
+
+    other = LlamaForCausalLM(model.config).eval()
+    with pytest.raises(ValueError, match="not the one the adapters were trained on"):
+        cal.merge_adapters(other, path)
+
+
+def test_the_rewriter_notes_a_calibration_fitted_with_adapters(tmp_path):
+    from longattn.patterns.record import AttentionSite
+    from longattn.rewriter.fx_rewrite import fit_bands
+    from longattn.rewriter.policy import Band
+    site = AttentionSite(layer="model.layers.3.self_attn", pattern="sdpa")
+    params = {"far_scale": torch.ones(4)}
+    plain, adapted = str(tmp_path / "plain.safetensors"), str(tmp_path / "adapted.safetensors")
+    cal.save_calibration(plain, {3: cal.LayerFit(3, params)})
+    ab = (torch.zeros(2, 8), torch.zeros(8, 2), torch.zeros(8))
+    cal.save_calibration(adapted, {3: cal.LayerFit(3, params, adapters={"q_proj": ab})})
+    for path, noted in ((plain, False), (adapted, True)):
+        bands, notes = fit_bands([Band("linear", params={"feature_params": path})], site)
+        assert bands[0].params["feature_params"] == f"{path}#layers.3"
+        assert any("merge_adapters" in n for n in notes) == noted

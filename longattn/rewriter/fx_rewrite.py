@@ -76,9 +76,11 @@ def fit_bands(bands: list[Band], site: AttentionSite, keep_state: bool = True) -
             notes.append(f"{band.kind} cannot take {what}: flash used instead")
             band = Band("flash", band.below, {})
         elif band.kind == "linear" and isinstance(band.params.get("feature_params"), str):
-            band = Band(band.kind, band.below, {**band.params,
-                                                "feature_params": site_feature_params(band.params["feature_params"],
-                                                                                      site)})
+            ref = site_feature_params(band.params["feature_params"], site)
+            band = Band(band.kind, band.below, {**band.params, "feature_params": ref})
+            if _has_adapters(ref):
+                notes.append(f"{ref.partition('#')[0]} was fitted with q/k/v/o adapters: the model must have them "
+                             "merged (longattn.calibrate.merge_adapters)")
         if band.kind == "linear" and "decode_state" in band.params:
             params = dict(band.params)
             if params.pop("decode_state"):
@@ -89,6 +91,11 @@ def fit_bands(bands: list[Band], site: AttentionSite, keep_state: bool = True) -
             band = Band(band.kind, band.below, params)
         fitted.append(band)
     return fitted, notes
+
+
+def _has_adapters(ref: str) -> bool:
+    from ..kernels.linear.params_file import file_metadata, split_reference
+    return "adapters" in file_metadata(split_reference(ref)[0])
 
 
 def site_feature_params(ref: str, site: AttentionSite) -> str:

@@ -9,6 +9,11 @@ with <name> one of the keys `feature_params` takes (see `__init__.py`): `far_sca
 (Hq, D, F), `k_weight` (Hkv, D, F), `q_bias`, `k_bias`, `weight`, `bias`. Its string metadata records how
 it was fitted (`format`, `feature_map`, `sink_tokens`, `local_window`, the model, the text, ...).
 
+A file written by a distillation with adapters (`distill_model(adapter_rank=r)`) also holds low-rank
+corrections of the converted layers' projections, `adapters.<i>.<projection>.A` (r, in) and `.B` (out, r),
+`.S` (out,) the row sums of the weight they were trained on (so a merge can check it), and the metadata key `adapters`: the far part was trained on the projections W + B·A, so the model needs them
+merged (`longattn.calibrate.merge_adapters(model, FILE)`) before it is rewritten. They are no section.
+
 A *reference* names a file and one section: "path/to/calib.safetensors#layers.21". The policy writes the
 path; the rewriter appends "#layers.<i>" for the site it rewrites (the op sees only its band's params, not
 the layer). A reference without "#" picks the file's only section, or tensors stored without a section
@@ -26,6 +31,7 @@ from ...files import atomic_path  # a stdlib-only leaf module
 
 FORMAT = "longattn-linear-calibration/1"
 PARAM_NAMES = ("far_scale", "weight", "bias", "q_weight", "k_weight", "q_bias", "k_bias")
+ADAPTERS = "adapters."
 
 
 def section_name(layer_index: int) -> str:
@@ -72,7 +78,7 @@ def load_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def sections(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """Section prefixes present ("layers.20", ...), in layer order."""
-    found = {name.rsplit(".", 1)[0] for name in tensors if "." in name}
+    found = {name.rsplit(".", 1)[0] for name in tensors if "." in name and not name.startswith(ADAPTERS)}
     return sorted(found, key=lambda s: (len(s), s))
 
 
@@ -119,9 +125,29 @@ def file_metadata(path: str) -> dict[str, str]:
     return dict(load_file(path)[1])
 
 
-def save_file(path: str, layers: Mapping[int, Mapping[str, torch.Tensor]], metadata: Mapping[str, str]) -> None:
-    """Write {layer index: {name: tensor}} atomically (a temporary file in the same folder, then a rename)."""
+def adapters_from_file(path: str) -> dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """{layer index: {projection: (A, B, S)}} of a calibration file; empty when it has none."""
+    tensors, _ = load_file(path)
+    out: dict = {}
+    for name, t in tensors.items():
+        if name.startswith(ADAPTERS):
+            layer, projection, factor = name[len(ADAPTERS):].split(".")
+            out.setdefault(int(layer), {}).setdefault(projection, {})[factor] = t
+    bad = [f"{i}.{p}" for i, ps in out.items() for p, ab in ps.items() if set(ab) != {"A", "B", "S"}]
+    if bad:
+        raise ValueError(f"linear_attention: {path}: adapter(s) {bad} lack one of A, B, S")
+    return {i: {p: (ab["A"], ab["B"], ab["S"]) for p, ab in ps.items()} for i, ps in sorted(out.items())}
+
+
+def save_file(path: str, layers: Mapping[int, Mapping[str, torch.Tensor]], metadata: Mapping[str, str],
+              adapters: Optional[Mapping[int, Mapping[str, tuple]]] = None) -> None:
+    """Write {layer index: {name: tensor}} (and {layer index: {projection: (A, B, S)}}) atomically (a temporary
+    file in the same folder, then a rename)."""
     tensors = {}
+    for layer, projections in (adapters or {}).items():
+        for projection, factors in projections.items():
+            for factor, t in zip("ABS", factors):
+                tensors[f"{ADAPTERS}{int(layer)}.{projection}.{factor}"] = t.detach().to("cpu", torch.float32).contiguous()
     for layer, params in layers.items():
         for name, t in params.items():
             if name not in PARAM_NAMES:
