@@ -435,8 +435,8 @@ def distill_model(model, ids: torch.Tensor, settings: dict, fits: dict, *, steps
 
     With `adapter_rank` r > 0 the converted layers' projections (`module_path`.format(layer) + q/k/v/o_proj)
     also get trainable rank-r corrections (LoRA; LoLCATs, Zhang et al. 2024, pairs them with linearised
-    attention), trained with `adapter_lr`; each LayerFit's `adapters` then holds {projection: (A, B, row sums of the weight trained on)}, the
-    model itself is left unchanged: `merge_adapters` applies them."""
+    attention), trained with `adapter_lr`; each LayerFit's `adapters` then holds {projection: (A, B, row sums
+    of the weight trained on)}; the model itself is left unchanged: `merge_adapters` applies them."""
     from torch.nn.utils import parametrize
     from transformers import AttentionInterface
 
@@ -560,7 +560,7 @@ def merge_adapters(model, fits, module_path: str = "model.layers.{}.self_attn") 
         adapters = adapters_from_file(fits)
     else:
         adapters = {layer: fit.adapters for layer, fit in fits.items()}
-    merged = 0
+    planned = []  # every adapter is checked before any weight changes: a refused merge leaves the model as it was
     for layer, layer_adapters in adapters.items():
         projections = _projections(model, layer, module_path) if layer_adapters else {}
         for name, (a, b, row_sums) in layer_adapters.items():
@@ -575,9 +575,10 @@ def merge_adapters(model, fits, module_path: str = "model.layers.{}.self_attn") 
                 merged_already = torch.allclose(now, row_sums + delta.double().sum(1).float(), rtol=1e-4, atol=1e-4)
                 raise ValueError(f"{where}: " + ("the adapters are merged already" if merged_already else
                                  "the weight is not the one the adapters were trained on (another model?)"))
-            weight += delta.to(weight)
-            merged += 1
-    return merged
+            planned.append((weight, delta))
+    for weight, delta in planned:
+        weight += delta.to(weight)
+    return len(planned)
 
 
 def save_calibration(path: str, fits: dict, metadata: Optional[dict] = None) -> None:
