@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import torch
+from torch.nn.utils import parametrize
 
 from .kernels.linear import apply_feature_map, linear_attention
 from .kernels.linear.params_file import save_file
@@ -437,7 +438,6 @@ def distill_model(model, ids: torch.Tensor, settings: dict, fits: dict, *, steps
     also get trainable rank-r corrections (LoRA; LoLCATs, Zhang et al. 2024, pairs them with linearised
     attention), trained with `adapter_lr`; each LayerFit's `adapters` then holds {projection: (A, B, row sums
     of the weight trained on)}; the model itself is left unchanged: `merge_adapters` applies them."""
-    from torch.nn.utils import parametrize
     from transformers import AttentionInterface
 
     from .quality import attention_in_layers
@@ -539,7 +539,6 @@ def _projections(model, layer: int, module_path: str) -> dict[str, torch.nn.Line
 
 
 def _add_adapters(model, layers, rank: int, module_path: str) -> dict:
-    from torch.nn.utils import parametrize
     generator = torch.Generator().manual_seed(0)
     adapters = {}
     for layer in layers:

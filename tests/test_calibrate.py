@@ -233,9 +233,7 @@ def test_sequential_calibration_fits_each_layer_on_the_converted_model():
 
 
 def test_distillation_lowers_the_converted_models_kl_to_the_exact_model_and_leaves_the_model_as_it_was():
-    from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
-
-    from longattn.quality import attention_in_layers
+    from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)).eval()
@@ -258,22 +256,33 @@ def test_distillation_lowers_the_converted_models_kl_to_the_exact_model_and_leav
     assert set(tuned[1].params) == set(fits[1].params) and (tuned[1].params["far_scale"] > 0).all()
 
     # the KL it reports is the converted model's, recomputed here from the returned params
-    def kl_with(params):
-        fn = lambda q, k, v, scale, layer: linear_attention(q, k, v, scale=scale, causal=True,
-                                                            feature_params=params[layer], **band)
-        AttentionInterface.register("longattn_test_kl", attention_in_layers({0, 1}, fn))
-        model.set_attn_implementation("longattn_test_kl")
-        try:
-            with torch.no_grad():
-                got = [torch.log_softmax(model(ids[w:w + 1]).logits[0, 10:].float(), -1) for w in range(2)]
-        finally:
-            model.set_attn_implementation(implementation)
-        return got
-    with torch.no_grad():
-        exact = [torch.log_softmax(model(ids[w:w + 1]).logits[0, 10:].float(), -1) for w in range(2)]
-    kl = lambda got: sum((e.exp() * (e - g)).sum(-1).mean().item() for e, g in zip(exact, got)) / 2
-    assert kl(kl_with({i: f.params for i, f in tuned.items()})) == pytest.approx(tuned[0].stats["kl_trained"], rel=1e-4)
-    assert kl(kl_with({i: f.params for i, f in fits.items()})) == pytest.approx(tuned[0].stats["kl_start"], rel=1e-4)
+    assert _converted_kl(model, ids, {i: f.params for i, f in tuned.items()}, band) == \
+        pytest.approx(tuned[0].stats["kl_trained"], rel=1e-4)
+    assert _converted_kl(model, ids, {i: f.params for i, f in fits.items()}, band) == \
+        pytest.approx(tuned[0].stats["kl_start"], rel=1e-4)
+
+
+def _converted_kl(model, ids, params, band, exact=None):
+    """Mean over ids' windows of KL(exact || model with layers 0 and 1 converted with `params`), from position 10;
+    `exact`: the exact log-probabilities, when the model's weights have changed since."""
+    from transformers import AttentionInterface
+
+    from longattn.quality import attention_in_layers
+
+    def log_probs():
+        with torch.no_grad():
+            return [torch.log_softmax(model(ids[w:w + 1]).logits[0, 10:].float(), -1) for w in range(ids.shape[0])]
+    exact = exact if exact is not None else log_probs()
+    fn = lambda q, k, v, scale, layer: linear_attention(q, k, v, scale=scale, causal=True,
+                                                        feature_params=params[layer], **band)
+    implementation = model.config._attn_implementation
+    AttentionInterface.register("longattn_test_kl", attention_in_layers({0, 1}, fn))
+    model.set_attn_implementation("longattn_test_kl")
+    try:
+        got = log_probs()
+    finally:
+        model.set_attn_implementation(implementation)
+    return sum((e.exp() * (e - g)).sum(-1).mean().item() for e, g in zip(exact, got)) / len(got)
 
 
 def test_cli_calibrates_a_model_folder_sequentially(tmp_path):
@@ -311,11 +320,10 @@ def test_distillation_with_adapters_saves_them_and_merging_them_reproduces_the_r
     """distill_model(adapter_rank=r): q/k/v/o corrections trained with the maps, the model left as it was; the
     file round-trips them; merge_adapters from the file gives the model whose converted KL is the reported
     one, and refuses a second merge."""
-    from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from longattn.kernels.linear.params_file import adapters_from_file, feature_params_from_file, sections
     from longattn.kernels.linear.params_file import load_file
-    from longattn.quality import attention_in_layers
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)).eval()
@@ -343,22 +351,12 @@ def test_distillation_with_adapters_saves_them_and_merging_them_reproduces_the_r
             for got, want in zip(factors, tuned[layer].adapters[name]):
                 assert torch.allclose(got, want)
 
-    fn = lambda q, k, v, scale, layer: linear_attention(q, k, v, scale=scale, causal=True,
-                                                        feature_params=tuned[layer].params, **band)
     with torch.no_grad():
         exact = [torch.log_softmax(model(ids[w:w + 1]).logits[0, 10:].float(), -1) for w in range(2)]
     assert cal.merge_adapters(model, path) == 8
     with pytest.raises(ValueError, match="merged already"):
         cal.merge_adapters(model, path)
-    implementation = model.config._attn_implementation
-    AttentionInterface.register("longattn_test_adapters", attention_in_layers({0, 1}, fn))
-    model.set_attn_implementation("longattn_test_adapters")
-    try:
-        with torch.no_grad():
-            got = [torch.log_softmax(model(ids[w:w + 1]).logits[0, 10:].float(), -1) for w in range(2)]
-    finally:
-        model.set_attn_implementation(implementation)
-    kl = sum((e.exp() * (e - g)).sum(-1).mean().item() for e, g in zip(exact, got)) / 2
+    kl = _converted_kl(model, ids, {i: f.params for i, f in tuned.items()}, band, exact=exact)
     assert kl == pytest.approx(tuned[0].stats["kl_trained"], rel=1e-4)
 
     other = LlamaForCausalLM(model.config).eval()

@@ -11,8 +11,8 @@ it was fitted (`format`, `feature_map`, `sink_tokens`, `local_window`, the model
 
 A file written by a distillation with adapters (`distill_model(adapter_rank=r)`) also holds low-rank
 corrections of the converted layers' projections, `adapters.<i>.<projection>.A` (r, in) and `.B` (out, r),
-`.S` (out,) the row sums of the weight they were trained on (so a merge can check it), and the metadata key `adapters`: the far part was trained on the projections W + B·A, so the model needs them
-merged (`longattn.calibrate.merge_adapters(model, FILE)`) before it is rewritten. They are no section.
+`.S` (out,) the row sums of the weight they were trained on (so a merge can check it), and the metadata key
+`adapters`: the far part was trained on the projections W + B·A, so the model needs them merged (`longattn.calibrate.merge_adapters(model, FILE)`) before it is rewritten. They are no section.
 
 A *reference* names a file and one section: "path/to/calib.safetensors#layers.21". The policy writes the
 path; the rewriter appends "#layers.<i>" for the site it rewrites (the op sees only its band's params, not
@@ -125,7 +125,7 @@ def file_metadata(path: str) -> dict[str, str]:
     return dict(load_file(path)[1])
 
 
-def adapters_from_file(path: str) -> dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+def adapters_from_file(path: str) -> dict[int, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """{layer index: {projection: (A, B, S)}} of a calibration file; empty when it has none."""
     tensors, _ = load_file(path)
     out: dict = {}
