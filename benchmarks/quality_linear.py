@@ -84,6 +84,8 @@ def main():
     ap.add_argument("--distill-windows", type=int, default=0,
                     help="windows of --tokens for it, from the calibration text on (default: --calib-windows)")
     ap.add_argument("--distill-lr", type=float, default=1e-2)
+    ap.add_argument("--distill-top-k", type=int, default=0,
+                    help="keep the exact model's k most likely tokens per position as the teacher (default: all)")
     ap.add_argument("--adapter-rank", type=int, default=0,
                     help="with --distill-steps: also train rank-r corrections of the converted layers' q/k/v/o "
                          "projections (LoRA), merged into the model for that variant's evaluation")
@@ -133,7 +135,7 @@ def main():
            "layers": args.layers, **hybrid, "steps": args.steps, "hybrid_steps": args.hybrid_steps,
            "output_steps": args.output_steps, "sequential": args.sequential, "hedgehog_dim": args.hedgehog_dim,
            "distill_steps": args.distill_steps, "distill_windows": distill_ids.shape[0], "distill_lr": args.distill_lr,
-           "adapter_rank": args.adapter_rank, "adapter_lr": args.adapter_lr,
+           "adapter_rank": args.adapter_rank, "adapter_lr": args.adapter_lr, "distill_top_k": args.distill_top_k,
            "rows": args.rows, "torch": torch.__version__, "threads": args.threads,
            "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -189,7 +191,7 @@ def main():
             fits = cal.distill_model(model, distill_ids, {layer: dict(feature_map="hedgehog", **hybrid) for layer in fits},
                                      fits, steps=args.distill_steps, lr=args.distill_lr,
                                      adapter_rank=args.adapter_rank, adapter_lr=args.adapter_lr,
-                                     progress=lambda step, kl: print(f"  distill {step} KL {kl:.4f}", flush=True)
+                                     teacher_top_k=args.distill_top_k, progress=lambda step, kl: print(f"  distill {step} KL {kl:.4f}", flush=True)
                                      if step % 10 == 0 else None)
             calib["hedgehog+hybrid+distill"] = os.path.join(tmp, "hedgehog-distilled.safetensors")
             cal.save_calibration(calib["hedgehog+hybrid+distill"], fits, {"feature_map": "hedgehog"})
@@ -248,7 +250,9 @@ def format_md(records):
              + (f"; hedgehog projection width {env['hedgehog_dim']}" if env.get("hedgehog_dim") else "")
              + (f"; end-to-end distillation: {env['distill_steps']} Adam steps (lr {env['distill_lr']}"
                 + (f"; rank-{env['adapter_rank']} adapters on the converted layers' q/k/v/o projections, lr "
-                   f"{env['adapter_lr']}" if env.get("adapter_rank") else "") + "), one window "
+                   f"{env['adapter_lr']}" if env.get("adapter_rank") else "")
+                + (f"; teacher: the exact model's top {env['distill_top_k']} tokens + the rest's mass"
+                   if env.get("distill_top_k") else "") + "), one window "
                 f"a step, over {env['distill_windows']} windows of the text from the calibration window on (all after "
                 "the evaluation windows)" if env.get("distill_steps") else "") + ".", "",
              "## Perplexity", "", "| attention | perplexity | vs exact |", "|---|---|---|"]

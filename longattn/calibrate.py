@@ -425,6 +425,7 @@ ADAPTED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 def distill_model(model, ids: torch.Tensor, settings: dict, fits: dict, *, steps: int = 60, lr: float = 1e-2,
                   adapter_rank: int = 0, adapter_lr: float = 1e-3, module_path: str = "model.layers.{}.self_attn",
+                  teacher_top_k: int = 0, kl_windows: int = 16,
                   progress: Optional[Callable] = None) -> dict[int, LayerFit]:
     """End-to-end stage after the per-layer fits: train every converted layer's feature params (the maps'
     weights and log far_scale) together so that the converted model's next-token distributions match the
@@ -432,7 +433,11 @@ def distill_model(model, ids: torch.Tensor, settings: dict, fits: dict, *, steps
     window a step. The model's weights stay frozen (restored afterwards); only the fits' params change.
 
     The exact model's log-probabilities are kept for every window: W · S · vocabulary floats (SmolLM2:
-    0.35 GB a 2K window). Returns new LayerFits with `kl_start` / `kl_trained` over all windows in stats.
+    0.35 GB a 2K window). With `teacher_top_k` k > 0 only each position's k most likely tokens and the mass of
+    the rest are kept (SmolLM2, k 256: 5 MB a 2K window), and the loss is the KL between the two distributions
+    coarsened to those k tokens + "any other" (a lower bound of the full KL, equal to it when the rest has no
+    mass). Returns new LayerFits with `kl_start` / `kl_trained` (the loss, mean over the first `kl_windows`
+    windows) in stats.
 
     With `adapter_rank` r > 0 the converted layers' projections (`module_path`.format(layer) + q/k/v/o_proj)
     also get trainable rank-r corrections (LoRA; LoLCATs, Zhang et al. 2024, pairs them with linearised
@@ -465,12 +470,15 @@ def distill_model(model, ids: torch.Tensor, settings: dict, fits: dict, *, steps
                              "(e.g. LlamaForCausalLM, not LlamaModel)")
         return torch.log_softmax(logits[0, start:].float(), -1)
 
-    def kl(teacher, student):
-        return (teacher.exp() * (teacher - student)).sum(-1).mean()
+    def teacher_of(window):
+        full = log_probs(window)
+        return top_k_teacher(full, teacher_top_k) if 0 < teacher_top_k < full.shape[-1] else full
 
-    def mean_kl():  # over all windows, with the params as they are now
+    n_kl = max(1, min(kl_windows, ids.shape[0]))
+
+    def mean_kl():  # over the first n_kl windows, with the params as they are now
         with torch.no_grad():
-            return sum(kl(teacher[w], log_probs(w)).item() for w in range(ids.shape[0])) / ids.shape[0]
+            return sum(teacher_kl(teacher[w], log_probs(w)).item() for w in range(n_kl)) / n_kl
 
     previous = model.config._attn_implementation
     frozen = [p_ for p_ in model.parameters() if p_.requires_grad]
@@ -478,7 +486,7 @@ def distill_model(model, ids: torch.Tensor, settings: dict, fits: dict, *, steps
     t0 = time.time()
     try:
         with torch.no_grad():
-            teacher = [log_probs(w) for w in range(ids.shape[0])]
+            teacher = [teacher_of(w) for w in range(ids.shape[0])]
         AttentionInterface.register("longattn_distill", attention_in_layers(set(settings), converted))
         model.set_attn_implementation("longattn_distill")
         for p_ in frozen:
@@ -494,7 +502,7 @@ def distill_model(model, ids: torch.Tensor, settings: dict, fits: dict, *, steps
         with torch.enable_grad():
             for step in range(steps):
                 w = step % ids.shape[0]
-                loss = kl(teacher[w], log_probs(w))
+                loss = teacher_kl(teacher[w], log_probs(w))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -518,6 +526,28 @@ def distill_model(model, ids: torch.Tensor, settings: dict, fits: dict, *, steps
         out[layer] = LayerFit(layer, params, stats, fit.seconds, stage1_params=fit.stage1_params,
                               adapters=layer_adapters or fit.adapters)
     return out
+
+
+def top_k_teacher(log_probs: torch.Tensor, k: int) -> tuple:
+    """A teacher distribution kept as its k most likely tokens (log-probs, indices) and the log-mass of the rest."""
+    top, index = log_probs.topk(k, -1)
+    return top, index, _log_rest(log_probs, index)
+
+
+def teacher_kl(teacher, student: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student), mean over positions; `student` holds full log-probs, `teacher` too or is a
+    `top_k_teacher`: then both are coarsened to its k tokens + "any other"."""
+    if isinstance(teacher, torch.Tensor):
+        return (teacher.exp() * (teacher - student)).sum(-1).mean()
+    top, index, rest = teacher
+    on_top = (top.exp() * (top - student.gather(-1, index))).sum(-1)
+    return (on_top + rest.exp() * (rest - _log_rest(student, index))).mean()
+
+
+def _log_rest(log_probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log of the probability mass outside `index` (last dim), from the log-probabilities themselves: no
+    cancellation in 1 - sum(top)."""
+    return log_probs.scatter(-1, index, float("-inf")).logsumexp(-1)
 
 
 def _row_sums(weight: torch.Tensor) -> torch.Tensor:

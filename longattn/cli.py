@@ -153,7 +153,7 @@ def cmd_calibrate(args) -> int:
                 print(f"distill step {step + 1}/{args.distill_steps}: KL to the exact model {kl:.4f}", flush=True)
         fits = cal.distill_model(model, all_ids[:distill_windows], settings, fits, steps=args.distill_steps,
                                  lr=args.distill_lr, adapter_rank=args.adapter_rank, adapter_lr=args.adapter_lr,
-                                 progress=report)
+                                 teacher_top_k=args.distill_top_k, progress=report)
         stats = next(iter(fits.values())).stats
         print(f"distilled: KL over the calibration windows {stats['kl_start']:.4f} -> {stats['kl_trained']:.4f}")
     seconds = time.time() - t1
@@ -165,7 +165,7 @@ def cmd_calibrate(args) -> int:
             "steps": args.steps, "hybrid_steps": args.hybrid_steps,
             "output_steps": args.output_steps, "rows": args.rows, "lr": args.lr, "sequential": str(args.sequential),
             "distill_steps": args.distill_steps, "distill_lr": args.distill_lr, "distill_windows": distill_windows,
-            "adapter_rank": args.adapter_rank, "adapter_lr": args.adapter_lr,
+            "adapter_rank": args.adapter_rank, "adapter_lr": args.adapter_lr, "distill_top_k": args.distill_top_k,
             "seconds": f"{seconds:.1f}", "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     cal.save_calibration(args.out, fits, meta)
@@ -207,6 +207,10 @@ def add_calibrate_parser(sub) -> None:
     c.add_argument("--distill-windows", type=int, default=0,
                    help="windows of --tokens for the distillation, from --offset on (default: --windows)")
     c.add_argument("--distill-lr", type=float, default=1e-2)
+    c.add_argument("--distill-top-k", type=int, default=0,
+                   help="keep only the exact model's k most likely next tokens (and the rest's mass) per position: "
+                        "memory for many --distill-windows (default 0: the whole vocabulary, vocab x tokens floats "
+                        "a window)")
     c.add_argument("--adapter-rank", type=int, default=0,
                    help="with --distill-steps: also train rank-r corrections of the linear layers' q/k/v/o "
                         "projections (LoRA), saved in --out; merge them with longattn.calibrate.merge_adapters "
