@@ -66,6 +66,25 @@ def check_forward_and_backward(q, k, v, **kw):
         assert relative_error(g, rg) < 2 * tol, name
 
 
+def make_in_layout(b, hq, hkv, sq, sk, d, layout, dtype):
+    """q, k, v (B, H, S, D), contiguous ("bhsd") or viewed from (B, S, H, D) tensors ("bshd")."""
+    def make(h, s):
+        t = torch.randn(b, s, h, d, device=DEVICE, dtype=dtype)
+        return t.transpose(1, 2) if layout == "bshd" else t.transpose(1, 2).contiguous()
+    return make(hq, sq), make(hkv, sk), make(hkv, sk)
+
+
+def check_forward(out, lse, q, k, v, scale, causal):
+    """out and lse against the float64 reference; rows that see no key give out 0 and lse -inf."""
+    _, ref_out, ref_lse = reference(q, k, v, scale=scale, causal=causal)
+    assert relative_error(out, ref_out) < TOLERANCE[q.dtype]
+    torch.testing.assert_close(torch.isinf(lse), torch.isinf(ref_lse))
+    seen = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse.double()[seen], ref_lse[seen], atol=1e-2, rtol=1e-3)
+    if causal and q.shape[2] > k.shape[2]:
+        assert (~seen).any() and (out[~seen] == 0).all()
+
+
 def test_the_triton_path_is_taken_for_supported_inputs():
     q, k, v = make_qkv(1, 2, 1, 8, 8, 16, torch.float32)
     assert triton_supports(q, k, v)
@@ -259,26 +278,14 @@ def test_warp_specialised_forward_matches_reference(shape, causal):
     from longattn.kernels.flash import triton_fwd_ws
     b, hq, hkv, sq, sk, d, layout = shape
     dtype = torch.bfloat16 if ON_CUDA else torch.float16
-
-    def make(h, s):
-        t = torch.randn(b, s, h, d, device=DEVICE, dtype=dtype)
-        return t.transpose(1, 2) if layout == "bshd" else t.transpose(1, 2).contiguous()
-
-    q, k, v = make(hq, sq), make(hkv, sk), make(hkv, sk)
+    q, k, v = make_in_layout(b, hq, hkv, sq, sk, d, layout, dtype)
     if ON_CUDA and not triton_fwd_ws.ws_applies(q, k, v, None, causal=False):
         pytest.skip("no warp-specialised path on this GPU / Triton")
     # causal is not dispatched here (measured no faster) but the kernel keeps it: tested all the same
     result = triton_fwd_ws.flash_forward_ws(q, k, v, 0.1, causal)
     if result is None:
         pytest.skip("this Triton cannot build the warp-specialised kernel (the pointer kernel runs instead)")
-    out, lse = result
-    _, ref_out, ref_lse = reference(q, k, v, scale=0.1, causal=causal)
-    assert relative_error(out, ref_out) < TOLERANCE[dtype]
-    torch.testing.assert_close(torch.isinf(lse), torch.isinf(ref_lse))
-    seen = torch.isfinite(ref_lse)
-    torch.testing.assert_close(lse.double()[seen], ref_lse[seen], atol=1e-2, rtol=1e-3)
-    if causal and sq > sk:
-        assert (~seen).any() and (out[~seen] == 0).all()
+    check_forward(*result, q, k, v, 0.1, causal)
 
 
 def test_flash_attention_takes_the_warp_specialised_kernel_where_it_applies_and_falls_back_when_it_cannot_build(
@@ -319,3 +326,68 @@ def test_flash_attention_takes_the_warp_specialised_kernel_where_it_applies_and_
         out, _ = flash_attention(q, k, v)
         assert relative_error(out, ref) < 5e-3
     assert calls.count("failed") == 1
+
+
+def test_gluon_descriptor_coordinates_address_each_head_in_both_layouts():
+    # the Gluon kernel reads row b·rows_per_batch + h·rows_per_head + s, columns from h·cols_per_head
+    from longattn.kernels.flash.gluon_fwd import _as_matrix
+    b, h, s, d = 2, 3, 5, 4
+    base = torch.arange(b * h * s * d, dtype=torch.float32)
+    for t in (base.view(b, h, s, d), base.view(b, s, h, d).transpose(1, 2)):
+        matrix, per_batch, per_head, cols = _as_matrix(t)
+        for i, j, n in [(0, 0, 0), (1, 2, 4), (0, 1, 3), (1, 0, 2)]:
+            assert torch.equal(matrix[i * per_batch + j * per_head + n, j * cols:j * cols + d], t[i, j, n])
+    assert _as_matrix(base.view(b, h, s, d).transpose(2, 3)) is None  # other layouts: the Triton kernels
+
+
+# (batch, q heads, kv heads, q len, k len, head dim, layout, config): GQA, Sq < Sk (chunked prefill), Sq > Sk
+# (rows that see no key under causal), both layouts, the shipped configs and others (the warp-specialised
+# kernel among them) given explicitly
+_GLUON_WS = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "STAGES": 2, "WS": True, "CONSUMER_REGS": 240,
+             "maxnreg": 168}
+GLUON_SHAPES = [(2, 8, 2, 1024, 1024, 64, "bhsd", None), (1, 4, 4, 512, 1536, 64, "bshd", None),
+                (1, 4, 2, 1024, 512, 64, "bhsd", None),
+                (1, 4, 2, 768, 1280, 128, "bshd", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "STAGES": 2}),
+                (2, 2, 1, 1024, 1024, 128, "bhsd", _GLUON_WS), (1, 4, 2, 1024, 512, 128, "bshd", _GLUON_WS),
+                (2, 2, 1, 1024, 1024, 128, "bshd", {**_GLUON_WS, "PINGPONG": True}),
+                (1, 2, 2, 512, 1536, 64, "bhsd", {**_GLUON_WS, "STAGES": 4, "PINGPONG": True})]
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="Gluon does not run in the Triton interpreter")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", GLUON_SHAPES, ids=lambda s: "x".join(map(str, s[:7])))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gluon_forward_matches_reference(shape, causal, dtype):
+    from longattn.kernels.flash import gluon_fwd
+    b, hq, hkv, sq, sk, d, layout, config = shape
+    q, k, v = make_in_layout(b, hq, hkv, sq, sk, d, layout, dtype)
+    if gluon_fwd.gluon is None or not gluon_fwd._hopper(q.device.index or 0):
+        pytest.skip("no Gluon path on this GPU / Triton")
+    config = config or gluon_fwd.GLUON_CONFIGS[(d, causal)]
+    check_forward(*gluon_fwd.flash_forward_gluon(q, k, v, 0.1, causal, config=config), q, k, v, 0.1, causal)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="Gluon does not run in the Triton interpreter")
+def test_flash_attention_takes_the_gluon_kernel_where_it_applies(monkeypatch):
+    from longattn.kernels.flash import autograd, gluon_fwd
+    monkeypatch.setattr(gluon_fwd, "MIN_EAGER_WORK", 0)  # a test-sized call is worth the launch
+    q, k, v = make_qkv(1, 4, 2, 1024, 1024, 64, torch.bfloat16)
+    if not gluon_fwd.gluon_applies(q, k, v, None, True):
+        pytest.skip("no Gluon path on this GPU / Triton")
+    calls = []
+    real = gluon_fwd.flash_forward_gluon
+    monkeypatch.setattr(autograd, "flash_forward_gluon", lambda *a, **kw: calls.append(a[4]) or real(*a, **kw))
+    check_forward_and_backward(q, k, v, scale=0.125, causal=True)  # backward: the Triton kernels on its lse
+    assert calls == [True]
+    assert not gluon_fwd.gluon_applies(q[:, :, :1000], k, v, None, True)  # not a whole number of tiles
+    assert not gluon_fwd.gluon_applies(q, k, v, torch.ones(1024, 1024, dtype=torch.bool, device=DEVICE), False)
+    assert not gluon_fwd.gluon_applies(q.float(), k.float(), v.float(), None, False)
+
+
+def test_eager_calls_take_the_gluon_kernel_only_where_the_work_repays_its_launch():
+    from longattn.kernels.flash.gluon_fwd import worth_the_launch
+    qkv = lambda h, s, d: (torch.empty(1, h, s, d), torch.empty(1, h, s, d))
+    assert not worth_the_launch(*qkv(32, 4096, 64), causal=False)  # measured slower eagerly at 4K
+    assert worth_the_launch(*qkv(32, 8192, 64), causal=False) and worth_the_launch(*qkv(32, 8192, 64), causal=True)
+    assert not worth_the_launch(*qkv(16, 4096, 128), causal=True)
+    assert worth_the_launch(*qkv(16, 8192, 128), causal=True)

@@ -13,15 +13,19 @@ import torch
 
 from .triton_bwd import flash_backward
 from .triton_decode import DECODE_MAX_QUERIES, decode_forward
+from .gluon_fwd import flash_forward_gluon, gluon_applies
 from .triton_fwd import flash_forward
 from .triton_fwd_ws import flash_forward_ws, ws_applies
 
 
 def forward_kernels(q, k, v, scale: float, causal: bool, attn_mask):
     """(out, lse) from the decode kernel for a few queries against many keys, else the tiled forward:
-    warp-specialised on Hopper where it applies and builds, else the pointer kernel."""
+    on Hopper the Gluon kernel where it applies, else the warp-specialised one where it applies and builds,
+    else the pointer kernel."""
     if q.shape[2] <= DECODE_MAX_QUERIES and k.shape[2] >= 4 * q.shape[2]:
         return decode_forward(q, k, v, scale, causal, attn_mask)
+    if gluon_applies(q, k, v, attn_mask, causal):
+        return flash_forward_gluon(q, k, v, scale, causal)
     if ws_applies(q, k, v, attn_mask, causal):
         result = flash_forward_ws(q, k, v, scale, causal)
         if result is not None:
