@@ -364,7 +364,9 @@ def test_gluon_forward_matches_reference(shape, causal, dtype):
     if gluon_fwd.gluon is None or not gluon_fwd._hopper(q.device.index or 0):
         pytest.skip("no Gluon path on this GPU / Triton")
     config = config or gluon_fwd.GLUON_CONFIGS[(d, causal)]
-    check_forward(*gluon_fwd.flash_forward_gluon(q, k, v, 0.1, causal, config=config), q, k, v, 0.1, causal)
+    result = gluon_fwd.flash_forward_gluon(q, k, v, 0.1, causal, config=config)
+    assert result is not None, "the Gluon kernel did not build"
+    check_forward(*result, q, k, v, 0.1, causal)
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="Gluon does not run in the Triton interpreter")

@@ -19,13 +19,15 @@ from .triton_fwd_ws import flash_forward_ws, ws_applies
 
 
 def forward_kernels(q, k, v, scale: float, causal: bool, attn_mask):
-    """(out, lse) from the decode kernel for a few queries against many keys, else the tiled forward:
-    on Hopper the Gluon kernel where it applies, else the warp-specialised one where it applies and builds,
-    else the pointer kernel."""
+    """(out, lse) from the decode kernel for a few queries against many keys, else the tiled forward: on
+    Hopper the Gluon kernel, else the warp-specialised one, where they apply and build; else the pointer
+    kernel."""
     if q.shape[2] <= DECODE_MAX_QUERIES and k.shape[2] >= 4 * q.shape[2]:
         return decode_forward(q, k, v, scale, causal, attn_mask)
     if gluon_applies(q, k, v, attn_mask, causal):
-        return flash_forward_gluon(q, k, v, scale, causal)
+        result = flash_forward_gluon(q, k, v, scale, causal)
+        if result is not None:
+            return result
     if ws_applies(q, k, v, attn_mask, causal):
         result = flash_forward_ws(q, k, v, scale, causal)
         if result is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -35,6 +36,9 @@ if triton is not None and not interpreting():
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     except ImportError:  # a Triton without Gluon's Hopper API: the Triton kernels run
         gluon = None
+    else:  # the TMA copies' names: Triton 3.9 renamed them (the old ones raise)
+        _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+        _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
 if gluon is not None:
 
@@ -45,9 +49,9 @@ if gluon is not None:
         BN: gl.constexpr = k_desc.block_type.shape[0]
         live = tile < n_tiles
         mbarrier.expect(bars.index(stage), k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=live)
-        tma.async_copy_global_to_shared(k_desc, [row + tile * BN, col], bars.index(stage), k_smem.index(stage),
+        _tma_load(k_desc, [row + tile * BN, col], bars.index(stage), k_smem.index(stage),
                                         pred=live)
-        tma.async_copy_global_to_shared(v_desc, [row + tile * BN, col], bars.index(stage), v_smem.index(stage),
+        _tma_load(v_desc, [row + tile * BN, col], bars.index(stage), v_smem.index(stage),
                                         pred=live)
 
     @gluon.jit
@@ -105,7 +109,7 @@ if gluon is not None:
         out = acc / gl.expand_dims(gl.convert_layout(l_safe, o_rows), 1)
         q_smem.store(out.to(q_smem.dtype))
         fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [o_row, 0], q_smem)
+        _tma_store(o_desc, [o_row, 0], q_smem)
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -167,7 +171,7 @@ if gluon is not None:
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [b * q_rb + h * q_rh + m0, h * q_ch], q_bar, q_smem)
+        _tma_load(q_desc, [b * q_rb + h * q_rh + m0, h * q_ch], q_bar, q_smem)
         for i in gl.static_range(STAGES):
             _load_kv(k_desc, v_desc, k_smem, v_smem, bars, k_row, kv_col, i, n_tiles, STAGES)
         mbarrier.wait(q_bar, 0)
@@ -200,14 +204,14 @@ if gluon is not None:
         BN: gl.constexpr = k_desc.block_type.shape[0]
         n_full, n_tiles = _tile_range(m0, causal_offset, Sk, 2 * HALF_M, BN, CAUSAL)
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem.index(0))
-        tma.async_copy_global_to_shared(q_desc, [q_row + HALF_M, q_col], q_bar, q_smem.index(1))
+        _tma_load(q_desc, [q_row, q_col], q_bar, q_smem.index(0))
+        _tma_load(q_desc, [q_row + HALF_M, q_col], q_bar, q_smem.index(1))
         for j in range(n_tiles):
             stage = j % STAGES
             mbarrier.wait(empty.index(stage), ((j // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1
             mbarrier.expect(ready.index(stage), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [k_row + j * BN, kv_col], ready.index(stage), k_smem.index(stage))
-            tma.async_copy_global_to_shared(v_desc, [k_row + j * BN, kv_col], ready.index(stage), v_smem.index(stage))
+            _tma_load(k_desc, [k_row + j * BN, kv_col], ready.index(stage), k_smem.index(stage))
+            _tma_load(v_desc, [k_row + j * BN, kv_col], ready.index(stage), v_smem.index(stage))
 
     # Ping-pong (FA3's two schedules): each consumer issues its matmuls as one block, S_j = Q·K_jᵀ then
     # O += P_{j-1}·V_{j-1}, and the two consumers take turns (two mbarriers), so one's softmax runs while the
@@ -416,11 +420,19 @@ def _smem_layout(rows: int, cols: int, dtype):
     return gl.NVMMASharedLayout.get_default_for([rows, cols], dtype)  # ~8 µs a call: cached
 
 
+_built: set = set()   # (head dim, causal, dtype, config) that compiled and ran
+_broken: set = set()  # ... that this Triton could not compile: the Triton kernels run instead, never retried
+
+
 def flash_forward_gluon(q, k, v, scale: float, causal: bool, config: dict | None = None):
-    """(out, lse) as `triton_fwd.flash_forward` returns them; call only where `gluon_applies`."""
+    """(out, lse) as `triton_fwd.flash_forward` returns them, or None when this Triton cannot build the
+    kernel (Gluon is experimental: its API moves between releases); call only where `gluon_applies`."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     cfg = dict(config or GLUON_CONFIGS[(D, bool(causal))])
+    key = (D, bool(causal), q.dtype, tuple(sorted(cfg.items())))
+    if key in _broken:
+        return None
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     dtype = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[q.dtype]
     (qm, *q_at), (km, *k_at), (vm, _, _, _) = (_as_matrix(t) for t in (q, k, v))
@@ -439,6 +451,16 @@ def flash_forward_gluon(q, k, v, scale: float, causal: bool, config: dict | None
         kernel = _flash_fwd_gluon_ws_kernel
         cfg.setdefault("PINGPONG", False)
         cfg.setdefault("CONSUMER_REGS", 240)
-    kernel[grid](q_desc, k_desc, v_desc, o_desc, lse, Hq, Hkv, Sq, Sk, scale * LOG2E, Sk - Sq, *q_at, *k_at,
-                 CAUSAL=bool(causal), **cfg)
+    try:
+        kernel[grid](q_desc, k_desc, v_desc, o_desc, lse, Hq, Hkv, Sq, Sk, scale * LOG2E, Sk - Sq, *q_at, *k_at,
+                     CAUSAL=bool(causal), **cfg)
+    except Exception as e:  # noqa: BLE001 - the first build of a config failing is a compile error: fall back
+        if key in _built:
+            raise
+        _broken.add(key)
+        warnings.warn(f"longattn: the Gluon flash forward does not build with Triton {triton.__version__} "
+                      f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                      "the Triton kernels run instead", RuntimeWarning, stacklevel=2)
+        return None
+    _built.add(key)
     return out, lse
