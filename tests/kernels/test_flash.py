@@ -372,7 +372,7 @@ def test_gluon_forward_matches_reference(shape, causal, dtype):
 @pytest.mark.skipif(not ON_CUDA, reason="Gluon does not run in the Triton interpreter")
 def test_flash_attention_takes_the_gluon_kernel_where_it_applies(monkeypatch):
     from longattn.kernels.flash import autograd, gluon_fwd
-    monkeypatch.setattr(gluon_fwd, "MIN_EAGER_WORK", 0)  # a test-sized call is worth the launch
+    monkeypatch.setattr(gluon_fwd, "MIN_WORK", 0)  # a test-sized call is worth the launch
     q, k, v = make_qkv(1, 4, 2, 1024, 1024, 64, torch.bfloat16)
     if not gluon_fwd.gluon_applies(q, k, v, None, True):
         pytest.skip("no Gluon path on this GPU / Triton")
@@ -386,7 +386,7 @@ def test_flash_attention_takes_the_gluon_kernel_where_it_applies(monkeypatch):
     assert not gluon_fwd.gluon_applies(q.float(), k.float(), v.float(), None, False)
 
 
-def test_eager_calls_take_the_gluon_kernel_only_where_the_work_repays_its_launch():
+def test_only_calls_whose_work_repays_the_launch_take_the_gluon_kernel():
     from longattn.kernels.flash.gluon_fwd import worth_the_launch
     qkv = lambda h, s, d: (torch.empty(1, h, s, d), torch.empty(1, h, s, d))
     assert not worth_the_launch(*qkv(32, 4096, 64), causal=False)  # measured slower eagerly at 4K

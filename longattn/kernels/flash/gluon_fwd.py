@@ -380,16 +380,15 @@ def _as_matrix(t: torch.Tensor):
     return None
 
 
-# An eager Gluon launch costs ~0.2 ms more host time than the Triton kernels' (H200, per-call timing in
-# benchmarks/results/2026-12-05-h200-flash.md: slower than the Triton path at 4K, faster from 8K). Eager calls
-# take it where the attention is large enough to repay that; inside a CUDA graph capture the host cost is paid
-# once, so there it always applies.
-MIN_EAGER_WORK = 2 ** 35  # B·Hq·Sq·Sk·D, halved under causal: more than 4K x 4K at h32 d64; 8K causal on
+# A Gluon launch costs ~0.2 ms more host time than the Triton kernels' (H200, per-call timing in
+# benchmarks/results/2026-12-05-h200-flash.md: slower than the Triton path at 4K, faster from 8K), so only
+# attention large enough to repay it takes this kernel. (Inside a CUDA graph the host cost would be paid once,
+# but a first build during a capture is not something to risk for a few per cent at short lengths.)
+MIN_WORK = 2 ** 35  # B·Hq·Sq·Sk·D, halved under causal: more than 4K x 4K at h32 d64; 8K causal on
 
 
 def worth_the_launch(q, k, causal: bool) -> bool:
-    work = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3] // (2 if causal else 1)
-    return work > MIN_EAGER_WORK or (q.is_cuda and torch.cuda.is_current_stream_capturing())
+    return q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3] // (2 if causal else 1) > MIN_WORK
 
 
 def gluon_applies(q, k, v, attn_mask, causal: bool) -> bool:
