@@ -49,10 +49,8 @@ if gluon is not None:
         BN: gl.constexpr = k_desc.block_type.shape[0]
         live = tile < n_tiles
         mbarrier.expect(bars.index(stage), k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=live)
-        _tma_load(k_desc, [row + tile * BN, col], bars.index(stage), k_smem.index(stage),
-                                        pred=live)
-        _tma_load(v_desc, [row + tile * BN, col], bars.index(stage), v_smem.index(stage),
-                                        pred=live)
+        _tma_load(k_desc, [row + tile * BN, col], bars.index(stage), k_smem.index(stage), pred=live)
+        _tma_load(v_desc, [row + tile * BN, col], bars.index(stage), v_smem.index(stage), pred=live)
 
     @gluon.jit
     def _online_softmax(j, s, m, l, last_key, qk_scale, s_layout: gl.constexpr, MASKED: gl.constexpr):
