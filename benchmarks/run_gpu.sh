@@ -3,7 +3,7 @@
 # tests at real sizes on CUDA, and the benchmarks, each under its own time cap. Results to $OUT.
 #   bash benchmarks/run_gpu.sh [STEP ...]   (run from the repo root; .whl/ carries pydantic & fla)
 # Steps (default: all, in this order): cpu flash cp e2e hyper lincheck linear decode profile cpbench. `cpu` runs in
-# the background beside the GPU steps. Each step's time cap is an env var (CPU_SUITE_S, FLASH_TESTS_S, ...).
+# the background beside the GPU steps. Opt-in steps (named only): flashbench (bench_flash.py), gluon (its probe). Each step's time cap is an env var (CPU_SUITE_S, FLASH_TESTS_S, ...).
 # The delta rule's fwd+bwd against fla:
 #   LINEAR_ARGS="--lengths 32768,131072 --shapes 32x64 --skip fwd,decode --only ours-delta,fla-delta" \
 #       bash benchmarks/run_gpu.sh linear
@@ -53,6 +53,14 @@ fi
 if want decode; then  # a linear site's decode step with a kept state vs recompute vs exact, per context
   step "decode state"
   timeout ${DECODE_S:-90} python3 benchmarks/bench_decode_state.py --device cuda --contexts 4096,16384,65536,131072 --out "$OUT" >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
+fi
+if want flashbench; then  # opt-in: the flash table (forward with the Gluon kernel on Hopper, decode) vs SDPA backends
+  step "flash benchmark"
+  timeout ${FLASHBENCH_S:-300} python3 benchmarks/bench_flash.py ${FLASHBENCH_ARGS:---skip bwd} --out "$OUT" >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
+fi
+if want gluon; then  # opt-in: the Gluon forward's configs vs cuDNN / FA2 / our Triton path (rows to $OUT/gluon.jsonl)
+  step "gluon probe"
+  OUT=$OUT timeout ${GLUON_S:-330} python3 benchmarks/probe_flash_gluon.py ${GLUON_ARGS:---lengths 8192,32768} >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"
 fi
 if want profile; then
   step "profile"
