@@ -3,7 +3,7 @@ backend and our Triton forward, in one run. Each (shape, causal, config) compile
 under a time limit (a bad config can hang a GPU); the baselines are timed in the parent.
 
     PYTHONPATH=. OUT=DIR python benchmarks/probe_flash_gluon.py [--lengths 8192,32768] [--shapes 32x64,16x128]
-Rows go to $OUT/gluon.jsonl.
+Rows go to $OUT/gluon.jsonl. `--host` prints where an eager call's host time goes instead.
 
 The first version of this probe (git history) also tried FA3's intra-warpgroup overlap (S_j = Q·K_jᵀ issued
 while P_{j-1}·V_{j-1} runs); on the H100 it was 10-25% slower than the plain loop the library now ships.
@@ -102,13 +102,44 @@ def parent(lengths, shapes):
             out.flush()
 
 
+def host_cost(s=1024, reps=200):
+    """Where an eager call's host time goes (the bench's eager rows: ~0.25 ms for the Gluon path, ~0.1 ms for the
+    Triton one, ~0.05 ms for cuDNN): µs per call of each stage, enqueue only (a short shape, no sync inside)."""
+    import time
+    from longattn.kernels.flash import flash_attention, gluon_fwd
+    rows = []
+    for h, d in ((32, 64), (16, 128)):
+        q, k, v = inputs(h, s, d)
+        cfg = gluon_fwd.GLUON_CONFIGS[(d, False)]
+        stages = {
+            "sdpa (cudnn default)": lambda: F.scaled_dot_product_attention(q, k, v),
+            "flash_attention (dispatch; small: Triton)": lambda: flash_attention(q, k, v),
+            "gluon_applies": lambda: gluon_fwd.gluon_applies(q, k, v, None, False),
+            "flash_forward_gluon (prep + launch)": lambda: gluon_fwd.flash_forward_gluon(q, k, v, 0.125, False, cfg),
+        }
+        for name, fn in stages.items():
+            fn()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            host = (time.perf_counter() - t) / reps * 1e6
+            torch.cuda.synchronize()
+            rows.append({"h": h, "d": d, "s": s, "stage": name, "host_us": host})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--child")
     ap.add_argument("--lengths", default="8192,32768")
     ap.add_argument("--shapes", default="32x64,16x128", help="heads x head dim, comma-separated")
+    ap.add_argument("--host", action="store_true", help="only the host-cost breakdown of one eager call")
     a = ap.parse_args()
-    if a.child:
+    if a.host:
+        host_cost()
+    elif a.child:
         print(json.dumps(child(json.loads(a.child))))
     else:
         parent([int(x) for x in a.lengths.split(",")],
