@@ -3,7 +3,8 @@
 # tests at real sizes on CUDA, and the benchmarks, each under its own time cap. Results to $OUT.
 #   bash benchmarks/run_gpu.sh [STEP ...]   (run from the repo root; .whl/ carries pydantic & fla)
 # Steps (default: all, in this order): cpu flash cp e2e hyper lincheck linear decode profile cpbench. `cpu` runs in
-# the background beside the GPU steps. Opt-in steps (named only): flashbench (bench_flash.py), gluon (its probe). Each step's time cap is an env var (CPU_SUITE_S, FLASH_TESTS_S, ...).
+# the background beside the GPU steps. Opt-in steps (named only): flashbench (bench_flash.py), gluon (its probe).
+# Each step's time cap is an env var (CPU_SUITE_S, FLASH_TESTS_S, ...).
 # The delta rule's fwd+bwd against fla:
 #   LINEAR_ARGS="--lengths 32768,131072 --shapes 32x64 --skip fwd,decode --only ours-delta,fla-delta" \
 #       bash benchmarks/run_gpu.sh linear

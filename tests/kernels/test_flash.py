@@ -381,7 +381,7 @@ def test_flash_attention_takes_the_gluon_kernel_where_it_applies(monkeypatch):
     monkeypatch.setattr(autograd, "flash_forward_gluon", lambda *a, **kw: calls.append(a[4]) or real(*a, **kw))
     check_forward_and_backward(q, k, v, scale=0.125, causal=True)  # backward: the Triton kernels on its lse
     assert calls == [True]
-    assert not gluon_fwd.gluon_applies(q[:, :, :1000], k, v, None, True)  # not a whole number of tiles
+    assert not gluon_fwd.gluon_applies(q[:, :, :1000].contiguous(), k, v, None, True)  # not whole tiles
     assert not gluon_fwd.gluon_applies(q, k, v, torch.ones(1024, 1024, dtype=torch.bool, device=DEVICE), False)
     assert not gluon_fwd.gluon_applies(q.float(), k.float(), v.float(), None, False)
 

@@ -200,7 +200,7 @@ if gluon is not None:
          k_row, kv_col, o_row, lse_row, m0, causal_offset, Sk, qk_scale, CAUSAL, STAGES, PINGPONG) = args
         HALF_M: gl.constexpr = q_desc.block_type.shape[0]
         BN: gl.constexpr = k_desc.block_type.shape[0]
-        n_full, n_tiles = _tile_range(m0, causal_offset, Sk, 2 * HALF_M, BN, CAUSAL)
+        _, n_tiles = _tile_range(m0, causal_offset, Sk, 2 * HALF_M, BN, CAUSAL)
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
         _tma_load(q_desc, [q_row, q_col], q_bar, q_smem.index(0))
         _tma_load(q_desc, [q_row + HALF_M, q_col], q_bar, q_smem.index(1))
