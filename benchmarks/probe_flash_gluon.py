@@ -127,7 +127,22 @@ def host_cost(s=1024, reps=200):
             torch.cuda.synchronize()
             rows.append({"h": h, "d": d, "s": s, "stage": name, "host_us": host})
             print(json.dumps(rows[-1]), flush=True)
+        profile_calls(stages["flash_forward_gluon (prep + launch)"], reps)
     return rows
+
+
+def profile_calls(fn, reps, top=25):
+    """cProfile of `reps` calls: the functions where the host time goes, by own time and by cumulative time."""
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(reps):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    for order in ("tottime", "cumulative"):
+        pstats.Stats(prof, stream=sys.stdout).sort_stats(order).print_stats(top)
 
 
 if __name__ == "__main__":

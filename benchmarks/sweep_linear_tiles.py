@@ -94,15 +94,15 @@ def additive_launchers(s, h, d):
 
     def states(cfg):
         return add._states_kernel[(triton.cdiv(d, cfg["BK"]), triton.cdiv(d, cfg["BV"]), h)](
-            k, v, H, Z, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), h, s, P, N, d, d,
-            FMAP=0, HAS_DEN=False, BF16=True, C=64, BK=cfg["BK"], BV=cfg["BV"], num_warps=cfg["warps"],
+            k, v, H, Z, H, Z, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), h, s, P, N, d,
+            d, N, 1, FMAP=0, HAS_DEN=False, BF16=True, C=64, BK=cfg["BK"], BV=cfg["BV"], num_warps=cfg["warps"],
             num_stages=cfg["stages"])
 
     def output(cfg):
         return add._output_kernel[(triton.cdiv(d, cfg["BV"]), nq, h)](
             q, k, v, H, Z, out, out, H, Z, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
             k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            h, 1, s, s, P, N, d, d, shift, 0.0, FMAP=0, HAS_DEN=False, DIVIDE=False, BF16=True, C=64,
+            h, 1, s, s, P, N, d, d, shift, 0.0, N, FMAP=0, HAS_DEN=False, DIVIDE=False, BF16=True, C=64,
             BK=cfg["BK"], BV=cfg["BV"], num_warps=cfg["warps"], num_stages=cfg["stages"])
 
     states({"BK": 64, "BV": 64, "warps": 4, "stages": 2})  # H for the output kernel, and the states' reference
@@ -193,7 +193,7 @@ def delta_launchers(s, h, d):
         return add._output_kernel[(triton.cdiv(d, cfg["BV"]), nq, h)](
             q, KN, UNEW, H, H, out, out, H, H, q.stride(0), q.stride(1), q.stride(2), h * N * C * d, N * C * d, d,
             h * N * C * d, N * C * d, d, out.stride(0), out.stride(1), out.stride(2), h, 1, s, N * C, 0, N, d, d,
-            shift, 0.0, FMAP=0, HAS_DEN=False, DIVIDE=False, BF16=True, C=C, BK=cfg["BK"], BV=cfg["BV"], KMAP=0,
+            shift, 0.0, N, FMAP=0, HAS_DEN=False, DIVIDE=False, BF16=True, C=C, BK=cfg["BK"], BV=cfg["BV"], KMAP=0,
             QL2=True, num_warps=cfg["warps"], num_stages=cfg["stages"])
 
     # the inputs of each later kernel, once, by the configs verified before this sweep: their tensors are the

@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover - other triton layouts
     GPUTarget = ASTSource = None
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-INTS = {"N", "NQ", "F", "FD", "G", "Hq", "Hkv", "D", "Dv", "W", "L", "P", "Sq", "Sk"}
+INTS = {"N", "NQ", "F", "FD", "G", "Hq", "Hkv", "D", "Dv", "W", "L", "P", "Sq", "Sk", "SEG", "NSEG"}
 FLOATS = {"eps", "scale", "c_all", "beta_new", "phi_scale"}
 INT_PTRS = {"COUNT"}
 

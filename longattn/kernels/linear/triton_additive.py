@@ -9,7 +9,9 @@ Unlike `triton_chunk.py` (features, ones column and padding prepared in PyTorch)
 
 Kernels: `_states_kernel` walks the key chunks of one (F block, V block, key head) in order and stores the
 state before each chunk, H[t] (F × Dv) and z[t] (F); `_output_kernel` runs one (V block, query chunk,
-query head): φ(Q_c) H[t] + (φ(Q_c) φ(K_t)ᵀ ⊙ tril) V_t, t = c + shift. States are float32, except in
+query head): φ(Q_c) H[t] + (φ(Q_c) φ(K_t)ᵀ ⊙ tril) V_t, t = c + shift. The forward cuts long walks into
+segments that run side by side (`walk_segments`); the output kernel adds each segment's offset, the sum
+of the segments before it. States are float32, except in
 bfloat16 runs, where H is stored in bfloat16: it is cast to bfloat16 for the tensor-core product anyway.
 Products run in bfloat16 for bfloat16 inputs and in float32 (tf32 on GPUs) otherwise: float16 cannot
 hold a state summed over a long context.
@@ -32,6 +34,8 @@ except ImportError:
     triton = None
 
 FUSED_MAPS = {"identity": 0, "elu": 1, "relu": 2}  # maps applied inside the kernels; others arrive as features
+MIN_SEGMENT_CHUNKS = 32  # a states walk is cut into segments of at least this many chunks
+WALKS_PER_SM = 4  # ... and into enough of them for about this many walk programs per SM
 
 
 if triton is not None:
@@ -58,10 +62,14 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _states_kernel(K, V, H, Z, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, Hkv, L, P, N, F, Dv,
+    def _states_kernel(K, V, H, Z, T, TZ, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, Hkv, L, P, N, F, Dv, SEG, NSEG,
                        FMAP: tl.constexpr, HAS_DEN: tl.constexpr, BF16: tl.constexpr,
                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-        ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        """One (F block, V block, key head, segment): the walk over key chunks [s·SEG, s·SEG + SEG) from a zero
+        state, storing the state before each chunk (and after the last one, H[N], in the last segment). With
+        NSEG > 1 it also stores the segment's total in T / TZ, from which the caller sums each segment's offset."""
+        ik, iv, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        bh, s = pid // NSEG, pid % NSEG
         b, h = bh // Hkv, bh % Hkv
         offs_c = tl.arange(0, C)
         offs_k = ik * BK + tl.arange(0, BK)
@@ -74,7 +82,9 @@ if triton is not None:
         h_mask = mask_k[:, None] & mask_v[None, :]
         state = tl.zeros((BK, BV), dtype=tl.float32)
         z = tl.zeros((BK,), dtype=tl.float32)
-        for t in range(N):
+        t0 = s * SEG
+        t1 = tl.minimum(t0 + SEG, N)
+        for t in range(t0, t1):
             tl.store(h_ptrs + t * F * Dv, state.to(H.dtype.element_ty), mask=h_mask)
             if HAS_DEN:
                 if iv == 0:
@@ -91,20 +101,27 @@ if triton is not None:
                 state += tl.dot(tl.trans(kt.to(tl.float32)), vt.to(tl.float32))
             if HAS_DEN:
                 z += tl.sum(kt.to(tl.float32), 0)
-        tl.store(h_ptrs + N * F * Dv, state.to(H.dtype.element_ty), mask=h_mask)
-        if HAS_DEN:
-            if iv == 0:
-                tl.store(z_ptrs + N * F, z, mask=mask_k)
+        if t1 == N:
+            tl.store(h_ptrs + N * F * Dv, state.to(H.dtype.element_ty), mask=h_mask)
+            if HAS_DEN:
+                if iv == 0:
+                    tl.store(z_ptrs + N * F, z, mask=mask_k)
+        if NSEG > 1:
+            tl.store(T + pid.to(tl.int64) * F * Dv + offs_k[:, None] * Dv + offs_v[None, :], state, mask=h_mask)
+            if HAS_DEN:
+                if iv == 0:
+                    tl.store(TZ + pid.to(tl.int64) * F + offs_k, z, mask=mask_k)
 
     @triton.jit
     def _output_kernel(Q, K, V, H, Z, O, DEN, S0, Z0, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
-                       so_b, so_h, so_s, Hq, G, Sq, L, P, N, F, Dv, shift, eps,
+                       so_b, so_h, so_s, Hq, G, Sq, L, P, N, F, Dv, shift, eps, SEG,
                        FMAP: tl.constexpr, HAS_DEN: tl.constexpr, DIVIDE: tl.constexpr, BF16: tl.constexpr,
                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                        KMAP: tl.constexpr = -1, QL2: tl.constexpr = False, INIT: tl.constexpr = False):
         """KMAP: the keys' map when it differs from the queries' (-1: FMAP); QL2: unit-length φ(q) rows,
-        for the delta rule (needs BK >= F: one feature tile). INIT: every state is offset by an incoming
-        state S0 (B·Hkv, F, Dv) / Z0 (B·Hkv, F), which also query chunks before the first key chunk read."""
+        for the delta rule (needs BK >= F: one feature tile). INIT: every state H[t] is offset by S0 / Z0 of its
+        walk segment, (B·Hkv, cdiv(N, SEG), F, Dv) / (.., F): an incoming state plus the totals of the segments
+        before (H[N] belongs to the last segment). Query chunks before the first key chunk read H[0] + S0[0]."""
         iv, c, bhq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, hq = bhq // Hq, bhq % Hq
         hk = hq // G
@@ -122,6 +139,7 @@ if triton is not None:
         den = tl.zeros((C,), dtype=tl.float32)
         if (t >= 0) | INIT:  # with INIT, t < 0 reads H[0] = 0 plus S0; its key rows are all masked
             tt = tl.maximum(tl.minimum(t, N), 0)
+            seg = bkv.to(tl.int64) * ((N + SEG - 1) // SEG) + (tt - (tt == N).to(tl.int32)) // SEG
             h_base = H + (bkv.to(tl.int64) * (N + 1) + tt) * F * Dv
             z_base = Z + (bkv.to(tl.int64) * (N + 1) + tt) * F
             r = t * C + offs_c - P
@@ -137,8 +155,7 @@ if triton is not None:
                 hmask = mask_k[:, None] & mask_v[None, :]
                 ht = tl.load(h_base + offs_k[:, None] * Dv + offs_v[None, :], mask=hmask, other=0.0)
                 if INIT:  # S0 in H's dtype: an fp32 tile more would spill (ptxas, sm_90)
-                    ht += tl.load(S0 + bkv.to(tl.int64) * F * Dv + offs_k[:, None] * Dv + offs_v[None, :], mask=hmask,
-                                  other=0.0)
+                    ht += tl.load(S0 + seg * F * Dv + offs_k[:, None] * Dv + offs_v[None, :], mask=hmask, other=0.0)
                 if BF16:
                     acc += tl.dot(qt.to(tl.bfloat16), ht.to(tl.bfloat16))
                 else:
@@ -146,7 +163,7 @@ if triton is not None:
                 if HAS_DEN:
                     zt = tl.load(z_base + offs_k, mask=mask_k, other=0.0)
                     if INIT:
-                        zt += tl.load(Z0 + bkv.to(tl.int64) * F + offs_k, mask=mask_k, other=0.0)
+                        zt += tl.load(Z0 + seg * F + offs_k, mask=mask_k, other=0.0)
                     den += tl.sum(qt.to(tl.float32) * zt[None, :], 1)
                 if t < N:
                     kt = _load_phi(k_base + r[:, None] * sk_s + offs_k[None, :], mask_r[:, None] & mask_k[None, :],
@@ -186,7 +203,7 @@ if triton is not None and os.environ.get("TRITON_INTERPRET") != "1":
         configs=[triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
                  for bk, bv, w, s in ((64, 32, 8, 5), (64, 32, 4, 5), (64, 64, 8, 5), (64, 64, 4, 2), (32, 64, 4, 2),
                                       (32, 32, 4, 3))],
-        key=["F", "Dv", "Hkv", "FMAP", "BF16"])(_states_kernel)  # not the length: no re-tuning per new length
+        key=["F", "Dv", "Hkv", "NSEG", "FMAP", "BF16"])(_states_kernel)  # not the length: no re-tuning per new length
     _output_tuned = triton.autotune(
         configs=[triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
                  for bk, bv, w, s in ((64, 64, 4, 1), (32, 64, 4, 3), (64, 64, 8, 2), (32, 64, 8, 3))],
@@ -247,22 +264,52 @@ def chunk_geometry(Sq: int, L: int, causal: bool, offset, chunk: int):
     return P, (N if shift is None else shift), N, -(-Sq // chunk)
 
 
+def walk_segments(N: int, walks: int, device) -> int:
+    """Into how many segments to cut each states walk: the walk is sequential over the N key chunks, so one
+    program per (tile, key head) can leave SMs idle (32 heads x 2 tiles = 64 programs on 132 SMs). Segments of
+    >= MIN_SEGMENT_CHUNKS chunks, enough of them for about WALKS_PER_SM programs per SM."""
+    wanted = -(-WALKS_PER_SM * _sm_count(device) // max(1, walks))
+    return max(1, min(wanted, N // MIN_SEGMENT_CHUNKS))
+
+
 def launch_states(fk, v, *, fmap_id, normalize, bf16, chunk, P, N):
     """H (B·Hkv, N + 1, F, Dv) and Z (B·Hkv, N + 1, F or 1): the state before each key chunk."""
+    return launch_segmented_states(fk, v, fmap_id=fmap_id, normalize=normalize, bf16=bf16, chunk=chunk, P=P, N=N,
+                                   segments=1)[:2]
+
+
+def launch_segmented_states(fk, v, *, fmap_id, normalize, bf16, chunk, P, N, segments):
+    """(H, Z, SEG, offsets): the walk cut into `segments` (at most) of SEG chunks, each starting from zero, so
+    H[t] misses the totals of the segments before t's. offsets: those totals summed, per segment, (S, Z) of
+    shapes (B·Hkv, segments, F, Dv) / (.., F or 1) float32, as the output kernel's INIT reads them; None when
+    the walk is one segment (H and Z are then the full states)."""
     B, Hkv, L, Fd = fk.shape
     Dv = v.shape[-1]
     dev = fk.device
+    SEG = -(-N // max(1, segments))
+    nseg = -(-N // SEG)
     H = torch.empty(B * Hkv, N + 1, Fd, Dv, dtype=torch.bfloat16 if bf16 else torch.float32, device=dev)
     Z = torch.empty(B * Hkv, N + 1, Fd if normalize else 1, dtype=torch.float32, device=dev)
-    state_args = (fk, v, H, Z, fk.stride(0), fk.stride(1), fk.stride(2), v.stride(0), v.stride(1), v.stride(2),
-                  Hkv, L, P, N, Fd, Dv)
+    T = torch.empty(B * Hkv, nseg, Fd, Dv, dtype=torch.float32, device=dev) if nseg > 1 else H
+    TZ = torch.empty(B * Hkv, nseg, Fd if normalize else 1, dtype=torch.float32, device=dev) if nseg > 1 else Z
+    state_args = (fk, v, H, Z, T, TZ, fk.stride(0), fk.stride(1), fk.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                  Hkv, L, P, N, Fd, Dv, SEG, nseg)
     state_meta = dict(FMAP=fmap_id, HAS_DEN=normalize, BF16=bf16, C=chunk)
     if _states_tuned is not None and dev.type == "cuda":
-        _states_tuned[lambda m: (triton.cdiv(Fd, m["BK"]), triton.cdiv(Dv, m["BV"]), B * Hkv)](*state_args, **state_meta)
+        _states_tuned[lambda m: (triton.cdiv(Fd, m["BK"]), triton.cdiv(Dv, m["BV"]), B * Hkv * nseg)](
+            *state_args, **state_meta)
     else:
-        BK, BV = _state_blocks(Fd, Dv, B * Hkv, _sm_count(dev))
-        _states_kernel[(triton.cdiv(Fd, BK), triton.cdiv(Dv, BV), B * Hkv)](*state_args, **state_meta, BK=BK, BV=BV)
-    return H, Z
+        BK, BV = _state_blocks(Fd, Dv, B * Hkv * nseg, _sm_count(dev))
+        _states_kernel[(triton.cdiv(Fd, BK), triton.cdiv(Dv, BV), B * Hkv * nseg)](*state_args, **state_meta,
+                                                                                    BK=BK, BV=BV)
+    if nseg == 1:
+        return H, Z, SEG, None
+    offsets = []
+    for total in (T, TZ):  # exclusive prefix sums over the segments
+        off = torch.zeros_like(total)
+        off[:, 1:] = total[:, :-1].cumsum(1)
+        offsets.append(off)
+    return H, Z, SEG, tuple(offsets)
 
 
 def split_state(state, Dv: int, normalize: bool, dtype):
@@ -272,6 +319,20 @@ def split_state(state, Dv: int, normalize: bool, dtype):
     s0 = state[..., :Dv].to(dtype).reshape(B * Hkv, Fd, Dv).contiguous()
     z0 = state[..., Dv].float().reshape(B * Hkv, Fd).contiguous() if normalize else s0
     return s0, z0
+
+
+def segment_offsets(offsets, init, H, Z, Dv: int, normalize: bool):
+    """(S0, Z0) for the output kernel's INIT: the walk segments' offsets plus the incoming state, either of
+    which may be missing (both missing: H and Z, which the kernel then does not read)."""
+    if init is None:
+        return (H, Z) if offsets is None else (offsets[0].to(H.dtype), offsets[1])
+    s0, z0 = split_state(init, Dv, normalize, H.dtype)
+    if offsets is None:
+        return s0, z0
+    B_Hkv, Fd = s0.shape[:2]
+    s_off = (offsets[0] + init[..., :Dv].float().reshape(B_Hkv, 1, Fd, Dv)).to(H.dtype)
+    z_off = offsets[1] + z0.view(B_Hkv, 1, Fd) if normalize else offsets[1]
+    return s_off, z_off
 
 
 def far_additive_triton(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: int, normalize: bool,
@@ -293,9 +354,13 @@ def far_additive_triton(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: in
     bf16 = out_dtype == torch.bfloat16
     fmap_id = FUSED_MAPS.get(fmap, 0)
     dev = fq.device
-    H, Z = states if states is not None else \
-        launch_states(fk, v, fmap_id=fmap_id, normalize=normalize, bf16=bf16, chunk=chunk, P=P, N=N)
-    s0, z0 = (H, Z) if init is None else split_state(init, Dv, normalize, H.dtype)
+    if states is not None:
+        (H, Z), SEG, offsets = states, N, None
+    else:
+        walks = B * Hkv * triton.cdiv(Fd, 64) * triton.cdiv(Dv, 32)
+        H, Z, SEG, offsets = launch_segmented_states(fk, v, fmap_id=fmap_id, normalize=normalize, bf16=bf16,
+                                                     chunk=chunk, P=P, N=N, segments=walk_segments(N, walks, dev))
+    s0, z0 = segment_offsets(offsets, init, H, Z, Dv, normalize)
     den = torch.empty(B * Hq, Sq, dtype=torch.float32, device=dev) if normalize else None
     if divide:
         out = o_view = torch.empty(B, Hq, Sq, Dv, dtype=out_dtype, device=dev)
@@ -304,9 +369,9 @@ def far_additive_triton(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: in
         o_view = out[..., :Dv]
     out_args = (fq, fk, v, H, Z, o_view, den if normalize else out, s0, z0, fq.stride(0), fq.stride(1), fq.stride(2),
                 fk.stride(0), fk.stride(1), fk.stride(2), v.stride(0), v.stride(1), v.stride(2), o_view.stride(0), o_view.stride(1),
-                o_view.stride(2), Hq, G, Sq, L, P, N, Fd, Dv, shift, float(eps))
+                o_view.stride(2), Hq, G, Sq, L, P, N, Fd, Dv, shift, float(eps), SEG)
     out_meta = dict(FMAP=fmap_id, HAS_DEN=normalize, DIVIDE=divide and normalize, BF16=bf16, C=chunk,
-                    INIT=init is not None)
+                    INIT=init is not None or offsets is not None)
     if _output_tuned is not None and dev.type == "cuda":
         _output_tuned[lambda m: (triton.cdiv(Dv, m["BV"]), nq, B * Hq)](*out_args, **out_meta)
     else:

@@ -179,7 +179,7 @@ def far_delta_triton(fq, fk, v, beta, *, fmap: str, causal: bool, offset, chunk:
     _output_kernel[(triton.cdiv(Dv, OV), nq, B * Hq)](
         fq, KN, UNEW, H, H, out, out, H, H, fq.stride(0), fq.stride(1), fq.stride(2), Hkv * N * chunk * Fd,
         N * chunk * Fd, Fd, Hkv * N * chunk * Dv, N * chunk * Dv, Dv, out.stride(0), out.stride(1), out.stride(2),
-        Hq, G, Sq, N * chunk, 0, N, Fd, Dv, shift, 0.0, FMAP=fmap_id, HAS_DEN=False, DIVIDE=False, BF16=bf16,
+        Hq, G, Sq, N * chunk, 0, N, Fd, Dv, shift, 0.0, N, FMAP=fmap_id, HAS_DEN=False, DIVIDE=False, BF16=bf16,
         C=chunk, BK=BF, BV=OV, KMAP=0, QL2=True, num_warps=warps, num_stages=stages)
     return (out, (KN, TT, UNEW, H)) if keep_states else out
 
