@@ -94,8 +94,8 @@ def additive_launchers(s, h, d):
 
     def states(cfg):
         return add._states_kernel[(triton.cdiv(d, cfg["BK"]), triton.cdiv(d, cfg["BV"]), h)](
-            k, v, H, Z, H, Z, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), h, s, P, N, d,
-            d, N, 1, FMAP=0, HAS_DEN=False, BF16=True, C=64, BK=cfg["BK"], BV=cfg["BV"], num_warps=cfg["warps"],
+            k, v, H, Z, Z, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), h, s, P, N, d,
+            d, N, 1, d * d, FMAP=0, HAS_DEN=False, BF16=True, C=64, BK=cfg["BK"], BV=cfg["BV"], num_warps=cfg["warps"],
             num_stages=cfg["stages"])
 
     def output(cfg):

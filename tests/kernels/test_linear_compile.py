@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover - other triton layouts
     GPUTarget = ASTSource = None
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-INTS = {"N", "NQ", "F", "FD", "G", "Hq", "Hkv", "D", "Dv", "W", "L", "P", "Sq", "Sk", "SEG", "NSEG"}
+INTS = {"N", "NQ", "F", "FD", "G", "Hq", "Hkv", "D", "Dv", "W", "L", "P", "Sq", "Sk", "SEG", "NSEG", "TROW", "FDV"}
 FLOATS = {"eps", "scale", "c_all", "beta_new", "phi_scale"}
 INT_PTRS = {"COUNT"}
 
@@ -72,6 +72,7 @@ def _cases():
     # (name, kernel, constexprs, num_warps or (num_warps, num_stages)) as the launchers use them, bf16 runs, d64
     return [
         ("states", add._states_kernel, dict(FMAP=1, HAS_DEN=True, BF16=True, C=64, BK=64, BV=64), 4, io),
+        ("offsets", add._offsets_kernel, dict(HAS_INIT=True, BLOCK=1024), 4, {"SOff"}),
         *((name, add._output_kernel, dict(FMAP=1, HAS_DEN=True, DIVIDE=True, BF16=True, C=64, BK=64, BV=64,
                                           KMAP=-1, QL2=False, INIT=init), 8, io)
           for name, init in (("output", False), ("output-init", True))),  # init: context parallelism's S_in
@@ -115,7 +116,7 @@ def _cases():
     ]
 
 
-NAMES = ["states", "output", "output-init", "dq", "dq-init", "dq-identity", "dk", "dv", "dk-identity", "dv-identity",
+NAMES = ["states", "offsets", "output", "output-init", "dq", "dq-init", "dq-identity", "dk", "dv", "dk-identity", "dv-identity",
          "rev", "delta-bwd-walk", "delta-bwd-dq", "delta-bwd-dkn", "delta-bwd-dkv", "delta-bwd-dk", "delta-inverse", "delta-wu", "delta-states", "delta-output", "decode", "decode-hedgehog", "exact", "exact-dq", "exact-dkv"]
 
 

@@ -62,12 +62,12 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _states_kernel(K, V, H, Z, T, TZ, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, Hkv, L, P, N, F, Dv, SEG, NSEG,
+    def _states_kernel(K, V, H, Z, T, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, Hkv, L, P, N, F, Dv, SEG, NSEG, TROW,
                        FMAP: tl.constexpr, HAS_DEN: tl.constexpr, BF16: tl.constexpr,
                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
         """One (F block, V block, key head, segment): the walk over key chunks [s·SEG, s·SEG + SEG) from a zero
         state, storing the state before each chunk (and after the last one, H[N], in the last segment). With
-        NSEG > 1 it also stores the segment's total in T / TZ, from which the caller sums each segment's offset."""
+        NSEG > 1 it also stores the segment's total [S | z] in T's row pid (TROW floats each)."""
         ik, iv, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         bh, s = pid // NSEG, pid % NSEG
         b, h = bh // Hkv, bh % Hkv
@@ -107,10 +107,28 @@ if triton is not None:
                 if iv == 0:
                     tl.store(z_ptrs + N * F, z, mask=mask_k)
         if NSEG > 1:
-            tl.store(T + pid.to(tl.int64) * F * Dv + offs_k[:, None] * Dv + offs_v[None, :], state, mask=h_mask)
+            t_row = T + pid.to(tl.int64) * TROW
+            tl.store(t_row + offs_k[:, None] * Dv + offs_v[None, :], state, mask=h_mask)
             if HAS_DEN:
                 if iv == 0:
-                    tl.store(TZ + pid.to(tl.int64) * F + offs_k, z, mask=mask_k)
+                    tl.store(t_row + F * Dv + offs_k, z, mask=mask_k)
+
+    @triton.jit
+    def _offsets_kernel(T, Init, SOff, ZOff, NSEG, FDV, TROW, HAS_INIT: tl.constexpr, BLOCK: tl.constexpr):
+        """Exclusive prefix sums over the walk segments' totals T (B·Hkv, NSEG, TROW = F·Dv [+ F]) plus the
+        incoming state Init (B·Hkv, TROW), if any: the state part to SOff (B·Hkv, NSEG, F·Dv) in its dtype,
+        the normaliser's to ZOff (B·Hkv, NSEG, TROW − F·Dv) float32."""
+        bh, blk = tl.program_id(0), tl.program_id(1)
+        e = blk * BLOCK + tl.arange(0, BLOCK)
+        ok = e < TROW
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        if HAS_INIT:
+            acc += tl.load(Init + bh.to(tl.int64) * TROW + e, mask=ok, other=0.0)
+        for s in range(NSEG):
+            row = bh.to(tl.int64) * NSEG + s
+            tl.store(SOff + row * FDV + e, acc.to(SOff.dtype.element_ty), mask=ok & (e < FDV))
+            tl.store(ZOff + row * (TROW - FDV) + (e - FDV), acc, mask=ok & (e >= FDV))
+            acc += tl.load(T + row * TROW + e, mask=ok, other=0.0)
 
     @triton.jit
     def _output_kernel(Q, K, V, H, Z, O, DEN, S0, Z0, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
@@ -278,11 +296,12 @@ def launch_states(fk, v, *, fmap_id, normalize, bf16, chunk, P, N):
                                    segments=1)[:2]
 
 
-def launch_segmented_states(fk, v, *, fmap_id, normalize, bf16, chunk, P, N, segments):
+def launch_segmented_states(fk, v, *, fmap_id, normalize, bf16, chunk, P, N, segments, init=None):
     """(H, Z, SEG, offsets): the walk cut into `segments` (at most) of SEG chunks, each starting from zero, so
-    H[t] misses the totals of the segments before t's. offsets: those totals summed, per segment, (S, Z) of
-    shapes (B·Hkv, segments, F, Dv) / (.., F or 1) float32, as the output kernel's INIT reads them; None when
-    the walk is one segment (H and Z are then the full states)."""
+    H[t] misses the totals of the segments before t's. offsets: what the output kernel's INIT adds to the states
+    of each segment, (S0, Z0) of shapes (B·Hkv, segments, F, Dv) in H's dtype / (.., F) float32: the totals of
+    the segments before plus the incoming state `init` [S | z] (B, Hkv, F, Dv + normalize); None when the walk
+    is one segment and there is no init."""
     B, Hkv, L, Fd = fk.shape
     Dv = v.shape[-1]
     dev = fk.device
@@ -290,10 +309,10 @@ def launch_segmented_states(fk, v, *, fmap_id, normalize, bf16, chunk, P, N, seg
     nseg = -(-N // SEG)
     H = torch.empty(B * Hkv, N + 1, Fd, Dv, dtype=torch.bfloat16 if bf16 else torch.float32, device=dev)
     Z = torch.empty(B * Hkv, N + 1, Fd if normalize else 1, dtype=torch.float32, device=dev)
-    T = torch.empty(B * Hkv, nseg, Fd, Dv, dtype=torch.float32, device=dev) if nseg > 1 else H
-    TZ = torch.empty(B * Hkv, nseg, Fd if normalize else 1, dtype=torch.float32, device=dev) if nseg > 1 else Z
-    state_args = (fk, v, H, Z, T, TZ, fk.stride(0), fk.stride(1), fk.stride(2), v.stride(0), v.stride(1), v.stride(2),
-                  Hkv, L, P, N, Fd, Dv, SEG, nseg)
+    trow = Fd * Dv + (Fd if normalize else 0)
+    T = torch.empty(B * Hkv, nseg, trow, dtype=torch.float32, device=dev) if nseg > 1 else Z
+    state_args = (fk, v, H, Z, T, fk.stride(0), fk.stride(1), fk.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                  Hkv, L, P, N, Fd, Dv, SEG, nseg, trow)
     state_meta = dict(FMAP=fmap_id, HAS_DEN=normalize, BF16=bf16, C=chunk)
     if _states_tuned is not None and dev.type == "cuda":
         _states_tuned[lambda m: (triton.cdiv(Fd, m["BK"]), triton.cdiv(Dv, m["BV"]), B * Hkv * nseg)](
@@ -303,13 +322,19 @@ def launch_segmented_states(fk, v, *, fmap_id, normalize, bf16, chunk, P, N, seg
         _states_kernel[(triton.cdiv(Fd, BK), triton.cdiv(Dv, BV), B * Hkv * nseg)](*state_args, **state_meta,
                                                                                     BK=BK, BV=BV)
     if nseg == 1:
-        return H, Z, SEG, None
-    offsets = []
-    for total in (T, TZ):  # exclusive prefix sums over the segments
-        off = torch.zeros_like(total)
-        off[:, 1:] = total[:, :-1].cumsum(1)
-        offsets.append(off)
-    return H, Z, SEG, tuple(offsets)
+        return H, Z, SEG, None if init is None else split_state(init, Dv, normalize, H.dtype)
+    s0 = torch.empty(B * Hkv, nseg, Fd, Dv, dtype=H.dtype, device=dev)
+    z0 = torch.empty(B * Hkv, nseg, Fd, dtype=torch.float32, device=dev) if normalize else Z
+    init_rows = None
+    if init is not None:  # as T's rows: [S flattened | z]
+        init_rows = init[..., :Dv].reshape(B * Hkv, Fd * Dv)
+        if normalize:
+            init_rows = torch.cat([init_rows, init[..., Dv].reshape(B * Hkv, Fd)], dim=-1)
+        init_rows = init_rows.float().contiguous()
+    block = 1024
+    _offsets_kernel[(B * Hkv, triton.cdiv(trow, block))](T, init_rows if init is not None else T, s0, z0, nseg,
+                                                         Fd * Dv, trow, HAS_INIT=init is not None, BLOCK=block)
+    return H, Z, SEG, (s0, z0)
 
 
 def split_state(state, Dv: int, normalize: bool, dtype):
@@ -319,20 +344,6 @@ def split_state(state, Dv: int, normalize: bool, dtype):
     s0 = state[..., :Dv].to(dtype).reshape(B * Hkv, Fd, Dv).contiguous()
     z0 = state[..., Dv].float().reshape(B * Hkv, Fd).contiguous() if normalize else s0
     return s0, z0
-
-
-def segment_offsets(offsets, init, H, Z, Dv: int, normalize: bool):
-    """(S0, Z0) for the output kernel's INIT: the walk segments' offsets plus the incoming state, either of
-    which may be missing (both missing: H and Z, which the kernel then does not read)."""
-    if init is None:
-        return (H, Z) if offsets is None else (offsets[0].to(H.dtype), offsets[1])
-    s0, z0 = split_state(init, Dv, normalize, H.dtype)
-    if offsets is None:
-        return s0, z0
-    B_Hkv, Fd = s0.shape[:2]
-    s_off = (offsets[0] + init[..., :Dv].float().reshape(B_Hkv, 1, Fd, Dv)).to(H.dtype)
-    z_off = offsets[1] + z0.view(B_Hkv, 1, Fd) if normalize else offsets[1]
-    return s_off, z_off
 
 
 def far_additive_triton(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: int, normalize: bool,
@@ -355,12 +366,14 @@ def far_additive_triton(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: in
     fmap_id = FUSED_MAPS.get(fmap, 0)
     dev = fq.device
     if states is not None:
-        (H, Z), SEG, offsets = states, N, None
+        (H, Z), SEG = states, N
+        offsets = None if init is None else split_state(init, Dv, normalize, H.dtype)
     else:
         walks = B * Hkv * triton.cdiv(Fd, 64) * triton.cdiv(Dv, 32)
         H, Z, SEG, offsets = launch_segmented_states(fk, v, fmap_id=fmap_id, normalize=normalize, bf16=bf16,
-                                                     chunk=chunk, P=P, N=N, segments=walk_segments(N, walks, dev))
-    s0, z0 = segment_offsets(offsets, init, H, Z, Dv, normalize)
+                                                     chunk=chunk, P=P, N=N, segments=walk_segments(N, walks, dev),
+                                                     init=init)
+    s0, z0 = offsets if offsets is not None else (H, Z)
     den = torch.empty(B * Hq, Sq, dtype=torch.float32, device=dev) if normalize else None
     if divide:
         out = o_view = torch.empty(B, Hq, Sq, Dv, dtype=out_dtype, device=dev)
@@ -371,7 +384,7 @@ def far_additive_triton(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: in
                 fk.stride(0), fk.stride(1), fk.stride(2), v.stride(0), v.stride(1), v.stride(2), o_view.stride(0), o_view.stride(1),
                 o_view.stride(2), Hq, G, Sq, L, P, N, Fd, Dv, shift, float(eps), SEG)
     out_meta = dict(FMAP=fmap_id, HAS_DEN=normalize, DIVIDE=divide and normalize, BF16=bf16, C=chunk,
-                    INIT=init is not None or offsets is not None)
+                    INIT=offsets is not None)
     if _output_tuned is not None and dev.type == "cuda":
         _output_tuned[lambda m: (triton.cdiv(Dv, m["BV"]), nq, B * Hq)](*out_args, **out_meta)
     else:
