@@ -149,7 +149,7 @@ def reports():
 def test_kernel_compiles_for_sm90_without_spilling(reports, name):
     report = reports[name]
     assert "error" not in report, report.get("error")
-    if not name.startswith("decode"):  # one query row: no matrix product to put on tensor cores
+    if not name.startswith(("decode", "offsets")):  # one query row, or sums: no matrix product for tensor cores
         assert report["mma"], f"{name}: no tensor-core instructions"
     allowed = SPILL_ALLOWED.get(name, 0)
     assert report["spill"] <= allowed, f"{name}: {report['spill']} bytes of registers spill to the stack"
