@@ -111,27 +111,36 @@ def test_additive_kernels_from_an_incoming_state_and_the_fold(fmap, mode, where)
 @pytest.mark.parametrize("segments", [2, 3, 99])
 @pytest.mark.parametrize("fmap,mode,where", COMBOS[:4] + [("elu", "num-den", "queries-after-keys")],
                          ids=["-".join(c) for c in COMBOS[:4]] + ["elu-num-den-queries-after-keys"])
-def test_additive_forward_with_the_walk_cut_into_segments(monkeypatch, segments, fmap, mode, where):
-    """The walk in segments that start from zero, each segment's offset added by the output kernel (99: one
-    chunk per segment), with and without an incoming state, against the float64 PyTorch form."""
+def test_additive_kernels_with_the_walk_cut_into_segments(monkeypatch, segments, fmap, mode, where):
+    """The walk in segments that start from zero, each segment's offset added by the output and dq kernels
+    (99: one chunk per segment), with and without an incoming state: values and gradients against the float64
+    PyTorch form."""
     from longattn.kernels.linear import triton_additive as add
+    from longattn.kernels.linear import triton_additive_bwd as bwd
     causal, offset = OFFSETS[where]
     walks = []
     real = add.launch_segmented_states
-    monkeypatch.setattr(add, "walk_segments", lambda N, walks, device: segments)
-    monkeypatch.setattr(add, "launch_segmented_states",
-                        lambda *a, **kw: walks.append(real(*a, **kw)) or walks[-1])
+    spy = lambda *a, **kw: walks.append(real(*a, **kw)) or walks[-1]  # noqa: E731
+    for module in (add, bwd):
+        monkeypatch.setattr(module, "walk_segments", lambda N, walks, device: segments)
+        monkeypatch.setattr(module, "launch_segmented_states", spy)
     q = torch.randn(2, 37, 4, 12).transpose(1, 2)
     k, v = torch.randn(2, 77, 2, 12).transpose(1, 2), torch.randn(2, 77, 2, 10).transpose(1, 2)
     normalize = mode != "unnormalised"
     opts = dict(fmap=fmap, causal=causal, offset=offset, chunk=16, normalize=normalize, divide=mode == "divide",
                 eps=1e-6, out_dtype=torch.float32)
     for init in (None, torch.rand(2, 2, 12, 10 + normalize)):
-        out = far_additive_triton(q, k, v, init=init, **opts)
-        ref = far_additive_torch(q.double(), k.double(), v.double(), None if init is None else init.double(), **opts)
+        xs = [x.detach().requires_grad_() for x in (q, k, v, init) if x is not None]
+        out = add.far_additive(*xs[:3], init=xs[3] if init is not None else None, **opts)
+        ys = [x.detach().double().requires_grad_() for x in xs]
+        ref = far_additive_torch(*ys, **opts)
         assert _rel(out, ref) < 1e-5
-    H, Z, SEG, offsets = walks[-1]
-    assert offsets is not None and offsets[0].shape[1] == min(segments, H.shape[1] - 1) > 1
+        g = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, xs, g), torch.autograd.grad(ref, ys, g.double())):
+            assert _rel(a, b) < 1e-5
+    assert len(walks) == 4  # forward and backward, with and without init
+    for H, Z, SEG, offsets in walks:
+        assert offsets is not None and offsets[0].shape[1] == min(segments, H.shape[1] - 1) > 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

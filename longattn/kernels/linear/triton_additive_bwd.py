@@ -5,8 +5,8 @@ Write v' = [v, 1] (the normaliser's column), dN' = [dnum, dden] per query, and l
     dφq_i = Σ_j (dN'_i · v'_j) φk_j        — the forward again with dN' as queries and v' as keys,
     dφk_j = Σ_i (dN'_i · v'_j) φq_i,  dv_j = Σ_i (φq_i · φk_j) dnum_i,
 and the key-side sums run over the queries of later chunks plus the query chunk that reads key chunk t
-causally. So the backward needs the forward states H[t] (recomputed, `launch_states`) and reverse states
-R[c] = Σ_{c' ≥ c} φQ_{c'}ᵀ dN_{c'} (and rz[c] = Σ φq dden), which `_rev_states_kernel` builds walking the
+causally. So the backward needs the forward states H[t] (recomputed by the forward's segmented walk) and
+reverse states R[c] = Σ_{c' ≥ c} φQ_{c'}ᵀ dN_{c'} (and rz[c] = Σ φq dden), which `_rev_states_kernel` builds walking the
 query chunks backwards; key chunk t reads R[clamp(t − shift + 1, 0, nq)]. For a pure (divided) output
 out = num / (den + eps): dnum = dout / (den + eps), dden = −Σ_v dout·out / (den + eps).
 GQA: the dk/dv programs of a key head loop over the query heads of its group.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_additive import (FUSED_MAPS, chunk_geometry, launch_states, rows_addressable, split_state,
+from .triton_additive import (FUSED_MAPS, chunk_geometry, launch_segmented_states, rows_addressable, walk_segments,
                               with_grad_buffer)
 
 try:
@@ -90,10 +90,10 @@ if triton is not None:
 
     @triton.jit
     def _dq_kernel(Q, K, V, H, Z, DO, RS, DDEN, DQ, S0, Z0, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
-                   sd_b, sd_h, sd_s, Hq, G, Sq, L, P, N, F, Dv, shift,
+                   sd_b, sd_h, sd_s, Hq, G, Sq, L, P, N, F, Dv, shift, SEG,
                    FMAP: tl.constexpr, HAS_DEN: tl.constexpr, HAS_RS: tl.constexpr, BF16: tl.constexpr,
                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, INIT: tl.constexpr = False):
-        """INIT: the states are offset by the incoming state S0 / Z0 (see the forward's output kernel)."""
+        """INIT: the states are offset by S0 / Z0 per walk segment of SEG chunks (see the forward's output kernel)."""
         ik, c, bhq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, hq = bhq // Hq, bhq % Hq
         hk = hq // G
@@ -110,6 +110,7 @@ if triton is not None:
         acc = tl.zeros((C, BK), dtype=tl.float32)
         if (t >= 0) | INIT:
             tt = tl.maximum(tl.minimum(t, N), 0)
+            seg = bkv.to(tl.int64) * ((N + SEG - 1) // SEG) + (tt - (tt == N).to(tl.int32)) // SEG
             h_base = H + (bkv.to(tl.int64) * (N + 1) + tt) * F * Dv
             r = t * C + offs_c - P
             mask_r = (r >= 0) & (r < L)
@@ -121,8 +122,7 @@ if triton is not None:
                 hmask = mask_k[:, None] & mask_v[None, :]
                 ht = tl.load(h_base + offs_k[:, None] * Dv + offs_v[None, :], mask=hmask, other=0.0)
                 if INIT:  # S0 in H's dtype: an fp32 tile more would spill (ptxas, sm_90)
-                    ht += tl.load(S0 + bkv.to(tl.int64) * F * Dv + offs_k[:, None] * Dv + offs_v[None, :], mask=hmask,
-                                  other=0.0)
+                    ht += tl.load(S0 + seg * F * Dv + offs_k[:, None] * Dv + offs_v[None, :], mask=hmask, other=0.0)
                 acc += _dot(dn, tl.trans(ht), BF16)
                 if t < N:
                     vt = tl.load(v_base + r[:, None] * sv_s + offs_v[None, :],
@@ -132,7 +132,7 @@ if triton is not None:
                 dd = tl.load(DDEN + bhq.to(tl.int64) * Sq + i, mask=mask_i, other=0.0)
                 zt = tl.load(Z + (bkv.to(tl.int64) * (N + 1) + tt) * F + offs_k, mask=mask_k, other=0.0)
                 if INIT:
-                    zt += tl.load(Z0 + bkv.to(tl.int64) * F + offs_k, mask=mask_k, other=0.0)
+                    zt += tl.load(Z0 + seg * F + offs_k, mask=mask_k, other=0.0)
                 acc += dd[:, None] * zt[None, :]
                 s += dd[:, None]  # the ones column; empty key slots have φk = 0 below
             if t < N:
@@ -273,7 +273,9 @@ def far_additive_backward(grad, fq, fk, v, *, out, den, fmap: str, causal: bool,
     do = rows_addressable(do, "grad_out")
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     rs_arg, dden_arg = (dummy if rs is None else rs), (dummy if dden is None else dden)
-    H, Z = launch_states(fk, v, fmap_id=fmap_id, normalize=normalize, bf16=bf16, chunk=chunk, P=P, N=N)
+    walks = B * Hkv * triton.cdiv(Fd, 64) * triton.cdiv(Dv, 32)
+    H, Z, SEG, offsets = launch_segmented_states(fk, v, fmap_id=fmap_id, normalize=normalize, bf16=bf16, chunk=chunk,
+                                                 P=P, N=N, segments=walk_segments(N, walks, dev), init=init)
     R = torch.empty(B * Hq, nq + 1, Fd, Dv, dtype=torch.bfloat16 if bf16 else torch.float32, device=dev)
     RZ = torch.empty(B * Hq, nq + 1, Fd if normalize else 1, dtype=torch.float32, device=dev)
     flags = dict(FMAP=fmap_id, HAS_DEN=normalize, HAS_RS=rs is not None, BF16=bf16, C=chunk)
@@ -283,11 +285,11 @@ def far_additive_backward(grad, fq, fk, v, *, out, den, fmap: str, causal: bool,
         do.stride(2), Hq, Sq, nq, Fd, Dv, **flags, **rev)
     strides = (fq.stride(0), fq.stride(1), fq.stride(2), fk.stride(0), fk.stride(1), fk.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    s0, z0 = (H, Z) if init is None else split_state(init, Dv, normalize, H.dtype)
+    s0, z0 = offsets if offsets is not None else (H, Z)
     dq_tile = _tile(DQ_TILE, Fd, Dv)
     _dq_kernel[(triton.cdiv(Fd, dq_tile["BK"]), nq, B * Hq)](
-        fq, fk, v, H, Z, do, rs_arg, dden_arg, dq, s0, z0, *strides, Hq, G, Sq, L, P, N, Fd, Dv, shift,
-        **flags, **dq_tile, INIT=init is not None)
+        fq, fk, v, H, Z, do, rs_arg, dden_arg, dq, s0, z0, *strides, Hq, G, Sq, L, P, N, Fd, Dv, shift, SEG,
+        **flags, **dq_tile, INIT=offsets is not None)
     _launch_dkv(fq, fk, v, do, rs_arg, dden_arg, R, RZ, dk, dv, strides, Hq, G, Sq, L, P, N, nq, shift, flags)
     dinit = None
     if init is not None:
