@@ -62,6 +62,11 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _segment_row(bkv, tt, N, SEG):
+        """The row of S0 / Z0 that state H[tt] of key head bkv adds: its walk segment's (H[N] is in the last one)."""
+        return bkv.to(tl.int64) * ((N + SEG - 1) // SEG) + (tt - (tt == N).to(tl.int32)) // SEG
+
+    @triton.jit
     def _states_kernel(K, V, H, Z, T, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, Hkv, L, P, N, F, Dv, SEG, NSEG, TROW,
                        FMAP: tl.constexpr, HAS_DEN: tl.constexpr, BF16: tl.constexpr,
                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
@@ -157,7 +162,7 @@ if triton is not None:
         den = tl.zeros((C,), dtype=tl.float32)
         if (t >= 0) | INIT:  # with INIT, t < 0 reads H[0] = 0 plus S0; its key rows are all masked
             tt = tl.maximum(tl.minimum(t, N), 0)
-            seg = bkv.to(tl.int64) * ((N + SEG - 1) // SEG) + (tt - (tt == N).to(tl.int32)) // SEG
+            seg = _segment_row(bkv, tt, N, SEG)
             h_base = H + (bkv.to(tl.int64) * (N + 1) + tt) * F * Dv
             z_base = Z + (bkv.to(tl.int64) * (N + 1) + tt) * F
             r = t * C + offs_c - P
@@ -290,6 +295,14 @@ def walk_segments(N: int, walks: int, device) -> int:
     return max(1, min(wanted, N // MIN_SEGMENT_CHUNKS))
 
 
+def launch_walk(fk, v, *, fmap_id, normalize, bf16, chunk, P, N, init=None):
+    """`launch_segmented_states` with the number of segments `walk_segments` picks for these keys."""
+    B, Hkv, _, Fd = fk.shape
+    walks = B * Hkv * triton.cdiv(Fd, 64) * triton.cdiv(v.shape[-1], 32)  # programs of one walk at the usual tiles
+    return launch_segmented_states(fk, v, fmap_id=fmap_id, normalize=normalize, bf16=bf16, chunk=chunk, P=P, N=N,
+                                   segments=walk_segments(N, walks, fk.device), init=init)
+
+
 def launch_states(fk, v, *, fmap_id, normalize, bf16, chunk, P, N):
     """H (B·Hkv, N + 1, F, Dv) and Z (B·Hkv, N + 1, F or 1): the state before each key chunk."""
     return launch_segmented_states(fk, v, fmap_id=fmap_id, normalize=normalize, bf16=bf16, chunk=chunk, P=P, N=N,
@@ -369,10 +382,8 @@ def far_additive_triton(fq, fk, v, *, fmap: str, causal: bool, offset, chunk: in
         (H, Z), SEG = states, N
         offsets = None if init is None else split_state(init, Dv, normalize, H.dtype)
     else:
-        walks = B * Hkv * triton.cdiv(Fd, 64) * triton.cdiv(Dv, 32)
-        H, Z, SEG, offsets = launch_segmented_states(fk, v, fmap_id=fmap_id, normalize=normalize, bf16=bf16,
-                                                     chunk=chunk, P=P, N=N, segments=walk_segments(N, walks, dev),
-                                                     init=init)
+        H, Z, SEG, offsets = launch_walk(fk, v, fmap_id=fmap_id, normalize=normalize, bf16=bf16, chunk=chunk, P=P,
+                                         N=N, init=init)
     s0, z0 = offsets if offsets is not None else (H, Z)
     den = torch.empty(B * Hq, Sq, dtype=torch.float32, device=dev) if normalize else None
     if divide:

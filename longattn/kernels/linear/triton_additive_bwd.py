@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_additive import (FUSED_MAPS, chunk_geometry, launch_segmented_states, rows_addressable, walk_segments,
-                              with_grad_buffer)
+from .triton_additive import FUSED_MAPS, chunk_geometry, launch_walk, rows_addressable, with_grad_buffer
 
 try:
     import triton
@@ -26,7 +25,7 @@ except ImportError:
 
 
 if triton is not None:
-    from .triton_additive import _load_phi
+    from .triton_additive import _load_phi, _segment_row
 
     @triton.jit
     def _dphi(x, FMAP: tl.constexpr):
@@ -110,7 +109,7 @@ if triton is not None:
         acc = tl.zeros((C, BK), dtype=tl.float32)
         if (t >= 0) | INIT:
             tt = tl.maximum(tl.minimum(t, N), 0)
-            seg = bkv.to(tl.int64) * ((N + SEG - 1) // SEG) + (tt - (tt == N).to(tl.int32)) // SEG
+            seg = _segment_row(bkv, tt, N, SEG)
             h_base = H + (bkv.to(tl.int64) * (N + 1) + tt) * F * Dv
             r = t * C + offs_c - P
             mask_r = (r >= 0) & (r < L)
@@ -273,9 +272,8 @@ def far_additive_backward(grad, fq, fk, v, *, out, den, fmap: str, causal: bool,
     do = rows_addressable(do, "grad_out")
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     rs_arg, dden_arg = (dummy if rs is None else rs), (dummy if dden is None else dden)
-    walks = B * Hkv * triton.cdiv(Fd, 64) * triton.cdiv(Dv, 32)
-    H, Z, SEG, offsets = launch_segmented_states(fk, v, fmap_id=fmap_id, normalize=normalize, bf16=bf16, chunk=chunk,
-                                                 P=P, N=N, segments=walk_segments(N, walks, dev), init=init)
+    H, Z, SEG, offsets = launch_walk(fk, v, fmap_id=fmap_id, normalize=normalize, bf16=bf16, chunk=chunk, P=P, N=N,
+                                     init=init)
     R = torch.empty(B * Hq, nq + 1, Fd, Dv, dtype=torch.bfloat16 if bf16 else torch.float32, device=dev)
     RZ = torch.empty(B * Hq, nq + 1, Fd if normalize else 1, dtype=torch.float32, device=dev)
     flags = dict(FMAP=fmap_id, HAS_DEN=normalize, HAS_RS=rs is not None, BF16=bf16, C=chunk)
