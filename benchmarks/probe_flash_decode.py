@@ -1,14 +1,16 @@
-"""Probe: our split-K decode against cuDNN with more or fewer key chunks (programs per SM) and tiles.
+"""Probe: our split-K decode against cuDNN with more or fewer key splits (programs per SM), tiles and key orders.
 
     PYTHONPATH=. python benchmarks/probe_flash_decode.py [--out DIR]
 
 One query, d64, bf16, CUDA-graph replays (bench_flash's timer); GB/s of K and V read once. For each
-PROGRAMS_PER_SM in --factors and each decode tile (BLOCK_N, warps, stages) the split kernel is launched with
-that config directly (no autotuner), beside cuDNN in the same run. Rows to DIR/flash-decode-probe.jsonl.
+PROGRAMS_PER_SM in --factors, each decode tile (BLOCK_N, warps, stages) and each key order in --orders (a split's
+keys as one chunk, or every num_splits-th tile) the split kernel is launched with that config directly (no
+autotuner), beside cuDNN in the same run. Rows to DIR/flash-decode-probe.jsonl.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -28,7 +30,9 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--factors", default="2,3,4,6,8")
     ap.add_argument("--tiles", default="64x4x3,64x4x4,128x4x3,128x8x3,128x4x4,256x8x3")
+    ap.add_argument("--orders", default="chunked,interleaved")
     args = ap.parse_args()
+    orders = [{"chunked": False, "interleaved": True}[x] for x in args.orders.split(",")]
     factors = [int(x) for x in args.factors.split(",")]
     tiles = [tuple(int(y) for y in x.split("x")) for x in args.tiles.split(",")]
     log = open(os.path.join(args.out, "flash-decode-probe.jsonl"), "a")
@@ -43,26 +47,27 @@ def main():
                     return F.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hkv)
             ref = cudnn()
             rows = [dict(hq=hq, hkv=hkv, s=s, impl="cudnn", GBps=gb / time_graph_ms(cudnn) * 1e3)]
-            for factor in factors:
-                triton_decode.PROGRAMS_PER_SM = factor
-                for bn, w, st in tiles:
-                    cfg = dict(BLOCK_N=bn, num_warps=w, num_stages=st)
-                    fn = lambda: triton_decode.decode_forward(q, k, v, 0.125, False, config=cfg)[0]  # noqa: E731
-                    try:
-                        err = ((fn().float() - ref.float()).norm() / ref.float().norm()).item()
-                        rows.append(dict(hq=hq, hkv=hkv, s=s, impl="ours", factor=factor, tile=[bn, w, st],
-                                         GBps=gb / time_graph_ms(fn) * 1e3, rel_err=err))
-                    except Exception as e:  # a tile that does not fit
-                        rows.append(dict(hq=hq, hkv=hkv, s=s, impl="ours", factor=factor, tile=[bn, w, st],
-                                         error=str(e).splitlines()[0][:120]))
+            for interleaved, factor, (bn, w, st) in itertools.product(orders, factors, tiles):
+                triton_decode.PROGRAMS_PER_SM, triton_decode.INTERLEAVED = factor, interleaved
+                cfg = dict(BLOCK_N=bn, num_warps=w, num_stages=st)
+                fn = lambda: triton_decode.decode_forward(q, k, v, 0.125, False, config=cfg)[0]  # noqa: E731
+                try:
+                    err = ((fn().float() - ref.float()).norm() / ref.float().norm()).item()
+                    rows.append(dict(hq=hq, hkv=hkv, s=s, impl="ours", factor=factor, tile=[bn, w, st],
+                                     interleaved=interleaved, GBps=gb / time_graph_ms(fn) * 1e3, rel_err=err))
+                except Exception as e:  # a tile that does not fit
+                    rows.append(dict(hq=hq, hkv=hkv, s=s, impl="ours", factor=factor, tile=[bn, w, st],
+                                     interleaved=interleaved, error=str(e).splitlines()[0][:120]))
             for r in rows:
                 log.write(json.dumps(r) + "\n")
-            best = max((r for r in rows if r["impl"] == "ours" and "GBps" in r), key=lambda r: r["GBps"])
-            print(f"{hq}/{hkv} S={s}: cuDNN {rows[0]['GBps']:.0f} GB/s; best ours {best['GBps']:.0f} "
-                  f"(factor {best['factor']}, tile {best['tile']}); default-like "
-                  f"{next((r['GBps'] for r in rows if r.get('factor') == 3 and r.get('tile') == [64, 4, 3]), 0):.0f}",
-                  flush=True)
-    triton_decode.PROGRAMS_PER_SM = 3
+            for interleaved in orders:
+                mine = [r for r in rows if r.get("interleaved") == interleaved and "GBps" in r]
+                best = max(mine, key=lambda r: r["GBps"])
+                default = next((r["GBps"] for r in mine if r["factor"] == 3 and r["tile"] == [64, 4, 3]), 0)
+                print(f"{hq}/{hkv} S={s} {'interleaved' if interleaved else 'chunked'}: cuDNN {rows[0]['GBps']:.0f} "
+                      f"GB/s; best ours {best['GBps']:.0f} (factor {best['factor']}, tile {best['tile']}); "
+                      f"factor 3, 64x4x3: {default:.0f}", flush=True)
+    triton_decode.PROGRAMS_PER_SM, triton_decode.INTERLEAVED = 3, False
 
 
 if __name__ == "__main__":

@@ -152,8 +152,16 @@ DECODE_CASES = [  # (batch, q heads, kv heads, q len, k len, head dim, causal, m
 ]
 
 
+@pytest.fixture(params=[False, True], ids=["chunked", "interleaved"])
+def key_order(request, monkeypatch):
+    """Each split's keys as one contiguous chunk, or every num_splits-th tile."""
+    from longattn.kernels.flash import triton_decode
+    monkeypatch.setattr(triton_decode, "INTERLEAVED", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "h{}kv{}q{}k{}d{}".format(*c[1:6]))
-def test_decode_matches_reference(case):
+def test_decode_matches_reference(case, key_order):
     b, hq, hkv, sq, sk, d, causal, kind = case
     mask = None
     if kind == "bool":
@@ -163,7 +171,7 @@ def test_decode_matches_reference(case):
     check_forward_and_backward(*make_qkv(b, hq, hkv, sq, sk, d, torch.float32), causal=causal, attn_mask=mask)
 
 
-def test_decode_half_precision_matches_reference():
+def test_decode_half_precision_matches_reference(key_order):
     dtype = torch.bfloat16 if ON_CUDA else torch.float16
     sk = 20000 if ON_CUDA else 60
     check_forward_and_backward(*make_qkv(1, 6, 2, 1, sk, 64, dtype), causal=True)

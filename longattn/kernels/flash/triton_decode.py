@@ -3,10 +3,12 @@
 Decoding is bound by reading K and V once. The tiled forward gives one program per 128 query rows,
 so with one query it would run B·Hq programs, each streaming all keys: far too few to fill the GPU,
 and with GQA every query head of a group would read the same K/V again. Here:
-  _decode_split_kernel: one program per (key chunk, batch·kv head). Its query tile holds every
+  _decode_split_kernel: one program per (key split, batch·kv head). Its query tile holds every
       (query head of the group, query position) row, group·Sq rows padded to >= 16 for tl.dot,
       so each KV head is read exactly once for its whole group. It writes a partial output
-      (normalised over its chunk) and the chunk's lse.
+      (normalised over its keys) and their lse. A split's keys are either one contiguous chunk or,
+      INTERLEAVED, every num_splits-th tile, so that the splits of a head stream neighbouring tiles
+      at the same time (the order of the keys does not matter to the softmax).
   _decode_merge_kernel: one program per output row merges the chunks by their lse
       (out = Σ_c exp(lse_c − lse) out_c, lse = logsumexp_c lse_c).
 The number of chunks is chosen so that about three programs run per SM.
@@ -26,6 +28,7 @@ MAX_GROUP_ROWS = 128  # group·Sq rows per program; beyond that the tiled forwar
 MAX_SPLITS = 128
 MIN_KEYS_PER_SPLIT = 128
 PROGRAMS_PER_SM = 3  # key chunks are sized so that about this many split programs run per SM
+INTERLEAVED = False  # splits take every num_splits-th tile instead of one contiguous chunk
 DECODE_FALLBACK_TILES = [(64, 3), (64, 2), (32, 2), (16, 1)]  # (BLOCK_N, num_stages), first that fits
 
 if triton is not None:
@@ -39,7 +42,7 @@ if triton is not None:
         Hkv, Sq, Sk, GROUP, qk_scale, causal_offset, keys_per_split, num_splits, SK_BUCKET,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         ROWS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         pid_s = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -57,13 +60,16 @@ if triton is not None:
         k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
         v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
         mask_rows = Mask + b.to(tl.int64) * stride_mb + hq[:, None].to(tl.int64) * stride_mh + qi[:, None] * stride_mm
-        start = pid_s * keys_per_split
-        end = tl.minimum(start + keys_per_split, Sk)
+        if INTERLEAVED:
+            start, end, step = pid_s * BLOCK_N, Sk, num_splits * BLOCK_N
+        else:
+            start, step = pid_s * keys_per_split, BLOCK_N
+            end = tl.minimum(start + keys_per_split, Sk)
         m_i = tl.full([ROWS], float("-inf"), tl.float32)
         l_i = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, DV_PAD], tl.float32)
         offs_n = tl.arange(0, BLOCK_N)
-        for start_n in range(start, end, BLOCK_N):
+        for start_n in range(start, end, step):
             cols = start_n + offs_n
             cols_ok = cols < end
             kt = _load_2d(k_base + offs_d[:, None] + cols[None, :] * stride_kn, offs_d < HEAD_DIM, cols_ok,
@@ -127,7 +133,7 @@ if triton is not None:
     _decode_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
                  for bn, w, s in [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4)]],
-        key=["SK_BUCKET", "ROWS", "HEAD_DIM_PAD", "DV_PAD", "CAUSAL", "HAS_MASK"],
+        key=["SK_BUCKET", "ROWS", "HEAD_DIM_PAD", "DV_PAD", "CAUSAL", "HAS_MASK", "INTERLEAVED"],
     )(_decode_split_kernel)
     _decode_chosen = ChosenConfigs(_decode_tuned, _decode_split_kernel)
 
@@ -173,7 +179,8 @@ def decode_forward(q, k, v, scale: float, causal: bool, attn_mask=None, config: 
             triton.next_power_of_2(Sk))
     meta = dict(HEAD_DIM=D, HEAD_DIM_PAD=padded_dim(D), DV=Dv, DV_PAD=padded_dim(Dv),
                 ROWS=max(16, triton.next_power_of_2(n_rows)), CAUSAL=bool(causal), HAS_MASK=mask is not None,
-                MASK_IS_BOOL=mask is not None and mask.dtype == torch.uint8, DOT_PRECISION=dot_precision(q.dtype))
+                MASK_IS_BOOL=mask is not None and mask.dtype == torch.uint8, DOT_PRECISION=dot_precision(q.dtype),
+                INTERLEAVED=INTERLEAVED)
     if config is not None or interpreting():
         cfg = config or dict(BLOCK_N=16, num_warps=4, num_stages=1)
         _decode_split_kernel[(splits, B * Hkv)](*args, **meta, **cfg)
