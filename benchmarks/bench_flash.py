@@ -9,7 +9,8 @@ bf16, batch 1, random normal inputs (fresh per shape), no mask.
           up to 8K also timed as CUDA-graph replays (graph_ms in the jsonl): eager calls that short
           measure each library's Python/launch overhead as much as its kernel.
   fwdbwd: the same shapes, forward + backward (out.backward(g)); TFLOP/s counts 3.5× the forward's
-          FLOPs (backward = 2.5× forward, the FlashAttention convention).
+          FLOPs (backward = 2.5× forward, the FlashAttention convention); up to 8K also as CUDA-graph
+          replays of forward + backward.
   decode: one query against S keys, d64, heads 32/32 and GQA 9/3 (SDPA with enable_gqa), effective
           bandwidth = K and V bytes read once / time; timed as CUDA-graph replays (so that all
           contenders are measured without Python launch gaps) and eagerly.
@@ -168,6 +169,12 @@ def bench_attention(rec, mode, lengths, shapes):
                                     (ours(qg, kg, vg, causal) if name == "ours" else sdpa(name, qg, kg, vg, causal))
                                     .backward(g))
                             ms = time_ms(step)
+                            if s <= 8192:  # short calls: also without Python launch gaps (autograd included)
+                                try:
+                                    row["graph_ms"] = time_graph_ms(step, replays_per_sample=5, samples=10)
+                                    row["graph_tflops"] = flops / row["graph_ms"] / 1e9
+                                except RuntimeError as e:  # a backend whose backward cannot be captured
+                                    row["graph_error"] = str(e).splitlines()[0][:200]
                         row.update(ms=ms, tflops=flops / ms / 1e9)
                     except (RuntimeError, torch.OutOfMemoryError) as e:
                         row["error"] = str(e).splitlines()[0][:200]

@@ -9,9 +9,11 @@ and with GQA every query head of a group would read the same K/V again. Here:
       (normalised over its keys) and their lse. A split's keys are either one contiguous chunk or,
       INTERLEAVED, every num_splits-th tile, so that the splits of a head stream neighbouring tiles
       at the same time (the order of the keys does not matter to the softmax).
-  _decode_merge_kernel: one program per output row merges the chunks by their lse
-      (out = Σ_c exp(lse_c − lse) out_c, lse = logsumexp_c lse_c).
-The number of chunks is chosen so that about three programs run per SM.
+  _decode_merge_kernel: one program per output row merges the splits by their lse
+      (out = Σ_c exp(lse_c − lse) out_c, lse = logsumexp_c lse_c). On Hopper and newer it is launched
+      as a programmatic dependent launch: its programs start while the split kernel finishes and wait
+      for its writes (griddepcontrol), which hides the launch gap between the two.
+The number of splits is chosen so that about PROGRAMS_PER_SM programs run per SM.
 """
 from __future__ import annotations
 
@@ -19,20 +21,26 @@ import functools
 
 import torch
 
-from .triton_fwd import (LOG2E, ChosenConfigs, _load_2d, autotuning, dot_precision, interpreting, last_dim_contiguous,
-                         launch_first_that_fits, mask_as_4d,
-                         padded_dim, triton)
+from .triton_fwd import (LOG2E, ChosenConfigs, _compute_capability, _load_2d, autotuning, dot_precision, interpreting,
+                         last_dim_contiguous, launch_first_that_fits, mask_as_4d, padded_dim, triton)
 
 DECODE_MAX_QUERIES = 16
 MAX_GROUP_ROWS = 128  # group·Sq rows per program; beyond that the tiled forward is as good
 MAX_SPLITS = 128
 MIN_KEYS_PER_SPLIT = 128
-PROGRAMS_PER_SM = 3  # key chunks are sized so that about this many split programs run per SM
-INTERLEAVED = False  # splits take every num_splits-th tile instead of one contiguous chunk
-DECODE_FALLBACK_TILES = [(64, 3), (64, 2), (32, 2), (16, 1)]  # (BLOCK_N, num_stages), first that fits
+# Measured on an H100 (benchmarks/results/2026-12-06-h100-flash-decode.md): with 4 programs per SM, splits that
+# take every num_splits-th tile and 64-key tiles in 2 stages, one query against 8K-131K keys ran at 0.99-1.02x
+# cuDNN with 32/32 heads, 1.00-1.22x with 9/3; contiguous chunks at 3 per SM (the earlier default) at 0.96-0.97x.
+PROGRAMS_PER_SM = 4  # the keys are split so that about this many split programs run per SM
+INTERLEAVED = True  # a split takes every num_splits-th tile instead of one contiguous chunk
+DECODE_FALLBACK_TILES = [(64, 2), (32, 2), (16, 1)]  # (BLOCK_N, num_stages), first that fits
 
 if triton is not None:
     import triton.language as tl
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:  # an older Triton: programmatic_launch() is False and these are never reached
+        gdc_launch_dependents = gdc_wait = None
 
     @triton.jit
     def _decode_split_kernel(
@@ -42,8 +50,10 @@ if triton is not None:
         Hkv, Sq, Sk, GROUP, qk_scale, causal_offset, keys_per_split, num_splits, SK_BUCKET,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         ROWS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, INTERLEAVED: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
+        if PDL:  # the merge kernel may be scheduled now; it waits for this grid's writes
+            gdc_launch_dependents()
         pid_s = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // Hkv
@@ -105,7 +115,9 @@ if triton is not None:
     @triton.jit
     def _decode_merge_kernel(PartOut, PartLse, Out, Lse, stride_ob, stride_oh, stride_om,
                              Hkv, Hq, Sq, GROUP, num_splits,
-                             DV: tl.constexpr, DV_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                             DV: tl.constexpr, DV_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            gdc_wait()
         pid = tl.program_id(0)
         n_rows = GROUP * Sq
         bh = pid // n_rows
@@ -132,8 +144,8 @@ if triton is not None:
 
     _decode_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-                 for bn, w, s in [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4)]],
-        key=["SK_BUCKET", "ROWS", "HEAD_DIM_PAD", "DV_PAD", "CAUSAL", "HAS_MASK", "INTERLEAVED"],
+                 for bn, w, s in [(64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 3), (32, 4, 4)]],
+        key=["SK_BUCKET", "ROWS", "HEAD_DIM_PAD", "DV_PAD", "CAUSAL", "HAS_MASK", "INTERLEAVED", "PDL"],
     )(_decode_split_kernel)
     _decode_chosen = ChosenConfigs(_decode_tuned, _decode_split_kernel)
 
@@ -141,6 +153,17 @@ if triton is not None:
 @functools.lru_cache(maxsize=8)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=8)
+def programmatic_launch(device_index: int) -> bool:
+    """Programmatic dependent launch: Hopper or newer, and a Triton that can launch it (`launch_pdl`)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return ("launch_pdl" in CUDAOptions.__dataclass_fields__ and gdc_wait is not None
+            and _compute_capability(device_index) >= 9)
 
 
 def decode_splits(batch_kv_heads: int, Sk: int, num_sms: int) -> tuple[int, int]:
@@ -163,7 +186,9 @@ def decode_forward(q, k, v, scale: float, causal: bool, attn_mask=None, config: 
     if Sq > DECODE_MAX_QUERIES or group * Sq > MAX_GROUP_ROWS or Sq == 0 or Sk == 0 or B * Hq == 0:
         return flash_forward(q, k, v, scale, causal, attn_mask)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    num_sms = 2 if interpreting() else _num_sms(q.device.index if q.device.index is not None else 0)
+    device_index = q.device.index if q.device.index is not None else 0
+    num_sms = 2 if interpreting() else _num_sms(device_index)
+    pdl = not interpreting() and programmatic_launch(device_index)
     splits, keys_per_split = decode_splits(B * Hkv, Sk, num_sms)
     if interpreting():  # several chunks and several tiles per chunk even on tiny test shapes
         keys_per_split = 32
@@ -180,7 +205,7 @@ def decode_forward(q, k, v, scale: float, causal: bool, attn_mask=None, config: 
     meta = dict(HEAD_DIM=D, HEAD_DIM_PAD=padded_dim(D), DV=Dv, DV_PAD=padded_dim(Dv),
                 ROWS=max(16, triton.next_power_of_2(n_rows)), CAUSAL=bool(causal), HAS_MASK=mask is not None,
                 MASK_IS_BOOL=mask is not None and mask.dtype == torch.uint8, DOT_PRECISION=dot_precision(q.dtype),
-                INTERLEAVED=INTERLEAVED)
+                INTERLEAVED=INTERLEAVED, PDL=pdl)
     if config is not None or interpreting():
         cfg = config or dict(BLOCK_N=16, num_warps=4, num_stages=1)
         _decode_split_kernel[(splits, B * Hkv)](*args, **meta, **cfg)
@@ -195,5 +220,6 @@ def decode_forward(q, k, v, scale: float, causal: bool, attn_mask=None, config: 
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
     _decode_merge_kernel[(B * Hkv * n_rows,)](part_out, part_lse, out, lse, *out.stride()[:3], Hkv, Hq, Sq, group,
                                               splits, DV=Dv, DV_PAD=padded_dim(Dv),
-                                              SPLITS_PAD=max(2, triton.next_power_of_2(splits)))
+                                              SPLITS_PAD=max(2, triton.next_power_of_2(splits)), PDL=pdl,
+                                              **({"launch_pdl": True} if pdl else {}))
     return out, lse
