@@ -33,6 +33,7 @@ MIN_KEYS_PER_SPLIT = 128
 # cuDNN with 32/32 heads, 1.00-1.22x with 9/3; contiguous chunks at 3 per SM (the earlier default) at 0.96-0.97x.
 PROGRAMS_PER_SM = 4  # the keys are split so that about this many split programs run per SM
 INTERLEAVED = True  # a split takes every num_splits-th tile instead of one contiguous chunk
+EVICT = ""  # cache hint for the K/V loads ("evict_first": read once, keep them out of L2's way)
 DECODE_FALLBACK_TILES = [(64, 2), (32, 2), (16, 1)]  # (BLOCK_N, num_stages), first that fits
 
 if triton is not None:
@@ -50,7 +51,8 @@ if triton is not None:
         Hkv, Sq, Sk, GROUP, qk_scale, causal_offset, keys_per_split, num_splits, SK_BUCKET,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         ROWS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, INTERLEAVED: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, INTERLEAVED: tl.constexpr, PDL: tl.constexpr, EVICT: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         if PDL:  # the merge kernel may be scheduled now; it waits for this grid's writes
             gdc_launch_dependents()
@@ -83,7 +85,7 @@ if triton is not None:
             cols = start_n + offs_n
             cols_ok = cols < end
             kt = _load_2d(k_base + offs_d[:, None] + cols[None, :] * stride_kn, offs_d < HEAD_DIM, cols_ok,
-                          HEAD_DIM != HEAD_DIM_PAD, True)
+                          HEAD_DIM != HEAD_DIM_PAD, True, EVICT)
             s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
             keep = cols_ok[None, :] & rows_ok[:, None]
             if HAS_MASK:
@@ -101,7 +103,7 @@ if triton is not None:
             alpha = tl.math.exp2(m_i - m_sub)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = _load_2d(v_base + cols[:, None] * stride_vn + offs_dv[None, :], cols_ok, offs_dv < DV,
-                         True, DV != DV_PAD)
+                         True, DV != DV_PAD, EVICT)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
             m_i = m_new
         seen = l_i > 0.0
@@ -205,7 +207,7 @@ def decode_forward(q, k, v, scale: float, causal: bool, attn_mask=None, config: 
     meta = dict(HEAD_DIM=D, HEAD_DIM_PAD=padded_dim(D), DV=Dv, DV_PAD=padded_dim(Dv),
                 ROWS=max(16, triton.next_power_of_2(n_rows)), CAUSAL=bool(causal), HAS_MASK=mask is not None,
                 MASK_IS_BOOL=mask is not None and mask.dtype == torch.uint8, DOT_PRECISION=dot_precision(q.dtype),
-                INTERLEAVED=INTERLEAVED, PDL=pdl)
+                INTERLEAVED=INTERLEAVED, PDL=pdl, EVICT=EVICT)
     if config is not None or interpreting():
         cfg = config or dict(BLOCK_N=16, num_warps=4, num_stages=1)
         _decode_split_kernel[(splits, B * Hkv)](*args, **meta, **cfg)

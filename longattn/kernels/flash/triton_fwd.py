@@ -65,16 +65,16 @@ def padded_dim(d: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _load_2d(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    def _load_2d(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr, EVICT: tl.constexpr = ""):
         """Load a tile, masking only along the dimensions that can run past the tensor."""
         if CHECK_ROWS and CHECK_COLS:
-            x = tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+            x = tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0, eviction_policy=EVICT)
         elif CHECK_ROWS:
-            x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+            x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0, eviction_policy=EVICT)
         elif CHECK_COLS:
-            x = tl.load(ptrs, mask=cols_ok[None, :], other=0.0)
+            x = tl.load(ptrs, mask=cols_ok[None, :], other=0.0, eviction_policy=EVICT)
         else:
-            x = tl.load(ptrs)
+            x = tl.load(ptrs, eviction_policy=EVICT)
         return x
 
     @triton.jit
