@@ -30,7 +30,8 @@ MAX_SPLITS = 128
 MIN_KEYS_PER_SPLIT = 128
 # Measured on an H100 (benchmarks/results/2026-12-06-h100-flash-decode.md): with 4 programs per SM, splits that
 # take every num_splits-th tile and 64-key tiles in 2 stages, one query against 8K-131K keys ran at 0.99-1.02x
-# cuDNN with 32/32 heads, 1.00-1.22x with 9/3; contiguous chunks at 3 per SM (the earlier default) at 0.96-0.97x.
+# cuDNN with 32/32 heads (contiguous chunks at 3 per SM, the earlier default: 0.96-0.97x); with the merge as a
+# programmatic dependent launch on top, 0.98-1.03x with 32/32 and 1.02-1.24x with 9/3.
 PROGRAMS_PER_SM = 4  # the keys are split so that about this many split programs run per SM
 INTERLEAVED = True  # a split takes every num_splits-th tile instead of one contiguous chunk
 EVICT = ""  # cache hint for the K/V loads ("evict_first": read once, keep them out of L2's way)
