@@ -55,15 +55,16 @@ def main():
             rows = [dict(hq=hq, hkv=hkv, s=s, impl="cudnn", GBps=gb / time_graph_ms(cudnn) * 1e3)]
             for interleaved, factor, (bn, w, st), pdl, evict in itertools.product(orders, factors, tiles, pdls,
                                                                                    args.evict.split(",")):
-                triton_decode.PROGRAMS_PER_SM, triton_decode.INTERLEAVED, triton_decode.EVICT = factor, interleaved, evict
+                triton_decode.PROGRAMS_PER_SM, triton_decode.INTERLEAVED = factor, interleaved
+                triton_decode.EVICT = evict
                 triton_decode.programmatic_launch = can_pdl if pdl else (lambda device_index: False)
                 cfg = dict(BLOCK_N=bn, num_warps=w, num_stages=st)
                 fn = lambda: triton_decode.decode_forward(q, k, v, 0.125, False, config=cfg)[0]  # noqa: E731
                 try:
                     err = ((fn().float() - ref.float()).norm() / ref.float().norm()).item()
                     rows.append(dict(hq=hq, hkv=hkv, s=s, impl="ours", factor=factor, tile=[bn, w, st],
-                                     interleaved=interleaved, evict=evict, pdl=pdl and can_pdl(0), GBps=gb / time_graph_ms(fn) * 1e3,
-                                     rel_err=err))
+                                     interleaved=interleaved, evict=evict, pdl=pdl and can_pdl(0),
+                                     GBps=gb / time_graph_ms(fn) * 1e3, rel_err=err))
                 except Exception as e:  # a tile that does not fit
                     rows.append(dict(hq=hq, hkv=hkv, s=s, impl="ours", factor=factor, tile=[bn, w, st],
                                      interleaved=interleaved, pdl=pdl, error=str(e).splitlines()[0][:120]))
