@@ -4,8 +4,9 @@
 
 One query, d64, bf16, CUDA-graph replays (bench_flash's timer); GB/s of K and V read once. For each
 PROGRAMS_PER_SM in --factors, each decode tile (BLOCK_N, warps, stages) and each key order in --orders (a split's
-keys as one chunk, or every num_splits-th tile) the split kernel is launched with that config directly (no
-autotuner), beside cuDNN in the same run. Rows to DIR/flash-decode-probe.jsonl.
+keys as one chunk, or every num_splits-th tile), and with or without the merge as a programmatic dependent launch
+(--pdl) and a cache hint on the K/V loads (--evict), the split kernel is launched with that config directly (no
+autotuner), beside cuDNN in the same run, for each head shape in --heads. Rows to DIR/flash-decode-probe.jsonl.
 """
 from __future__ import annotations
 
