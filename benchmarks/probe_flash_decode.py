@@ -61,19 +61,19 @@ def main():
                 triton_decode.programmatic_launch = can_pdl if pdl else (lambda device_index: False)
                 cfg = dict(BLOCK_N=bn, num_warps=w, num_stages=st)
                 fn = lambda: triton_decode.decode_forward(q, k, v, 0.125, False, config=cfg)[0]  # noqa: E731
+                row = dict(hq=hq, hkv=hkv, s=s, impl="ours", factor=factor, tile=[bn, w, st],
+                           interleaved=interleaved, evict=evict, pdl=pdl and can_pdl(0))
                 try:
                     err = ((fn().float() - ref.float()).norm() / ref.float().norm()).item()
-                    rows.append(dict(hq=hq, hkv=hkv, s=s, impl="ours", factor=factor, tile=[bn, w, st],
-                                     interleaved=interleaved, evict=evict, pdl=pdl and can_pdl(0),
-                                     GBps=gb / time_graph_ms(fn) * 1e3, rel_err=err))
+                    row.update(GBps=gb / time_graph_ms(fn) * 1e3, rel_err=err)
                 except Exception as e:  # a tile that does not fit
-                    rows.append(dict(hq=hq, hkv=hkv, s=s, impl="ours", factor=factor, tile=[bn, w, st],
-                                     interleaved=interleaved, pdl=pdl, error=str(e).splitlines()[0][:120]))
+                    row.update(error=str(e).splitlines()[0][:120])
+                rows.append(row)
             for r in rows:
                 log.write(json.dumps(r) + "\n")
             for r in rows[1:]:
                 print(f"{hq}/{hkv} S={s} {'interleaved' if r['interleaved'] else 'chunked'} factor {r['factor']} "
-                      f"tile {r['tile']} pdl {r['pdl']} evict {r.get('evict')!r}: {r.get('GBps', 0):.0f} GB/s, "
+                      f"tile {r['tile']} pdl {r['pdl']} evict {r['evict']!r}: {r.get('GBps', 0):.0f} GB/s, "
                       f"{r.get('GBps', 0) / rows[0]['GBps']:.3f}x cuDNN ({rows[0]['GBps']:.0f})", flush=True)
     triton_decode.PROGRAMS_PER_SM, triton_decode.INTERLEAVED, triton_decode.EVICT = defaults
     triton_decode.programmatic_launch = can_pdl
