@@ -1,0 +1,60 @@
+"""The decode kernels compile for an H100 (sm_90) without a GPU, and with programmatic dependent launch on
+they carry the grid-dependency instructions: the split kernel lets the merge kernel start, and the merge kernel
+waits for the split kernel's writes before reading them. Skipped where Triton's NVIDIA tool chain is missing."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .test_linear_compile import ASTSource, GPUTarget, pytestmark, triton  # noqa: F401 - pytestmark: same skip
+
+POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Mask": "*bf16", "Out": "*bf16",
+            "PartOut": "*fp32", "PartLse": "*fp32", "Lse": "*fp32"}
+
+
+def _ptx(kernel, constexprs, options):
+    sig = {n: "constexpr" if n in constexprs else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32")
+           for n in kernel.arg_names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n in POINTERS}
+    src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()},
+                    attrs=aligned)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+def _report() -> dict:
+    """Run in a fresh process without TRITON_INTERPRET (under it @triton.jit builds interpreter objects)."""
+    from longattn.kernels.flash import triton_decode as dec
+    out = {}
+    for pdl in (False, True):
+        split = _ptx(dec._decode_split_kernel,
+                     dict(HEAD_DIM=64, HEAD_DIM_PAD=64, DV=64, DV_PAD=64, ROWS=16, CAUSAL=False, HAS_MASK=False,
+                          MASK_IS_BOOL=False, DOT_PRECISION="ieee", INTERLEAVED=True, PDL=pdl, EVICT="",
+                          BLOCK_N=64),
+                     {"num_warps": 4, "num_stages": 2})
+        merge = _ptx(dec._decode_merge_kernel, dict(DV=64, DV_PAD=64, SPLITS_PAD=16, PDL=pdl),
+                     {"num_warps": 4, "launch_pdl": pdl})
+        out[str(pdl)] = {"split_launches": "griddepcontrol.launch_dependents" in split,
+                         "split_waits": "griddepcontrol.wait" in split,
+                         "merge_waits": "griddepcontrol.wait" in merge}
+    return out
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import json, tests.kernels.test_flash_decode_compile as t; print(json.dumps(t._report()))"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
+def test_decode_kernels_carry_grid_dependency_control_only_when_asked(report, pdl):
+    r = report[str(pdl)]
+    assert r["split_launches"] == pdl
+    assert r["merge_waits"] == pdl
+    assert not r["split_waits"]  # the split kernel reads no earlier kernel's output: it never waits
