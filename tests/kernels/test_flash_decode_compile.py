@@ -1,14 +1,10 @@
 """The decode kernels compile for an H100 (sm_90) without a GPU, and with programmatic dependent launch on
 they carry the grid-dependency instructions: the split kernel lets the merge kernel start, and the merge kernel
 waits for the split kernel's writes before reading them. Skipped where Triton's NVIDIA tool chain is missing."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from .test_linear_compile import ASTSource, GPUTarget, pytestmark, triton  # noqa: F401 - pytestmark: same skip
+from .test_linear_compile import (ASTSource, GPUTarget, pytestmark,  # noqa: F401 - pytestmark: the same skip
+                                  report_in_fresh_process, triton)
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Mask": "*bf16", "Out": "*bf16",
             "PartOut": "*fp32", "PartLse": "*fp32", "Lse": "*fp32"}
@@ -43,13 +39,7 @@ def _report() -> dict:
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "import json, tests.kernels.test_flash_decode_compile as t; print(json.dumps(t._report()))"
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return report_in_fresh_process("tests.kernels.test_flash_decode_compile", "_report")
 
 
 @pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])

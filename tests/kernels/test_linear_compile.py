@@ -132,17 +132,23 @@ def _report_all() -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def reports():
+def report_in_fresh_process(module: str, function: str) -> dict:
+    """`module.function()` (a JSON-able dict) run in a fresh process without TRITON_INTERPRET, so that its
+    kernels are real JIT functions that the compiler takes."""
     import json
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "import json, tests.kernels.test_linear_compile as t; print(json.dumps(t._report_all()))"
+    code = f"import json, {module} as t; print(json.dumps(t.{function}()))"
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return report_in_fresh_process("tests.kernels.test_linear_compile", "_report_all")
 
 
 @pytest.mark.parametrize("name", NAMES)
