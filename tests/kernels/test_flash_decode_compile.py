@@ -26,7 +26,7 @@ def _report() -> dict:
     for pdl in (False, True):
         split = _ptx(dec._decode_split_kernel,
                      dict(HEAD_DIM=64, HEAD_DIM_PAD=64, DV=64, DV_PAD=64, ROWS=16, CAUSAL=False, HAS_MASK=False,
-                          MASK_IS_BOOL=False, DOT_PRECISION="ieee", INTERLEAVED=True, PDL=pdl, EVICT="",
+                          MASK_IS_BOOL=False, DOT_PRECISION="ieee", INTERLEAVED=True, PDL=pdl,
                           BLOCK_N=64),
                      {"num_warps": 4, "num_stages": 2})
         merge = _ptx(dec._decode_merge_kernel, dict(DV=64, DV_PAD=64, SPLITS_PAD=16, PDL=pdl),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_fwd import (LOG2E, ChosenConfigs, OutOfResources, _load_2d, _score_bias, autotuning, dot_precision,
+from .triton_fwd import (LOG2E, ChosenConfigs, _load_2d, _score_bias, autotuning, dot_precision,
                          fallback_configs, interpreting, launch_first_that_fits, last_dim_contiguous, mask_as_4d,
                          padded_dim, triton)
 
@@ -284,20 +284,20 @@ def flash_backward(dout, dlse, q, k, v, out, lse, scale: float, causal: bool, at
                Hq, Sq, Sk, Hq // Hkv, scale, scale * LOG2E, Sk - Sq, *buckets)
     dkdv_grid = lambda c: (triton.cdiv(Sk, c["BLOCK_N"]), B * Hkv)
     dq_grid = lambda c: (triton.cdiv(Sq, c["BLOCK_M"]), B * Hq)
-    if autotuning():
-        key = (q.device.index, q.dtype, *buckets, *meta.values())
-        try:
-            _dkdv_chosen.launch(key, dkdv_grid, lambda cfg: dkdv_args, meta, (Sq, Sk))
-            _dq_chosen.launch(key, dq_grid, lambda cfg: dq_args, meta, (Sq, Sk))
-            return dq, dk, dv
-        except OutOfResources:  # no tuned config fits: shrink below (both kernels rerun; they only write)
-            pass
     if interpreting():
         dkdv_cfg = dq_cfg = INTERPRETER_BWD_CONFIG
     else:  # wide operands (d > 128 or fp32) take half the tiles
         big = max(meta["HEAD_DIM_PAD"], dv_pad) * q.element_size() > 256
         dkdv_cfg = {"BLOCK_M": 32, "BLOCK_N": 64 if big else 128, "num_warps": 4, "num_stages": 2}
         dq_cfg = {"BLOCK_M": 64 if big else 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
-    launch_first_that_fits(_dkdv_heuristic, dkdv_grid, dkdv_args, meta, fallback_configs(dkdv_cfg))
-    launch_first_that_fits(_dq_heuristic, dq_grid, dq_args, meta, fallback_configs(dq_cfg))
+    shrink_dkdv = lambda: launch_first_that_fits(_dkdv_heuristic, dkdv_grid, dkdv_args, meta,
+                                                 fallback_configs(dkdv_cfg))
+    shrink_dq = lambda: launch_first_that_fits(_dq_heuristic, dq_grid, dq_args, meta, fallback_configs(dq_cfg))
+    if autotuning():  # where no tuned config fits the GPU, each kernel shrinks its tiles on its own
+        key = (q.device.index, q.dtype, *buckets, *meta.values())
+        _dkdv_chosen.launch(key, dkdv_grid, lambda cfg: dkdv_args, meta, (Sq, Sk), fallback=shrink_dkdv)
+        _dq_chosen.launch(key, dq_grid, lambda cfg: dq_args, meta, (Sq, Sk), fallback=shrink_dq)
+    else:
+        shrink_dkdv()
+        shrink_dq()
     return dq, dk, dv

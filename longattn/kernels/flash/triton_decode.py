@@ -21,8 +21,9 @@ import functools
 
 import torch
 
-from .triton_fwd import (LOG2E, ChosenConfigs, _compute_capability, _load_2d, autotuning, dot_precision, interpreting,
-                         last_dim_contiguous, launch_first_that_fits, mask_as_4d, padded_dim, triton)
+from .triton_fwd import (LOG2E, ChosenConfigs, OutOfResources, _compute_capability, _load_2d, autotuning,
+                         dot_precision, interpreting, last_dim_contiguous, launch_first_that_fits, mask_as_4d,
+                         padded_dim, triton)
 
 DECODE_MAX_QUERIES = 16
 MAX_GROUP_ROWS = 128  # group·Sq rows per program; beyond that the tiled forward is as good
@@ -34,8 +35,12 @@ MIN_KEYS_PER_SPLIT = 128
 # programmatic dependent launch on top, 0.98-1.03x with 32/32 and 1.02-1.24x with 9/3.
 PROGRAMS_PER_SM = 4  # the keys are split so that about this many split programs run per SM
 INTERLEAVED = True  # a split takes every num_splits-th tile instead of one contiguous chunk
-EVICT = ""  # cache hint for the K/V loads ("evict_first": read once, keep them out of L2's way)
 DECODE_FALLBACK_TILES = [(64, 2), (32, 2), (16, 1)]  # (BLOCK_N, num_stages), first that fits
+
+
+def decode_fallback_configs() -> list[dict]:
+    """The split kernel's configs without the autotuner, largest first: the first that fits the GPU runs."""
+    return [dict(BLOCK_N=bn, num_warps=4, num_stages=st) for bn, st in DECODE_FALLBACK_TILES]
 
 if triton is not None:
     import triton.language as tl
@@ -52,7 +57,7 @@ if triton is not None:
         Hkv, Sq, Sk, GROUP, qk_scale, causal_offset, keys_per_split, num_splits, SK_BUCKET,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         ROWS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, INTERLEAVED: tl.constexpr, PDL: tl.constexpr, EVICT: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, INTERLEAVED: tl.constexpr, PDL: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
         if PDL:  # the merge kernel may be scheduled now; it waits for this grid's writes
@@ -86,7 +91,7 @@ if triton is not None:
             cols = start_n + offs_n
             cols_ok = cols < end
             kt = _load_2d(k_base + offs_d[:, None] + cols[None, :] * stride_kn, offs_d < HEAD_DIM, cols_ok,
-                          HEAD_DIM != HEAD_DIM_PAD, True, EVICT)
+                          HEAD_DIM != HEAD_DIM_PAD, True)
             s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
             keep = cols_ok[None, :] & rows_ok[:, None]
             if HAS_MASK:
@@ -104,7 +109,7 @@ if triton is not None:
             alpha = tl.math.exp2(m_i - m_sub)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = _load_2d(v_base + cols[:, None] * stride_vn + offs_dv[None, :], cols_ok, offs_dv < DV,
-                         True, DV != DV_PAD, EVICT)
+                         True, DV != DV_PAD)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
             m_i = m_new
         seen = l_i > 0.0
@@ -208,17 +213,22 @@ def decode_forward(q, k, v, scale: float, causal: bool, attn_mask=None, config: 
     meta = dict(HEAD_DIM=D, HEAD_DIM_PAD=padded_dim(D), DV=Dv, DV_PAD=padded_dim(Dv),
                 ROWS=max(16, triton.next_power_of_2(n_rows)), CAUSAL=bool(causal), HAS_MASK=mask is not None,
                 MASK_IS_BOOL=mask is not None and mask.dtype == torch.uint8, DOT_PRECISION=dot_precision(q.dtype),
-                INTERLEAVED=INTERLEAVED, PDL=pdl, EVICT=EVICT)
-    if config is not None or interpreting():
-        cfg = config or dict(BLOCK_N=16, num_warps=4, num_stages=1)
-        _decode_split_kernel[(splits, B * Hkv)](*args, **meta, **cfg)
-    elif not autotuning():
-        # tall query groups with wide heads outgrow shared memory at 64 keys x 3 stages: step down
-        launch_first_that_fits(_decode_split_kernel, lambda cfg: (splits, B * Hkv), args, meta,
-                               [dict(BLOCK_N=bn, num_warps=4, num_stages=st) for bn, st in DECODE_FALLBACK_TILES])
-    else:
-        _decode_chosen.launch((q.device.index, q.dtype, args[-1], *meta.values()), lambda cfg: (splits, B * Hkv),
-                              lambda cfg: args, meta)
+                INTERLEAVED=INTERLEAVED, PDL=pdl)
+    grid = lambda cfg: (splits, B * Hkv)
+    # tall query groups with wide heads outgrow shared memory at 64 keys x 2 stages: step down
+    shrink = lambda: launch_first_that_fits(_decode_split_kernel, grid, args, meta, decode_fallback_configs())
+    try:
+        if config is not None or interpreting():
+            _decode_split_kernel[grid(None)](*args, **meta, **(config or dict(BLOCK_N=16, num_warps=4, num_stages=1)))
+        elif autotuning():
+            _decode_chosen.launch((q.device.index, q.dtype, args[-1], *meta.values()), grid, lambda cfg: args, meta,
+                                  fallback=shrink)
+        else:
+            shrink()
+    except OutOfResources:  # no decode tile fits (fp32 with 128 query rows of d > 128): the tiled forward does
+        if config is not None:
+            raise
+        return flash_forward(q, k, v, scale, causal, attn_mask)
     out = torch.empty(B, Hq, Sq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
     _decode_merge_kernel[(B * Hkv * n_rows,)](part_out, part_lse, out, lse, *out.stride()[:3], Hkv, Hq, Sq, group,

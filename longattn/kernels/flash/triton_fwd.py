@@ -65,16 +65,16 @@ def padded_dim(d: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _load_2d(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr, EVICT: tl.constexpr = ""):
+    def _load_2d(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
         """Load a tile, masking only along the dimensions that can run past the tensor."""
         if CHECK_ROWS and CHECK_COLS:
-            x = tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0, eviction_policy=EVICT)
+            x = tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
         elif CHECK_ROWS:
-            x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0, eviction_policy=EVICT)
+            x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
         elif CHECK_COLS:
-            x = tl.load(ptrs, mask=cols_ok[None, :], other=0.0, eviction_policy=EVICT)
+            x = tl.load(ptrs, mask=cols_ok[None, :], other=0.0)
         else:
-            x = tl.load(ptrs, eviction_policy=EVICT)
+            x = tl.load(ptrs)
         return x
 
     @triton.jit
@@ -378,13 +378,21 @@ class ChosenConfigs:
     def __init__(self, tuned, kernel):
         self.tuned, self.kernel, self.chosen, self.lock = tuned, kernel, {}, threading.Lock()
 
-    def launch(self, key, grid, args_for, meta, lengths=None) -> None:
+    def launch(self, key, grid, args_for, meta, lengths=None, fallback=None) -> None:
         """`args_for(cfg)`: the positional arguments for a chosen config, or for the tuner (cfg None).
-        `lengths` (Sq, Sk): set EVEN_M / EVEN_N as the kernels' heuristics would."""
+        `lengths` (Sq, Sk): set EVEN_M / EVEN_N as the kernels' heuristics would. `fallback()`: launches with
+        smaller tiles and returns the config it used, for keys where no tuned config fits the GPU (the tuner
+        skips configs that do not fit, then raises when none does); that config is kept for the key."""
         cfg = self.chosen.get(key)
         if cfg is None:
             with self.lock:  # best_config is the tuner's last choice: read it before another call tunes
-                self.tuned[grid](*args_for(None), **meta)
+                try:
+                    self.tuned[grid](*args_for(None), **meta)
+                except OutOfResources:  # compile-time: nothing ran, so the fallback may launch
+                    if fallback is None:
+                        raise
+                    self.chosen[key] = fallback()
+                    return
                 best = getattr(self.tuned, "best_config", None)
                 if best is not None:
                     self.chosen[key] = best.all_kwargs()
@@ -444,12 +452,11 @@ def flash_forward(q, k, v, scale: float, causal: bool, attn_mask=None, config: d
             raise ValueError(f"flash_forward: config {config} asks for TMA, which these inputs do not allow")
         launch_with(_flash_fwd_kernel, grid, args_for(config), meta, dict(config), (Sq, Sk))
         return out, lse
-    if autotuning():
-        try:
-            _fwd_chosen.launch((q.device.index, q.dtype, *buckets, *meta.values()), grid, args_for, meta, (Sq, Sk))
-            return out, lse
-        except OutOfResources:  # no tuned config fits (e.g. fp32 with d256): shrink below
-            pass
     first = default_fwd_config(max(meta["HEAD_DIM_PAD"], meta["DV_PAD"]), q.element_size())
-    launch_first_that_fits(_fwd_heuristic, grid, args((k, v)), meta, fallback_configs(first))
+    shrink = lambda: launch_first_that_fits(_fwd_heuristic, grid, args((k, v)), meta, fallback_configs(first))
+    if autotuning():  # no tuned config fits (e.g. fp32 with d256): shrink
+        _fwd_chosen.launch((q.device.index, q.dtype, *buckets, *meta.values()), grid, args_for, meta, (Sq, Sk),
+                           fallback=shrink)
+    else:
+        shrink()
     return out, lse
