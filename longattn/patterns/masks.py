@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .fx_eval import data_inputs, evaluate, hint, is_symbolic, small_sizes
+from .fx_eval import ancestors, data_inputs, evaluate, generic_sizes, hint, is_symbolic, meta_value
 from .record import MaskTerm
 
 # Evaluating a mask costs Sq*Sk elements; above this the mask is kept rather than proven.
@@ -27,9 +27,14 @@ def prove_causal(term: MaskTerm, q_len, k_len) -> tuple[bool, str]:
     deps = data_inputs(term.node)
     if deps:
         return False, f"mask depends on the values of {', '.join(d.name for d in deps[:3])}"
-    # a dynamic graph reuses one construction for every length: check it at the traced length
-    # (when small enough) and at a small substituted one
-    candidates = [hint] + ([small_sizes()] if is_symbolic(q_len) or is_symbolic(k_len) else [])
+    # check it at the traced lengths (when small enough) and, for a dynamic graph (one construction for every
+    # length) or one too long to evaluate, as the same construction at small lengths (fx_eval.generic_sizes)
+    candidates = [hint]
+    if is_symbolic(q_len) or is_symbolic(k_len) or hint(q_len) * hint(k_len) > MAX_PROOF_ELEMENTS:
+        small = generic_sizes((q_len, k_len), ancestors(term.node), _other_dims(term))
+        if small is None:
+            return False, "mask lengths equal another of its dims: cannot be checked at small lengths"
+        candidates.append(small)
     proofs = []
     for sizes in candidates:
         ok, why = _check_at(term, q_len, k_len, sizes)
@@ -38,8 +43,13 @@ def prove_causal(term: MaskTerm, q_len, k_len) -> tuple[bool, str]:
         if ok:
             proofs.append(why)
     if not proofs:
-        return False, "mask too large to evaluate at rewrite time (compile with dynamic=True)"
+        return False, "mask too large to evaluate at rewrite time, even at small lengths"
     return True, "built from sizes alone and equal to the causal pattern at " + ", ".join(proofs)
+
+
+def _other_dims(term: MaskTerm) -> tuple:
+    shape = tuple(meta_value(term.node).shape)
+    return shape[:-2]
 
 
 def _check_at(term: MaskTerm, q_len, k_len, sizes) -> tuple[bool, str]:

@@ -18,7 +18,7 @@ import torch.fx as fx
 from ..kernels.dispatch import Band, encode_plan
 from ..patterns.fx_attention import find_attention_sites
 from ..patterns.fx_ops import metadata_asserts
-from ..patterns.fx_eval import concrete_shape, evaluate, hint, is_symbolic, meta_value, small_sizes
+from ..patterns.fx_eval import ancestors, concrete_shape, evaluate, generic_sizes, hint, meta_value
 from ..patterns.record import AttentionSite, MaskTerm
 from .report import Report, SiteReport
 
@@ -226,19 +226,35 @@ def _random_like(node: fx.Node, sizes, gen: torch.Generator, masked_when: Option
     return torch.randn(shape, generator=gen).to(device=val.device, dtype=val.dtype)
 
 
-def check_equivalent(site: AttentionSite, result: fx.Node, op_node: fx.Node) -> None:
-    """Run the matched subgraph and the replacement on the same random inputs; raise if they differ."""
-    sizes = hint
+def _scores(site: AttentionSite, sizes) -> int:
     scores = 1
     for d in (meta_value(site.q).shape[:-1]) + (meta_value(site.v).shape[-2],):
-        scores *= int(hint(d))
+        scores *= int(sizes(d))
+    return scores
+
+
+def verification_sizes(site: AttentionSite):
+    """The traced sizes when the scores are few enough to evaluate; else small lengths at which the matched
+    subgraph computes the same thing (fx_eval.generic_sizes), for static and dynamic graphs alike."""
+    if _scores(site, hint) <= MAX_VERIFY_SCORES:
+        return hint
+    inputs = {site.q, site.k, site.v, site.scale_ref, *(t.node for t in site.masks)}
+    subgraph = ancestors(site.output, stop=lambda n: n in inputs)
+    other_dims = [d for t in (site.q, site.k, site.v) for d in (meta_value(t).shape[:-2] + meta_value(t).shape[-1:])]
+    sizes = generic_sizes((site.q_len, site.k_len), subgraph, other_dims)
+    if sizes is None:
+        raise RewriteRejected("too large to verify at the traced length, and the length equals another dim of "
+                              "q/k/v, so it cannot be verified at a small one")
+    scores = _scores(site, sizes)
     if scores > MAX_VERIFY_SCORES:
-        symbolic = any(is_symbolic(d) for d in meta_value(site.q).shape) or \
-            any(is_symbolic(d) for d in meta_value(site.v).shape)
-        if not symbolic:
-            raise RewriteRejected(f"too large to verify at rewrite time ({scores} scores); "
-                                  "compile with dynamic=True to verify at a small length")
-        sizes = small_sizes()
+        raise RewriteRejected(f"too large to verify even at small lengths ({scores} scores from length "
+                              f"{sizes.smallest} on, above the subgraph's integer constants)")
+    return sizes
+
+
+def check_equivalent(site: AttentionSite, result: fx.Node, op_node: fx.Node) -> None:
+    """Run the matched subgraph and the replacement on the same random inputs; raise if they differ."""
+    sizes = verification_sizes(site)
     gen = torch.Generator().manual_seed(0)
     try:
         env = {n: _random_like(n, sizes, gen) for n in (site.q, site.k, site.v)}

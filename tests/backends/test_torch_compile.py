@@ -222,3 +222,71 @@ def test_generate_with_decode_state_keeps_a_state_per_site_and_gives_the_recompu
         kept = {site: s.position for site, s in incremental._states.items()}
         assert kept == ({"model.layers.0.self_attn": 25, "model.layers.1.self_attn": 25} if keep else {}), kept
     assert torch.equal(tokens[True], tokens[False])
+
+
+ALL_FLASH = {"version": 1, "rules": [{"layers": "*", "use": "flash"}]}
+
+
+class _CompiledOnly(Exception):
+    """Raised by the compiled graph instead of running it: the report is all a long-length test needs."""
+
+
+def _reports_at(model, inputs: dict, dynamic: bool, monkeypatch, policy=ALL_FLASH) -> list:
+    """(layer, pattern, status, mask, reason, bands) of every site, as `torch.compile(model, backend="longattn")`
+    with `dynamic` reports them for these inputs; the compiled graphs are not run (long lengths on a CPU)."""
+    import longattn.backends.torch_compile as backend
+
+    def compiled_only(gm, example_inputs, inner):
+        def run(*args):
+            raise _CompiledOnly
+        return run
+
+    monkeypatch.setattr(backend, "compile_inner", compiled_only)
+    torch._dynamo.reset()
+    longattn.clear_reports()
+    with torch.no_grad(), pytest.raises(_CompiledOnly):
+        torch.compile(model, backend="longattn", dynamic=dynamic, options={"policy": policy})(**inputs)
+    return [(s.layer, s.pattern, s.status, s.mask, s.reason, s.bands) for r in longattn.reports() for s in r]
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("length", [512, 8192, 131072])
+def test_static_and_dynamic_compiles_rewrite_every_site_at_every_length(impl, length, monkeypatch):
+    """torch.compile's default is a static graph with the length written into its ops: the rewrite is verified
+    (and the causal mask proven) at small lengths all the same, so the report does not depend on `dynamic`."""
+    model, _ = _llama(impl)
+    inputs = {"input_ids": torch.randint(0, 64, (1, length), generator=torch.Generator().manual_seed(0))}
+    static = _reports_at(model, inputs, False, monkeypatch)
+    assert [(s[2], s[3]) for s in static] == [("rewritten", "causal")] * 2, static
+    assert static == _reports_at(model, inputs, True, monkeypatch)
+
+
+def test_static_compile_at_2048_tokens_matches_eager(monkeypatch):
+    """The length at which static compiles used to stop rewriting ("too large to verify"), run end to end."""
+    monkeypatch.setenv("LONGATTN_FLASH_CPU", "reference")  # the interpreter would take minutes at this length
+    model, _ = _llama("sdpa")
+    ids = torch.randint(0, 64, (1, 2048), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(model, backend="longattn", options={"policy": ALL_FLASH, "inner": "eager"})(
+            input_ids=ids).last_hidden_state
+        torch.testing.assert_close(got, model(input_ids=ids).last_hidden_state, rtol=1e-4, atol=1e-4)
+    assert longattn.last_report().count("rewritten") == 2
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("length,window", [(8192, 4096), (131072, 4096), (300, 100)])
+def test_sliding_window_mask_is_never_taken_for_causal_at_any_length(impl, length, window, dynamic, monkeypatch):
+    """Negative twin: a window of W keys only shows past W tokens. Checked only at small lengths (the traced one
+    being too long), a dynamic graph's window mask once passed for causal and the window was dropped; the small
+    lengths now lie above every constant the mask is built from."""
+    from transformers import MistralConfig, MistralModel
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=window)
+    config._attn_implementation = impl
+    torch.manual_seed(0)
+    model = MistralModel(config).eval()
+    ids = torch.randint(0, 64, (1, length), generator=torch.Generator().manual_seed(0))
+    (site,) = _reports_at(model, {"input_ids": ids}, dynamic, monkeypatch)
+    assert site[2] == "rewritten" and "causal" not in site[3], site  # kept as a mask: flash runs it exactly
