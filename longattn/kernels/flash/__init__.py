@@ -1,5 +1,5 @@
-"""The "flash" kind: exact attention. `flash_attention` picks the Triton kernels where they run,
-else the reference."""
+"""The "flash" kind: exact attention. `flash_attention` picks the Triton kernels where they run, else ATen's
+fused CPU kernel where it computes the same thing without a gradient (`aten_cpu.py`), else the reference."""
 from __future__ import annotations
 
 import math
@@ -8,19 +8,20 @@ import os
 import torch
 
 from ..masks import check_qkv
+from .aten_cpu import aten_cpu_applies, aten_cpu_attention
 from .reference import flash_attention_reference
 from .triton_fwd import MAX_HEAD_DIM, SUPPORTED_DTYPES, interpreting, triton
 
 
 def triton_supports(q, k, v, attn_mask=None, dropout_p=0.0) -> bool:
     """True when the Triton kernels compute this call: triton importable, CUDA tensors (or CPU under
-    TRITON_INTERPRET=1, unless LONGATTN_FLASH_CPU=reference), no dropout, fp16/bf16/fp32 with one dtype,
+    TRITON_INTERPRET=1, unless LONGATTN_FLASH_CPU is reference or aten), no dropout, fp16/bf16/fp32 with one dtype,
     head dims <= 256 and a mask that needs no gradient (a float mask that requires grad takes the
     reference, which gives it). `flash_attention` also sends scale <= 0 to the reference."""
     if triton is None or dropout_p > 0.0:
         return False
     if not (q.is_cuda or (q.device.type == "cpu" and interpreting()
-                          and os.environ.get("LONGATTN_FLASH_CPU") != "reference")):
+                          and os.environ.get("LONGATTN_FLASH_CPU") not in ("reference", "aten"))):
         return False
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
@@ -43,6 +44,10 @@ def flash_attention(q, k, v, *, scale=None, causal=False, attn_mask=None, dropou
     that see no key). Differentiable in q, k, v (and lse); see `flash_attention_reference`.
     """
     if not triton_supports(q, k, v, attn_mask, dropout_p):
+        if aten_cpu_applies(q, k, v, causal, attn_mask, dropout_p):
+            check_qkv(q, k, v, "flash_attention")
+            return aten_cpu_attention(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
+                                      bool(causal), attn_mask)
         return flash_attention_reference(q, k, v, scale=scale, causal=causal, attn_mask=attn_mask,
                                          dropout_p=dropout_p, generator=generator)
     check_qkv(q, k, v, "flash_attention")
