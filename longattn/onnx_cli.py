@@ -76,16 +76,17 @@ def collect_jobs(inputs: list[str], out_dir: str) -> tuple[list[Job], list[str]]
     jobs: list[Job] = []
     notes: list[str] = []
     seen_sources, seen_targets = set(), {}
-    out_abs = os.path.abspath(out_dir)
+    # real paths: a symlinked --out (or input) must not hide that the output would land on an input
+    out_abs = os.path.realpath(out_dir)
 
     def add(source: str, relative: str):
-        source_abs = os.path.abspath(source)
-        if source_abs in seen_sources:
+        source_abs = os.path.realpath(source)
+        if source_abs in seen_sources:  # the same file reached twice (a symlink loop, a glob and a directory)
             return
         seen_sources.add(source_abs)
         target = os.path.join(out_dir, relative)
         job = Job(source, target)
-        target_abs = os.path.abspath(target)
+        target_abs = os.path.realpath(target)
         if target_abs == source_abs:
             job.error = "the output would overwrite the input (choose another --out)"
         elif target_abs in seen_targets:
@@ -97,7 +98,7 @@ def collect_jobs(inputs: list[str], out_dir: str) -> tuple[list[Job], list[str]]
         if os.path.isdir(item):
             found = 0
             for root, dirs, files in os.walk(item):
-                dirs[:] = sorted(d for d in dirs if os.path.abspath(os.path.join(root, d)) != out_abs)
+                dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) != out_abs)
                 for f in sorted(files):
                     path = os.path.join(root, f)
                     if f.endswith(".onnx"):

@@ -123,3 +123,29 @@ def test_longattn_command_has_convert(folder, tmp_path, capsys):
     assert cli.main(["convert", str(folder / "plain.onnx"), "--out", str(out), "--check"]) == 0
     assert (out / "plain.onnx").exists()
     assert "1 of 1 models converted" in capsys.readouterr().out
+
+
+def test_an_output_folder_that_is_a_symlink_to_the_input_never_overwrites_it(folder, tmp_path):
+    """`--out link` where link -> the input folder: every output would land on its input. Refused per model,
+    inputs untouched (the check once compared the paths as written, not where they lead)."""
+    link = tmp_path / "outlink"
+    link.symlink_to(folder, target_is_directory=True)
+    before = _snapshot(folder)
+    code = onnx_cli.main(["convert", str(folder / "plain.onnx"), "--out", str(link)])
+    assert code == 1
+    assert _snapshot(folder) == before
+
+
+def test_an_input_symlinked_into_the_output_folder_is_not_overwritten(folder, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "plain.onnx").symlink_to(folder / "plain.onnx")
+    before = _snapshot(folder)
+    assert onnx_cli.main(["convert", str(out / "plain.onnx"), "--out", str(out)]) == 1
+    assert _snapshot(folder) == before
+
+
+def test_a_symlink_loop_reaches_each_model_once(folder, tmp_path):
+    (folder / "self").symlink_to(folder, target_is_directory=True)
+    jobs, _ = onnx_cli.collect_jobs([str(folder / "**" / "plain.onnx")], str(tmp_path / "out"))
+    assert len(jobs) == 1 and jobs[0].error is None
