@@ -58,7 +58,27 @@ def decode_plan(plan: str) -> tuple[Band, ...]:
     for b in bands:
         if b.kind not in KINDS:
             raise ValueError(f"longattn::attention: unknown kind {b.kind!r} in plan (known: {', '.join(KINDS)})")
+        if b.below is not None and (type(b.below) is not int or b.below <= 0):
+            raise ValueError(f"longattn::attention: band 'below' must be a positive integer, got {b.below!r} "
+                             f"in plan {plan!r}")
     return bands
+
+
+def check_devices(q, k, v, attn_mask) -> None:
+    """Also in the fake implementation: a call with one tensor on `meta` is dispatched there, not to the op."""
+    for name, t in (("k", k), ("v", v), ("attn_mask", attn_mask)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"longattn::attention: {name} is on {t.device}, q on {q.device}")
+
+
+def check_call(q, k, v, attn_mask, dropout_p: float) -> None:
+    """What SDPA refuses, refused here too with the argument named: the op is public and callable directly."""
+    check_qkv(q, k, v, "longattn::attention")  # the rewriter trusts sizes that only have to agree at run time
+    check_devices(q, k, v, attn_mask)
+    if attn_mask is not None and attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"longattn::attention: attn_mask must be bool or floating, got {attn_mask.dtype}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"longattn::attention: dropout_p must be in [0, 1], got {dropout_p}")
 
 
 def band_for_length(plan: str, key_length: int) -> Band:
@@ -133,7 +153,7 @@ def run_band(band: Band, q, k, v, attn_mask, scale, causal, dropout_p, seed):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
               scale: float, causal: bool, dropout_p: float, seed: Optional[torch.Tensor], plan: str) -> torch.Tensor:
     """q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) -> (B, Hq, Sq, Dv) in q's dtype."""
-    check_qkv(q, k, v, "longattn::attention")  # the rewriter trusts sizes that only have to agree at run time
+    check_call(q, k, v, attn_mask, dropout_p)
     band = _band_for_keys(plan, k)
     with torch.no_grad():
         return run_band(band, q, k, v, attn_mask, scale, causal, dropout_p, seed).contiguous()
@@ -141,6 +161,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Opti
 
 @attention.register_fake
 def _(q, k, v, attn_mask, scale, causal, dropout_p, seed, plan):
+    check_devices(q, k, v, attn_mask)
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 

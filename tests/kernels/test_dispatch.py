@@ -18,7 +18,9 @@ def test_band_for_length_picks_first_band_whose_bound_exceeds_the_length():
     assert band_for_length(plan, 10**6).below is None
 
 
-@pytest.mark.parametrize("bad", ["[]", "not json", '[{"kind": "flash", "below": 4}]', '[{"kind": "nope", "below": null}]'])
+@pytest.mark.parametrize("bad", ["[]", "not json", '[{"kind": "flash", "below": 4}]', '[{"kind": "nope", "below": null}]',
+                                 '[{"kind": "flash", "below": "4"}, {"kind": "flash", "below": null}]',
+                                 '[{"kind": "flash", "below": -4}, {"kind": "flash", "below": null}]'])
 def test_malformed_plan_is_rejected_with_its_text(bad):
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="plan|kind"):
@@ -61,3 +63,23 @@ def test_op_rejects_keys_and_values_of_different_lengths():
     v = torch.randn(1, 2, 7, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match="differ in batch/heads/seq"):
         torch.ops.longattn.attention(q, k, v, None, 0.3, False, 0.0, None, encode_plan([Band("flash")]))
+
+
+@pytest.mark.parametrize("what", ["mask on another device", "int64 mask", "dropout 1.5", "dropout -0.5"])
+def test_the_op_called_directly_refuses_what_sdpa_refuses(what):
+    q, k, v = _qkv()
+    mask, dropout = None, 0.0
+    if what == "mask on another device":
+        mask = torch.zeros(9, 9, dtype=torch.float64, device="meta")
+    elif what == "int64 mask":
+        mask = torch.zeros(9, 9, dtype=torch.int64)
+    else:
+        dropout = float(what.split()[1])
+    with pytest.raises((ValueError, TypeError), match="attn_mask|dropout_p"):
+        torch.ops.longattn.attention(q, k, v, mask, 0.3, False, dropout, None, encode_plan([Band("flash")]))
+
+
+def test_dropout_of_one_gives_zeros_as_eager_does():
+    q, k, v = _qkv()
+    out, _ = flash_attention_reference(q, k, v, dropout_p=1.0)
+    assert torch.equal(out, torch.zeros_like(out))

@@ -51,7 +51,9 @@ def flash_attention_reference(q, k, v, *, scale=None, causal=False, attn_mask=No
         p = torch.exp(s - m_safe.unsqueeze(-1))
         correction = torch.exp(m - m_safe)
         l = l * correction + p.sum(-1)
-        if dropout_p > 0.0:
+        if dropout_p >= 1.0:  # every probability dropped: zeros, as F.dropout gives (not 0 / 0)
+            p = torch.zeros_like(p)
+        elif dropout_p > 0.0:
             keep = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype) >= dropout_p
             p = p * keep / (1.0 - dropout_p)
         acc = acc * correction.unsqueeze(-1) + torch.matmul(p, vb)
