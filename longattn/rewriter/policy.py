@@ -170,14 +170,23 @@ class Policy:
     @classmethod
     def from_yaml(cls, text: str, source: str = "<string>", *, base_dir: Union[str, os.PathLike, None] = None) -> "Policy":
         """Parse and validate YAML text; `source` names it in errors (usually the file path)."""
+        if len(text) > MAX_POLICY_CHARS:
+            raise PolicyError(f"{source}: {len(text)} characters; a policy is a few rules (at most "
+                              f"{MAX_POLICY_CHARS} characters are read): is this the policy file?")
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
+            size = _expanded_size(node)
+            if size > MAX_POLICY_VALUES:
+                raise PolicyError(f"{source}: the YAML expands to more than {MAX_POLICY_VALUES} values through its "
+                                  "aliases (*name): a policy needs no more than a few hundred")
             data = yaml.load(text, Loader=yaml.SafeLoader)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
             where = f"{source}:{mark.line + 1}" if mark is not None else source
             problem = getattr(e, "problem", None) or str(e)
             raise PolicyError(f"{where}: invalid YAML: {problem}") from None
+        except RecursionError:
+            raise PolicyError(f"{source}: nested too deeply to be a policy") from None
         locator = _Locator(node)
         if locator.duplicates:
             raise PolicyError([f"{source}:{line}: {_path(loc)}: duplicate key {key!r}"
@@ -241,6 +250,31 @@ def _selector_text(s: Selector) -> str:
     if isinstance(s, FirstLast):
         return f"{s.which} {s.n}"
     return f"index {s.to_yaml()}"
+
+
+# A policy is a few rules. These bound what a hostile or mistaken file costs before it is rejected: a YAML alias
+# bomb ("billion laughs") expands exponentially, and a megabytes-long file is no policy.
+MAX_POLICY_CHARS = 1 << 20
+MAX_POLICY_VALUES = 100_000
+
+
+def _expanded_size(root) -> int:
+    """How many nodes the composed YAML has once every alias is expanded (aliases share their node, so this is
+    counted over the node graph, each shared node once per use, without expanding anything)."""
+    sizes: dict[int, int] = {}
+    stack = [(root, False)] if root is not None else []
+    while stack:  # iterative post-order: deep nesting must not recurse
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else \
+            list(node.value) if isinstance(node, yaml.SequenceNode) else []
+        if children_done:
+            sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), MAX_POLICY_VALUES + 1)
+        else:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes.get(id(root), 0)
 
 
 def load_policy(spec=None) -> Policy:
@@ -538,4 +572,5 @@ def _kind_of(value) -> str:
         return "nothing"
     if isinstance(value, (list, dict)):
         return f"a {type(value).__name__}"
-    return repr(value)
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"

@@ -349,3 +349,32 @@ def test_dict_errors_have_no_line():
 def test_policy_error_is_a_value_error_and_a_missing_file_is_one_too(tmp_path):
     with pytest.raises(ValueError, match="no such policy file"):
         load_policy(str(tmp_path / "absent.yaml"))
+
+
+HOSTILE_YAML = {
+    # billion laughs: nine aliases per level, nine levels, a billion values once expanded
+    "alias bomb": ("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]\n" for i in range(9)),
+        "expands to more than"),
+    "deep nesting": ("[" * 20000 + "]" * 20000, "nested too deeply"),
+    "huge file": ("version: 1\nrules: []\n" + "#" * (2 << 20), "characters"),
+    "long scalar": ("x" * 500_000, r"\.\.\. \(500002 characters\)"),  # its repr, quotes included
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_YAML))
+def test_hostile_yaml_is_refused_quickly_with_a_short_message(name, tmp_path):
+    import time
+    text, message = HOSTILE_YAML[name]
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    start = time.perf_counter()
+    with pytest.raises(PolicyError, match=message) as e:
+        load_policy(path)
+    assert time.perf_counter() - start < 10  # it used to run forever (the bomb) or for a minute (50 MB)
+    assert len(str(e.value)) < 400 and str(path) in str(e.value)
+
+
+def test_yaml_aliases_that_share_a_band_still_work():
+    policy = Policy.from_yaml("version: 1\nrules:\n  - {layers: '0-3', use: &fast flash}\n  - {layers: '*', use: *fast}\n")
+    assert [r.bands[0].kind for r in policy.rules] == ["flash", "flash"]
