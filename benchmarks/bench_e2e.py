@@ -8,7 +8,8 @@ The model is a Llama shaped like SmolLM2-135M (30 layers, hidden 576, 9 heads / 
 random weights, bf16), batch 1, prefill of S tokens without a KV cache (`use_cache=False`),
 `LlamaModel` (no LM head), eager attention implementation "sdpa" (what transformers picks).
 Each compiled variant is compiled once with a dynamic sequence length (so one compile serves every
-length; compile_s is its first call). Timing (device METHOD.md): CUDA events, one warm-up, median of
+length; compile_s is its first call), except longattn-default-static: `torch.compile(model, backend="longattn")`
+as the README shows it, static, compiled once per length (compile_s at each length). Timing (device METHOD.md): CUDA events, one warm-up, median of
 repeats (fewer at long lengths). Every variant's output is compared with eager's (relative error in
 bf16: flash is exact, so it stays at rounding level; the default policy's hyper/linear bands are
 approximations and their error says so). A variant that runs out of memory is recorded as "oom".
@@ -51,14 +52,17 @@ def time_call(fn, reps: int) -> list[float]:
 
 
 def variants(model, inductor_lengths):
-    def compiled(**kw):
-        c = torch.compile(model, dynamic=True, **kw)
+    def compiled(dynamic=True, **kw):
+        c = torch.compile(model, dynamic=dynamic, **kw)
         return lambda ids: c(input_ids=ids, use_cache=False).last_hidden_state
 
     yield "eager", (lambda ids: model(input_ids=ids, use_cache=False).last_hidden_state), None
     yield "inductor", compiled(), inductor_lengths
     yield "longattn-flash", compiled(backend="longattn", options={"policy": FLASH_POLICY}), None
     yield "longattn-default", compiled(backend="longattn"), None
+    # the README's call as a user makes it: a static graph per length (dynamic=False keeps dynamo from turning
+    # the second length dynamic), the lengths written into its ops
+    yield "longattn-default-static", compiled(dynamic=False, backend="longattn"), None
     # the rewrite alone, without inductor's fusions (and its compile time): aot_eager inner backend
     yield "longattn-flash-aot", compiled(backend="longattn", options={"policy": FLASH_POLICY, "inner": "aot_eager"}), None
 
@@ -68,7 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", default="8192,32768,131072")
     ap.add_argument("--inductor-lengths", default="8192,32768",
                     help="lengths for plain inductor (its S x S mask needs 32 GiB at 131K)")
-    ap.add_argument("--variants", default="eager,inductor,longattn-flash,longattn-default",
+    ap.add_argument("--variants", default="eager,inductor,longattn-flash,longattn-default,longattn-default-static",
                     help="also: longattn-flash-aot (inner backend aot_eager)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
@@ -103,7 +107,7 @@ def main(argv=None) -> int:
                     t0 = time.perf_counter()
                     out = fn(inputs[s])
                     torch.cuda.synchronize()
-                    if first:
+                    if first or name.endswith("-static"):
                         row["compile_s"] = round(time.perf_counter() - t0, 1)
                         first = False
                     reps = 10 if s <= 8192 else 5 if s <= 32768 else 3
