@@ -8,6 +8,21 @@ import tempfile
 from typing import Iterator
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it back at once
+    os.umask(mask)
+    return mask
+
+
+UMASK = _process_umask()
+
+
+def give_normal_mode(path: str) -> None:
+    """The permissions any other tool's new file gets (0666 less the umask): temporary files are created 0600,
+    and a finished output must not stay private to its writer."""
+    os.chmod(path, 0o666 & ~UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path in `path`'s folder; write the file there. On leaving the block it is
@@ -16,6 +31,7 @@ def atomic_path(path: str) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        give_normal_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Optional, Union
 import numpy as np
 import onnx
 
+from .files import give_normal_mode
+
 if TYPE_CHECKING:  # the rewriter (and torch) load only when converting, not to run a model
     from .rewriter.report import Report
 
@@ -149,7 +151,9 @@ def save(model: onnx.ModelProto, path: Union[str, os.PathLike], *, external_data
         onnx.save(model, os.path.join(tmp, name), save_as_external_data=external_data,
                   all_tensors_to_one_file=True, location=location, size_threshold=1024)
         if external_data and os.path.exists(os.path.join(tmp, location)):
+            give_normal_mode(os.path.join(tmp, location))  # onnx writes it 0600
             os.replace(os.path.join(tmp, location), os.path.join(directory, location))
+        give_normal_mode(os.path.join(tmp, name))
         os.replace(os.path.join(tmp, name), path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -149,3 +149,27 @@ def test_a_symlink_loop_reaches_each_model_once(folder, tmp_path):
     (folder / "self").symlink_to(folder, target_is_directory=True)
     jobs, _ = onnx_cli.collect_jobs([str(folder / "**" / "plain.onnx")], str(tmp_path / "out"))
     assert len(jobs) == 1 and jobs[0].error is None
+
+
+def test_outputs_get_the_normal_permissions_of_new_files(folder, tmp_path):
+    """0666 less the umask, like any other tool's output: not the 0600 of the temporary files they start as."""
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    onnx_cli.main(["convert", str(folder / "plain.onnx"), "--out", str(out), "--report", str(report)])
+    from longattn.files import UMASK
+    for path in (out / "plain.onnx", report):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~UMASK, path
+
+
+def test_external_data_gets_the_normal_permissions_too(tmp_path):
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from longattn import onnx as lo
+    from longattn.files import UMASK
+    weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")  # over the 1 KiB external threshold
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])], [weight])
+    lo.save(helper.make_model(graph), str(tmp_path / "m.onnx"), external_data=True)
+    for name in ("m.onnx", "m.onnx.data"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~UMASK, name
