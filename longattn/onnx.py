@@ -38,10 +38,13 @@ def _policy(policy):
 def load(path: str) -> onnx.ModelProto:
     """Load the graph only (external data stays referenced, not read): cheap at any size."""
     try:
-        return onnx.load(path, load_external_data=False)
+        model = onnx.load(path, load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends
         raise ValueError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e)[:200] or 'truncated?'})") \
             from None
+    if model.ir_version == 0 or not model.HasField("graph"):  # an empty file parses as an empty message
+        raise ValueError(f"{path}: not a readable ONNX model (no IR version or graph: empty or not ONNX)")
+    return model
 
 
 def convert(model_or_path: Union[str, os.PathLike, onnx.ModelProto], policy=None, check: bool = False, *,

@@ -173,3 +173,9 @@ def test_external_data_gets_the_normal_permissions_too(tmp_path):
     lo.save(helper.make_model(graph), str(tmp_path / "m.onnx"), external_data=True)
     for name in ("m.onnx", "m.onnx.data"):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~UMASK, name
+
+
+def test_an_empty_file_is_not_reported_as_converted(tmp_path):
+    (tmp_path / "x.onnx").write_bytes(b"")
+    code = onnx_cli.main(["convert", str(tmp_path / "x.onnx"), "--out", str(tmp_path / "out")])
+    assert code == 1 and not (tmp_path / "out" / "x.onnx").exists()
