@@ -89,6 +89,8 @@ def collect_jobs(inputs: list[str], out_dir: str) -> tuple[list[Job], list[str]]
         target_abs = os.path.realpath(target)
         if target_abs == source_abs:
             job.error = "the output would overwrite the input (choose another --out)"
+        elif os.path.isdir(target_abs):
+            job.error = f"the output path {target} is a directory"
         elif target_abs in seen_targets:
             job.error = f"output name clashes with {seen_targets[target_abs]}"
         seen_targets.setdefault(target_abs, source)
@@ -180,6 +182,7 @@ def cmd_convert(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
+    check_arguments(args)
     jobs, notes = collect_jobs(args.inputs, args.out)
     for note in notes:
         console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
@@ -187,8 +190,6 @@ def cmd_convert(args) -> int:
         console.print("[red]longattn convert: no ONNX models found in the inputs[/]")
         return 2
     policy = _load_policy(args.policy)
-    if args.jobs < 1:
-        raise UsageError("--jobs must be at least 1")
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
@@ -244,6 +245,22 @@ def cmd_convert(args) -> int:
         console.print(f"[red]{len(failed)} of {len(outcomes)} models failed[/]")
         return 1
     return 0
+
+
+def check_arguments(args) -> None:
+    """Refuse, before any work, what would only fail after every model is converted."""
+    if args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    if args.check_length < 1:
+        raise UsageError(f"--check-length must be at least 1, got {args.check_length}")
+    if args.report:
+        folder = os.path.dirname(os.path.abspath(args.report))
+        if os.path.isdir(args.report):
+            raise UsageError(f"--report {args.report}: is a directory; name the JSON file to write")
+        if not os.path.isdir(folder):
+            raise UsageError(f"--report {args.report}: {folder} is not an existing directory")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out}: exists and is not a directory")
 
 
 def _load_policy(spec):

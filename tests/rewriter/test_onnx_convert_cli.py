@@ -179,3 +179,30 @@ def test_an_empty_file_is_not_reported_as_converted(tmp_path):
     (tmp_path / "x.onnx").write_bytes(b"")
     code = onnx_cli.main(["convert", str(tmp_path / "x.onnx"), "--out", str(tmp_path / "out")])
     assert code == 1 and not (tmp_path / "out" / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("what", ["report in a file", "report is a folder", "check length 0", "out is a file",
+                                  "output is a folder"])
+def test_arguments_that_could_only_fail_late_are_refused_first_or_per_model(what, folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["convert", str(folder / "plain.onnx"), "--out", str(out)]
+    (tmp_path / "afile").write_text("x")
+    if what == "report in a file":
+        args += ["--report", str(tmp_path / "afile" / "r.json")]
+    elif what == "report is a folder":
+        args += ["--report", str(tmp_path)]
+    elif what == "check length 0":
+        args += ["--check", "--check-length", "0"]
+    elif what == "out is a file":
+        args[3] = str(tmp_path / "afile")
+    else:
+        (out / "plain.onnx").mkdir(parents=True)
+    code = onnx_cli.main(args)
+    captured = capsys.readouterr()
+    err = captured.err + captured.out
+    assert code in (1, 2)
+    assert ".longattn-" not in err and "Traceback" not in err  # the user's paths, never a temporary's
+    if what != "output is a folder":
+        assert code == 2 and not out.exists()  # nothing converted
+    else:
+        assert "is a directory" in err
