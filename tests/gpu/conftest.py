@@ -27,13 +27,33 @@ DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 DEVICE = "cuda"  # where `randn` puts its tensors; the tests derive every other device from their inputs
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "spread: a long test (a whole-model compile); on a GPU the collection spreads "
+                                       "these evenly, so that pytest-xdist's workers do not get them back to back")
+
+
 def pytest_collection_modifyitems(config, items):
     if ON_GPU:
+        spread_long_tests(items)
         return
     skip = pytest.mark.skip(reason=SKIP_REASON)
     for item in items:
         if str(item.path).startswith(HERE + os.sep):
             item.add_marker(skip)
+
+
+def spread_long_tests(items):
+    """Place the tests marked `spread` at even intervals among the others. xdist hands each worker a contiguous
+    run of the collection (and steals from its end), so adjacent long tests would run one after another on one
+    worker while the others idle. Deterministic: every worker must collect the same order."""
+    long = [item for item in items if item.get_closest_marker("spread")]
+    if not long:
+        return
+    rest = [item for item in items if not item.get_closest_marker("spread")]
+    step = len(rest) / len(long)
+    for n, item in enumerate(reversed(long)):  # from the back, so that earlier positions stay put
+        rest.insert(round((len(long) - 1 - n) * step), item)
+    items[:] = rest
 
 
 def randn(*shape, dtype=torch.bfloat16, scale=1.0):

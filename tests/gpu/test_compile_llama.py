@@ -16,6 +16,8 @@ import longattn
 from ..zoo import _hf
 from .conftest import assert_all_close
 
+pytestmark = pytest.mark.spread  # each test compiles the model with inductor: tens of seconds
+
 LAYERS, VOCAB = 2, 256
 LENGTHS = [1000, 8192]
 MODES = {"static": {}, "dynamic": {"dynamic": True}}  # torch.compile keywords
