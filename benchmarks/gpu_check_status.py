@@ -69,12 +69,13 @@ def names(files: list) -> str:
 
 
 def describe_tests(record: dict) -> str:
+    """"passed: 7 passed, 0 failed, 2 skipped" (the record's verdict, then its counts)."""
+    verdict = record.get("verdict", "no verdict")
     totals = (record.get("tests") or {}).get("totals")
     if not totals:
-        return "no test results"
-    parts = [f"{totals.get('passed', 0)} passed", f"{totals.get('failed', 0) + totals.get('errors', 0)} failed",
-             f"{totals.get('skipped', 0)} skipped"]
-    return ", ".join(parts)
+        return f"{verdict}: no test results"
+    return (f"{verdict}: {totals.get('passed', 0)} passed, {totals.get('failed', 0) + totals.get('errors', 0)} "
+            f"failed, {totals.get('skipped', 0)} skipped")
 
 
 def kernel_news(record: dict, root: str) -> str:

@@ -26,7 +26,7 @@ def record(root, name="2026-12-07-h100-gpu-check.json", **fields):
     data = {"kind": "gpu-check", "date": "2026-12-07", "finished_utc": "2026-12-07T12:00:00Z", "commit": "0" * 40,
             "device": "NVIDIA H100 80GB HBM3", "kernel_hash": kernel_hash(str(root)),
             "kernel_files": kernel_file_hashes(str(root)),
-            "tests": {"totals": {"passed": 7, "failed": 1, "errors": 0, "skipped": 2}}, **fields}
+            "verdict": "failed", "tests": {"totals": {"passed": 7, "failed": 1, "errors": 0, "skipped": 2}}, **fields}
     (root / "benchmarks/results" / name).write_text(json.dumps(data))
     return data
 
@@ -53,7 +53,7 @@ def test_no_record_says_so(checkout, capsys):
 
 def test_unchanged_kernels_name_the_checked_commit_device_and_date(checkout):
     record(checkout, commit="abcdef0123456789" * 2 + "abcdef01")
-    assert line(checkout) == ("gpu-check: abcdef012345 checked on NVIDIA H100 80GB HBM3 2026-12-07 (7 passed, "
+    assert line(checkout) == ("gpu-check: abcdef012345 checked on NVIDIA H100 80GB HBM3 2026-12-07 (failed: 7 passed, "
                               "1 failed, 2 skipped; 2026-12-07-h100-gpu-check.json); longattn/kernels unchanged since")
 
 
