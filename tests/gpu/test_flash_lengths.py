@@ -19,8 +19,9 @@ LENGTHS = [1, 1000, 1024, 8000, 8192]
 HEADS = [(32, 32, 64), (16, 16, 128)]  # (query heads, key heads, head dim)
 DTYPES = [torch.bfloat16, torch.float32]
 DECODE_QUERIES = [1, 16]
+# 16 queries against 1 key: the tiled forward, 15 causal rows seeing nothing; (1 query, 1 key) is the forward test's
 DECODE_CASES = [(*h, sq, sk) for h in HEADS for sq in DECODE_QUERIES for sk in LENGTHS if sq > 1 or sk > 1] + \
-               [(32, 4, 80, 16, sk) for sk in LENGTHS]  # (1 query, 1 key) is the forward test's
+               [(32, 4, 80, 16, sk) for sk in LENGTHS]
 
 
 def case_id(case):
@@ -67,5 +68,5 @@ def test_decode_matches_float64(case, causal, dtype, monkeypatch):
     real = autograd.decode_forward
     monkeypatch.setattr(autograd, "decode_forward", lambda *a, **kw: decoded.append(a[0].shape) or real(*a, **kw))
     check_against_float64(hq, hkv, d, sq, sk, causal, dtype)
-    takes_decode = sq <= autograd.DECODE_MAX_QUERIES and sk >= 4 * sq
-    assert bool(decoded) == takes_decode, f"decode kernels ran: {bool(decoded)}, expected {takes_decode}"
+    if sk > 1:  # the cases that exist to test the decode kernels must reach them
+        assert decoded, f"{sq} queries against {sk} keys did not run the decode kernels"
