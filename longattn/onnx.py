@@ -95,16 +95,19 @@ def _check(original, converted, base_dir, report, length):
         report.checks = compare_outputs(os.fspath(orig_path), conv_path, length=length)
 
 
-def random_inputs(sess, length: Optional[int] = None, seed: int = 0) -> dict:
-    """Random feeds for a session's declared inputs; symbolic dims become `length` (default 16)
-    for names that look like a sequence and 1 for batch-like ones."""
+def random_inputs(sess, length: Optional[int] = None, seed: int = 0, sizes: Optional[dict] = None) -> dict:
+    """Random feeds for a session's declared inputs; symbolic dims take their value in `sizes` (by name), else
+    1 for batch-like names and `length` (default 16) for the others."""
     rng = np.random.default_rng(seed)
     feeds = {}
+    sizes = sizes or {}
     for inp in sess.get_inputs():
         shape = []
         for d in inp.shape:
             if isinstance(d, int):
                 shape.append(d)
+            elif d in sizes:
+                shape.append(sizes[d])
             else:
                 name = str(d).lower()
                 shape.append(1 if "batch" in name else (length or 16))
@@ -129,10 +132,38 @@ def compare_outputs(original_path: str, converted_path: str, *, length: Optional
     a = ort.InferenceSession(original_path, providers=["CPUExecutionProvider"])
     b = session(converted_path) if use_library else ort.InferenceSession(converted_path,
                                                                           providers=["CPUExecutionProvider"])
-    feeds = random_inputs(a, length)
-    out_a, out_b = a.run(None, feeds), b.run(None, feeds)
+    feeds, out_a = _runnable_inputs(a, original_path, length)
+    out_b = b.run(None, feeds)
     return {o.name: float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))) if x.size else 0.0
             for o, x, y in zip(a.get_outputs(), out_a, out_b)}
+
+
+def _runnable_inputs(sess, path: str, length: Optional[int]) -> tuple[dict, list]:
+    """(feeds, outputs) of the first size assignment the original model runs with. A symbolic dim that is no
+    sequence (a hidden size) must match the weights: if every non-batch dim at `length` does not run, such dims
+    try the sizes the model's weights have, smallest first."""
+    seq_like = ("seq", "len", "time", "past", "total", "token", "position", "step")
+    free = sorted({d for i in sess.get_inputs() for d in i.shape
+                   if isinstance(d, str) and "batch" not in d.lower() and not any(w in d.lower() for w in seq_like)})
+    tries = [{}] + [{d: size for d in free} for size in (_weight_sizes(path) if free else [])][:16]
+    import onnxruntime as ort
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # a try that does not fit is expected, not an error to print
+    first_error = None
+    for sizes in tries:
+        feeds = random_inputs(sess, length, sizes=sizes)
+        try:
+            return feeds, sess.run(None, feeds, quiet)
+        except Exception as e:  # onnxruntime's shape errors: try the next assignment
+            first_error = first_error or e
+    raise ValueError(f"the original model does not run on random inputs with its symbolic dims at {length or 16} "
+                     f"(or at its weights' sizes): {str(first_error)[:300]}")
+
+
+def _weight_sizes(path: str) -> list[int]:
+    """The distinct dims (> 1) of the model's initializers, smallest first."""
+    graph = load(path).graph
+    return sorted({int(d) for t in graph.initializer for d in t.dims if d > 1})
 
 
 def save(model: onnx.ModelProto, path: Union[str, os.PathLike], *, external_data: Optional[bool] = None) -> None:

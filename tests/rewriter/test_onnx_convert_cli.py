@@ -206,3 +206,19 @@ def test_arguments_that_could_only_fail_late_are_refused_first_or_per_model(what
         assert code == 2 and not out.exists()  # nothing converted
     else:
         assert "is a directory" in err
+
+
+def test_check_gives_a_symbolic_hidden_size_the_weights_size(folder, tmp_path):
+    """--check used to give every symbolic dim not named like a batch the check length, so a valid model with a
+    symbolic hidden size failed its check."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+    weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "seq", "hidden"])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "seq", 64])],
+                              [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "hidden.onnx"))
+    assert onnx_cli.main(["convert", str(tmp_path / "hidden.onnx"), "--out", str(tmp_path / "out"), "--check"]) == 0
