@@ -360,6 +360,8 @@ GLUON_CONFIGS = {
     (128, False): _PINGPONG,
     (128, True): _PINGPONG,
 }
+# register spill the compile gate (tests/kernels/compile_gate.py) allows at GLUON_CONFIGS
+SPILL_LIMITS = {"_flash_fwd_gluon_kernel": 0, "_flash_fwd_gluon_ws_kernel": 0}
 
 
 @functools.lru_cache(maxsize=None)
@@ -417,6 +419,18 @@ def _smem_layout(rows: int, cols: int, dtype):
     return gl.NVMMASharedLayout.get_default_for([rows, cols], dtype)  # ~8 µs a call: cached
 
 
+def launch_plan(config: dict):
+    """(kernel, BLOCK_M, BLOCK_N, rows of Q's descriptor tile, the kernel's other keyword arguments) for a
+    config of GLUON_CONFIGS. The warp-specialised kernel ("WS") reads Q in two halves, one per consumer group."""
+    cfg = dict(config)
+    bm, bn, ws = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("WS", False)
+    if not ws:
+        return _flash_fwd_gluon_kernel, bm, bn, bm, cfg
+    cfg.setdefault("PINGPONG", False)
+    cfg.setdefault("CONSUMER_REGS", 240)
+    return _flash_fwd_gluon_ws_kernel, bm, bn, bm // 2, cfg
+
+
 _built: set = set()   # (head dim, causal, dtype, config) that compiled and ran
 _broken: set = set()  # ... that this Triton could not compile: the Triton kernels run instead, never retried
 
@@ -430,24 +444,17 @@ def flash_forward_gluon(q, k, v, scale: float, causal: bool, config: dict | None
     key = (D, bool(causal), q.dtype, tuple(sorted(cfg.items())))
     if key in _broken:
         return None
-    bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    kernel, bm, bn, q_rows, cfg = launch_plan(cfg)
     dtype = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[q.dtype]
     (qm, *q_at), (km, *k_at), (vm, _, _, _) = (_as_matrix(t) for t in (q, k, v))
     out = torch.empty(B, Hq, Sq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
-    ws = cfg.pop("WS", False)  # warp-specialised: Q in two halves, one per consumer warp group
-    q_rows = bm // 2 if ws else bm
     q_layout, kv_layout = _smem_layout(q_rows, D, dtype), _smem_layout(bn, D, dtype)
     q_desc = TensorDescriptor.from_tensor(qm, [q_rows, D], q_layout)
     o_desc = TensorDescriptor.from_tensor(out.view(B * Hq * Sq, D), [q_rows, D], q_layout)
     k_desc = TensorDescriptor.from_tensor(km, [bn, D], kv_layout)
     v_desc = TensorDescriptor.from_tensor(vm, [bn, D], kv_layout)
     grid = (Sq // bm, B * Hq)
-    kernel = _flash_fwd_gluon_kernel
-    if ws:
-        kernel = _flash_fwd_gluon_ws_kernel
-        cfg.setdefault("PINGPONG", False)
-        cfg.setdefault("CONSUMER_REGS", 240)
     try:
         kernel[grid](q_desc, k_desc, v_desc, o_desc, lse, Hq, Hkv, Sq, Sk, scale * LOG2E, Sk - Sq, *q_at, *k_at,
                      CAUSAL=bool(causal), **cfg)

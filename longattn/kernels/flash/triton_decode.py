@@ -36,6 +36,10 @@ MIN_KEYS_PER_SPLIT = 128
 PROGRAMS_PER_SM = 4  # the keys are split so that about this many split programs run per SM
 INTERLEAVED = True  # a split takes every num_splits-th tile instead of one contiguous chunk
 DECODE_FALLBACK_TILES = [(64, 2), (32, 2), (16, 1)]  # (BLOCK_N, num_stages), first that fits
+# Register spill that the compile gate (tests/kernels/compile_gate.py) allows in bf16 builds for sm_90: none in the
+# merge; no bound on the split kernel, whose configs the autotuner times (128 query rows spill up to ~700 bytes).
+SPILL_LIMITS = {"_decode_merge_kernel": 0}
+DECODE_TUNED_TILES = [(64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 3), (32, 4, 4)]  # (BLOCK_N, warps, stages)
 
 
 def decode_fallback_configs() -> list[dict]:
@@ -150,9 +154,9 @@ if triton is not None:
                  out.to(Out.dtype.element_ty), mask=offs_dv < DV)
         tl.store(Lse + (b * Hq + hq).to(tl.int64) * Sq + qi, lse)
 
+    DECODE_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in DECODE_TUNED_TILES]
     _decode_tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-                 for bn, w, s in [(64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 3), (32, 4, 4)]],
+        configs=DECODE_CONFIGS,
         key=["SK_BUCKET", "ROWS", "HEAD_DIM_PAD", "DV_PAD", "CAUSAL", "HAS_MASK", "INTERLEAVED", "PDL"],
     )(_decode_split_kernel)
     _decode_chosen = ChosenConfigs(_decode_tuned, _decode_split_kernel)
@@ -163,15 +167,19 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-@functools.lru_cache(maxsize=8)
-def programmatic_launch(device_index: int) -> bool:
-    """Programmatic dependent launch: Hopper or newer, and a Triton that can launch it (`launch_pdl`)."""
+def triton_launches_pdl() -> bool:
+    """Whether this Triton can build and launch a programmatic dependent launch (`launch_pdl`, griddepcontrol)."""
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
     except ImportError:
         return False
-    return ("launch_pdl" in CUDAOptions.__dataclass_fields__ and gdc_wait is not None
-            and _compute_capability(device_index) >= 9)
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__ and gdc_wait is not None
+
+
+@functools.lru_cache(maxsize=8)
+def programmatic_launch(device_index: int) -> bool:
+    """Programmatic dependent launch: Hopper or newer, and a Triton that can launch it."""
+    return triton_launches_pdl() and _compute_capability(device_index) >= 9
 
 
 def decode_splits(batch_kv_heads: int, Sk: int, num_sms: int) -> tuple[int, int]:

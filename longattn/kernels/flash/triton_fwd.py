@@ -40,6 +40,10 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+# Register spill that the compile gate (tests/kernels/compile_gate.py) allows in bf16 builds for sm_90, per kernel:
+# no bound on the forward kernel. The autotuner times each config on the GPU, so one that spills merely loses
+# (tuned configs spill 0-400 bytes at d128 on Triton 3.6 and 3.9); the fallback chain is there to fit, not to be fast.
+SPILL_LIMITS = {}
 
 
 def interpreting() -> bool:

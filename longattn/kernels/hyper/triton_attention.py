@@ -334,6 +334,13 @@ TILES_BWD = {64: _measured((128, 32, 4, 2), (128, 32, 8, 1)), 128: _measured((12
              256: (16, 32, 8, 1)}
 
 
+# Register spill that the compile gate (tests/kernels/compile_gate.py) allows in fp16/bf16 builds for sm_90, for
+# the kernels here and in triton_backward: none, except at the tiles kept by choice although they spill
+# (SPILLING_BY_CHOICE, Triton 3.6 only: 48-408 bytes there).
+SPILL_LIMITS = {"*": 0, **{f"* BLOCK_M={m} BLOCK_N={n} num_warps={w} num_stages={s}": None
+                           for m, n, w, s in SPILLING_BY_CHOICE}}
+
+
 def _tiles(head_dim, dv, table=None):
     if os.environ.get("TRITON_INTERPRET") == "1":
         return 16, 16, 1, 1

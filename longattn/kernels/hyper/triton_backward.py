@@ -19,6 +19,7 @@ import os
 import torch
 
 from .pattern import HyperPattern
+from .triton_attention import SPILL_LIMITS  # noqa: F401 - the tables' spill bounds cover the backward too
 from .triton_attention import (TILES_BWD, TILES_BWD_BLOCKS, TILES_BWD_DKDV, TILES_BWD_DQ, _block_rows, _key_span,
                                _offset_index, _tiles, level_grid, level_indices, needs_wide_offsets)
 from .triton_hash import HAVE_TRITON

@@ -34,6 +34,11 @@ except ImportError:
     triton = None
 
 FUSED_MAPS = {"identity": 0, "elu": 1, "relu": 2}  # maps applied inside the kernels; others arrive as features
+# the autotuner's candidates on a GPU, (BK, BV, num_warps, num_stages): see where they are tuned below
+STATES_TILES = ((64, 32, 8, 5), (64, 32, 4, 5), (64, 64, 8, 5), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 3))
+OUTPUT_TILES = ((64, 64, 4, 1), (32, 64, 4, 3), (64, 64, 8, 2), (32, 64, 8, 3))
+OFFSETS_BLOCK = 1024  # elements of the segment offsets a program sums
+SPILL_LIMITS = {"*": 0}  # register spill the compile gate allows in bf16 builds (tests/kernels/compile_gate.py)
 MIN_SEGMENT_CHUNKS = 32  # a states walk is cut into segments of at least this many chunks
 WALKS_PER_SM = 4  # ... and into enough of them for about this many walk programs per SM
 
@@ -223,13 +228,10 @@ if triton is not None and os.environ.get("TRITON_INTERPRET") != "1":
     # the candidates: the fastest of `benchmarks/sweep_linear_tiles.py` (H200, h32 d64 bf16, raw identity:
     # results/2026-12-01-h200-linear-tiles.md) and the earlier ones, which normalised forms (float32 tiles) prefer
     _states_tuned = triton.autotune(
-        configs=[triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
-                 for bk, bv, w, s in ((64, 32, 8, 5), (64, 32, 4, 5), (64, 64, 8, 5), (64, 64, 4, 2), (32, 64, 4, 2),
-                                      (32, 32, 4, 3))],
+        configs=[triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s) for bk, bv, w, s in STATES_TILES],
         key=["F", "Dv", "Hkv", "NSEG", "FMAP", "BF16"])(_states_kernel)  # not the length: no re-tuning per new length
     _output_tuned = triton.autotune(
-        configs=[triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s)
-                 for bk, bv, w, s in ((64, 64, 4, 1), (32, 64, 4, 3), (64, 64, 8, 2), (32, 64, 8, 3))],
+        configs=[triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s) for bk, bv, w, s in OUTPUT_TILES],
         key=["F", "Dv", "FMAP", "BF16", "DIVIDE"])(_output_kernel)
 else:
     _states_tuned = _output_tuned = None
@@ -344,7 +346,7 @@ def launch_segmented_states(fk, v, *, fmap_id, normalize, bf16, chunk, P, N, seg
         if normalize:
             init_rows = torch.cat([init_rows, init[..., Dv].reshape(B * Hkv, Fd)], dim=-1)
         init_rows = init_rows.float().contiguous()
-    block = 1024
+    block = OFFSETS_BLOCK
     _offsets_kernel[(B * Hkv, triton.cdiv(trow, block))](T, init_rows if init is not None else T, s0, z0, nseg,
                                                          Fd * Dv, trow, HAS_INIT=init is not None, BLOCK=block)
     return H, Z, SEG, (s0, z0)

@@ -112,6 +112,7 @@ if triton is not None:
         tl.store(h_ptrs + N * F * Dv, state.to(H.dtype.element_ty), mask=h_mask)
 
 
+SPILL_LIMITS = {"*": 0}  # register spill the compile gate allows in bf16 builds (tests/kernels/compile_gate.py)
 MAX_FEATURES = 256  # one feature tile per chunk row: unit-length rows need the whole row
 # launch settings from `benchmarks/sweep_linear_tiles.py`, which also checks each config's result (H200, h32 d64
 # bf16 32K: results/2026-12-01-h200-linear-tiles.md): the output kernel's (largest value tile, num_warps,
@@ -120,6 +121,7 @@ MAX_FEATURES = 256  # one feature tile per chunk row: unit-length rows need the 
 # some configs compute wrong results (the walk at 32 × 4 warps × 1 stage faults) and the autotuner would not notice.
 OUTPUT_TILE = (64, 8, 1)
 INVERSE_WARPS = 4
+WU_WARPS = 4  # `_delta_wu_kernel`, not swept
 WALK_TILE = (32, 4, 3)
 
 
@@ -142,7 +144,7 @@ def delta_states(fk, v, beta, *, fmap_id: int, P: int, N: int, chunk: int, bf16:
         Hkv, L, P, N, Fd, FMAP=fmap_id, C=chunk, BF=BF, PRECISION=precision, num_warps=INVERSE_WARPS)
     _delta_wu_kernel[(N, B * Hkv)](
         KN, v, TT, WT, UT, v.stride(0), v.stride(1), v.stride(2), Hkv, L, P, N, Fd, Dv, C=chunk, BF=BF, BV=BV,
-        PRECISION=precision, num_warps=4)
+        PRECISION=precision, num_warps=WU_WARPS)
     H = torch.empty(B * Hkv, N + 1, Fd, Dv, dtype=kdt, device=dev)
     UNEW = torch.empty_like(UT)
     HV = min(WALK_TILE[0], BV)  # more programs for the sequential walk

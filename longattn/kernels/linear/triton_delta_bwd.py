@@ -266,11 +266,17 @@ if triton is not None:
 # 8-warp settings, 6.16 ms at these, mostly `_dk_kernel` at 4 warps (its UT inverse, like the forward's, runs
 # faster at 4); value tiles of 16 or 64 for dKn / dV were no faster. Newer Tritons build those 4-warp kernels
 # with 48-590 bytes of register spills for sm_90, so they take the 8-warp settings, which build without
-# (`_dk_kernel`: ~130 bytes; tests/kernels/test_linear_compile.py).
+# (`_dk_kernel`: ~130 bytes; SPILL_LIMITS below).
 if triton_older_than(3, 7):
     WALK_TILE, DQ_TILE, DKV_TILE, DK_WARPS = (32, 4), (64, 4), (32, 4), 4
 else:
     WALK_TILE, DQ_TILE, DKV_TILE, DK_WARPS = (32, 8), (64, 8), (32, 8), 8  # DKV_TILE: `_dkn_kernel`, `_dkv_kernel`
+# Register spill (bytes) that the compile gate (tests/kernels/compile_gate.py) allows in bf16 builds for sm_90, bounded
+# so that it cannot grow unnoticed: `_dk_kernel` (T = M diag(β): M rebuilt, then dβ, dA = −Mᵀ dM Mᵀ and A's part of
+# dk) keeps several C × F float32 tiles live at once: 168-200 bytes at d64, 352 (Triton 3.9) to 752 (3.6, 4 warps)
+# at d128; at d128 Triton 3.6's 4-warp `_local_kernel` and `_dkn_kernel` spill 192 and 56 bytes.
+SPILL_LIMITS = {"*": 0, "_dk_kernel": 256, "_dk_kernel BF=128": 752, "_local_kernel BF=128": 192,
+                "_dkn_kernel BF=128": 56}
 LOCAL_TILE = DQ_TILE  # `_local_kernel`: dq's work (products with every query tile of the chunk), chosen without a sweep
 
 

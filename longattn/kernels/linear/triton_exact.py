@@ -203,6 +203,19 @@ if triton is not None:
 
 
 
+EXACT_TILE = (64, 64)  # (BM queries, BN keys) a program's tiles, forward and backward
+# Register spill (bytes) that the compile gate (tests/kernels/compile_gate.py) allows in bf16 builds for sm_90, bounded
+# so that it cannot grow unnoticed: the backward's dK/dV kernel holds q, do, k, v, dk and dv tiles at once (0-112 bytes
+# at d64, 304 (Triton 3.9) to 672 (3.6) at d128); dQ spills 8-64 bytes at d128.
+SPILL_LIMITS = {"*": 0, "_exact_dkv_kernel": 112, "_exact_dkv_kernel BD=128": 672, "_exact_dq_kernel BD=128": 64}
+BACKWARD_WARPS = 8  # 4 warps spill registers at d64 (ptxas, sm_90)
+
+
+def forward_warps(block_d: int, block_dv: int) -> int:
+    """The forward's num_warps: 8 once the value tile outgrows 64 x 64."""
+    return 8 if block_d * block_dv > 64 * 64 else 4
+
+
 def exact_part_triton(q, k, v, *, scale: float, causal: bool, sink_tokens: int, local_window: int):
     """Same contract as `reference.exact_part` (None when there are no exact keys), forward by Triton."""
     if min(sink_tokens, k.shape[2]) == 0 and local_window == 0:
@@ -219,13 +232,13 @@ def _exact_forward(q, k, v, scale, causal, sink_tokens, local_window):
     m = torch.empty(B, Hq, Sq, dtype=torch.float32, device=dev)
     l = torch.empty_like(m)
     acc = torch.empty(B, Hq, Sq, Dv, dtype=torch.float32, device=dev)
-    BM, BN = 64, 64
+    BM, BN = EXACT_TILE
     BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
     _exact_kernel[(triton.cdiv(Sq, BM), B * Hq)](
         q, k, v, m, l, acc, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), Hq, Hq // Hkv, Sq, Sk, D, Dv, sink_tokens, local_window,
         float(scale), CAUSAL=causal, BF16=q.dtype == torch.bfloat16, BM=BM, BN=BN, BD=BD, BDV=BDV,
-        num_warps=8 if BD * BDV > 64 * 64 else 4)
+        num_warps=forward_warps(BD, BDV))
     return m, l, acc
 
 
@@ -266,12 +279,12 @@ def _exact_backward(q, k, v, m, dl, dacc, *, scale, causal, sink_tokens, local_w
     if dq.stride() != q.stride() or dk.stride() != k.stride() or dv.stride() != v.stride():
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    BM, BN = 64, 64
+    BM, BN = EXACT_TILE
     BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2))
     common = (Hq, Hq // Hkv, Sq, Sk, D, Dv, sink_tokens, local_window, float(scale))
-    warps = 8  # 4 warps spill registers at d64 (ptxas, sm_90)
+    warps = BACKWARD_WARPS
     _exact_dq_kernel[(triton.cdiv(Sq, BM), B * Hq)](
         q, k, v, m, dl, dacc, dq, *strides, *common, CAUSAL=causal, BF16=q.dtype == torch.bfloat16,
         BM=BM, BN=BN, BD=BD, BDV=BDV, num_warps=warps)
