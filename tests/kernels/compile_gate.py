@@ -225,10 +225,12 @@ def _fits(result: dict) -> bool:
     return "error" not in result and result["shared"] <= SHARED_MEMORY_LIMIT
 
 
-def _describe(case: Case, result: dict) -> str:
+def _describe(case: Case, result: dict, brief: bool = False) -> str:
+    """What a case needs, or its compile error (brief: the error's last line, where the cause is)."""
     where = f"longattn/kernels/{case.file} {case.launch.kernel}, config [{case.config}], shape {case.shape}"
     if "error" in result:
-        return f"{where}: does not compile: {result['error']}"
+        lines = [line for line in result["error"].splitlines() if line.strip()]
+        return f"{where}: does not compile: {lines[-1].strip() if brief else result['error']}"
     return (f"{where}: {result['shared']} bytes of shared memory (limit {SHARED_MEMORY_LIMIT}), "
             f"{result['spill']} bytes of register spill, {result['regs']} registers")
 
@@ -256,7 +258,7 @@ def group_failure(group: Group, cases: dict, results: dict, groups: dict) -> str
         other = group_failure(groups[group.handover], cases, results, groups)
         return None if other is None else f"{group.name}: nothing fits and the handover fails: {other}"
     lines = [f"{group.name}: no config of the chain fits, so the launcher has nothing to launch:"]
-    lines += [f"  {_describe(cases[m], results[m])}" for m in group.members]
+    lines += [f"  {_describe(cases[m], results[m], brief=True)}" for m in group.members]
     return "\n".join(lines)
 
 
