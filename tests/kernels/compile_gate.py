@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 
 SHARED_MEMORY_LIMIT = 232448  # bytes of shared memory one block may opt in to on an H100 or H200 (227 KiB)
 TARGET = ("cuda", 90, 32)  # sm_90, 32 threads a warp
-WORKERS = 2  # CI has two cores
+# compiling processes: one a core (CI has two), at most 8 (a compile of the widest tiles takes a few GB)
+WORKERS = max(2, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2))
 ALIGN = 16  # the divisibility the JIT sees for 16-byte aligned pointers and for integers that are multiples of 16
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

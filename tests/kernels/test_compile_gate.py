@@ -1,10 +1,14 @@
 """Every Triton and Gluon kernel compiles for an H100 (sm_90) at every config its launcher can pick, and fits.
 
 One test per case (kernel file, kernel, shape, config) and one per fallback chain; `compile_gate.py` says what
-is checked and why. The compiles run once per module, in a fresh process without the interpreter, and the run's
-Triton version, compile count and time are printed at the end. CI runs this file under the oldest Triton that
+is checked and why. The compiles run once per session (pytest-xdist workers included), in a fresh process without
+the interpreter, and the run's Triton version, compile count and time are printed at the end. CI runs this file under the oldest Triton that
 pyproject.toml allows as well (.ci/run). Skipped where Triton's NVIDIA tool chain is missing.
 """
+import fcntl
+import json
+import os
+
 import pytest
 
 from .compile_gate import WORKERS, nvidia_tools, report_in_fresh_process
@@ -43,9 +47,24 @@ def _param(case: str):
     return pytest.param(case, id=case, marks=[pytest.mark.xfail(strict=True, reason=bug)] if bug else [])
 
 
+def _report_once(tmp_path_factory) -> dict:
+    """The gate's report, compiled once per test session: under pytest-xdist every worker that runs some of these
+    tests would compile everything again, so the first one compiles while the others wait on its lock, in the
+    temporary folder that the workers share, and read its report."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return report_in_fresh_process("tests.kernels.compile_gate", "run_gate")
+    shared = tmp_path_factory.getbasetemp().parent
+    with open(shared / "compile_gate.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = shared / "compile_gate.json"
+        if not path.exists():
+            path.write_text(json.dumps(report_in_fresh_process("tests.kernels.compile_gate", "run_gate")))
+        return json.loads(path.read_text())
+
+
 @pytest.fixture(scope="module")
-def gate(request):
-    report = report_in_fresh_process("tests.kernels.compile_gate", "run_gate")
+def gate(request, tmp_path_factory):
+    report = _report_once(tmp_path_factory)
     yield report
     plugins = request.config.pluginmanager
     reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
