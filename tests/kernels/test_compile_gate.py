@@ -2,8 +2,9 @@
 
 One test per case (kernel file, kernel, shape, config) and one per fallback chain; `compile_gate.py` says what
 is checked and why. The compiles run once per session (pytest-xdist workers included), in a fresh process without
-the interpreter, and the run's Triton version, compile count and time are printed at the end. CI runs this file under the oldest Triton that
-pyproject.toml allows as well (.ci/run). Skipped where Triton's NVIDIA tool chain is missing.
+the interpreter, and the run's Triton version, compile count and time are printed at the end. CI runs this file
+under the oldest Triton that pyproject.toml allows as well (.ci/run). Skipped where Triton's NVIDIA tool chain is
+missing.
 """
 import fcntl
 import json
