@@ -62,6 +62,7 @@ def test_aten_cpu_path_is_not_taken_where_its_semantics_differ():
     assert not aten_cpu_applies(q, k, v, causal=True)  # 5 queries, 9 keys: ATen aligns causal top-left
     assert aten_cpu_applies(q, k, v, causal=False)
     assert not aten_cpu_applies(q, k, v, causal=False, dropout_p=0.1)  # our dropout replays from a seed
+    assert not aten_cpu_applies(q, k, torch.randn(1, 2, 9, 24), causal=False)  # one head size for q, k, v only
     half = q.bfloat16()
     assert not aten_cpu_applies(half, k.bfloat16(), v.bfloat16(), False, torch.zeros(5, 9))  # mask loses digits
     assert aten_cpu_applies(half, k.bfloat16(), v.bfloat16(), False, torch.ones(5, 9, dtype=torch.bool))

@@ -39,6 +39,8 @@ def aten_cpu_applies(q, k, v, causal: bool, attn_mask=None, dropout_p: float = 0
         return False
     if causal and q.shape[-2] not in (1, k.shape[-2]):
         return False
+    if v.shape[-1] != q.shape[-1]:  # ATen's kernel takes one head size for q, k and v
+        return False
     if attn_mask is None:
         return True
     half_mask = attn_mask.is_floating_point() and q.element_size() < 4
