@@ -140,7 +140,7 @@ def _decode(dtype: str, rows: int, d: int):
     constexprs = dict(HEAD_DIM=d, HEAD_DIM_PAD=pad, DV=d, DV_PAD=pad, ROWS=rows, CAUSAL=True, HAS_MASK=False,
                       MASK_IS_BOOL=False, DOT_PRECISION=tf.dot_precision(torch_dtype), INTERLEAVED=dec.INTERLEAVED,
                       PDL=dec.triton_launches_pdl())
-    types = {**_pointers(dtype, ("Q", "K", "V", "Mask"), ("PartOut", "PartLse")), "qk_scale": "fp32"}
+    types = {**_pointers(dtype, ("Q", "K", "V", "Mask"), ("PartOut", "PartStats")), "qk_scale": "fp32"}
     cases = []
     if _tuned_for(dtype, pad):  # no pruner: the whole list
         cases += _tuned(dec, "_decode_split_kernel", shape, dec.DECODE_CONFIGS, dec.DECODE_CONFIGS, types=types,
@@ -159,7 +159,7 @@ def _merge(dtype: str, d: int):
     from longattn.kernels.flash import triton_fwd as tf
     pdl = dec.triton_launches_pdl()
     return [make_case(dec, "_decode_merge_kernel", f"{dtype}-d{d}-splits{splits}", "as launched",
-                      types=_pointers(dtype, ("Out",), ("PartOut", "PartLse", "Lse")),
+                      types=_pointers(dtype, ("Out",), ("PartOut", "PartStats", "Lse")),
                       constexprs=dict(DV=d, DV_PAD=tf.padded_dim(d), SPLITS_PAD=max(2, splits), PDL=pdl),
                       options={"launch_pdl": True} if pdl else {}, half_precision=dtype == "bf16", must_fit=True)
             for splits in (16, dec.MAX_SPLITS)]

@@ -120,6 +120,33 @@ def test_broadcast_masks_match_reference(kind, mask_shape):
     check_forward_and_backward(*make_qkv(b, hq, hkv, sq, sk, d, torch.float32), attn_mask=mask, causal=True)
 
 
+@pytest.mark.parametrize("sq", [1, 13], ids=["decode", "tiled"])
+def test_an_additive_mask_at_the_dtype_minimum_masks_as_eager_does(sq):
+    """HF fills masked positions with finfo.min and adds: a row masked throughout gives the uniform mean of V,
+    other rows ignore the filled keys. Scaled by log2 e inside the kernels, finfo.min once overflowed to -inf and
+    such a row gave 0."""
+    sk = 700 if ON_CUDA else 37
+    q, k, v = make_qkv(1, 4, 2, sq, sk, 16, torch.float32)
+    mask = torch.zeros(1, 1, sq, sk, device=DEVICE)
+    mask[..., :, 5:9] = torch.finfo(torch.float32).min
+    mask[..., -1, :] = torch.finfo(torch.float32).min  # the last row sees every key at the minimum
+    out, lse = flash_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out[..., -1, :], v.repeat_interleave(2, dim=1).mean(-2).detach(), atol=1e-4,
+                               rtol=1e-4)
+    inputs, ref_out, ref_lse = reference(q, k, v, attn_mask=mask)
+    assert relative_error(out, ref_out) < TOLERANCE[q.dtype]
+    # the other rows' lse and every gradient that does not pass through the masked-out row. Its own lse is
+    # -3e38 + log(keys) in the reference, a number float32 cannot tell from -3e38 after the scaling to base 2
+    torch.testing.assert_close(lse[..., :-1].double(), ref_lse[..., :-1], atol=1e-3, rtol=1e-3)
+    g = torch.randn_like(ref_out)
+    g[..., -1, :] = 0
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g.to(out.dtype), retain_graph=True),
+                    torch.autograd.grad(ref_out, inputs, g)):
+        assert relative_error(a, b) < 2 * TOLERANCE[q.dtype]
+    # with a gradient through that row too, everything stays finite (its probabilities are clamped at 1)
+    assert all(t.isfinite().all() for t in torch.autograd.grad(out, (q, k, v), torch.randn_like(out)))
+
+
 def test_rows_that_see_no_key_give_zero_output_and_minus_inf_lse():
     # causal with more queries than keys: the first Sq - Sk queries see nothing; a bool mask row of False too
     sq, sk = (300, 200) if ON_CUDA else (30, 20)

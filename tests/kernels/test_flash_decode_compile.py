@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(nvidia_tools() is None,
                                 reason="triton's NVIDIA tool chain (ptxas, cuobjdump) is not installed")
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Mask": "*bf16", "Out": "*bf16",
-            "PartOut": "*fp32", "PartLse": "*fp32", "Lse": "*fp32"}
+            "PartOut": "*fp32", "PartStats": "*fp32", "Lse": "*fp32"}
 
 
 def _ptx(kernel, constexprs, options):

@@ -46,6 +46,10 @@ if triton is not None:
         dlse = tl.load(dLse + row_ptr, mask=rows < Sq, other=0.0)
         lse = tl.load(Lse + row_ptr, mask=rows < Sq, other=0.0)
         tl.store(Delta + row_ptr, tl.sum(o * do, 1) - dlse, mask=rows < Sq)
+        # A row masked throughout at a float mask's dtype minimum has lse near -3e38, where float32 holds neither
+        # log(keys) nor the exact base-2 product: p = 2^(s - lse2) can round far above 1. A probability is at most
+        # 1, and the kernels clamp its exponent at 0 so such a row stays finite (its p is 1 instead of 1 / keys;
+        # such rows are padding, whose output gradient is zero).
         tl.store(Lse2 + row_ptr, tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634),
                  mask=rows < Sq)
 
@@ -71,7 +75,7 @@ if triton is not None:
                                  not EVEN_N, not EVEN_M, MASK_IS_BOOL)
             # rows past Sq read lse2 = +inf, so their P is 0 and they contribute nothing
             lse2 = tl.load(lse2_base + rows, mask=rows_ok, other=float("inf"))
-            pt = tl.math.exp2(st - lse2[None, :])
+            pt = tl.math.exp2(tl.minimum(st - lse2[None, :], 0.0))  # p <= 1 (see _bwd_preprocess)
             if MASKED:
                 pt = tl.where(cols[:, None] <= rows[None, :] + causal_offset, pt, 0.0)
             do = _load_2d(do_base + rows[:, None] * stride_gm + offs_dv[None, :], rows_ok, offs_dv < DV,
@@ -158,7 +162,7 @@ if triton is not None:
             if HAS_MASK:
                 s = _score_bias(s, mask_base + cols[None, :] * stride_mask_n, rows_ok, cols_ok,
                                 not EVEN_M, MASKED, MASK_IS_BOOL)
-            p = tl.math.exp2(s - lse2[:, None])
+            p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0))  # p <= 1 (see _bwd_preprocess)
             if MASKED:
                 keep = cols_ok[None, :]
                 if CAUSAL:

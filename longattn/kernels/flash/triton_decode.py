@@ -6,11 +6,13 @@ and with GQA every query head of a group would read the same K/V again. Here:
   _decode_split_kernel: one program per (key split, batch·kv head). Its query tile holds every
       (query head of the group, query position) row, group·Sq rows padded to >= 16 for tl.dot,
       so each KV head is read exactly once for its whole group. It writes a partial output
-      (normalised over its keys) and their lse. A split's keys are either one contiguous chunk or,
-      INTERLEAVED, every num_splits-th tile, so that the splits of a head stream neighbouring tiles
-      at the same time (the order of the keys does not matter to the softmax).
-  _decode_merge_kernel: one program per output row merges the splits by their lse
-      (out = Σ_c exp(lse_c − lse) out_c, lse = logsumexp_c lse_c). On Hopper and newer it is launched
+      (normalised over its keys) with its running max m_c (base 2) and sum l_c. A split's keys are either one
+      contiguous chunk or, INTERLEAVED, every num_splits-th tile, so that the splits of a head stream
+      neighbouring tiles at the same time (the order of the keys does not matter to the softmax).
+  _decode_merge_kernel: one program per output row merges the splits, each weighted by w_c = 2^(m_c − m)·l_c
+      (out = Σ_c w_c out_c / Σ_c w_c). Not by lse: a row masked throughout at the dtype minimum has
+      m ≈ -3e38, where an lse cannot hold log2 l_c and splits of unequal size would weigh alike.
+      On Hopper and newer it is launched
       as a programmatic dependent launch: its programs start while the split kernel finishes and wait
       for its writes (griddepcontrol), which hides the launch gap between the two.
 The number of splits is chosen so that about PROGRAMS_PER_SM programs run per SM.
@@ -21,9 +23,9 @@ import functools
 
 import torch
 
-from .triton_fwd import (LOG2E, ChosenConfigs, OutOfResources, _compute_capability, _load_2d, autotuning,
-                         dot_precision, interpreting, last_dim_contiguous, launch_first_that_fits, mask_as_4d,
-                         padded_dim, triton)
+from .triton_fwd import (LOG2E, ChosenConfigs, OutOfResources, _compute_capability, _load_2d, additive_mask_base2,
+                         autotuning, dot_precision, interpreting, last_dim_contiguous, launch_first_that_fits,
+                         mask_as_4d, padded_dim, triton)
 
 DECODE_MAX_QUERIES = 16
 MAX_GROUP_ROWS = 128  # group·Sq rows per program; beyond that the tiled forward is as good
@@ -55,7 +57,7 @@ if triton is not None:
 
     @triton.jit
     def _decode_split_kernel(
-        Q, K, V, Mask, PartOut, PartLse,
+        Q, K, V, Mask, PartOut, PartStats,
         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         stride_mb, stride_mh, stride_mm, stride_mn,
         Hkv, Sq, Sk, GROUP, qk_scale, causal_offset, keys_per_split, num_splits, SK_BUCKET,
@@ -103,7 +105,7 @@ if triton is not None:
                 if MASK_IS_BOOL:
                     keep = keep & (mv != 0)
                 else:
-                    s = s + mv.to(tl.float32) * 1.4426950408889634
+                    s = s + additive_mask_base2(mv)
             if CAUSAL:
                 keep = keep & (cols[None, :] <= qi[:, None] + causal_offset)
             s = tl.where(keep, s, float("-inf"))
@@ -118,14 +120,15 @@ if triton is not None:
             m_i = m_new
         seen = l_i > 0.0
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
-        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
         part = (pid_bh.to(tl.int64) * num_splits + pid_s) * n_rows + r
         tl.store(PartOut + part[:, None] * DV + offs_dv[None, :], out,
                  mask=rows_ok[:, None] & (offs_dv < DV)[None, :])
-        tl.store(PartLse + part, lse, mask=rows_ok)
+        # the running max and sum, not their lse: at a mask's dtype minimum (-3e38) the lse could not hold log2 l
+        tl.store(PartStats + 2 * part, tl.where(seen, m_i, float("-inf")), mask=rows_ok)
+        tl.store(PartStats + 2 * part + 1, l_i, mask=rows_ok)
 
     @triton.jit
-    def _decode_merge_kernel(PartOut, PartLse, Out, Lse, stride_ob, stride_oh, stride_om,
+    def _decode_merge_kernel(PartOut, PartStats, Out, Lse, stride_ob, stride_oh, stride_om,
                              Hkv, Hq, Sq, GROUP, num_splits,
                              DV: tl.constexpr, DV_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr):
         if PDL:
@@ -138,15 +141,17 @@ if triton is not None:
         s_ok = s < num_splits
         offs_dv = tl.arange(0, DV_PAD)
         part = (bh.to(tl.int64) * num_splits + s) * n_rows + r
-        lse_s = tl.load(PartLse + part, mask=s_ok, other=float("-inf"))
-        m = tl.max(lse_s, 0)
+        m_s = tl.load(PartStats + 2 * part, mask=s_ok, other=float("-inf"))  # base 2
+        l_s = tl.load(PartStats + 2 * part + 1, mask=s_ok, other=0.0)
+        m = tl.max(m_s, 0)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.exp(lse_s - m_safe)
+        w = tl.math.exp2(m_s - m_safe) * l_s  # each split's sum of exp2(score - m)
         total = tl.sum(w, 0)
         o = tl.load(PartOut + part[:, None] * DV + offs_dv[None, :], mask=s_ok[:, None] & (offs_dv < DV)[None, :],
                     other=0.0)
         out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0.0, total, 1.0)
-        lse = tl.where(total > 0.0, m_safe + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf"))
+        lse = tl.where(total > 0.0, (m_safe + tl.math.log2(tl.where(total > 0.0, total, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
         b = bh // Hkv
         hq = (bh % Hkv) * GROUP + r // Sq
         qi = r % Sq
@@ -211,11 +216,11 @@ def decode_forward(q, k, v, scale: float, causal: bool, attn_mask=None, config: 
         splits = triton.cdiv(Sk, keys_per_split)
     n_rows = group * Sq
     part_out = torch.empty(B * Hkv, splits, n_rows, Dv, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(B * Hkv, splits, n_rows, dtype=torch.float32, device=q.device)
+    part_stats = torch.empty(B * Hkv, splits, n_rows, 2, dtype=torch.float32, device=q.device)  # (max, sum)
     mask = mask_as_4d(attn_mask, B, Hq, Sq, Sk, "flash_attention")
     mask_arg = mask if mask is not None else q
     mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
-    args = (q, k, v, mask_arg, part_out, part_lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+    args = (q, k, v, mask_arg, part_out, part_stats, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *mask_strides, Hkv, Sq, Sk, group, scale * LOG2E, Sk - Sq, keys_per_split, splits,
             triton.next_power_of_2(Sk))
     meta = dict(HEAD_DIM=D, HEAD_DIM_PAD=padded_dim(D), DV=Dv, DV_PAD=padded_dim(Dv),
@@ -239,7 +244,7 @@ def decode_forward(q, k, v, scale: float, causal: bool, attn_mask=None, config: 
         return flash_forward(q, k, v, scale, causal, attn_mask)
     out = torch.empty(B, Hq, Sq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
-    _decode_merge_kernel[(B * Hkv * n_rows,)](part_out, part_lse, out, lse, *out.stride()[:3], Hkv, Hq, Sq, group,
+    _decode_merge_kernel[(B * Hkv * n_rows,)](part_out, part_stats, out, lse, *out.stride()[:3], Hkv, Hq, Sq, group,
                                               splits, DV=Dv, DV_PAD=padded_dim(Dv),
                                               SPLITS_PAD=max(2, triton.next_power_of_2(splits)), PDL=pdl,
                                               **({"launch_pdl": True} if pdl else {}))

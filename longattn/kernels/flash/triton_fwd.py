@@ -82,14 +82,22 @@ if triton is not None:
         return x
 
     @triton.jit
+    def additive_mask_base2(m):
+        """A float mask in base-2 units (times log2 e). The dtype minimum that HF fills masked positions with
+        (-3.4e38) would overflow to -inf there, and a row masked throughout would give 0 instead of the uniform
+        mean: finite values are first held above -2.3e38 (x log2 e = -3.3e38, still finite). -inf stays -inf."""
+        m = m.to(tl.float32)
+        return tl.where(m == float("-inf"), m, tl.maximum(m, -2.3e38)) * 1.4426950408889634
+
+    @triton.jit
     def _score_bias(qk, mask_ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr,
                     MASK_IS_BOOL: tl.constexpr):
-        """Apply attn_mask to base-2 scores: bool masks cut to -inf, float masks add (times log2 e)."""
+        """Apply attn_mask to base-2 scores: bool masks cut to -inf, float masks add (`additive_mask_base2`)."""
         m = _load_2d(mask_ptrs, rows_ok, cols_ok, CHECK_ROWS, CHECK_COLS)
         if MASK_IS_BOOL:
             qk = tl.where(m != 0, qk, float("-inf"))
         else:
-            qk = qk + m.to(tl.float32) * 1.4426950408889634
+            qk = qk + additive_mask_base2(m)
         return qk
 
     @triton.jit
