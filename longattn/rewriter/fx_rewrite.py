@@ -66,8 +66,9 @@ def rewrite_graph(gm: fx.GraphModule, policy: "Policy", *, verify: bool = True, 
 def fit_bands(bands: list[Band], site: AttentionSite, keep_state: bool = True) -> tuple[list[Band], list[str]]:
     """Replace kinds the site cannot run: hyper and linear take no mask and no dropout. A linear band's
     calibration file gets this site's section ("FILE#layers.N", see kernels/linear/params_file.py), and its
-    `decode_state` becomes the site's name, the key of its kept state (keep_state=False: dropped, for the ONNX
-    op, which keeps no state between calls)."""
+    `decode_state` becomes the site's name, the key of its kept state. keep_state=False is the ONNX op's case: it
+    keeps no state between calls and runs on one device, so `decode_state` and `context_parallel` are dropped
+    (with a note)."""
     notes = []
     fitted = []
     for band in bands:
@@ -81,6 +82,9 @@ def fit_bands(bands: list[Band], site: AttentionSite, keep_state: bool = True) -
             if _has_adapters(ref):
                 notes.append(f"{ref.partition('#')[0]} was fitted with q/k/v/o adapters: the model must have them "
                              "merged (longattn.calibrate.merge_adapters)")
+        if not keep_state and "context_parallel" in band.params:
+            notes.append("context_parallel: the ONNX op runs on one device; ignored")
+            band = Band(band.kind, band.below, {n: p for n, p in band.params.items() if n != "context_parallel"})
         if band.kind == "linear" and "decode_state" in band.params:
             params = dict(band.params)
             if params.pop("decode_state"):

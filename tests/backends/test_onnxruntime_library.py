@@ -178,6 +178,24 @@ def test_converted_model_runs_on_the_library_and_matches_the_original(library, t
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
+def test_a_context_parallel_policy_converts_to_a_model_the_library_loads(library, tmp_path):
+    """A band's context_parallel (a nested mapping) once reached the node's plan, which the C++ parser cannot
+    read: the model converted, then failed to load. The ONNX op runs on one device: the key is dropped, with a
+    note in the report."""
+    from tests.patterns.test_onnx_zoo import export, zoo_feeds
+    path, _ = export("llama", "eager", False, 17, tmp_path)
+    policy = {"version": 1, "rules": [{"layers": "*", "use": "flash", "context_parallel": {"load_balance": "zigzag"}}]}
+    converted, report = lo.convert(path, policy=policy)
+    assert report.count("rewritten") == 2
+    assert all("context_parallel" in " ".join(s.notes) for s in report)
+    out = tmp_path / "converted.onnx"
+    lo.save(converted, out)
+    feeds = zoo_feeds("llama", "eager")
+    got = lo.session(out).run(None, feeds)[0]
+    expected = stock_file(path, feeds)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
 def stock_file(path, feeds):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
