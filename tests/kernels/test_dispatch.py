@@ -83,3 +83,11 @@ def test_dropout_of_one_gives_zeros_as_eager_does():
     q, k, v = _qkv()
     out, _ = flash_attention_reference(q, k, v, dropout_p=1.0)
     assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_a_context_parallel_band_naming_a_mesh_dim_is_ignored_without_distributed():
+    """The README: without torch.distributed the key is ignored; a mesh_dim once looked up a DeviceMesh anyway."""
+    q, k, v = _qkv()
+    plan = encode_plan([Band("flash", None, {"context_parallel": {"mesh_dim": "cp", "load_balance": "zigzag"}})])
+    out = torch.ops.longattn.attention(q, k, v, None, 0.3, True, 0.0, None, plan)
+    torch.testing.assert_close(out, flash_attention_reference(q, k, v, scale=0.3, causal=True)[0])

@@ -13,6 +13,8 @@ zigzag; every function returns this rank's rows of the single-device result and 
 """
 from __future__ import annotations
 
+import torch
+
 from .comm import (LOAD_BALANCE, chunk_ids, gather_sequence, is_sharded, resolve_group, set_device_mesh,
                    shard_sequence, unshard_sequence)
 from .hyper import hyper_attention_cp
@@ -26,8 +28,10 @@ def cp_group(cp: dict):
 
 
 def active(cp) -> bool:
-    """True when a band's `context_parallel` settings apply: distributed initialised, more than one rank."""
-    return cp is not None and is_sharded(cp_group(cp))
+    """True when a band's `context_parallel` settings apply: distributed initialised, more than one rank. Without
+    torch.distributed the key is ignored, `mesh_dim` too (no DeviceMesh is looked up)."""
+    return cp is not None and torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and is_sharded(cp_group(cp))
 
 
 def run_sharded(kind, q, k, v, *, attn_mask, scale, causal, dropout_p, params: dict, cp: dict):
