@@ -152,6 +152,16 @@ class LinearParams(KindParams):
     # it checks before trusting a kept state)
     decode_state: Annotated[bool, PlainValidator(_boolean)] = False
 
+    @model_validator(mode="after")
+    def _the_kernel_takes_them(self):
+        """The combinations the kernel refuses (feature_map 'none' with neither sinks nor window, normalize=False
+        with them), refused here with the kernel's own words, so that a policy that passes `policy check` runs."""
+        from ..kernels.linear.reference import check_options
+        check_options(causal=True, feature_map=self.feature_map, sink_tokens=self.sink_tokens,
+                      local_window=self.local_window, normalize=self.normalize, eps=self.eps,
+                      update_rule=self.update_rule, chunk_size=self.chunk_size, where="linear")
+        return self
+
 
 PARAMS: dict[str, type[KindParams]] = {
     "exact": ExactParams, "flash": FlashParams, "hyper": HyperParams, "linear": LinearParams,

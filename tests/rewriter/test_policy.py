@@ -378,3 +378,13 @@ def test_hostile_yaml_is_refused_quickly_with_a_short_message(name, tmp_path):
 def test_yaml_aliases_that_share_a_band_still_work():
     policy = Policy.from_yaml("version: 1\nrules:\n  - {layers: '0-3', use: &fast flash}\n  - {layers: '*', use: *fast}\n")
     assert [r.bands[0].kind for r in policy.rules] == ["flash", "flash"]
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"feature_map": "none", "sink_tokens": 0, "local_window": 0}, "sink_tokens or local_window must be positive"),
+    ({"normalize": False}, "normalize=False has no shared normaliser"),
+])
+def test_linear_settings_the_kernel_refuses_fail_the_policy_check_with_its_words(params, message):
+    """They once passed `policy check`, then raised in the PyTorch kernel and ran exact in the onnxruntime library."""
+    with pytest.raises(PolicyError, match=message):
+        Policy.from_dict({"version": 1, "rules": [{"layers": "*", "use": "linear", **params}]})
