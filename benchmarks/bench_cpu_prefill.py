@@ -15,18 +15,13 @@ import datetime
 import json
 import os
 import platform
+import sys
 import time
 
 import torch
 
-
-def build_model(layers: int):
-    from transformers import LlamaConfig, LlamaModel
-    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
-                         num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=262144,
-                         rope_theta=100000.0, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    return LlamaModel(config).eval()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_e2e import build_model  # noqa: E402
 
 
 def best_of(fn, reps: int) -> float:
@@ -54,7 +49,7 @@ def main(argv=None) -> int:
            "model": f"llama smollm2-135m shape, {args.layers} layers, random, fp32"}
     rows = [env]
     print(json.dumps(env), flush=True)
-    model = build_model(args.layers)
+    model = build_model(args.layers, device="cpu", dtype=torch.float32)
     for s in (int(x) for x in args.lengths.split(",")):
         ids = torch.randint(0, 49152, (1, s), generator=torch.Generator().manual_seed(s))
         variants = {"eager": model, "longattn": torch.compile(model, backend="longattn", dynamic=False),

@@ -29,14 +29,15 @@ import torch
 FLASH_POLICY = {"version": 1, "rules": [{"layers": "*", "use": "flash"}]}
 
 
-def build_model():
+def build_model(layers: int = 30, device: str = "cuda", dtype=torch.bfloat16):
+    """A Llama shaped like SmolLM2-135M, random weights, attention implementation "sdpa"."""
     from transformers import LlamaConfig, LlamaModel
-    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
                          num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=262144,
                          rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
                          attn_implementation="sdpa")
     torch.manual_seed(0)
-    return LlamaModel(config).to("cuda", torch.bfloat16).eval()
+    return LlamaModel(config).to(device, dtype).eval()
 
 
 def time_call(fn, reps: int) -> list[float]:

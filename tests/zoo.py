@@ -119,3 +119,17 @@ ZOO.append(ZooModel("torch-transformer", _torch_encoder, attention_modules=LAYER
                     implementations=("native",)))
 
 ZOO_BY_NAME = {m.name: m for m in ZOO}
+
+
+def dynamo_graph(fn, *args, **compile_kwargs):
+    """The FX graph dynamo captures for `fn(*args)` (one graph: a break fails), e.g. dynamic=False for a static one."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=capture, fullgraph=True, **compile_kwargs)(*args)
+    (gm,) = graphs
+    return gm

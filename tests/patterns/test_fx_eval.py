@@ -5,19 +5,11 @@ import pytest
 import torch
 
 from longattn.patterns.fx_eval import NotGeneric, SmallSizes, evaluate, generic_sizes
+from tests.zoo import dynamo_graph
 
 
 def _static_graph(fn, *example):
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=capture, dynamic=False)(*example)
-    (gm,) = graphs
-    return gm
+    return dynamo_graph(fn, *example, dynamic=False)
 
 
 def _placeholder_and_output(gm):

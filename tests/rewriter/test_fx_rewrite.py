@@ -5,20 +5,9 @@ from longattn.kernels.dispatch import Band, decode_plan
 from longattn.patterns import fx_attention
 from longattn.rewriter.fx_rewrite import fit_bands, rewrite_graph
 from longattn.rewriter.policy import Policy
+from tests.zoo import dynamo_graph
 
 ALL_FLASH = Policy.from_dict({"version": 1, "rules": [{"layers": "*", "use": "flash"}]})
-
-
-def _graph(fn, *args):
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    return graphs[0]
 
 
 def _attention(q, k, v):
@@ -38,7 +27,7 @@ def test_verification_rejects_a_match_that_computes_something_else(monkeypatch):
         site.scale *= 2.0  # a matcher bug: the replacement would compute different attention
 
     monkeypatch.setattr(fx_attention, "_match_softmax", wrong_scale)
-    gm = _graph(_attention, *_qkv())
+    gm = dynamo_graph(_attention, *_qkv())
     args = _qkv()  # in the graph's placeholder order, whatever dynamo chose: compare the graph with itself
     expected = gm(*args)[0]
     report = rewrite_graph(gm, ALL_FLASH)
@@ -51,7 +40,7 @@ def test_verification_rejects_a_match_that_computes_something_else(monkeypatch):
 def test_rewritten_graph_carries_the_policy_bands_in_the_op_call():
     policy = Policy.from_dict({"version": 1, "rules": [{"layers": "*", "by_length": [
         {"below": 4096, "use": "flash"}, {"use": "hyper", "block_size": 64}]}]})
-    gm = _graph(_attention, *_qkv())
+    gm = dynamo_graph(_attention, *_qkv())
     rewrite_graph(gm, policy)
     (call,) = [n for n in gm.graph.nodes if n.target is torch.ops.longattn.attention.default]
     bands = decode_plan(call.args[-1])
@@ -72,7 +61,7 @@ def test_masked_sites_fall_back_to_flash_for_kinds_that_take_no_mask():
 
 def test_policy_choosing_exact_leaves_the_graph_untouched():
     policy = Policy.from_dict({"version": 1, "rules": [{"layers": "*", "use": "exact"}]})
-    gm = _graph(_attention, *_qkv())
+    gm = dynamo_graph(_attention, *_qkv())
     before = [n.target for n in gm.graph.nodes]
     report = rewrite_graph(gm, policy)
     assert report.sites[0].status == "exact"
