@@ -187,11 +187,12 @@ def _additive_parts(mask: fx.Node) -> list[MaskTerm]:
     return [MaskTerm(mask, "additive")]
 
 
-_EINSUM_QK = re.compile(r"^(\w*)(\w)(\w),(\w*)(\w)(\w)->(\w*)(\w)(\w)$")
+_EINSUM_QK = re.compile(r"^((?:\.\.\.)?\w*)(\w)(\w),((?:\.\.\.)?\w*)(\w)(\w)->((?:\.\.\.)?\w*)(\w)(\w)$")
 
 
 def _einsum_operands(op: Op, kind: str):
-    """Read an einsum as q·kᵀ ('...qd,...kd->...qk') or p·v ('...qk,...kd->...qd')."""
+    """Read an einsum as q·kᵀ ('bhqd,bhkd->bhqk') or p·v ('bhqk,bhkd->bhqd'); the batch dims may be an
+    ellipsis ('...qd,...kd->...qk') when both operands have the result's rank (no broadcast over missing dims)."""
     eq = op["equation"].replace(" ", "")
     m = _EINSUM_QK.match(eq)
     if not m or len(op.args) != 2:
@@ -199,6 +200,8 @@ def _einsum_operands(op: Op, kind: str):
     b1, i1, j1, b2, i2, j2, b3, i3, j3 = m.groups()
     if not (b1 == b2 == b3):
         raise Skip(f"einsum '{eq}' mixes batch dims")
+    if "..." in b1 and len({len(_shape(op.args[0])), len(_shape(op.args[1]))}) != 1:
+        raise Skip(f"einsum '{eq}' broadcasts operands of different ranks")
     if kind == "qk" and j1 == j2 and i1 == i3 and i2 == j3 and i1 != i2:
         return op.args[0], op.args[1], False        # k given as (…, Sk, D): not transposed
     if kind == "pv" and j1 == i2 and i1 == i3 and j2 == j3:

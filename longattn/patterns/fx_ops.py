@@ -124,11 +124,20 @@ def canonical(node: Any) -> Optional[Op]:
             return Op("scale", (a,), {"factor": b, "divide": False})
         if is_number(a) and not is_number(b):
             return Op("scale", (b,), {"factor": a, "divide": False})
+        for x, c in ((a, b), (b, a)):
+            factor = constant_scalar(c)
+            if factor is not None and constant_scalar(x) is None:
+                return Op("scale", (x,), {"factor": factor, "divide": False})
         return Op("mul", (a, b), {})
     if (m and t in ("div", "__truediv__")) or _is_fn(node, *_DIV):
         a, b = node.args[0], node.args[1]
-        if is_number(b) and not is_number(a) and node.kwargs.get("rounding_mode") is None:
+        if node.kwargs.get("rounding_mode") is not None:
+            return None
+        if is_number(b) and not is_number(a):
             return Op("scale", (a,), {"factor": b, "divide": True})
+        factor = constant_scalar(b)
+        if factor is not None and constant_scalar(a) is None:
+            return Op("scale", (a,), {"factor": factor, "divide": True})
         return None
     if (m and t in ("add", "__add__", "__radd__")) or _is_fn(node, *_ADD):
         if node.kwargs.get("alpha", 1) != 1 or len(node.args) > 2:
@@ -173,6 +182,37 @@ def canonical(node: Any) -> Optional[Op]:
     if _is_fn(node, operator.getitem) and isinstance(node.args[1], tuple):
         return Op("index", (node.args[0],), {"index": node.args[1]})
     return None
+
+
+# Ops a constant scale may be computed with: torch.rsqrt(torch.tensor(64.0)), torch.tensor(d).sqrt(), ...
+_CONSTANT_FNS = (torch.tensor, torch.scalar_tensor, torch.as_tensor, torch.rsqrt, torch.sqrt, torch.reciprocal,
+                 torch.pow, torch.mul, torch.div, torch.true_divide, operator.mul, operator.truediv, operator.pow,
+                 operator.neg)
+_CONSTANT_METHODS = ("rsqrt", "sqrt", "reciprocal", "pow", "mul", "div", "float", "double", "half", "to",
+                     "__mul__", "__rmul__", "__truediv__", "__rtruediv__", "__pow__", "__rpow__", "__neg__")
+
+
+def constant_scalar(x) -> Optional[float]:
+    """The value of a 0-d float tensor computed from literals alone (torch.rsqrt(torch.tensor(64.0))), else None.
+    Every op in its history must be one of the pure ops above: no graph input, parameter, buffer or size (a
+    data-dependent or length-dependent value is no constant), and no random op (a new value each call)."""
+    from .fx_eval import ancestors, evaluate, meta_value
+    if not isinstance(x, fx.Node):
+        return None
+    val = meta_value(x)
+    if not isinstance(val, torch.Tensor) or val.dim() != 0 or not val.is_floating_point():
+        return None
+    for n in ancestors(x):
+        if n.op == "call_function" and any(n.target is f for f in _CONSTANT_FNS):
+            continue
+        if n.op == "call_method" and n.target in _CONSTANT_METHODS:
+            continue
+        return None
+    try:
+        (value,) = evaluate([x], {})
+    except Exception:  # noqa: BLE001 - not evaluable here: not a constant we can read
+        return None
+    return float(value) if isinstance(value, torch.Tensor) and value.dim() == 0 else None
 
 
 def scalar_value(x) -> Optional[float]:
