@@ -91,3 +91,25 @@ def test_a_context_parallel_band_naming_a_mesh_dim_is_ignored_without_distribute
     plan = encode_plan([Band("flash", None, {"context_parallel": {"mesh_dim": "cp", "load_balance": "zigzag"}})])
     out = torch.ops.longattn.attention(q, k, v, None, 0.3, True, 0.0, None, plan)
     torch.testing.assert_close(out, flash_attention_reference(q, k, v, scale=0.3, causal=True)[0])
+
+
+@pytest.mark.parametrize("kind,params", [
+    ("hyper", {"block_size": 16, "sample_size": 4, "min_seq_len": 0, "sink_tokens": 2, "local_window": 4}),
+    ("linear", {"feature_map": "elu", "sink_tokens": 2, "local_window": 4}),
+    ("linear", {"feature_map": "favor", "num_features": 16, "sink_tokens": 0, "local_window": 0})])
+def test_approximate_kinds_through_the_op_give_the_kernels_own_output_and_gradients(kind, params):
+    """What a compiled model trains through: the op's forward and its recomputing backward must be exactly the
+    kind's function, called directly (the model-level tests can only see finite numbers)."""
+    from longattn.kernels.hyper import hyper_attention
+    from longattn.kernels.linear import linear_attention
+    q, k, v = _qkv(sq=40, sk=40)
+    out = torch.ops.longattn.attention(q, k, v, None, 0.3, True, 0.0, None, encode_plan([Band(kind, None, params)]))
+    if kind == "hyper":
+        direct, _ = hyper_attention(q, k, v, scale=0.3, causal=True, **params)
+    else:
+        direct = linear_attention(q, k, v, scale=0.3, causal=True, **params)
+    torch.testing.assert_close(out, direct)
+    assert (out - flash_attention_reference(q, k, v, scale=0.3, causal=True)[0]).abs().max() > 1e-4  # approximate
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(direct, (q, k, v), g)):
+        torch.testing.assert_close(a, b)
