@@ -60,7 +60,9 @@ def canonical(view: GraphView, name: str) -> Optional[Op]:
             if f is not None:
                 return Op("scale", node, [x], {"factor": f, "divide": t == "Div", "ref": None})
         for x, s in candidates:
-            if _one_element(view, s) and not _one_element(view, x):
+            # a runtime scale is one computed from shapes (a dynamic export's 1/sqrt(head_dim)); one read from the
+            # data (q.mean()) may be negative, which turns a mask applied before it inside out: not a scale
+            if _one_element(view, s) and not _one_element(view, x) and not view.data_dependencies(s):
                 return Op("scale", node, [x], {"factor": None, "divide": t == "Div", "ref": s})
         return Op(t.lower(), node, ins)
     if t == "Add":
