@@ -52,7 +52,8 @@ class NewMiss(AssertionError):
 @dataclass(frozen=True)
 class KnownMiss:
     """An allow-listed miss: programs whose features match `when` (each value one allowed string or a tuple
-    of them; the key "run" is the run: explain / static / dynamic for FX, static / dynamic for ONNX) and whose
+    of them; the key "run" is the run: explain / static / dynamic for FX, static / dynamic for ONNX; "one_key" is
+    "True" for programs drawn at one query and one key) and whose
     skip reason matches the regex `reason` ("no site found" when none was reported)."""
     kind: str
     when: dict
@@ -156,7 +157,8 @@ def judge_sites(t: Tally, program: Program, mode: str, sites: list, allow: list[
             wrong(t, program, mode, f"dropout p {s.dropout_p} recorded, the program has {program.dropout_p}")
     if len(rewritten) > 1:
         wrong(t, program, mode, f"{len(rewritten)} sites rewritten in a program with one attention")
-    features = dict(program.features, run=mode)
+    # one_key: a static export at one query and one key folds a built mask to a scalar
+    features = dict(program.features, run=mode, one_key=str(trivially_causal))
     if rewritten:
         t.counts[f"attention rewritten ({mode})"] += 1
         if program.causal and program.sizes.sq > 1 and "causal" not in rewritten[0].mask:  # one query: no mask

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, note
 from hypothesis import strategies as st
 
 import longattn
@@ -82,6 +82,7 @@ def _compiled(model, dynamic: bool):
 
 
 def check_fx(program: Program, dynamic: bool) -> None:
+    note(program.describe())
     t = tally("fx")
     count_program(t, program)
     model = program.module()
