@@ -2,6 +2,7 @@
 bodies (exact attention in stock onnxruntime) and with plain NumPy references."""
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -162,6 +163,54 @@ def test_hyper_samples_estimate_the_keys_outside_the_blocks(library, causal, sam
                                       bands=(Band("hyper", None, dict(params, sample_size=samples)),)), feeds)
         errors.append(np.abs(got - exact).mean())
     assert errors[1] < 0.5 * errors[0]  # more samples, a better estimate of the far keys
+
+
+# Stratified uniform samples with sample_size a multiple of every sampled rectangle's key count draw each key the
+# same number of times, each weighing its share: the blocks plus samples then add up to exact attention. Non-causal,
+# the one rectangle has 512 keys; causal (min_seq_len 64), the recursion's off-diagonal rectangles 256, 128, 64.
+EXACT_SAMPLES = {"min_seq_len": 64, "block_size": 32, "lsh_bits": 4, "sink_tokens": 0, "local_window": 0,
+                 "sampling": "uniform", "sample_size": 512}
+
+
+def _hyper_with_exact_samples_error(library_run, causal: bool, kv_heads: int) -> float:
+    shape, kv = (1, 2, 512, 16), (1, kv_heads, 512, 16)
+    feeds = feeds_for(shape, kv)
+    exact = stock(node_model("FlashAttention", shape, kv, causal=causal), feeds)
+    got = library_run(node_model("HyperAttention", shape, kv, causal=causal, bands=(Band("hyper", None, EXACT_SAMPLES),)),
+                      feeds)
+    return float(np.abs(got - exact).max())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_hyper_samples_that_cover_every_key_evenly_give_exact_attention(library, causal, kv_heads):
+    """The sampled part checked to float32 rounding, not to a loose error: a wrong sample weight, a key counted
+    twice or missed by the block filter shows here (doubling the weights gives errors of 0.2-0.3)."""
+    assert _hyper_with_exact_samples_error(with_library, causal, kv_heads) < 1e-5
+
+
+def test_hyper_exactness_check_catches_doubled_sample_weights(library, tmp_path, monkeypatch):
+    """A committed mutation check: the library built from a copy of csrc/ whose sample weights are doubled must
+    fail the exactness test above (it passed the looser tests of this file once)."""
+    import shutil
+
+    from longattn.backends.onnxruntime import build
+    csrc = tmp_path / "csrc"
+    shutil.copytree(os.path.join(os.path.dirname(build.__file__), "csrc"), csrc, ignore=shutil.ignore_patterns("onnx*"))
+    header = csrc / "attention.h"
+    text = header.read_text()
+    anchor = "      sample_log2w[lv].push_back(std::move(lw));"
+    assert text.count(anchor) == 1, "the mutation's anchor moved: update this test"
+    header.write_text(text.replace(anchor, "      for (float& w : lw) w += 1.f;\n" + anchor))
+    monkeypatch.setenv("LONGATTN_ORT_CXXFLAGS", "-O1")  # a quicker build; the mutant is run once
+    mutant = build.build(str(tmp_path / "lib"), force=True, quiet=True, source_dir=str(csrc))
+
+    def run_mutant(m, feeds):
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(mutant)
+        return ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+    assert _hyper_with_exact_samples_error(run_mutant, True, 2) > 0.05
 
 
 def test_converted_model_runs_on_the_library_and_matches_the_original(library, tmp_path):

@@ -48,13 +48,15 @@ def compiler() -> str:
     raise BuildError("no C++ compiler found (set CXX, or install g++: apt-get install g++)")
 
 
-def build(out_dir: str | None = None, force: bool = False, quiet: bool = False) -> str:
-    """Build (or reuse) the library; return its path. Raises BuildError with the reason."""
+def build(out_dir: str | None = None, force: bool = False, quiet: bool = False, source_dir: str | None = None) -> str:
+    """Build (or reuse) the library; return its path. Raises BuildError with the reason. source_dir: another
+    copy of csrc/ (the tests build deliberately broken copies to show that they catch the breakage)."""
     out_dir = out_dir or default_build_dir()
     os.makedirs(out_dir, exist_ok=True)
     target = os.path.join(out_dir, LIBRARY_NAME)
-    sources = [os.path.join(HERE, "csrc", s) for s in SOURCES]
-    deps = sources + [os.path.join(HERE, "csrc", h) for h in ("attention.h", "plan.h")]
+    csrc = source_dir or os.path.join(HERE, "csrc")
+    sources = [os.path.join(csrc, s) for s in SOURCES]
+    deps = sources + [os.path.join(csrc, h) for h in ("attention.h", "plan.h")]
     if not force and os.path.exists(target) and \
             os.path.getmtime(target) >= max(os.path.getmtime(d) for d in deps):
         return target
