@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from longattn.kernels import Band, encode_plan  # noqa: E402
 from longattn.kernels.linear import HYBRID_DEFAULTS, incremental  # noqa: E402
-from longattn.quality import save_results  # noqa: E402
+from harness import save_results  # noqa: E402  (benchmarks/harness.py)
 
 
 def per_step_ms(fn, steps, sync):

@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
+import functools
 import os
 import signal
-import statistics
 import sys
 import time
 
@@ -39,57 +38,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from longattn.kernels.flash import flash_attention  # noqa: E402
 from longattn.kernels.flash.gluon_fwd import gluon_applies  # noqa: E402
 
+import harness  # noqa: E402  (benchmarks/harness.py)
+
 T0 = time.time()
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "fa2": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
-def time_ms(fn, budget_ms=300.0, max_reps=100, warmup=2):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    stop.record()
-    torch.cuda.synchronize()
-    first = start.elapsed_time(stop)
-    reps = int(max(3, min(max_reps, budget_ms / max(first, 1e-3))))
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
-
-
-def time_graph_ms(fn, replays_per_sample=20, samples=15):
-    """Median time of one call, from CUDA-graph replays of `replays_per_sample` calls."""
-    fn()
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(replays_per_sample):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(samples):
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) / replays_per_sample)
-    return statistics.median(times)
+# bench_flash's timing: 2 warm-up calls, at least 3 repeats; graphs captured after one plain call
+time_ms = functools.partial(harness.time_ms, warmup=2, min_reps=3)
+time_graph_ms = functools.partial(harness.time_graph_ms, side_warmup=2, first_call=True)
+rel_err = harness.rel_err
 
 
 def sdpa(backend, q, k, v, causal, gqa=False):
@@ -108,26 +67,6 @@ def ours_triton(q, k, v, causal):
         return ours(q, k, v, causal)
     finally:
         del os.environ["LONGATTN_FLASH_GLUON"]
-
-
-def rel_err(x, ref):
-    return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
-class Recorder:
-    def __init__(self, out_dir, device_tag):
-        today = datetime.date.today().isoformat()
-        self.stem = os.path.join(out_dir, f"{today}-{device_tag}-flash")
-        self.jsonl = open(self.stem + ".jsonl", "w")
-        self.rows = []
-
-    def write(self, obj):
-        obj.setdefault("elapsed_s", round(time.time() - T0, 1))
-        self.jsonl.write(json.dumps(obj) + "\n")
-        self.jsonl.flush()
-        if obj.get("kind") not in ("env", "autotune", "note"):
-            self.rows.append(obj)
-            print(json.dumps(obj), flush=True)
 
 
 def bench_attention(rec, mode, lengths, shapes):
@@ -160,7 +99,7 @@ def bench_attention(rec, mode, lengths, shapes):
                                     row["rel_err_vs_cudnn"] = rel_err(fn(), ref)
                                 ms = time_ms(fn)
                                 if s <= 8192:  # short calls: also without Python launch gaps
-                                    row["graph_ms"] = time_graph_ms(fn, replays_per_sample=5, samples=10)
+                                    row["graph_ms"] = time_graph_ms(fn, calls_per_replay=5, samples=10)
                                     row["graph_tflops"] = flops / row["graph_ms"] / 1e9
                         else:
                             qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
@@ -171,7 +110,7 @@ def bench_attention(rec, mode, lengths, shapes):
                             ms = time_ms(step)
                             if s <= 8192:  # short calls: also without Python launch gaps (autograd included)
                                 try:
-                                    row["graph_ms"] = time_graph_ms(step, replays_per_sample=5, samples=10)
+                                    row["graph_ms"] = time_graph_ms(step, calls_per_replay=5, samples=10)
                                     row["graph_tflops"] = flops / row["graph_ms"] / 1e9
                                 except RuntimeError as e:  # a backend whose backward cannot be captured
                                     row["graph_error"] = str(e).splitlines()[0][:200]
@@ -271,14 +210,8 @@ def main():
     ap.add_argument("--head-dims", default="64,128", help="which of the anchor shapes (h32 d64, h16 d128) to time")
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x]
-    props = torch.cuda.get_device_properties(0)
-    import triton
-    env = {"kind": "env", "gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
-           "triton": triton.__version__, "cuda": torch.version.cuda,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")}
-    tag = "h100" if "H100" in props.name else ("h200" if "H200" in props.name else props.name.split()[-1].lower())
-    os.makedirs(args.out, exist_ok=True)
-    rec = Recorder(args.out, tag)
+    env = harness.gpu_env(datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"))
+    rec = harness.Recorder(args.out, harness.device_slug(env["gpu"]), "flash", quiet=("env", "autotune", "note"), t0=T0)
     rec.write(env)
     skip = set(args.skip.split(","))
     # `timeout` sends SIGTERM: turn it into an exception so that the tables below are still written

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -34,6 +35,8 @@ from longattn.kernels.hyper import build_pattern, hyper_attention, hyper_attenti
 from longattn.kernels.hyper import triton_attention  # noqa: E402
 from longattn.kernels.hyper import triton_hash  # noqa: E402
 from longattn.kernels.hyper.triton_hash import lsh_rank_triton  # noqa: E402
+
+import harness  # noqa: E402  (benchmarks/harness.py)
 
 PARAMS = dict(block_size=256, sample_size=256, lsh_bits=7, min_seq_len=4096, sink_tokens=64, local_window=256)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for --sweep-tiles
@@ -55,11 +58,7 @@ BWD_RECT_CANDIDATES = [(128, 32, 8, 1), (64, 32, 8, 1), (32, 32, 8, 1), (64, 64,
 SDPA = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
 
 
-def device_slug(name: str) -> str:
-    for token in ("h200", "h100", "a100", "l40s", "l4", "b200"):
-        if token in name.lower():
-            return token
-    return "".join(c for c in name.lower() if c.isalnum())[:16] or "gpu"
+device_slug = harness.device_slug
 
 
 def bench(fn, long_ms_hint=None):
@@ -89,9 +88,7 @@ def keep_fastest(records, base, candidates, apply, time_ms, extra=None):
         apply(best[1])
 
 
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
+rel_err = functools.partial(harness.rel_err, dtype=torch.float64)
 
 
 EXTRA = {}  # name -> PARAMS overrides, from --extra

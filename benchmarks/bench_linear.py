@@ -32,7 +32,6 @@ import datetime
 import functools
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -41,6 +40,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from longattn.kernels.linear import (LinearAttentionState, linear_attention, linear_attention_step,  # noqa: E402
                                      linear_attention_step_reference)
+
+import harness  # noqa: E402  (benchmarks/harness.py)
 
 try:
     import fla
@@ -52,68 +53,10 @@ else:
     FLA_ERROR = None
 
 
-def time_ms(fn, budget_ms=300.0, max_reps=100, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    stop.record()
-    torch.cuda.synchronize()
-    reps = int(max(5, min(max_reps, budget_ms / max(start.elapsed_time(stop), 1e-3))))
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
-
-
-def time_graph_ms(fn, calls_per_replay=20, samples=15):
-    """Median time of one call, from CUDA-graph replays of `calls_per_replay` calls."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls_per_replay):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(samples):
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) / calls_per_replay)
-    return statistics.median(times)
-
-
-def rel_err(x, ref):
-    return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
-class Recorder:
-    def __init__(self, out_dir, device_tag):
-        os.makedirs(out_dir, exist_ok=True)
-        self.stem = os.path.join(out_dir, f"{datetime.date.today().isoformat()}-{device_tag}-linear")
-        self.jsonl = open(self.stem + ".jsonl", "w")
-        self.rows = []
-
-    def write(self, obj):
-        self.jsonl.write(json.dumps(obj) + "\n")
-        self.jsonl.flush()
-        if obj.get("kind") != "env":
-            self.rows.append(obj)
-            print(json.dumps(obj), flush=True)
+# bench_linear's timing: 3 warm-up calls, at least 5 repeats; graphs captured after 3 side-stream calls only
+time_ms = functools.partial(harness.time_ms, warmup=3, min_reps=5)
+time_graph_ms = functools.partial(harness.time_graph_ms, side_warmup=3, first_call=False)
+rel_err = harness.rel_err
 
 
 # ----------------------------------------------------------------------------------------------- prefill
@@ -323,13 +266,9 @@ def main():
     args_only = set(args.only.split(",")) if args.only else None
     if not torch.cuda.is_available():
         sys.exit("bench_linear.py needs a CUDA GPU")
-    props = torch.cuda.get_device_properties(0)
-    import triton
-    env = {"kind": "env", "gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
-           "triton": triton.__version__, "cuda": torch.version.cuda, "date": datetime.date.today().isoformat(),
-           "fla": getattr(fla, "__version__", "unknown") if fla is not None else f"not importable ({FLA_ERROR})"}
-    tag = props.name.lower().replace("nvidia", "").strip().split()[0]
-    rec = Recorder(args.out, tag)
+    env = harness.gpu_env(datetime.date.today().isoformat())
+    env["fla"] = getattr(fla, "__version__", "unknown") if fla is not None else f"not importable ({FLA_ERROR})"
+    rec = harness.Recorder(args.out, harness.device_slug(env["gpu"]), "linear")
     rec.write(env)
     print(json.dumps(env), flush=True)
     lengths = [int(x) for x in args.lengths.split(",") if x]

@@ -8,14 +8,15 @@ delta rule (identity map, per-token β), its gradients by the float32 PyTorch re
 and then by the Triton backward (the default; identity and elu maps). Prints the
 relative error of the output and of dq / dk / dv (results: `results/2026-12-01-h200-linear.md`, notes).
 """
+import functools
+
 import torch
 
+from harness import rel_err
 from longattn.kernels.linear import linear_attention
 from longattn.kernels.linear.reference import linear_attention_reference
 
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+rel = functools.partial(rel_err, dtype=torch.float64)
 
 
 def main():

@@ -126,7 +126,7 @@ def device_and_versions() -> tuple[str, str, dict]:
         versions["transformers"] = None
     if not torch.cuda.is_available():
         return "none (no CUDA device)", "cpu", versions
-    from bench_hyper import device_slug
+    from harness import device_slug
     name = torch.cuda.get_device_name()
     return name, device_slug(name), versions
 

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from longattn.kernels.hyper import hyper_attention  # noqa: E402
 from longattn.quality import attention_in_layers, capture_attention, docs_text, error_table, perplexity  # noqa: E402
-from longattn.quality import save_results  # noqa: E402
+from harness import save_results  # noqa: E402  (benchmarks/harness.py)
 
 BASE = dict(block_size=256, sample_size=256, lsh_bits=7, min_seq_len=4096)
 VARIANTS = {"default": dict(BASE, variant="default", sink_tokens=64, local_window=256),

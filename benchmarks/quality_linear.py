@@ -17,7 +17,8 @@ over `--windows` windows of `--tokens` tokens from the start of the text (or one
 - pure linear attention (no sinks, no window; `--pure-maps`), fixed maps uncalibrated, hedgehog fitted.
 Calibration (`longattn.calibrate`) runs on the window right after the evaluation windows (a different text)
 and its files are read back through the same reference ("FILE#layers.N") a policy's band uses.
-Writes benchmarks/results/<date>-cpu-quality-linear.{md,jsonl}.
+Writes benchmarks/results/<date>-cpu-quality-linear.{md,jsonl}. `--summarise OUT_BASE RUN.jsonl ...` instead
+writes one table from several runs (as `results/2026-12-05-cpu-quality-linear-maps.md`).
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ from longattn import calibrate as cal  # noqa: E402
 from longattn.kernels.linear import linear_attention  # noqa: E402
 from longattn.kernels.linear.params_file import feature_params_from_file, save_file, section_name  # noqa: E402
 from longattn.quality import DOCS_DIR, attention_in_layers, docs_text, load_model, perplexity  # noqa: E402
-from longattn.quality import save_results  # noqa: E402
+from longattn.files import atomic_path  # noqa: E402
+from harness import save_results  # noqa: E402  (benchmarks/harness.py)
 
 
 def linear_fn(params, calib_file=None):
@@ -60,6 +62,49 @@ def merged_adapters(model, fits):
             for n, p in model.named_parameters():
                 if n in saved:
                     p.copy_(saved[n])
+
+
+def summary_run(path: str) -> dict:
+    records = [json.loads(line) for line in open(path)]
+    env = next(r for r in records if r["kind"] == "env")
+    tokens = int(env["eval"].split(" windows of ")[1].split()[0])
+    return {"path": path, "env": env, "label": f"{tokens // 1024}K, layers {env['layers']}, window {env['local_window']}",
+            "ppl": {r["attention"]: r for r in records if r["kind"] == "ppl"},
+            "calibration": {r["fit"]: r["seconds"] for r in records if r["kind"] == "calibration"}}
+
+
+def summary_table(runs: list[dict]) -> str:
+    names = []
+    for run in runs:
+        names += [n for n in run["ppl"] if n not in names]
+    lines = ["| attention | " + " | ".join(r["label"] for r in runs) + " |",
+             "|---|" + "---|" * len(runs)]
+    for name in names:
+        cells = []
+        for run in runs:
+            r = run["ppl"].get(name)
+            cells.append("—" if r is None else f"{r['ppl']:.2f} ({100 * r['rel_to_exact']:+.1f}%)")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summarise(out_base: str, paths: list[str]) -> None:
+    """One table from several runs' .jsonl files: a column per run (context length x converted layers), a row per
+    attention variant, perplexity and its change against the exact model of the same run. Writes OUT_BASE.md
+    (each run's settings and calibration times below the table); the runs' own files keep the per-layer figures."""
+    runs = [summary_run(p) for p in paths]
+    parts = ["# Linear kind quality per feature map: SmolLM2-135M-Instruct, perplexity (change vs exact)", "",
+             summary_table(runs), "", "## Runs", ""]
+    for run in runs:
+        env = run["env"]
+        parts.append(f"- **{run['label']}** (`{os.path.basename(run['path'])}`, {env['date']}): {env['eval']}; "
+                     f"sinks {env['sink_tokens']} + window {env['local_window']}; calibration on {env['calibration_text']}, "
+                     f"{env['steps']} + {env['hybrid_steps']} hedgehog steps, {env['rows']} rows; "
+                     f"torch {env['torch']}, {env['threads']} threads. Calibration wall time: "
+                     + ", ".join(f"{fit} {s:.0f} s" for fit, s in run["calibration"].items()) + ".")
+    with atomic_path(out_base + ".md") as tmp, open(tmp, "w") as f:
+        f.write("\n".join(parts) + "\n")
+
 
 
 def main():
@@ -100,7 +145,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--summarise", nargs="+", metavar="OUT_BASE RUN.jsonl",
+                    help="only write OUT_BASE.md: one table from the given runs' .jsonl files, a column per run")
     args = ap.parse_args()
+    if args.summarise:
+        if len(args.summarise) < 2:
+            ap.error("--summarise takes OUT_BASE and at least one RUN.jsonl")
+        return summarise(args.summarise[0], args.summarise[1:])
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     from transformers import AttentionInterface

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import glob
 import html.parser
-import json
 import math
 import os
 from contextlib import contextmanager
@@ -32,7 +31,6 @@ from typing import Callable, Optional
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .files import atomic_path
 from .kernels.flash import flash_attention_reference
 
 
@@ -232,12 +230,3 @@ def perplexity(model, windows) -> float:
 
 __all__ = ["CapturedSite", "capture_attention", "site_errors", "error_table", "docs_text", "read_text",
            "load_model", "attention_in_layers", "perplexity"]
-
-
-def save_results(base: str, records: list[dict], markdown: str) -> None:
-    """Write a measurement as `base`.jsonl (one record a line, the environment first) and `base`.md."""
-    os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
-    with atomic_path(base + ".jsonl") as tmp, open(tmp, "w") as f:
-        f.writelines(json.dumps(rec) + "\n" for rec in records)
-    with atomic_path(base + ".md") as tmp, open(tmp, "w") as f:
-        f.write(markdown)
