@@ -395,7 +395,7 @@ def test_distillation_with_adapters_saves_them_and_merging_them_reproduces_the_r
 
 def test_the_rewriter_notes_a_calibration_fitted_with_adapters(tmp_path):
     from longattn.patterns.record import AttentionSite
-    from longattn.rewriter.fx_rewrite import fit_bands
+    from longattn.rewriter.bands import fit_bands
     from longattn.rewriter.policy import Band
     site = AttentionSite(layer="model.layers.3.self_attn", pattern="sdpa")
     params = {"far_scale": torch.ones(4)}

@@ -22,47 +22,13 @@ communication before its own.
 from __future__ import annotations
 
 import functools
-import json
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
+from ..plan import KINDS, Band, band_for_length, decode_plan, encode_plan  # noqa: F401  (re-exported)
 from .flash import flash_attention, flash_attention_reference
 from .masks import check_qkv
-
-KINDS = ("exact", "flash", "hyper", "linear")
-
-
-@dataclass(frozen=True)
-class Band:
-    kind: str
-    below: Optional[int] = None  # exclusive upper bound on the key length; None = no bound
-    params: dict[str, Any] = field(default_factory=dict)
-
-
-def encode_plan(bands: list[Band]) -> str:
-    """Serialise bands (ordered by `below`, last one unbounded) into the op's `plan` string."""
-    return json.dumps([{"kind": b.kind, "below": b.below, "params": b.params} for b in bands], sort_keys=True)
-
-
-@functools.lru_cache(maxsize=256)
-def decode_plan(plan: str) -> tuple[Band, ...]:
-    try:
-        raw = json.loads(plan)
-        bands = tuple(Band(kind=b["kind"], below=b["below"], params=dict(b.get("params", {}))) for b in raw)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"longattn::attention: malformed plan {plan!r}: {e}") from None
-    if not bands or bands[-1].below is not None:
-        raise ValueError(f"longattn::attention: plan must end with an unbounded band, got {plan!r}")
-    for b in bands:
-        if b.kind not in KINDS:
-            raise ValueError(f"longattn::attention: unknown kind {b.kind!r} in plan (known: {', '.join(KINDS)})")
-        if b.below is not None and (type(b.below) is not int or b.below <= 0):
-            raise ValueError(f"longattn::attention: band 'below' must be a positive integer, got {b.below!r} "
-                             f"in plan {plan!r}")
-    return bands
-
 
 def check_devices(q, k, v, attn_mask) -> None:
     """Also in the fake implementation: a call with one tensor on `meta` is dispatched there, not to the op."""
@@ -79,13 +45,6 @@ def check_call(q, k, v, attn_mask, dropout_p: float) -> None:
         raise TypeError(f"longattn::attention: attn_mask must be bool or floating, got {attn_mask.dtype}")
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"longattn::attention: dropout_p must be in [0, 1], got {dropout_p}")
-
-
-def band_for_length(plan: str, key_length: int) -> Band:
-    for band in decode_plan(plan):
-        if band.below is None or key_length < band.below:
-            return band
-    raise AssertionError("unreachable: the last band is unbounded")
 
 
 def _band_for_keys(plan: str, k) -> Band:

@@ -16,11 +16,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..kernels.dispatch import Band, encode_plan
 from ..patterns.onnx_attention import find_attention_sites
 from ..patterns.onnx_graph import GraphView, NotStatic, size_choices
 from ..patterns.record import AttentionSite
-from .fx_rewrite import fit_bands
+from ..plan import Band, encode_plan
+from .bands import fit_bands
 from .onnx_functions import DOMAIN, DOMAIN_VERSION, NODE_FOR_KIND, attention_function
 from .report import Report, SiteReport
 

@@ -41,8 +41,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from ..kernels.dispatch import Band
-from .policy_schema import KINDS, validate_params
+from ..plan import KINDS, Band
+from .policy_schema import validate_params
 
 SUPPORTED_VERSIONS = (1,)
 DEFAULT_POLICY = "policies/default.yaml"   # inside the longattn package

@@ -12,7 +12,6 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError, model_validator
 
-KINDS = ("exact", "flash", "hyper", "linear")
 FEATURE_MAPS = ("elu", "relu", "favor", "taylor2", "hedgehog", "identity", "none")
 
 

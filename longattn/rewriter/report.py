@@ -6,8 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from ..kernels.dispatch import Band
 from ..patterns.record import AttentionSite
+from ..plan import Band
 
 REPORT_VERSION = 1
 

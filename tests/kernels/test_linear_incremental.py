@@ -89,7 +89,7 @@ def test_batches_and_training_recompute_without_keeping_state_and_the_delta_rule
 
 def test_the_rewriter_names_the_site_for_torch_compile_and_drops_decode_state_for_onnx():
     from longattn.patterns.record import AttentionSite
-    from longattn.rewriter.fx_rewrite import fit_bands
+    from longattn.rewriter.bands import fit_bands
     site = AttentionSite(layer="model.layers.3.self_attn", pattern="sdpa")
     band = Band("linear", params={"decode_state": True, "sink_tokens": 4})
     assert fit_bands([band], site)[0][0].params == {"site": "model.layers.3.self_attn", "sink_tokens": 4}

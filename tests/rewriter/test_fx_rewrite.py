@@ -3,7 +3,8 @@ import torch
 
 from longattn.kernels.dispatch import Band, decode_plan
 from longattn.patterns import fx_attention
-from longattn.rewriter.fx_rewrite import fit_bands, rewrite_graph
+from longattn.rewriter.bands import fit_bands
+from longattn.rewriter.fx_rewrite import rewrite_graph
 from longattn.rewriter.policy import Policy
 from tests.zoo import dynamo_graph
 
