@@ -55,6 +55,7 @@ def convert(model_or_path: Union[str, os.PathLike, onnx.ModelProto], policy=None
     read; the returned model holds them in memory and `save` writes them out again). With `check`, the converted model must pass
     `onnx.checker.check_model(full_check=True)` and both models run on random inputs; the max
     error per output lands in `report.checks`."""
+    from .backends.onnxruntime import library_notes
     from .rewriter.onnx_rewrite import rewrite_model
     policy = _policy(policy)
     if isinstance(model_or_path, onnx.ModelProto):
@@ -65,7 +66,7 @@ def convert(model_or_path: Union[str, os.PathLike, onnx.ModelProto], policy=None
         path = os.fspath(model_or_path)
         source = load(path)
         base_dir = os.path.dirname(os.path.abspath(path))
-    converted, report = rewrite_model(source, policy, verify=verify, base_dir=base_dir)
+    converted, report = rewrite_model(source, policy, verify=verify, base_dir=base_dir, band_notes=library_notes)
     if base_dir and has_external_data(converted):
         onnx.load_external_data_for_model(converted, base_dir)
     report.checks = {}

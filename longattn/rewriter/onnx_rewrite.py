@@ -10,7 +10,7 @@ as it was and says why in the report. Nothing of the input model is modified.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import onnx
@@ -36,10 +36,11 @@ class RewriteRejected(Exception):
     pass
 
 
-def rewrite_model(model: onnx.ModelProto, policy: "Policy", *, verify: bool = True,
-                  base_dir: str = "") -> tuple[onnx.ModelProto, Report]:
+def rewrite_model(model: onnx.ModelProto, policy: "Policy", *, verify: bool = True, base_dir: str = "",
+                  band_notes: Optional[Callable[[list[Band]], list[str]]] = None) -> tuple[onnx.ModelProto, Report]:
     """Return (rewritten copy of `model`, report of every site). `model` may hold external-data
-    references (loaded without their data); `base_dir` is where that data lives."""
+    references (loaded without their data); `base_dir` is where that data lives. `band_notes` adds the
+    runtime's notes on a site's bands to its report row (longattn.onnx passes the onnxruntime library's)."""
     inline_small_external_data(model, base_dir)
     inferred = infer_shapes(model)
     view = GraphView(inferred, base_dir=base_dir)
@@ -54,7 +55,8 @@ def rewrite_model(model: onnx.ModelProto, policy: "Policy", *, verify: bool = Tr
             continue
         decision = policy.decide(site.layer, site.layer_index, num_layers)
         bands, notes = fit_bands(list(decision.bands), site, keep_state=False)
-        notes += library_notes(bands)
+        if band_notes is not None:
+            notes += band_notes(bands)
         row = SiteReport.from_site(site, bands=bands, rule=getattr(decision, "source", None), notes=notes)
         if all(b.kind == "exact" for b in bands):
             row.status = "exact"
@@ -79,16 +81,6 @@ def inline_small_external_data(model: onnx.ModelProto, base_dir: str) -> None:
         if t.data_location == TensorProto.EXTERNAL and int(np.prod(t.dims)) <= SMALL_INITIALIZER:
             model.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t, base_dir=base_dir),
                                                                         t.name))
-
-
-def library_notes(bands) -> list[str]:
-    from ..backends.onnxruntime import library_fallback_reason
-    notes = []
-    for b in bands:
-        why = library_fallback_reason(b.kind, b.params)
-        if why:
-            notes.append(f"the onnxruntime library runs {b.kind} ({why}) as exact attention")
-    return notes
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -43,3 +43,13 @@ def library_fallback_reason(kind: str, params: dict):
     if "feature_params" in params or "beta" in params:
         return "calibrated feature_params" if "feature_params" in params else "beta"
     return None
+
+
+def library_notes(bands) -> list[str]:
+    """The report's notes on the bands this library runs as exact attention (see library_fallback_reason)."""
+    notes = []
+    for b in bands:
+        why = library_fallback_reason(b.kind, b.params)
+        if why:
+            notes.append(f"the onnxruntime library runs {b.kind} ({why}) as exact attention")
+    return notes
