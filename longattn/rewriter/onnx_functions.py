@@ -81,9 +81,12 @@ def attention_function(op_type: str, elem_type: int, opset: int) -> onnx.Functio
         _const("ninf_f", float("-inf"), TensorProto.FLOAT), n("Cast", ["ninf_f"], ["ninf"], to=T),
         n("Where", ["blocked", "ninf", "scores_masked"], ["scores_final"]),
         n("Softmax", ["scores_final"], ["probs_raw"], axis=-1),
-        # a row that sees no key is all -inf: softmax gives NaN, the kernels give 0
-        n("IsNaN", ["probs_raw"], ["nan"]), _const("zero_f", 0.0, TensorProto.FLOAT),
-        n("Cast", ["zero_f"], ["zero"], to=T), n("Where", ["nan", "zero", "probs_raw"], ["probs"]),
+        # a row that sees no key is all -inf: softmax gives NaN, the kernels give 0. Only those rows: a NaN or inf
+        # input gives NaN rows, as in eager (TopK: the row maximum in every opset from 13 on; ReduceMax is not)
+        n("TopK", ["scores_final", "i1"], ["row_max", "row_argmax"], axis=-1),
+        n("IsInf", ["row_max"], ["row_empty"], detect_positive=0),
+        _const("zero_f", 0.0, TensorProto.FLOAT),
+        n("Cast", ["zero_f"], ["zero"], to=T), n("Where", ["row_empty", "zero", "probs_raw"], ["probs"]),
         n("MatMul", ["probs", "v_rep"], ["out"]),
     ]
     defaults = [helper.make_attribute("scale", 1.0), helper.make_attribute("causal", 0),

@@ -213,6 +213,26 @@ def test_hyper_exactness_check_catches_doubled_sample_weights(library, tmp_path,
     assert _hyper_with_exact_samples_error(run_mutant, True, 2) > 0.05
 
 
+@pytest.mark.parametrize("op,band", [
+    ("FlashAttention", Band("flash")),
+    ("HyperAttention", Band("hyper", None, {"min_seq_len": 64, "block_size": 32, "sample_size": 16, "lsh_bits": 4})),
+    ("LinearAttention", Band("linear", None, {"sink_tokens": 2, "local_window": 8})),
+], ids=["flash", "hyper", "linear"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_nan_and_inf_inputs_give_eager_nan_rows_not_numbers(library, op, band, causal):
+    """A NaN or inf input once came out as a row of zeros: the fast paths' exponentials clamp their arguments.
+    Such calls now run plain exact attention, for every kind: eager's result, NaN rows included."""
+    shape = (1, 2, 300, 16)
+    feeds = feeds_for(shape, shape)
+    feeds["q"][0, 1, 100, 3] = np.nan
+    feeds["q"][0, 0, 200, 5] = np.inf
+    got = with_library(node_model(op, shape, shape, causal=causal, bands=(band,)), feeds)
+    want = stock(node_model("FlashAttention", shape, shape, causal=causal), feeds)
+    assert np.isnan(want[0, 1, 100]).all() and np.isnan(want[0, 0, 200]).all()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(want), rtol=1e-4, atol=1e-5)
+
+
 def test_converted_model_runs_on_the_library_and_matches_the_original(library, tmp_path):
     from tests.patterns.test_onnx_zoo import ALL_FLASH, export, zoo_feeds
     path, _ = export("llama", "eager", False, 17, tmp_path)

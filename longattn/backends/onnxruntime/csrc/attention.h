@@ -287,6 +287,44 @@ inline void attend_rows(const float* Q, int64_t ldq, int64_t nq, int D, float sc
   }
 }
 
+// Whether every element is finite (no NaN, no inf); for a mask, -inf is allowed (a hidden key).
+inline bool all_finite(const float* x, int64_t n, bool allow_neg_inf = false) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(x[i]) && !(allow_neg_inf && x[i] == kNegInf)) return false;
+  return true;
+}
+
+// Exact attention of one head in plain IEEE arithmetic, for inputs holding NaN or inf: the fast paths'
+// exponentials clamp their arguments, which turned such rows into numbers where eager attention gives NaN.
+// As in eager's softmax then p @ v, every key's probability multiplies its value, zeros included (0 * NaN is
+// NaN). A row that sees no key gives 0, as the fast paths do.
+inline void plain_attention(const float* Q, const float* K, const float* V, int64_t Sq, int64_t Sk, int D, int Dv,
+                            float scale, const MaskView& mask, bool causal, float* out) {
+  std::vector<double> p((size_t)Sk);
+  const int64_t off = Sk - Sq;
+  for (int64_t i = 0; i < Sq; ++i) {
+    double m = -std::numeric_limits<double>::infinity();
+    for (int64_t j = 0; j < Sk; ++j) {
+      double s = 0.0;
+      for (int d = 0; d < D; ++d) s += (double)Q[i * D + d] * K[j * D + d];
+      s *= scale;
+      if (mask.data) s += mask.data[i * mask.stride_q + j * mask.stride_k];
+      if (causal && j > i + off) s = -std::numeric_limits<double>::infinity();
+      p[(size_t)j] = s;
+      m = std::isnan(s) || std::isnan(m) ? std::numeric_limits<double>::quiet_NaN() : std::max(m, s);
+    }
+    float* o = out + i * Dv;
+    if (m == -std::numeric_limits<double>::infinity()) { std::fill(o, o + Dv, 0.f); continue; }
+    double l = 0.0;
+    for (double& x : p) l += (x = std::exp(x - m));  // NaN when m is NaN or +inf, as in eager
+    for (int d = 0; d < Dv; ++d) {
+      double acc = 0.0;
+      for (int64_t j = 0; j < Sk; ++j) acc += p[(size_t)j] * V[j * Dv + d];
+      o[d] = (float)(acc / l);
+    }
+  }
+}
+
 // Merge (out_b, lse_b) into (out_a, lse_a) row-wise: attention over the union of two key sets.
 inline void merge_by_lse(float* out_a, float* lse_a, const float* out_b, const float* lse_b, int64_t n, int Dv,
                          int64_t ldo_a, int64_t ldo_b) {

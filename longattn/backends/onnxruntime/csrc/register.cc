@@ -150,6 +150,16 @@ struct AttentionOp {
     };
     const bool approximate = (kind == "hyper" || kind == "linear");
     if (approximate && mask_data) throw std::runtime_error(kind + " takes no mask; the rewriter uses flash for such sites");
+    // NaN or inf anywhere (a mask's -inf aside): eager's NaN rows, from plain exact arithmetic, for every kind
+    if (!all_finite(qd, B * Hq * Sq * D) || !all_finite(kd, B * Hkv * Sk * D) || !all_finite(vd, B * Hkv * Sk * Dv) ||
+        (mask_data && !all_finite(mask_data, (int64_t)mask.NumberOfElement(), true))) {
+      parallel_for(ctx, (size_t)(B * Hq), [&](size_t item) {
+        const int64_t b = item / Hq, h = item % Hq, hk = h / groups;
+        plain_attention(qd + item * Sq * D, kd + (b * Hkv + hk) * Sk * D, vd + (b * Hkv + hk) * Sk * Dv, Sq, Sk,
+                        (int)D, (int)Dv, scale, head_mask(b, h, 0), causal, o + item * Sq * Dv);
+      });
+      return;
+    }
     if (kind == "hyper" && Sk >= (int64_t)band.number("min_seq_len", 4096) && !(causal && Sq > Sk)) {
       // defaults are the PyTorch kernel's (longattn/kernels/hyper/__init__.py)
       HyperParams p;
