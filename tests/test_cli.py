@@ -42,3 +42,10 @@ def test_explain_of_an_unknown_model_says_what_it_expected():
     done = _longattn("explain", "no-such-model-type")
     assert done.returncode != 0 and "not module:factory and not a transformers model type" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_python_dash_m_longattn_is_the_same_command():
+    done = subprocess.run([sys.executable, "-m", "longattn", "policy", "check", "examples/policies/all-flash.yaml"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == _longattn("policy", "check", "examples/policies/all-flash.yaml").stdout

@@ -18,8 +18,8 @@ def _run(code: str) -> str:
 
 
 def _loaded_after(code: str) -> list[str]:
-    out = _run(code + "\nimport sys\nprint(' '.join(m for m in " + repr(HEAVY) + " if m in sys.modules))")
-    return out.split()
+    out = _run(code + "\nimport sys\nprint('loaded:', *(m for m in " + repr(HEAVY) + " if m in sys.modules))")
+    return out.splitlines()[-1].split()[1:]
 
 
 def test_loading_a_policy_imports_neither_torch_nor_triton():
@@ -65,3 +65,10 @@ def test_converting_an_onnx_model_imports_neither_torch_nor_triton():
         "policy = {'version': 1, 'rules': [{'layers': '*', 'use': 'flash'}]}\n"
         "_, report = lo.convert(m, policy=policy, check=True)\n"
         "assert report.count('rewritten') == 1, report\n") == []
+
+
+def test_policy_check_on_the_command_line_imports_neither_torch_nor_triton():
+    # a policy without linear bands: the linear kind's settings are checked by the kernel's own check_options
+    # (kernels/linear/reference.py), which loads torch
+    assert _loaded_after("from longattn.cli import main\n"
+                         "assert main(['policy', 'check', 'examples/policies/hyper-last-two-thirds.yaml']) == 0\n") == []

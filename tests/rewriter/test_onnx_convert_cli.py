@@ -9,7 +9,8 @@ import stat
 import onnx
 import pytest
 
-from longattn import onnx_cli
+from longattn import cli
+from longattn.cli import convert as convert_cli
 from tests.patterns.test_onnx_spellings import SCALE, attention
 from tests.patterns.test_onnx_zoo import ALL_FLASH
 
@@ -17,7 +18,7 @@ from tests.patterns.test_onnx_zoo import ALL_FLASH
 @pytest.fixture(autouse=True)
 def _policy(monkeypatch):
     # the YAML policy engine is exercised by its own tests; here every layer goes to flash
-    monkeypatch.setattr(onnx_cli, "_load_policy", lambda spec: ALL_FLASH)
+    monkeypatch.setattr(convert_cli, "_load_policy", lambda spec: ALL_FLASH)
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def _snapshot(directory):
 def test_folder_is_converted_failures_reported_and_batch_goes_on(folder, tmp_path, capsys):
     before = _snapshot(folder)
     out, report = tmp_path / "out", tmp_path / "report.json"
-    code = onnx_cli.main(["convert", str(folder), "--out", str(out), "--report", str(report), "--check"])
+    code = cli.main(["convert", str(folder), "--out", str(out), "--report", str(report), "--check"])
     assert code == 1  # two broken files
     assert _snapshot(folder) == before  # inputs never modified
     assert sorted(os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(out) for f in fs) == \
@@ -62,7 +63,7 @@ def test_folder_is_converted_failures_reported_and_batch_goes_on(folder, tmp_pat
 
 def test_parallel_jobs_and_globs(folder, tmp_path):
     out = tmp_path / "out"
-    code = onnx_cli.main(["convert", str(folder / "*.onnx"), str(folder / "nested"), "--out", str(out), "--jobs", "2",
+    code = cli.main(["convert", str(folder / "*.onnx"), str(folder / "nested"), "--out", str(out), "--jobs", "2",
                           "--report", str(tmp_path / "r.json")])
     assert code == 1
     data = json.loads((tmp_path / "r.json").read_text())
@@ -76,7 +77,7 @@ def test_unwritable_output_directory_fails_every_model_cleanly(folder, tmp_path)
     out.mkdir()
     out.chmod(stat.S_IRUSR | stat.S_IXUSR)
     try:
-        code = onnx_cli.main(["convert", str(folder / "plain.onnx"), "--out", str(out), "--report",
+        code = cli.main(["convert", str(folder / "plain.onnx"), "--out", str(out), "--report",
                               str(tmp_path / "r.json")])
     finally:
         out.chmod(stat.S_IRWXU)
@@ -89,17 +90,17 @@ def test_unwritable_output_directory_fails_every_model_cleanly(folder, tmp_path)
 def test_output_directory_that_cannot_be_created_is_a_clear_failure(folder, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    code = onnx_cli.main(["convert", str(folder / "plain.onnx"), "--out", str(blocker / "out")])
+    code = cli.main(["convert", str(folder / "plain.onnx"), "--out", str(blocker / "out")])
     assert code == 1
     assert "cannot create the output directory" in capsys.readouterr().err
 
 
 def test_no_models_is_a_usage_error(tmp_path):
-    assert onnx_cli.main(["convert", str(tmp_path / "missing*.onnx"), "--out", str(tmp_path / "o")]) == 2
+    assert cli.main(["convert", str(tmp_path / "missing*.onnx"), "--out", str(tmp_path / "o")]) == 2
 
 
 def test_output_never_overwrites_the_input(folder):
-    code = onnx_cli.main(["convert", str(folder / "plain.onnx"), "--out", str(folder)])
+    code = cli.main(["convert", str(folder / "plain.onnx"), "--out", str(folder)])
     assert code == 1
 
 
@@ -109,7 +110,7 @@ def test_yaml_policy_bands_reach_the_nodes(folder, tmp_path, monkeypatch):
     policy.write_text("version: 1\nrules:\n  - layers: '*'\n    by_length:\n      - {below: 4096, use: flash}\n"
                       "      - {use: linear, sink_tokens: 64, local_window: 256}\n")
     out = tmp_path / "out"
-    assert onnx_cli.main(["convert", str(folder / "plain.onnx"), "--out", str(out), "--policy", str(policy)]) == 0
+    assert cli.main(["convert", str(folder / "plain.onnx"), "--out", str(out), "--policy", str(policy)]) == 0
     (node,) = [n for n in onnx.load(str(out / "plain.onnx")).graph.node if n.domain == "ai.longattn"]
     assert node.op_type == "LinearAttention"
     plan = json.loads(onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "plan")))
@@ -118,7 +119,6 @@ def test_yaml_policy_bands_reach_the_nodes(folder, tmp_path, monkeypatch):
 
 
 def test_longattn_command_has_convert(folder, tmp_path, capsys):
-    from longattn import cli
     out = tmp_path / "via-cli"
     assert cli.main(["convert", str(folder / "plain.onnx"), "--out", str(out), "--check"]) == 0
     assert (out / "plain.onnx").exists()
@@ -131,7 +131,7 @@ def test_an_output_folder_that_is_a_symlink_to_the_input_never_overwrites_it(fol
     link = tmp_path / "outlink"
     link.symlink_to(folder, target_is_directory=True)
     before = _snapshot(folder)
-    code = onnx_cli.main(["convert", str(folder / "plain.onnx"), "--out", str(link)])
+    code = cli.main(["convert", str(folder / "plain.onnx"), "--out", str(link)])
     assert code == 1
     assert _snapshot(folder) == before
 
@@ -141,20 +141,20 @@ def test_an_input_symlinked_into_the_output_folder_is_not_overwritten(folder, tm
     out.mkdir()
     (out / "plain.onnx").symlink_to(folder / "plain.onnx")
     before = _snapshot(folder)
-    assert onnx_cli.main(["convert", str(out / "plain.onnx"), "--out", str(out)]) == 1
+    assert cli.main(["convert", str(out / "plain.onnx"), "--out", str(out)]) == 1
     assert _snapshot(folder) == before
 
 
 def test_a_symlink_loop_reaches_each_model_once(folder, tmp_path):
     (folder / "self").symlink_to(folder, target_is_directory=True)
-    jobs, _ = onnx_cli.collect_jobs([str(folder / "**" / "plain.onnx")], str(tmp_path / "out"))
+    jobs, _ = convert_cli.collect_jobs([str(folder / "**" / "plain.onnx")], str(tmp_path / "out"))
     assert len(jobs) == 1 and jobs[0].error is None
 
 
 def test_outputs_get_the_normal_permissions_of_new_files(folder, tmp_path):
     """0666 less the umask, like any other tool's output: not the 0600 of the temporary files they start as."""
     out, report = tmp_path / "out", tmp_path / "report.json"
-    onnx_cli.main(["convert", str(folder / "plain.onnx"), "--out", str(out), "--report", str(report)])
+    cli.main(["convert", str(folder / "plain.onnx"), "--out", str(out), "--report", str(report)])
     from longattn.files import UMASK
     for path in (out / "plain.onnx", report):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~UMASK, path
@@ -177,7 +177,7 @@ def test_external_data_gets_the_normal_permissions_too(tmp_path):
 
 def test_an_empty_file_is_not_reported_as_converted(tmp_path):
     (tmp_path / "x.onnx").write_bytes(b"")
-    code = onnx_cli.main(["convert", str(tmp_path / "x.onnx"), "--out", str(tmp_path / "out")])
+    code = cli.main(["convert", str(tmp_path / "x.onnx"), "--out", str(tmp_path / "out")])
     assert code == 1 and not (tmp_path / "out" / "x.onnx").exists()
 
 
@@ -197,7 +197,7 @@ def test_arguments_that_could_only_fail_late_are_refused_first_or_per_model(what
         args[3] = str(tmp_path / "afile")
     else:
         (out / "plain.onnx").mkdir(parents=True)
-    code = onnx_cli.main(args)
+    code = cli.main(args)
     captured = capsys.readouterr()
     err = captured.err + captured.out
     assert code in (1, 2)
@@ -221,4 +221,4 @@ def test_check_gives_a_symbolic_hidden_size_the_weights_size(folder, tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(tmp_path / "hidden.onnx"))
-    assert onnx_cli.main(["convert", str(tmp_path / "hidden.onnx"), "--out", str(tmp_path / "out"), "--check"]) == 0
+    assert cli.main(["convert", str(tmp_path / "hidden.onnx"), "--out", str(tmp_path / "out"), "--check"]) == 0

@@ -11,7 +11,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 import longattn.onnx as lo
-from longattn import onnx_cli
+from longattn import cli
+from longattn.cli import convert as convert_cli
 from tests.patterns.test_onnx_zoo import ALL_FLASH
 
 B, H, S, D = 1, 4, 8, 16
@@ -62,11 +63,11 @@ def test_external_data_model_converts_and_keeps_external_data(tmp_path):
 
 
 def test_cli_keeps_external_data_for_external_inputs(tmp_path, monkeypatch):
-    monkeypatch.setattr(onnx_cli, "_load_policy", lambda spec: ALL_FLASH)
+    monkeypatch.setattr(convert_cli, "_load_policy", lambda spec: ALL_FLASH)
     src = tmp_path / "in"
     src.mkdir()
     onnx.save(projected_attention_model(), str(src / "model.onnx"), save_as_external_data=True,
               location="weights.bin", size_threshold=1024)
     out = tmp_path / "out"
-    assert onnx_cli.main(["convert", str(src), "--out", str(out), "--check"]) == 0
+    assert cli.main(["convert", str(src), "--out", str(out), "--check"]) == 0
     assert sorted(os.listdir(out)) == ["model.onnx", "model.onnx.data"]

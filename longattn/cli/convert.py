@@ -14,13 +14,12 @@ import argparse
 import glob
 import json
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .files import atomic_path
+from ..files import atomic_path
 
 STAGES = ("load", "rewrite", "save", "check", "done")
 LIBRARY_SUFFIX = " (library)"  # checks[name + this]: the output's error when our custom-op library runs it
@@ -48,7 +47,7 @@ class UsageError(ValueError):
     pass
 
 
-def add_convert_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `convert` subcommand to the `longattn` parser (sets `run` to `cmd_convert`)."""
     p = subparsers.add_parser("convert", help="rewrite the attention of ONNX models by a policy",
                               description=__doc__.split("\n\n")[0])
@@ -134,7 +133,7 @@ def convert_one(job: Job, policy, check: bool, check_length: int, verify: bool, 
             raise UsageError(job.error)
         import onnx
 
-        from . import onnx as lo
+        from .. import onnx as lo
         step("load")
         source = lo.load(job.source)  # graph only; fails early and clearly on a corrupt file
         had_external = lo.has_external_data(source)
@@ -148,7 +147,7 @@ def convert_one(job: Job, policy, check: bool, check_length: int, verify: bool, 
             step("check")
             onnx.checker.check_model(job.target, full_check=True)
             outcome.checks = lo.compare_outputs(job.source, job.target, length=check_length)
-            from .backends.onnxruntime import library_path
+            from ..backends.onnxruntime import library_path
             if library_path():  # also what users run: our kernels, not only the function bodies
                 on_library = lo.compare_outputs(job.source, job.target, length=check_length, use_library=True)
                 outcome.checks.update({name + LIBRARY_SUFFIX: err for name, err in on_library.items()})
@@ -264,7 +263,7 @@ def check_arguments(args) -> None:
 
 
 def _load_policy(spec):
-    from .rewriter.policy import load_policy
+    from ..rewriter.policy import load_policy
     return load_policy(spec)
 
 
@@ -308,12 +307,3 @@ def write_report(path: str, outcomes: list[Outcome], policy: str) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=2)
 
-
-def main(argv=None) -> int:
-    """`python -m longattn.onnx_cli convert ...`: the same as `longattn convert ...`."""
-    from .cli import main as cli_main
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,6 @@
+"""`python -m longattn ...` = `longattn ...`."""
+import sys
+
+from .cli.main import main
+
+sys.exit(main())
