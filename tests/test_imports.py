@@ -72,3 +72,10 @@ def test_policy_check_on_the_command_line_imports_neither_torch_nor_triton():
     # (kernels/linear/reference.py), which loads torch
     assert _loaded_after("from longattn.cli import main\n"
                          "assert main(['policy', 'check', 'examples/policies/hyper-last-two-thirds.yaml']) == 0\n") == []
+
+
+def test_the_layer_contracts_in_pyproject_hold():
+    # the same check as .ci/run's; here too so that a local pytest run catches an import across the layers
+    done = subprocess.run([str(Path(sys.executable).with_name("lint-imports")), "--no-cache"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
