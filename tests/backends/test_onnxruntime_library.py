@@ -384,3 +384,21 @@ def test_hyper_bad_sampling_is_named(library, params, match):
                        bands=(Band("hyper", None, dict(params, min_seq_len=64)),))
     with pytest.raises(Exception, match=match):
         with_library(model, feeds_for(shape, shape))
+
+
+def test_the_build_is_redone_when_the_compiler_flags_change(tmp_path, monkeypatch):
+    """A library compiled with other flags (another vector width) is stale even when newer than its sources."""
+    from longattn.backends.onnxruntime import build
+    try:
+        build.compiler()
+    except build.BuildError as e:
+        pytest.skip(f"no C++ compiler to build the custom-op library: {e}")
+    monkeypatch.setenv("LONGATTN_ORT_CXXFLAGS", "-O0")
+    path = build.build(str(tmp_path), quiet=True)
+    first = os.stat(path).st_mtime_ns
+    assert build.build(str(tmp_path), quiet=True) == path and os.stat(path).st_mtime_ns == first  # up to date
+    monkeypatch.setenv("LONGATTN_ORT_CXXFLAGS", "-O0 -DLONGATTN_FLAGS_CHANGED")
+    os.utime(path, ns=(first, first))  # same mtime: only the flags differ
+    build.build(str(tmp_path), quiet=True)
+    assert os.stat(path).st_mtime_ns != first
+    assert "-DLONGATTN_FLAGS_CHANGED" in open(path + ".build").read()

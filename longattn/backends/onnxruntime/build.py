@@ -8,11 +8,13 @@ of version 1.21.0 (`csrc/onnxruntime-1.21.0/`, unmodified, from Debian's libonnx
 folder holding onnxruntime_c_api.h & co. to build against other headers. The library asks for C
 API version 21 and binds to the API of whichever onnxruntime (>= 1.21) loads it, so nothing links
 against onnxruntime at build time. Compiled with the system C++ compiler (CXX, default
-g++/c++) at -O3 -march=native: build it on the machine that runs it.
+g++/c++) at -O3 -march=native: build it on the machine that runs it. LONGATTN_ORT_CXXFLAGS replaces
+those flags (`-O3 -march=x86-64-v3`: an AVX2 build); a library built with other flags is rebuilt.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -48,6 +50,14 @@ def compiler() -> str:
     raise BuildError("no C++ compiler found (set CXX, or install g++: apt-get install g++)")
 
 
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def build(out_dir: str | None = None, force: bool = False, quiet: bool = False, source_dir: str | None = None) -> str:
     """Build (or reuse) the library; return its path. Raises BuildError with the reason. source_dir: another
     copy of csrc/ (the tests build deliberately broken copies to show that they catch the breakage)."""
@@ -57,11 +67,15 @@ def build(out_dir: str | None = None, force: bool = False, quiet: bool = False, 
     csrc = source_dir or os.path.join(HERE, "csrc")
     sources = [os.path.join(csrc, s) for s in SOURCES]
     deps = sources + [os.path.join(csrc, h) for h in ("attention.h", "plan.h")]
-    if not force and os.path.exists(target) and \
-            os.path.getmtime(target) >= max(os.path.getmtime(d) for d in deps):
-        return target
     include = headers_dir()
     flags = os.environ.get("LONGATTN_ORT_CXXFLAGS", "-O3 -march=native").split()
+    # the stamp beside the library records what built it: a library compiled with other flags (another
+    # vector width), another compiler or other headers is stale even when newer than its sources
+    stamp, key = target + ".build", json.dumps({"cxx": compiler(), "flags": flags, "headers": include,
+                                                "sources": csrc})
+    if not force and os.path.exists(target) and _read(stamp) == key and \
+            os.path.getmtime(target) >= max(os.path.getmtime(d) for d in deps):
+        return target
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".build-", suffix=".so")
     os.close(fd)
     cmd = [compiler(), "-std=c++17", "-shared", "-fPIC", *flags, "-I", include, *sources, "-o", tmp, "-lpthread"]
@@ -70,6 +84,9 @@ def build(out_dir: str | None = None, force: bool = False, quiet: bool = False, 
         if result.returncode != 0:
             raise BuildError(f"compiling the custom-op library failed:\n$ {' '.join(cmd)}\n{result.stderr[-4000:]}")
         os.replace(tmp, target)
+        with open(tmp, "w") as f:  # the same temporary name, for an atomic replace of the stamp
+            f.write(key)
+        os.replace(tmp, stamp)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
