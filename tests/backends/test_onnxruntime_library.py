@@ -402,3 +402,23 @@ def test_the_build_is_redone_when_the_compiler_flags_change(tmp_path, monkeypatc
     build.build(str(tmp_path), quiet=True)
     assert os.stat(path).st_mtime_ns != first
     assert "-DLONGATTN_FLAGS_CHANGED" in open(path + ".build").read()
+
+
+def softmax_attention_reference(q, k, v, scale):
+    """Exact attention in float64."""
+    s = (q.astype(np.float64) @ np.swapaxes(k.astype(np.float64), -1, -2)) * scale
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v.astype(np.float64)
+
+
+def test_flash_kernel_matches_numpy_with_wide_scores_and_odd_widths(library):
+    """Scores spread over hundreds of units, so most exponentials fall below the vector exp2's flush to zero
+    (2^-125 of the row's maximum); head widths that leave partial vectors and micro-kernel tiles on every
+    vector width."""
+    q_shape, kv_shape = (1, 2, 77, 24), (1, 2, 301, 24)
+    m = node_model("FlashAttention", q_shape, kv_shape, scale=0.5)
+    rng = np.random.default_rng(1)
+    feeds = {n: (rng.standard_normal(q_shape if n == "q" else kv_shape) * (3 if n != "v" else 1)).astype(np.float32)
+             for n in "qkv"}  # scores of standard deviation 22: a row spans well over 87 (2^-125 = e^-87)
+    expected = softmax_attention_reference(feeds["q"], feeds["k"], feeds["v"], 0.5)
+    np.testing.assert_allclose(with_library(m, feeds), expected, rtol=1e-4, atol=1e-5)

@@ -2,10 +2,11 @@
 //
 // attend_rows: exact attention of a run of query rows against a run of keys with an online
 // softmax, one (query block x key block) tile of scores at a time: O(block) memory, never S x S.
-// The two products are small GEMMs on a register-blocked micro-kernel (12 x 32 floats, AVX-512;
-// a plain loop elsewhere). HyperAttention (sortLSH blocks + uniform key samples merged by
-// log-sum-exp, causal by recursion on halves: Han et al. 2023, Alg. 1-4) and chunked linear
-// attention are built from it. The reference for all three is longattn/kernels/*.
+// The two products are small GEMMs on a register-blocked micro-kernel (kMR rows x 2 vectors:
+// 12 x 32 floats with AVX-512, 6 x 16 with AVX2; see "portable vectors"). HyperAttention (sortLSH
+// blocks + uniform key samples merged by log-sum-exp, causal by recursion on halves: Han et al.
+// 2023, Alg. 1-4) and chunked linear attention are built from it. The reference for all three is
+// longattn/kernels/*.
 #pragma once
 
 #include <algorithm>
@@ -17,10 +18,6 @@
 #include <random>
 #include <string>
 #include <vector>
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 namespace longattn {
 
@@ -38,69 +35,93 @@ constexpr int kScoreStride = kKeyBlock + 16;   // not a power of two: rows of p 
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// --- portable vectors -------------------------------------------------------------------------
+//
+// One source for every vector width: GCC/Clang vector extensions, which the compiler lowers to
+// AVX-512, AVX2+FMA, SSE2 or NEON by the target flags (a*b+c contracts to an FMA where the target
+// has one). Other compilers, and -DLONGATTN_SCALAR (to test them), take the scalar loops.
+#if defined(__GNUC__) && !defined(LONGATTN_SCALAR) && \
+    (defined(__AVX512F__) || defined(__AVX__) || defined(__SSE2__) || defined(__ARM_NEON))
+#define LONGATTN_VECTOR 1
+#if defined(__AVX512F__)
+constexpr int kLanes = 16, kMR = 12;  // 32 registers: 24 accumulators, 2 of B, 1 of A
+#elif defined(__AVX__)
+constexpr int kLanes = 8, kMR = 6;    // 16 registers: 12 accumulators, 2 of B, 1 of A
+#else
+constexpr int kLanes = 4, kMR = 6;
+#endif
+constexpr int kNR = 2 * kLanes;  // the micro-kernel's tile: kMR rows x 2 vectors
+typedef float vfloat __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vint __attribute__((vector_size(4 * kLanes)));
+inline vfloat vload(const float* p) { vfloat v; std::memcpy(&v, p, sizeof v); return v; }  // unaligned
+inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+inline vfloat vsplat(float x) { return vfloat{} + x; }
+inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
+inline float reduce_add(vfloat v) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+inline float reduce_max(vfloat v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  return m;
+}
+#else
+constexpr int kLanes = 1, kMR = 1, kNR = 1;
+#endif
+constexpr int kRowMaxStride = 16;  // floats per row of gemm's row maxima: the widest vector's lanes
+
 // --- C (+)= A * B: A (M x K, lda), B (K x N, ldb), C (M x N, ldc), all row-major ---------------
 
-#if defined(__AVX512F__)
+#if defined(LONGATTN_VECTOR)
 template <int MR>
 inline void micro_kernel(int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc, bool accumulate,
-                         float* row_max = nullptr) {
-  __m512 c0[MR], c1[MR];
+                         float* row_max) {
+  vfloat c0[MR], c1[MR];
   for (int r = 0; r < MR; ++r) {
-    c0[r] = accumulate ? _mm512_loadu_ps(C + r * ldc) : _mm512_setzero_ps();
-    c1[r] = accumulate ? _mm512_loadu_ps(C + r * ldc + 16) : _mm512_setzero_ps();
+    c0[r] = accumulate ? vload(C + r * ldc) : vfloat{};
+    c1[r] = accumulate ? vload(C + r * ldc + kLanes) : vfloat{};
   }
   for (int k = 0; k < K; ++k) {
-    const __m512 b0 = _mm512_loadu_ps(B + (int64_t)k * ldb);
-    const __m512 b1 = _mm512_loadu_ps(B + (int64_t)k * ldb + 16);
+    const vfloat b0 = vload(B + (int64_t)k * ldb), b1 = vload(B + (int64_t)k * ldb + kLanes);
     for (int r = 0; r < MR; ++r) {
-      const __m512 a = _mm512_set1_ps(A[(int64_t)r * lda + k]);
-      c0[r] = _mm512_fmadd_ps(a, b0, c0[r]);
-      c1[r] = _mm512_fmadd_ps(a, b1, c1[r]);
+      const float a = A[(int64_t)r * lda + k];
+      c0[r] += a * b0;
+      c1[r] += a * b1;
     }
   }
   for (int r = 0; r < MR; ++r) {
-    _mm512_storeu_ps(C + r * ldc, c0[r]);
-    _mm512_storeu_ps(C + r * ldc + 16, c1[r]);
+    vstore(C + r * ldc, c0[r]);
+    vstore(C + r * ldc + kLanes, c1[r]);
   }
-  if (row_max)  // the softmax's row maxima while the tile is still in registers, 16 lanes a row
-    for (int r = 0; r < MR; ++r)
-      _mm512_storeu_ps(row_max + 16 * r, _mm512_max_ps(_mm512_loadu_ps(row_max + 16 * r),
-                                                       _mm512_max_ps(c0[r], c1[r])));
+  if (row_max)  // the softmax's row maxima while the tile is still in registers, lane-wise
+    for (int r = 0; r < MR; ++r) {
+      float* m = row_max + kRowMaxStride * r;
+      vstore(m, vmax(vload(m), vmax(c0[r], c1[r])));
+    }
 }
 
+template <int MR>
 inline void micro_dispatch(int rows, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc,
-                           bool acc, float* mx = nullptr) {
-  switch (rows) {
-    case 12: micro_kernel<12>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
-    case 11: micro_kernel<11>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
-    case 10: micro_kernel<10>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
-    case 9: micro_kernel<9>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
-    case 8: micro_kernel<8>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
-    case 7: micro_kernel<7>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
-    case 6: micro_kernel<6>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
-    case 5: micro_kernel<5>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
-    case 4: micro_kernel<4>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
-    case 3: micro_kernel<3>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
-    case 2: micro_kernel<2>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
-    default: micro_kernel<1>(K, A, lda, B, ldb, C, ldc, acc, mx); break;
-  }
+                           bool acc, float* mx) {
+  if constexpr (MR > 1)
+    if (rows < MR) return micro_dispatch<MR - 1>(rows, K, A, lda, B, ldb, C, ldc, acc, mx);
+  micro_kernel<MR>(K, A, lda, B, ldb, C, ldc, acc, mx);
 }
-constexpr int kMR = 12, kNR = 32;
-#else
-constexpr int kMR = 1, kNR = 1;
 #endif
 
-// row_max (optional, 16 floats a row: lane-wise maxima, reduce with max_of_lanes): raised to
-// the max of each row of the product
+// row_max (optional, kRowMaxStride floats a row, lane-wise maxima: reduce them): raised to the max
+// of each row of the product
 inline void gemm(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc,
                  bool accumulate, float* row_max = nullptr) {
   int n_fast = 0;
-#if defined(__AVX512F__)
+#if defined(LONGATTN_VECTOR)
   n_fast = N / kNR * kNR;
   for (int i = 0; i < M; i += kMR)
     for (int j = 0; j < n_fast; j += kNR)
-      micro_dispatch(std::min(kMR, M - i), K, A + (int64_t)i * lda, lda, B + j, ldb, C + (int64_t)i * ldc + j, ldc,
-                     accumulate, row_max ? row_max + 16 * i : nullptr);
+      micro_dispatch<kMR>(std::min(kMR, M - i), K, A + (int64_t)i * lda, lda, B + j, ldb, C + (int64_t)i * ldc + j,
+                          ldc, accumulate, row_max ? row_max + kRowMaxStride * i : nullptr);
 #endif
   if (n_fast == N) return;
   for (int i = 0; i < M; ++i) {
@@ -113,44 +134,52 @@ inline void gemm(int M, int N, int K, const float* A, int lda, const float* B, i
       for (int j = n_fast; j < N; ++j) c[j] += a * b[j];
     }
     if (row_max)
-      for (int j = n_fast; j < N; ++j) row_max[16 * i] = std::max(row_max[16 * i], c[j]);
+      for (int j = n_fast; j < N; ++j)
+        row_max[kRowMaxStride * i] = std::max(row_max[kRowMaxStride * i], c[j]);
   }
 }
 
 // --- exp of non-positive arguments (softmax numerators), vectorised ----------------------------
 
-#if defined(__AVX512F__)
-inline __m512 exp2_512(__m512 x) {
+#if defined(LONGATTN_VECTOR)
+inline vfloat exp2v(vfloat x) {
   // 2^x = 2^n 2^r, n = round(x), |r| <= 1/2: 2^r by its degree-6 Taylor polynomial in r ln2
-  // (rel. error < 3e-8), 2^n applied exactly by vscalefps. Scores are kept in log2 units (the
+  // (rel. error < 3e-8), n added to the exponent bits. Scores are kept in log2 units (the
   // softmax scale carries log2(e)), which saves the range reduction's multiply and second step.
-  x = _mm512_max_ps(x, _mm512_set1_ps(-150.f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
+  // Below 2^-125 (of the row's maximum, which counts 1) the result is 0, -inf and NaN included:
+  // those lanes compute garbage that the mask clears, which costs less than clamping x.
+  const vint keep = x >= -125.f;
+  const vfloat t = x + 12582912.f;  // 1.5 * 2^23: rounds x to an integer n, held in t's low bits (IEEE
+                                    // arithmetic: -ffast-math would fold this away)
+  const vfloat r = x - (t - 12582912.f);
+  vfloat p = vsplat(1.5403530393381606e-4f);
+  p = p * r + 1.3333558146428443e-3f;
+  p = p * r + 9.6181291076284772e-3f;
+  p = p * r + 5.5504108664821580e-2f;
+  p = p * r + 2.4022650695910071e-1f;
+  p = p * r + 6.9314718055994531e-1f;
+  p = p * r + 1.f;
+  vint bits, n;
+  std::memcpy(&bits, &p, sizeof bits);
+  std::memcpy(&n, &t, sizeof n);
+  bits = (bits + (n << 23)) & keep;  // t's bits are 0x4B400000 + n; shifted by 23 only n's remain
+  std::memcpy(&p, &bits, sizeof p);
+  return p;
 }
 #endif
 
-// s[j] <- 2^(s[j] - shift) for j < n (n a multiple of 16 on the vector path); returns the sum.
+// s[j] <- 2^(s[j] - shift) for j < n (n a multiple of kLanes on the vector path); returns the sum.
 inline float exp2_shift_sum(float* s, int n, float shift) {
   float total = 0.f;
   int j = 0;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  const __m512 sh = _mm512_set1_ps(shift);
-  for (; j + 16 <= n; j += 16) {
-    __m512 e = exp2_512(_mm512_sub_ps(_mm512_loadu_ps(s + j), sh));
-    _mm512_storeu_ps(s + j, e);
-    acc = _mm512_add_ps(acc, e);
+#if defined(LONGATTN_VECTOR)
+  vfloat acc{};
+  for (; j + kLanes <= n; j += kLanes) {
+    const vfloat e = exp2v(vload(s + j) - shift);
+    vstore(s + j, e);
+    acc += e;
   }
-  total = _mm512_reduce_add_ps(acc);
+  total = reduce_add(acc);
 #endif
   for (; j < n; ++j) {
     s[j] = std::exp2(s[j] - shift);
@@ -162,10 +191,10 @@ inline float exp2_shift_sum(float* s, int n, float shift) {
 inline float row_max(const float* s, int n) {
   float m = kNegInf;
   int j = 0;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_set1_ps(kNegInf);
-  for (; j + 16 <= n; j += 16) acc = _mm512_max_ps(acc, _mm512_loadu_ps(s + j));
-  m = _mm512_reduce_max_ps(acc);
+#if defined(LONGATTN_VECTOR)
+  vfloat acc = vsplat(kNegInf);
+  for (; j + kLanes <= n; j += kLanes) acc = vmax(acc, vload(s + j));
+  m = reduce_max(acc);
 #endif
   for (; j < n; ++j) m = std::max(m, s[j]);
   return m;
@@ -241,14 +270,15 @@ inline void attend_rows(const float* Q, int64_t ldq, int64_t nq, int D, float sc
         // the products' row maxima are the softmax's when nothing is added or hidden afterwards
         const bool plain = !mask.data && kb == kbp &&
                            (!causal || q_pos0 + r0 + s0 + causal_offset >= k0 + kb - 1);
-        float block_max[kStripe * 16];
-        std::fill(block_max, block_max + 16 * srows, kNegInf);
+        float block_max[kStripe * kRowMaxStride];
+        std::fill(block_max, block_max + kRowMaxStride * srows, kNegInf);
         for (int p = 0; p < kbp; p += kPanel)
           gemm(srows, kPanel, D, ws.q.data() + (size_t)s0 * D, D, Kt + (k0 + p) * D, kPanel, stripe + p, kScoreStride,
                false, plain ? block_max : nullptr);
         for (int r = s0; r < s0 + srows; ++r) {
           float* s = ws.scores.data() + (size_t)r * kScoreStride;
-          float mx = plain ? *std::max_element(block_max + 16 * (r - s0), block_max + 16 * (r - s0) + 16) : kNegInf;
+          const float* lanes = block_max + kRowMaxStride * (r - s0);
+          float mx = plain ? *std::max_element(lanes, lanes + kRowMaxStride) : kNegInf;
           if (!plain) {
             if (mask.data) {  // additive mask, in log2 units like the scores
               const float* mrow = mask.data + (r0 + r) * mask.stride_q + k0 * mask.stride_k;
