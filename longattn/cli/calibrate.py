@@ -2,7 +2,10 @@
 part (far_scale, hedgehog maps) on a model, per layer and head (longattn.calibrate)."""
 from __future__ import annotations
 
+from ..rewriter.policy_schema import defaults
 from .errors import CliError
+
+HYBRID = defaults("linear")  # a policy's linear band: sink_tokens and local_window
 
 
 def cmd_calibrate(args) -> int:
@@ -36,8 +39,8 @@ def cmd_calibrate(args) -> int:
     bad = [i for i in per_layer if not 0 <= i < num_layers]
     if bad:
         raise CliError(f"calibrate: layer(s) {bad} out of range (the model has {num_layers})")
-    defaults = {"feature_map": "hedgehog", "sink_tokens": 64, "local_window": 256}
-    settings = {i: {key: flags[key] if flags[key] is not None else p.get(key, defaults[key]) for key in flags}
+    fallback = {"feature_map": "hedgehog", "sink_tokens": HYBRID["sink_tokens"], "local_window": HYBRID["local_window"]}
+    settings = {i: {key: flags[key] if flags[key] is not None else p.get(key, fallback[key]) for key in flags}
                 for i, p in per_layer.items()}
     text_source = args.text or DOCS_DIR
     text = read_text(text_source)
@@ -97,8 +100,8 @@ def add_parser(sub) -> None:
     c.add_argument("--policy", help="fit the layers this policy maps to linear, with its bands' parameters")
     c.add_argument("--feature-map", choices=("elu", "relu", "favor", "taylor2", "hedgehog", "identity"),
                    help="default: the policy band's, else hedgehog")
-    c.add_argument("--sink-tokens", type=int, help="default: the policy band's, else 64")
-    c.add_argument("--local-window", type=int, help="default: the policy band's, else 256")
+    c.add_argument("--sink-tokens", type=int, help=f"default: the policy band's, else {HYBRID['sink_tokens']}")
+    c.add_argument("--local-window", type=int, help=f"default: the policy band's, else {HYBRID['local_window']}")
     c.add_argument("--text", help="calibration text (a file; .html is stripped) or a python3.11-doc html folder; "
                    "default: the Debian python3.11-doc pages")
     c.add_argument("--tokens", type=int, default=2048, help="calibration length in tokens (default 2048)")

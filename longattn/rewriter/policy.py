@@ -23,9 +23,10 @@ A site that no rule matches stays exact. `layers` selects by:
     layers or the site's index is unknown these match nothing (the rule is skipped, not an error);
   - a list of these, matching any of them.
 
-The parameters each kind takes are in `policy_schema.py`. A decision carries only the parameters
-the policy wrote; the kernels hold the defaults. Relative `feature_params` paths are taken from
-the policy file's folder. Errors name the file, the line and the key path:
+The parameters each kind takes are in `policy_schema.py`. A decision carries the parameters the
+policy wrote and the kind's `written` ones (linear's sinks and window: a policy's linear is the
+hybrid); the kernels' defaults are the schema's for the rest. Relative `feature_params` paths are
+taken from the policy file's folder. Errors name the file, the line and the key path:
 `p.yaml:12: rules[1].by_length[0].below must be a positive integer, got -5`.
 """
 from __future__ import annotations

@@ -1,14 +1,15 @@
 """The parameters each kind takes in a policy, as pydantic models.
 
-Types, ranges and enumerations live here; the shape of the document (rules, selectors, length
-bands) and the file/line bookkeeping live in `policy.py`. Defaults are declared so that
-`longattn policy check` and the docs can show them, but a decision carries only the keys the
-policy wrote: the kernels own their defaults, and a policy that omits a key follows them.
+This is the catalogue of kinds' parameters and their defaults; the kinds themselves are `plan.KINDS`. Types,
+ranges and enumerations live here; the shape of the document (rules, selectors, length bands) and the file/line
+bookkeeping live in `policy.py`. A decision carries the keys the policy wrote and a kind's `written` keys: every
+other default is the kernel's own too (tests/rewriter/test_catalogue.py checks that they agree), so a band that
+omits a key runs the same either way. `written` are the keys whose policy default differs from the kernel's.
 """
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError, model_validator
 
@@ -99,6 +100,8 @@ class ContextParallel(BaseModel):
 
 class KindParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # keys written into every band of the kind at their default here, where the policy leaves them out
+    written: ClassVar[tuple[str, ...]] = ()
     context_parallel: Optional[ContextParallel] = None  # any kind: see `ContextParallel`
 
 
@@ -134,6 +137,10 @@ class HyperParams(KindParams):
 
 class LinearParams(KindParams):
     """Hybrid linear attention: exact sinks + local window, feature-map attention for older keys."""
+    # A policy's linear is the hybrid (the kernels' HYBRID_DEFAULTS): a softmax-trained model needs its sinks and
+    # window exact. The kernel's own defaults, 0 and 0, are plain linear attention, what a direct call of the
+    # literature's linear attention (and fla's, which the benchmarks compare with) expects.
+    written: ClassVar[tuple[str, ...]] = ("sink_tokens", "local_window")
     feature_map: Annotated[str, _one_of(*FEATURE_MAPS)] = "elu"
     num_features: Positive = 256
     seed: Integer = 0
@@ -174,12 +181,13 @@ def allowed_keys(kind: str) -> tuple[str, ...]:
 
 
 def defaults(kind: str) -> dict[str, Any]:
-    """Every parameter of `kind` with the default the kernels use."""
+    """Every parameter of `kind` with its policy default: the kernels' own, but for the kind's `written` keys."""
     return {name: f.default for name, f in PARAMS[kind].model_fields.items()}
 
 
 def validate_params(kind: str, params: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[tuple, str]]]:
-    """Check `params` for `kind`. Returns (the keys given, normalised; [(loc, message), ...]).
+    """Check `params` for `kind`. Returns (the keys given, normalised, and the kind's `written` keys;
+    [(loc, message), ...]).
 
     Each loc is a tuple of keys below the band or rule; messages read after the key path
     ("must be ..., got 5") or, for unknown keys, stand alone.
@@ -189,7 +197,10 @@ def validate_params(kind: str, params: dict[str, Any]) -> tuple[dict[str, Any], 
         parsed = model.model_validate(params)
     except ValidationError as e:
         return {}, [_describe(kind, err) for err in e.errors()]
-    return parsed.model_dump(exclude_unset=True), []
+    given = parsed.model_dump(exclude_unset=True)
+    for name in model.written:
+        given.setdefault(name, getattr(parsed, name))
+    return given, []
 
 
 def _describe(kind: str, err: dict) -> tuple[tuple, str]:

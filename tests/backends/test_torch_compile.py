@@ -50,9 +50,11 @@ def test_training_step_through_flash_matches_eager_gradients():
     assert longattn.last_report().count("rewritten") == 2
 
 
+# linear without sinks or window: the short sequence would otherwise fall wholly in the exact part
 @pytest.mark.parametrize("kind,params", [("hyper", {"block_size": 16, "sample_size": 4, "min_seq_len": 0}),
-                                         ("linear", {"feature_map": "elu"}),
-                                         ("linear", {"feature_map": "favor", "num_features": 16})])
+                                         ("linear", {"feature_map": "elu", "sink_tokens": 0, "local_window": 0}),
+                                         ("linear", {"feature_map": "favor", "num_features": 16, "sink_tokens": 0,
+                                                     "local_window": 0})])
 def test_approximate_kinds_run_forward_and_backward_with_finite_results(kind, params):
     model, inputs = _llama("sdpa")
     model.train()

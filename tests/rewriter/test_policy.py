@@ -50,7 +50,8 @@ def test_contract_example_decides_exact_for_first_layers_and_bands_for_the_rest(
     assert rest.bands == (
         Band("flash", 8192, {}),
         Band("hyper", 65536, {"block_size": 256, "sample_size": 256, "lsh_bits": 7}),
-        Band("linear", None, {"feature_map": "favor", "num_features": 256}),
+        # a policy's linear is the hybrid: its sinks and window are written into the band (policy_schema.py)
+        Band("linear", None, {"feature_map": "favor", "num_features": 256, "sink_tokens": 64, "local_window": 256}),
     )
     encode_plan(list(rest.bands))   # the dispatching op takes the bands as they are
 
@@ -160,7 +161,7 @@ def test_to_dict_round_trips_and_normalises_selectors():
     ]})
     d = policy.to_dict()
     assert d["rules"][0] == {"layers": [3, "0-2"], "use": "exact"}
-    assert d["rules"][1]["by_length"][1] == {"use": "linear", "eps": 1e-6}
+    assert d["rules"][1]["by_length"][1] == {"use": "linear", "eps": 1e-6, "sink_tokens": 64, "local_window": 256}
     assert Policy.from_dict(d) == policy
 
 
