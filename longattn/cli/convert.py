@@ -198,7 +198,26 @@ def cmd_convert(args) -> int:
     outcomes: list[Optional[Outcome]] = [None] * len(jobs)
     columns = [TextColumn("{task.description}", justify="left"), BarColumn(), TextColumn("{task.fields[stage]}"),
                TimeElapsedColumn()]
-    with Progress(*columns, console=console, transient=False) as progress:
+    try:
+        _convert_all(jobs, outcomes, policy, args, Progress(*columns, console=console, transient=False))
+    except KeyboardInterrupt:  # Ctrl-C: each output is written whole or not at all (atomic_path), so say which
+        done = sum(1 for o in outcomes if o is not None and o.ok)
+        console.print(f"[red]longattn convert: interrupted; {done} of {len(jobs)} models converted (each of those "
+                      f"written whole), the rest not written[/]", soft_wrap=True)
+        return 130
+    Console().print(summary_table(outcomes, args.check))
+    if args.report:
+        write_report(args.report, outcomes, getattr(policy, "source", args.policy or ""))
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        console.print(f"[red]{len(failed)} of {len(outcomes)} models failed[/]")
+        return 1
+    return 0
+
+
+def _convert_all(jobs, outcomes, policy, args, progress) -> None:
+    """Convert every job, filling `outcomes` in place (so an interrupted batch still tells what it finished)."""
+    with progress:
         overall = progress.add_task(f"{len(jobs)} models", total=len(jobs), stage="")
         tasks = [progress.add_task(f"  {os.path.basename(j.source)}", total=len(STAGES) - 1, stage="waiting")
                  for j in jobs]
@@ -211,39 +230,39 @@ def cmd_convert(args) -> int:
                 outcomes[i] = convert_one(job, policy, args.check, args.check_length, not args.no_verify,
                                           progress=lambda stage, i=i: advance(i, stage))
                 progress.advance(overall)
-        else:
-            import multiprocessing
-            with multiprocessing.Manager() as manager:
-                queue = manager.Queue()
-                with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-                    futures = [pool.submit(_worker, (job, policy, args.check, args.check_length, not args.no_verify,
-                                                     queue, i)) for i, job in enumerate(jobs)]
-                    pending = set(futures)
-                    while pending:
-                        while not queue.empty():
-                            advance(*queue.get())
-                        for f in [f for f in pending if f.done()]:
-                            pending.discard(f)
-                            try:
-                                index, outcome = f.result()
-                            except Exception as e:  # a worker that died (e.g. out of memory)
-                                index = futures.index(f)
-                                outcome = Outcome(jobs[index].source, jobs[index].target, False,
-                                                  f"worker failed: {type(e).__name__}: {e}")
-                            outcomes[index] = outcome
-                            advance(index, "done")
-                            progress.advance(overall)
-                        time.sleep(0.05)
-                    while not queue.empty():
-                        advance(*queue.get())
-    Console().print(summary_table(outcomes, args.check))
-    if args.report:
-        write_report(args.report, outcomes, getattr(policy, "source", args.policy or ""))
-    failed = [o for o in outcomes if not o.ok]
-    if failed:
-        console.print(f"[red]{len(failed)} of {len(outcomes)} models failed[/]")
-        return 1
-    return 0
+            return
+        import multiprocessing
+        with multiprocessing.Manager() as manager:
+            queue = manager.Queue()
+            with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+                try:
+                    _gather(pool, jobs, outcomes, policy, args, queue, lambda: progress.advance(overall), advance)
+                except KeyboardInterrupt:  # leaving the block would otherwise run every job still queued
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+
+
+def _gather(pool, jobs, outcomes, policy, args, queue, advance_overall, advance) -> None:
+    futures = [pool.submit(_worker, (job, policy, args.check, args.check_length, not args.no_verify, queue, i))
+               for i, job in enumerate(jobs)]
+    pending = set(futures)
+    while pending:
+        while not queue.empty():
+            advance(*queue.get())
+        for f in [f for f in pending if f.done()]:
+            pending.discard(f)
+            try:
+                index, outcome = f.result()
+            except Exception as e:  # a worker that died (e.g. out of memory)
+                index = futures.index(f)
+                outcome = Outcome(jobs[index].source, jobs[index].target, False,
+                                  f"worker failed: {type(e).__name__}: {e}")
+            outcomes[index] = outcome
+            advance(index, "done")
+            advance_overall()
+        time.sleep(0.05)
+    while not queue.empty():
+        advance(*queue.get())
 
 
 def check_arguments(args) -> None:

@@ -32,3 +32,6 @@ def main(argv=None) -> int:
     except (CliError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"longattn: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; 130 as a shell reports SIGINT
+        print("longattn: interrupted", file=sys.stderr)
+        return 130
