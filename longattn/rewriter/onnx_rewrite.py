@@ -48,7 +48,7 @@ def rewrite_model(model: onnx.ModelProto, policy: "Policy", *, verify: bool = Tr
     indices = [s.layer_index for s in sites if s.layer_index is not None]
     num_layers = max(indices) + 1 if indices else None
     report = Report(policy=getattr(policy, "source", ""))
-    emitter = Emitter(view)
+    emitter = Emitter(view, original=model)
     for site in sites:
         if site.skipped:
             report.sites.append(SiteReport.from_site(site, status="skipped", reason=site.skip_reason))
@@ -98,11 +98,18 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
 
 
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    copied = onnx.ModelProto()
+    copied.CopyFrom(model)
+    return copied
+
+
 class Emitter:
     """Builds replacements against the unmodified view, then applies them all at once."""
 
-    def __init__(self, view: GraphView):
-        self.view = view
+    def __init__(self, view: GraphView, original: onnx.ModelProto):
+        self.view = view  # over a shape-inferred copy of `original`
+        self.original = original
         self.pending: list[tuple[AttentionSite, list[onnx.NodeProto]]] = []
         self.new_initializers: dict[str, onnx.TensorProto] = {}
         self.op_types: set[str] = set()
@@ -278,7 +285,15 @@ class Emitter:
         model = self.view.model
         graph = model.graph
         if not self.pending:
-            return model
+            return copy_model(self.original)
+        # the written model keeps the original's shape annotations: shape inference served the analysis, and its
+        # guesses must not become the model's claims (onnxruntime's symbolic inference gets a broadcast Einsum
+        # wrong, which onnx.checker then rejects). A graph output declared without a shape keeps the inferred one.
+        del graph.value_info[:]
+        graph.value_info.extend(self.original.graph.value_info)
+        for i, declared in enumerate(self.original.graph.output):
+            if declared.type.tensor_type.HasField("shape") or not declared.type.HasField("tensor_type"):
+                graph.output[i].CopyFrom(declared)
         by_output = {site.output: nodes for site, nodes in self.pending}
         new_nodes = []
         for node in graph.node:
