@@ -1,10 +1,17 @@
 """CPU attention in onnxruntime, one run: our ai.longattn nodes (custom-op library) against
 com.microsoft MultiHeadAttention and the same attention as decomposed ONNX ops.
 
-    python benchmarks/bench_onnxruntime.py [--lengths 1024,2048,...] [--heads 8] [--dim 64] [--out FILE]
+    python benchmarks/bench_onnxruntime.py [--lengths 1024,2048,...] [--heads 8] [--kv-heads 8] [--dim 64]
+        [--causal] [--kinds flash,hyper,linear] [--library NAME=PATH ...] [--out FILE]
 
-Batch 1, fp32, non-causal, no mask, all intra-op threads of the machine. Each graph is its own
-model with the attention alone (MultiHeadAttention takes (B, S, H·D); the others (B, H, S, D)).
+Batch 1, fp32, no mask, all intra-op threads of the machine; non-causal unless --causal
+(MultiHeadAttention's unidirectional=1). Each graph is its own model with the attention alone
+(MultiHeadAttention takes (B, S, H·D); the others (B, H, S, D)). With --kv-heads below --heads
+(GQA), MultiHeadAttention, which has no GQA, runs on K and V repeated to every query head (the
+repeat done beforehand, outside the timing); our nodes take the K/V heads as they are.
+The library is built from this checkout with LONGATTN_ORT_CXXFLAGS (default -O3 -march=native)
+into a folder of its own per flags; --library NAME=PATH adds our nodes from another built library
+(an older build, another vector width) to the same run, named ai.longattn.<Node>[NAME].
 Timing: after one warm-up each, rounds that run every case once in turn (so load from other
 processes on a shared machine falls on all of them alike); median and min over rounds. Writes one JSON object
 a line (the first line is the environment) and prints a table; ratios are only meaningful
@@ -23,6 +30,7 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import re  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -35,14 +43,15 @@ F = TensorProto.FLOAT
 OPSET = 17
 
 
-def mha_model(S, H, D):
+def mha_model(S, H, D, causal=False):
     ins = [helper.make_tensor_value_info(n, F, [1, S, H * D]) for n in "qkv"]
-    node = helper.make_node("MultiHeadAttention", list("qkv"), ["out"], domain="com.microsoft", num_heads=H)
+    node = helper.make_node("MultiHeadAttention", list("qkv"), ["out"], domain="com.microsoft", num_heads=H,
+                            unidirectional=int(causal))
     g = helper.make_graph([node], "mha", ins, [helper.make_tensor_value_info("out", F, [1, S, H * D])])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)])
 
 
-def decomposed_model(S, H, D):
+def decomposed_model(S, H, D):  # non-causal, MHA only
     ins = [helper.make_tensor_value_info(n, F, [1, H, S, D]) for n in "qkv"]
     nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
              helper.make_node("MatMul", ["q", "kt"], ["qk"]), helper.make_node("Mul", ["qk", "scale"], ["s"]),
@@ -52,13 +61,13 @@ def decomposed_model(S, H, D):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
-def longattn_model(kind, S, H, D):
+def longattn_model(kind, S, H, D, causal=False, Hkv=None):
     from longattn.kernels.dispatch import Band, encode_plan
     from longattn.rewriter.onnx_functions import NODE_FOR_KIND, attention_function
     op = NODE_FOR_KIND[kind]
-    ins = [helper.make_tensor_value_info(n, F, [1, H, S, D]) for n in "qkv"]
-    node = helper.make_node(op, ["q", "k", "v", "mask"], ["out"], domain="ai.longattn", scale=D ** -0.5, causal=0,
-                            plan=encode_plan([Band(kind)]))
+    ins = [helper.make_tensor_value_info(n, F, [1, H if n == "q" else Hkv or H, S, D]) for n in "qkv"]
+    node = helper.make_node(op, ["q", "k", "v", "mask"], ["out"], domain="ai.longattn", scale=D ** -0.5,
+                            causal=int(causal), plan=encode_plan([Band(kind)]))
     g = helper.make_graph([node], op, ins, [helper.make_tensor_value_info("out", F, [1, H, S, D])],
                           [numpy_helper.from_array(np.array(0, np.float32), "mask")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("ai.longattn", 1)])
@@ -87,55 +96,107 @@ def available_bytes() -> int:
     return 1 << 40
 
 
-def environment(threads, library):
-    cpu = platform.processor()
+VECTOR_FEATURES = ("sse2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "asimd", "sve")
+
+
+def cpu_info():
+    """The CPU's model name and the vector features this library's code paths care about (/proc/cpuinfo)."""
+    model, flags = platform.processor(), set()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() in ("flags", "Features"):
+                    flags |= set(value.split())
+    except OSError:
         pass
+    return model, [v for v in VECTOR_FEATURES if v in flags]
+
+
+def library_flags(path):
+    """The compiler flags a library was built with, from the stamp the build writes beside it."""
+    try:
+        with open(path + ".build") as f:
+            return " ".join(json.load(f)["flags"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def environment(threads, library, args, others):
+    cpu, features = cpu_info()
     return {"kind": "environment", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "intra_op_threads": threads,
+            "machine": platform.node(), "cpu": cpu, "cpu_vector_features": features,
+            "cores": os.cpu_count(), "intra_op_threads": threads,
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1),
             "python": platform.python_version(), "onnxruntime": ort.__version__, "onnx": onnx.__version__,
-            "numpy": np.__version__, "library": library,
-            "library_flags": os.environ.get("LONGATTN_ORT_CXXFLAGS", "-O3 -march=native"),
-            "dtype": "float32", "batch": 1, "causal": False, "load_average_before": os.getloadavg()}
+            "numpy": np.__version__, "compiler": build_compiler_version(), "library": library,
+            "library_flags": library_flags(library),
+            "other_libraries": {n: {"path": p, "flags": library_flags(p)} for n, p in others.items()},
+            "dtype": "float32", "batch": 1, "heads": args.heads, "kv_heads": args.kv_heads or args.heads,
+            "causal": args.causal, "load_average_before": os.getloadavg()}
+
+
+def build_compiler_version():
+    import subprocess
+
+    from longattn.backends.onnxruntime.build import BuildError, compiler
+    try:
+        return subprocess.run([compiler(), "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    except (BuildError, OSError):
+        return None
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384")
     p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, help="K/V heads (GQA; default --heads)")
     p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--kinds", default="flash,hyper,linear", help="our nodes to time")
+    p.add_argument("--library", action="append", default=[], metavar="NAME=PATH",
+                   help="also time our nodes from this built library")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", help="JSONL file (default benchmarks/results/<date>-cpu-onnxruntime.jsonl)")
     args = p.parse_args(argv)
+    from longattn.backends.onnxruntime import default_build_dir
     from longattn.backends.onnxruntime.build import build
-    library = build(quiet=True)
-    H, D = args.heads, args.dim
+    flags = os.environ.get("LONGATTN_ORT_CXXFLAGS", "-O3 -march=native")
+    # a folder per flags: a bench of another vector width must not replace the library sessions load
+    library = build(os.path.join(default_build_dir(), "bench", re.sub(r"[^\w.=-]+", "_", flags)), quiet=True)
+    others = dict(item.split("=", 1) for item in args.library)
+    H, D, Hkv = args.heads, args.dim, args.kv_heads or args.heads
+    if H % Hkv:
+        p.error("--heads must be a multiple of --kv-heads")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"{datetime.date.today().isoformat()}-cpu-onnxruntime.jsonl")
-    rows = [environment(args.threads, library)]
+    rows = [environment(args.threads, library, args, others)]
     print(json.dumps(rows[0]))
     warm = {n: np.ones((1, 512, H * D), np.float32) for n in "qkv"}  # first-run effects of the process
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
-    time_session(ort.InferenceSession(mha_model(512, H, D).SerializeToString(), options,
+    time_session(ort.InferenceSession(mha_model(512, H, D, args.causal).SerializeToString(), options,
                                       providers=["CPUExecutionProvider"]), warm, 3)
     for S in [int(x) for x in args.lengths.split(",")]:
         reps = 7 if S <= 2048 else 5 if S <= 4096 else 3
         rng = np.random.default_rng(0)
-        bhsd = {n: rng.standard_normal((1, H, S, D), dtype=np.float32) for n in "qkv"}
-        bsd = {n: np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(1, S, H * D)) for n, x in bhsd.items()}
+        bhsd = {n: rng.standard_normal((1, H if n == "q" else Hkv, S, D), dtype=np.float32) for n in "qkv"}
+        full = {n: np.repeat(x, H // x.shape[1], axis=1) for n, x in bhsd.items()}  # K/V heads repeated (GQA)
+        bsd = {n: np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(1, S, H * D)) for n, x in full.items()}
         scores_bytes = H * S * S * 4
-        cases = [("com.microsoft.MultiHeadAttention", mha_model(S, H, D), bsd, 1.2 * scores_bytes, False),
-                 ("decomposed", decomposed_model(S, H, D), bhsd, 3.2 * scores_bytes, False)]
-        cases += [(f"ai.longattn.{op}", longattn_model(kind, S, H, D), bhsd, 0, True)
-                  for kind, op in (("flash", "FlashAttention"), ("hyper", "HyperAttention"), ("linear", "LinearAttention"))]
+        cases = [("com.microsoft.MultiHeadAttention", mha_model(S, H, D, args.causal), bsd, 1.2 * scores_bytes, None)]
+        if not args.causal:
+            cases.append(("decomposed", decomposed_model(S, H, D), full, 3.2 * scores_bytes, None))
+        for kind in args.kinds.split(","):
+            op = {"flash": "FlashAttention", "hyper": "HyperAttention", "linear": "LinearAttention"}[kind]
+            model = longattn_model(kind, S, H, D, args.causal, Hkv)
+            cases.append((f"ai.longattn.{op}", model, bhsd, 0, library))
+            cases += [(f"ai.longattn.{op}[{n}]", model, bhsd, 0, path) for n, path in others.items()]
         result = {"kind": "timing", "seq_len": S, "heads": H, "head_dim": D, "rounds": reps, "ms": {}, "ms_min": {}}
-        sessions = {}
-        for name, model, feeds, needs, ours in cases:
+        sessions, outputs = {}, {}
+        for name, model, feeds, needs, lib in cases:
             if needs > 0.8 * available_bytes():
                 result["ms"][name] = result["ms_min"][name] = None
                 result.setdefault("skipped", {})[name] = f"needs ~{needs / 2**30:.0f} GiB for the S x S scores"
@@ -144,11 +205,16 @@ def main(argv=None) -> int:
             options.intra_op_num_threads = args.threads
             # the sessions of one length stay alive to interleave their runs: idle pools must not spin
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            if ours:
-                options.register_custom_ops_library(library)
+            if lib:
+                options.register_custom_ops_library(lib)
             sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-            sess.run(None, feeds)  # warm-up
+            outputs[name] = sess.run(None, feeds)[0]  # warm-up
             sessions[name] = (sess, feeds)
+        mha_out = outputs.get("com.microsoft.MultiHeadAttention")
+        if mha_out is not None:  # the exact nodes must agree with MultiHeadAttention, or their times mean nothing
+            mha_out = mha_out.reshape(1, S, H, D).transpose(0, 2, 1, 3)
+            result["max_abs_diff_vs_mha"] = {n: float(np.abs(o - mha_out).max()) for n, o in outputs.items()
+                                             if n.startswith("ai.longattn.FlashAttention")}
         # rounds interleave the cases, so a neighbour's load on a shared machine hits them alike
         times = {name: [] for name in sessions}
         for _ in range(reps):
