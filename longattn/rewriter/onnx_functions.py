@@ -84,7 +84,8 @@ def attention_function(op_type: str, elem_type: int, opset: int) -> onnx.Functio
         # a row that sees no key is all -inf: softmax gives NaN, the kernels give 0. Only those rows: a NaN or inf
         # input gives NaN rows, as in eager (TopK: the row maximum in every opset from 13 on; ReduceMax is not)
         n("TopK", ["scores_final", "i1"], ["row_max", "row_argmax"], axis=-1),
-        n("IsInf", ["row_max"], ["row_empty"], detect_positive=0),
+        n("Cast", ["row_max"], ["row_max_f"], to=TensorProto.FLOAT),  # IsInf takes float16 only from opset 20
+        n("IsInf", ["row_max_f"], ["row_empty"], detect_positive=0),
         _const("zero_f", 0.0, TensorProto.FLOAT),
         n("Cast", ["zero_f"], ["zero"], to=T), n("Where", ["row_empty", "zero", "probs_raw"], ["probs"]),
         n("MatMul", ["probs", "v_rep"], ["out"]),
