@@ -27,7 +27,7 @@ OPTS = dict(sink_tokens=4, local_window=16, rows=96)
 def test_far_scale_recovers_the_factor_a_map_is_off_by():
     # a "map" that is exp(s) divided by 7.3 per far key: the fitted far_scale must be 7.3 in every head
     q, k, _ = _qkv(S=96)
-    rows = cal._rows(q, k, scale=0.25, sink_tokens=4, local_window=16, rows=0, generator=torch.Generator())
+    rows = cal.fit._rows(q, k, scale=0.25, sink_tokens=4, local_window=16, rows=0, generator=torch.Generator())
     c, stats = cal.fit_far_scale(rows, torch.exp(rows.s) * rows.far / 7.3)
     torch.testing.assert_close(c, torch.full((4,), 7.3), rtol=1e-3, atol=0)
     assert stats["share_rms_fitted"] < 1e-4 < stats["share_rms_c1"]
@@ -78,10 +78,10 @@ def test_pure_linear_hedgehog_fit_has_no_dropped_baseline_and_beats_the_untraine
 
 def test_far_distillation_loss_is_at_its_floor_when_the_map_is_exp():
     q, k, _ = _qkv(S=96)
-    rows = cal._rows(q, k, scale=0.25, sink_tokens=4, local_window=16, rows=0, generator=torch.Generator())
+    rows = cal.fit._rows(q, k, scale=0.25, sink_tokens=4, local_window=16, rows=0, generator=torch.Generator())
     exact_phi = torch.exp(rows.s) * rows.far
     loss = cal.far_distillation_loss(rows, exact_phi)
-    assert abs(loss.item() - cal._entropy_far(rows)) < 1e-4
+    assert abs(loss.item() - cal.fit._entropy_far(rows)) < 1e-4
 
 
 def test_too_short_a_text_is_refused():
@@ -204,12 +204,12 @@ def test_cli_calibrate_needs_layers_or_a_policy(capsys):
 def test_rows_from_several_sequences_use_their_own_keys():
     (q1, k1, _), (q2, k2, _) = _qkv(S=96, seed=1), _qkv(S=96, seed=2)
     g = torch.Generator().manual_seed(0)
-    r1, r2 = (cal._rows(q, k, scale=0.25, sink_tokens=4, local_window=16, rows=20, generator=g, win=w)
+    r1, r2 = (cal.fit._rows(q, k, scale=0.25, sink_tokens=4, local_window=16, rows=20, generator=g, win=w)
               for w, (q, k) in enumerate(((q1, k1), (q2, k2))))
-    both = cal._Rows.cat([r1, r2])
+    both = cal.fit._Rows.cat([r1, r2])
     opts = dict(feature_map="elu", scale=0.25, num_features=0, seed=0, feature_params=None)
-    phi = cal._far_phi(both, torch.stack([k1, k2]), **opts)
-    torch.testing.assert_close(phi, torch.cat([cal._far_phi(r1, k1, **opts), cal._far_phi(r2, k2, **opts)], 1))
+    phi = cal.fit._far_phi(both, torch.stack([k1, k2]), **opts)
+    torch.testing.assert_close(phi, torch.cat([cal.fit._far_phi(r1, k1, **opts), cal.fit._far_phi(r2, k2, **opts)], 1))
     q, k, v = (torch.stack(x) for x in zip(_qkv(seed=1), _qkv(seed=2)))
     fit = cal.fit_layer(q, k, v, scale=0.25, feature_map="hedgehog", steps=5, hybrid_steps=5, output_steps=5, **OPTS)
     assert fit.stats["rows"] == 2 * OPTS["rows"] and fit.params["k_weight"].shape == (2, 16, 16)
