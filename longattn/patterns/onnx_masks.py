@@ -14,6 +14,33 @@ from .onnx_graph import GraphView, NotStatic, resolve, size_choices
 from .record import MaskTerm
 
 MAX_PROOF_ELEMENTS = 1 << 26
+# Integer-valued constants at least this large are sentinels (a Slice's "to the end"), not lengths or windows;
+# below it, one above MAX_PROOF_SIDE cannot be exceeded by the sizes a proof evaluates at.
+SENTINEL = 1 << 31
+MAX_PROOF_SIDE = 1 << 12
+
+
+def largest_integer_constant(view: GraphView, name: str) -> int:
+    """The largest |integer value| among the constants `name` is computed from (sentinels left out)."""
+    nodes, _ = view.ancestors([name])
+    largest = 0
+    for node in nodes:
+        for value in map(view.constant, list(node.input) + list(node.output)):
+            if value is None or value.size > 4096 or not np.issubdtype(value.dtype, np.number):
+                continue
+            v = np.abs(value.astype(np.float64, copy=False).ravel())
+            v = v[np.isfinite(v) & (v == np.round(v)) & (v < SENTINEL)]
+            if v.size:
+                largest = max(largest, int(v.max()))
+    return largest
+
+
+def proof_sizes(view: GraphView, name: str):
+    """size_choices above every integer constant of `name`'s construction, or a reason why there are none."""
+    largest = largest_integer_constant(view, name)
+    if largest > MAX_PROOF_SIDE:
+        return f"mask built with the constant {largest}: too large to evaluate beyond at rewrite time"
+    return size_choices(view, above=largest)
 
 
 def prove_causal(view: GraphView, term: MaskTerm, q_len, k_len) -> tuple[bool, str]:
@@ -22,7 +49,10 @@ def prove_causal(view: GraphView, term: MaskTerm, q_len, k_len) -> tuple[bool, s
     if deps:
         return False, f"mask depends on the values of {', '.join(deps[:3])}"
     proofs = []
-    for sizes in size_choices(view):
+    choices = proof_sizes(view, term.node)
+    if isinstance(choices, str):
+        return False, choices
+    for sizes in choices:
         sq, sk = resolve(q_len, sizes), resolve(k_len, sizes)
         if sq is None or sk is None:
             return False, "query or key length is dynamic without a name"
@@ -62,7 +92,10 @@ def is_zero_mask(view: GraphView, term: MaskTerm) -> bool:
     position bias in cross attention, or an all-zero padding mask folded by the exporter)."""
     if term.kind != "additive" or term.fill is not None or view.data_dependencies(term.node):
         return False
-    for sizes in size_choices(view):
+    choices = proof_sizes(view, term.node)
+    if isinstance(choices, str):
+        return False
+    for sizes in choices:
         try:
             (value,) = view.evaluate([term.node], sizes)
         except NotStatic:
