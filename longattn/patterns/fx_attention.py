@@ -14,9 +14,9 @@ import torch
 import torch.fx as fx
 
 from .fx_canonicalize import expand_multihead_attention
-from .fx_eval import hint, is_symbolic, meta_value
+from .fx_eval import ancestors, data_inputs, evaluate, generic_sizes, hint, is_symbolic, meta_value
 from .fx_ops import canonical, real_users, scalar_value
-from .masks import is_zero_mask, prove_causal
+from .masks import MAX_PROOF_ELEMENTS, Unprovable
 from .matcher import (Op, Skip, additive_parts, apply_masks, fill_operands, flagged_causal, fused_scale,
                       match_softmax, same_size, shape_of)
 from .record import AttentionSite, MaskTerm
@@ -123,11 +123,34 @@ class FxGraph:
     def nan_guard(self, x) -> None:
         return None
 
-    def is_zero_mask(self, term: MaskTerm) -> bool:
-        return is_zero_mask(term)
+    def data_dependencies(self, x: fx.Node) -> list[str]:
+        return [d.name for d in data_inputs(x)]
 
-    def prove_causal(self, term: MaskTerm, q_len, k_len) -> tuple[bool, str]:
-        return prove_causal(term, q_len, k_len)
+    def is_constant(self, x: fx.Node) -> bool:
+        return False  # a buffer or parameter is data (data_dependencies): a constant mask is built by ops
+
+    def size_choices(self) -> list:
+        return [hint]  # as traced
+
+    def proof_sizes(self, x: fx.Node, q_len, k_len) -> list:
+        """The traced lengths and, for a dynamic graph (one construction for every length) or one too long to
+        evaluate, the same construction at small lengths (fx_eval.generic_sizes)."""
+        if not (is_symbolic(q_len) or is_symbolic(k_len) or hint(q_len) * hint(k_len) > MAX_PROOF_ELEMENTS):
+            return [hint]
+        small = generic_sizes((q_len, k_len), ancestors(x), tuple(meta_value(x).shape)[:-2])
+        if small is None:
+            raise Unprovable("mask lengths equal another of its dims: cannot be checked at small lengths")
+        return [hint, small]
+
+    def size(self, dim, sizes) -> int:
+        return int(sizes(dim))
+
+    def evaluate(self, x: fx.Node, sizes):
+        (value,) = evaluate([x], {}, sizes)
+        if not isinstance(value, torch.Tensor):
+            return None
+        value = value.detach().cpu()  # built on the model's device; compared on the CPU
+        return value.double().numpy() if value.is_floating_point() else value.numpy()
 
 
 def _perm(c, shape: Optional[tuple]) -> Optional[list]:

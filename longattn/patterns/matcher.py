@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
+from .masks import is_zero_mask, prove_causal
 from .record import AttentionSite, MaskTerm, fill_kind_of
 
 # How a view lists a graph output among a value's users.
@@ -53,8 +54,13 @@ class AttentionGraph(Protocol):
     def equal_when_it_runs(self, a, b) -> bool: ...     # two sizes the attention's own ops require to be equal
     def expanded_shape(self, expand: Op, x, src_shape: tuple) -> Optional[tuple]: ...
     def nan_guard(self, x) -> Optional[tuple[list, Any]]: ...   # (replaced ops, guarded value) or None
-    def is_zero_mask(self, term: MaskTerm) -> bool: ...
-    def prove_causal(self, term: MaskTerm, q_len, k_len) -> tuple[bool, str]: ...
+    # evaluating shape-only values, for the causal proofs (masks.py)
+    def data_dependencies(self, x) -> list[str]: ...   # the inputs, parameters, ... whose values x reads
+    def is_constant(self, x) -> bool: ...
+    def size_choices(self) -> list: ...                 # the sizes a value is evaluated at
+    def proof_sizes(self, x, q_len, k_len) -> list: ...  # ... and those a mask is proven at (masks.Unprovable)
+    def size(self, dim, sizes) -> Optional[int]: ...
+    def evaluate(self, x, sizes): ...                   # a numpy array (float as float64), or None
 
 
 def same_size(a, b) -> bool:
@@ -398,9 +404,9 @@ def apply_masks(g: AttentionGraph, site: AttentionSite, terms: list[MaskTerm], s
         if not _broadcasts(shape, scores_shape):
             raise Skip(f"mask {g.describe(term.node)} of shape {shape} does not broadcast to the scores "
                        f"{scores_shape}")
-        if g.is_zero_mask(term):
+        if is_zero_mask(g, term):
             continue
-        proven, why = g.prove_causal(term, site.q_len, site.k_len) if len(shape) >= 2 else (False, "scalar")
+        proven, why = prove_causal(g, term, site.q_len, site.k_len) if len(shape) >= 2 else (False, "scalar")
         if proven and not site.causal:
             site.causal, site.causal_proof = True, why
         else:

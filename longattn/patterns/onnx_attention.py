@@ -16,7 +16,6 @@ import onnx
 from .matcher import (OUTPUT, Op, Skip, additive_parts, apply_masks, fill_operands, flagged_causal, fused_scale,
                       match_softmax, same_size, shape_of)
 from .onnx_graph import GraphView, NotStatic, attributes, layer_name, resolve, size_choices
-from .onnx_masks import is_zero_mask, prove_causal
 from .onnx_ops import FLOAT_TYPES, canonical
 from .record import AttentionSite, MaskTerm
 
@@ -129,11 +128,26 @@ class OnnxGraph:
             return None
         return [isnan.name, where.name], where.output[0]
 
-    def is_zero_mask(self, term: MaskTerm) -> bool:
-        return is_zero_mask(self.view, term)
+    def data_dependencies(self, name: str) -> list[str]:
+        return self.view.data_dependencies(name)
 
-    def prove_causal(self, term: MaskTerm, q_len, k_len) -> tuple[bool, str]:
-        return prove_causal(self.view, term, q_len, k_len)
+    def is_constant(self, name: str) -> bool:
+        return self.view.op(name) is None or self.view.constant(name) is not None
+
+    def size_choices(self) -> list[dict]:
+        return size_choices(self.view)
+
+    def proof_sizes(self, name: str, q_len, k_len) -> list[dict]:
+        # static lengths: one size to check (the others only substitute other symbolic dims)
+        choices = size_choices(self.view)
+        return choices if any(isinstance(d, str) for d in (q_len, k_len)) else choices[:1]
+
+    def size(self, dim, sizes: dict) -> Optional[int]:
+        return resolve(dim, sizes)
+
+    def evaluate(self, name: str, sizes: dict):
+        (value,) = self.view.evaluate([name], sizes)
+        return value
 
 
 def _match_softmax(view: GraphView, softmax: onnx.NodeProto, site: AttentionSite) -> None:

@@ -17,10 +17,6 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-# Shape-only subgraphs evaluated at rewrite time are kept below this many elements per value.
-MAX_EVAL_ELEMENTS = 1 << 26
-
-
 class NotStatic(Exception):
     """A value depends on data (a graph input, not only its shape), or on a size we do not know."""
 
@@ -304,12 +300,11 @@ def resolve(dim, sizes: dict) -> Optional[int]:
         return None
 
 
-def size_choices(view: GraphView, above: int = 0) -> list[dict]:
+def size_choices(view: GraphView) -> list[dict]:
     """Two substitutions for the graph's symbolic dims: distinct small values, then others, so a
-    construction checked at both is not an accident of one size. All exceed `above` (a mask's largest
-    integer constant: a window of 19 keys is the causal pattern at every length up to 19)."""
+    construction checked at both is not an accident of one size."""
     params = sorted(view.symbols)
-    return [{p: above + 7 + 2 * i for i, p in enumerate(params)}, {p: above + 5 + 3 * i for i, p in enumerate(params)}] \
+    return [{p: 7 + 2 * i for i, p in enumerate(params)}, {p: 5 + 3 * i for i, p in enumerate(params)}] \
         if params else [{}]
 
 
