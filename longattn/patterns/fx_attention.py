@@ -129,7 +129,7 @@ class FxGraph:
     def is_constant(self, x: fx.Node) -> bool:
         return False  # a buffer or parameter is data (data_dependencies): a constant mask is built by ops
 
-    def size_choices(self) -> list:
+    def size_choices(self, x: fx.Node) -> list:
         return [hint]  # as traced
 
     def proof_sizes(self, x: fx.Node, q_len, k_len) -> list:

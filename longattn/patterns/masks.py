@@ -85,11 +85,15 @@ def _is_causal_at(g, term: MaskTerm, sq: int, sk: int, sizes) -> tuple[bool, str
 def is_zero_mask(g, term: MaskTerm) -> bool:
     """An additive mask built from constants and sizes alone that is zero everywhere (e.g. the 0 of
     where(keep, 0, min) once split, T5's zero position bias in cross attention, or an all-zero padding
-    mask folded by the ONNX exporter), at every size its graph offers (`size_choices`)."""
+    mask folded by the ONNX exporter), at every size its graph offers for it (`size_choices`)."""
     if term.kind != "additive" or term.fill is not None or g.data_dependencies(term.node):
         return False
     shape = g.shape(term.node) or ()
-    for sizes in g.size_choices():
+    try:
+        choices = g.size_choices(term.node)
+    except Unprovable:
+        return False
+    for sizes in choices:
         dims = [g.size(d, sizes) for d in shape]
         if None not in dims and math.prod(dims) > MAX_PROOF_ELEMENTS:
             return False

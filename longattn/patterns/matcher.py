@@ -57,7 +57,7 @@ class AttentionGraph(Protocol):
     # evaluating shape-only values, for the causal proofs (masks.py)
     def data_dependencies(self, x) -> list[str]: ...   # the inputs, parameters, ... whose values x reads
     def is_constant(self, x) -> bool: ...
-    def size_choices(self) -> list: ...                 # the sizes a value is evaluated at
+    def size_choices(self, x) -> list: ...              # the sizes a value is evaluated at (masks.Unprovable)
     def proof_sizes(self, x, q_len, k_len) -> list: ...  # ... and those a mask is proven at (masks.Unprovable)
     def size(self, dim, sizes) -> Optional[int]: ...
     def evaluate(self, x, sizes): ...                   # a numpy array (float as float64), or None

@@ -11,14 +11,20 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import onnx
 
+from .masks import Unprovable
 from .matcher import (OUTPUT, Op, Skip, additive_parts, apply_masks, fill_operands, flagged_causal, fused_scale,
                       match_softmax, same_size, shape_of)
 from .onnx_graph import GraphView, NotStatic, attributes, layer_name, resolve, size_choices
 from .onnx_ops import FLOAT_TYPES, canonical
 from .record import AttentionSite, MaskTerm
 
+# Integer-valued constants at least this large are sentinels (a Slice's "to the end"), not lengths or windows;
+# below it, one above MAX_PROOF_SIDE cannot be exceeded by the sizes a proof evaluates at.
+SENTINEL = 1 << 31
+MAX_PROOF_SIDE = 1 << 12
 MS = "com.microsoft"
 UNSUPPORTED_FUSED = {
     "Attention": "com.microsoft Attention packs the Q/K/V projections into the op; not rewritten",
@@ -134,12 +140,30 @@ class OnnxGraph:
     def is_constant(self, name: str) -> bool:
         return self.view.op(name) is None or self.view.constant(name) is not None
 
-    def size_choices(self) -> list[dict]:
-        return size_choices(self.view)
+    def size_choices(self, name: str) -> list[dict]:
+        """size_choices above every integer constant of `name`'s construction (masks.Unprovable if too large)."""
+        largest = self._largest_integer_constant(name)
+        if largest > MAX_PROOF_SIDE:
+            raise Unprovable(f"mask built with the constant {largest}: too large to evaluate beyond at rewrite time")
+        return size_choices(self.view, above=largest)
+
+    def _largest_integer_constant(self, name: str) -> int:
+        """The largest |integer value| among the constants `name` is computed from (sentinels left out)."""
+        nodes, _ = self.view.ancestors([name])
+        largest = 0
+        for node in nodes:
+            for value in map(self.view.constant, list(node.input) + list(node.output)):
+                if value is None or value.size > 4096 or not np.issubdtype(value.dtype, np.number):
+                    continue
+                v = np.abs(value.astype(np.float64, copy=False).ravel())
+                v = v[np.isfinite(v) & (v == np.round(v)) & (v < SENTINEL)]
+                if v.size:
+                    largest = max(largest, int(v.max()))
+        return largest
 
     def proof_sizes(self, name: str, q_len, k_len) -> list[dict]:
         # static lengths: one size to check (the others only substitute other symbolic dims)
-        choices = size_choices(self.view)
+        choices = self.size_choices(name)
         return choices if any(isinstance(d, str) for d in (q_len, k_len)) else choices[:1]
 
     def size(self, dim, sizes: dict) -> Optional[int]:

@@ -300,11 +300,12 @@ def resolve(dim, sizes: dict) -> Optional[int]:
         return None
 
 
-def size_choices(view: GraphView) -> list[dict]:
+def size_choices(view: GraphView, above: int = 0) -> list[dict]:
     """Two substitutions for the graph's symbolic dims: distinct small values, then others, so a
-    construction checked at both is not an accident of one size."""
+    construction checked at both is not an accident of one size. All exceed `above` (a mask's largest
+    integer constant: a window of 19 keys is the causal pattern at every length up to 19)."""
     params = sorted(view.symbols)
-    return [{p: 7 + 2 * i for i, p in enumerate(params)}, {p: 5 + 3 * i for i, p in enumerate(params)}] \
+    return [{p: above + 7 + 2 * i for i, p in enumerate(params)}, {p: above + 5 + 3 * i for i, p in enumerate(params)}] \
         if params else [{}]
 
 
