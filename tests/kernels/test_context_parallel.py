@@ -239,7 +239,8 @@ def test_policy_schema_accepts_context_parallel_on_every_kind():
     from longattn.rewriter.policy_schema import validate_params
     for kind in ("exact", "flash", "hyper", "linear"):
         given, problems = validate_params(kind, {"context_parallel": {"mesh_dim": "cp", "load_balance": "zigzag"}})
-        assert not problems and given == {"context_parallel": {"mesh_dim": "cp", "load_balance": "zigzag"}}
+        written = {"sink_tokens": 64, "local_window": 256} if kind == "linear" else {}  # the hybrid's, always written
+        assert not problems and given == {"context_parallel": {"mesh_dim": "cp", "load_balance": "zigzag"}, **written}
     _, problems = validate_params("flash", {"context_parallel": {"load_balance": "ring"}})
     assert "must be one of 'contiguous', 'zigzag'" in problems[0][1]
     _, problems = validate_params("flash", {"context_parallel": {"mesh": 0}})
