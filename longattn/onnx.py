@@ -79,12 +79,6 @@ def has_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
-def _copy(model):
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
-
-
 def _check(original, converted, base_dir, report, length):
     with tempfile.TemporaryDirectory(prefix="longattn-check-") as tmp:
         conv_path = os.path.join(tmp, "converted.onnx")
@@ -178,7 +172,8 @@ def save(model: onnx.ModelProto, path: Union[str, os.PathLike], *, external_data
     if external_data is None:
         external_data = model.ByteSize() > PROTO_LIMIT
     if external_data:
-        model = _copy(model)  # onnx.save moves the tensors out of the proto it is given
+        from .rewriter.onnx_rewrite import copy_model
+        model = copy_model(model)  # onnx.save moves the tensors out of the proto it is given
     tmp = tempfile.mkdtemp(dir=directory, prefix=".longattn-")
     try:
         name = os.path.basename(path)

@@ -14,6 +14,7 @@ import onnx
 import pytest
 
 from tests.patterns.test_onnx_spellings import SCALE, attention
+from tests.rewriter.test_onnx_convert_cli import _snapshot
 
 MODELS = 40
 TEMP_PREFIX = ".longattn-"
@@ -27,10 +28,6 @@ def batch(tmp_path):
     for i in range(1, MODELS):
         shutil.copy(src / "m00.onnx", src / f"m{i:02d}.onnx")
     return src
-
-
-def _snapshot(directory) -> dict:
-    return {p: open(os.path.join(r, p), "rb").read() for r, _, fs in os.walk(directory) for p in fs}
 
 
 def _convert_until_first_output(src, out, sig: int, jobs: int = 1) -> tuple[int, str]:
