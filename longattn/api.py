@@ -44,6 +44,18 @@ def explain(model: torch.nn.Module, *example_inputs, policy=None) -> Report:
     return report
 
 
+def _export_kv_cache_support(model: torch.nn.Module) -> None:
+    """torch.export cannot return transformers' DynamicCache (a causal LM returns its KV cache by
+    default) until the class is a pytree: transformers' own export helper registers it (once)."""
+    if not type(model).__module__.startswith("transformers."):
+        return
+    try:
+        from transformers.integrations.executorch import register_dynamic_cache_export_support
+    except ImportError:
+        return
+    register_dynamic_cache_export_support()
+
+
 def rewrite(module_or_program, *example_inputs, policy=None, verify: bool = True):
     """Export (pre-dispatch ATen graph, so training works through the op's backward), rewrite
     the attention sites, and return (GraphModule, Report). Accepts an nn.Module with example
@@ -53,7 +65,14 @@ def rewrite(module_or_program, *example_inputs, policy=None, verify: bool = True
         program = module_or_program
     else:
         args, kwargs = _as_args(example_inputs)
-        program = torch.export.export(module_or_program, args, kwargs, strict=False)
+        _export_kv_cache_support(module_or_program)
+        try:
+            program = torch.export.export(module_or_program, args, kwargs, strict=False)
+        except RuntimeError as err:
+            if "Cache" in str(err) and "not a known type" in str(err):
+                raise RuntimeError("torch.export cannot return the model's KV cache (transformers' Cache classes "
+                                   "are not pytrees): pass use_cache=False among the example inputs") from err
+            raise
     gm = program.module()
     report = rewrite_graph(gm, policy, verify=verify)
     return gm, report

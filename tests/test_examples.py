@@ -18,3 +18,5 @@ def test_demo_rewrites_the_layers_its_policy_names_and_matches_eager(capsys):
     out = capsys.readouterr().out
     rel = float(out.split("max relative difference to eager:")[1].split()[0])
     assert rel < 1e-4  # the rewritten layer runs flash at this length: exact up to rounding
+    assert "model.layers.0.self_attn .. model.layers.3.self_attn: exact; model.layers.4.self_attn: flash" in out
+    assert "PASS: every layer runs an exact kind" in out

@@ -255,7 +255,7 @@ class Emitter:
             scores = int(np.prod(qs[:-1])) * vs[-2]
             if scores > MAX_VERIFY_SCORES:
                 raise RewriteRejected(f"too large to verify at conversion time ({scores} scores); "
-                                      "export with dynamic lengths or convert with verify=False")
+                                      "export with dynamic lengths or convert with --no-verify (verify=False)")
             sub = view.submodel([site.output], sizes, types, extra_nodes=nodes,
                                 outputs=[(site.output, T), (out, T)])
             sub.functions.append(attention_function(nodes_op(nodes), T, view.opset))

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from ..patterns.record import AttentionSite
-from ..plan import Band
+from ..plan import Band, band_for_length, encode_plan
 
 REPORT_VERSION = 1
 
@@ -64,6 +64,13 @@ class SiteReport:
         if self.heads is None:
             return "?"
         return f"{self.heads}/{self.kv_heads}" if self.kv_heads != self.heads else f"{self.heads}"
+
+    def kind_at(self, key_length: int) -> str:
+        """What runs at this key length: the band's kind for a rewritten site, else "exact"/"skipped"."""
+        if self.status != "rewritten":
+            return self.status
+        bands = [Band(b["kind"], b["below"], b["params"]) for b in self.bands]
+        return band_for_length(encode_plan(bands), key_length).kind
 
     @property
     def choice(self) -> str:

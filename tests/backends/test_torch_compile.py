@@ -119,6 +119,21 @@ def test_rewrite_returns_an_exported_graph_module_that_matches_and_trains():
     got.sum().backward()
 
 
+def test_rewrite_of_a_causal_lm_as_the_readme_calls_it_returns_logits_and_the_kv_cache():
+    """No use_cache=False needed: the README's call on a model that returns its DynamicCache by default."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 100, (1, 24))
+    gm, report = longattn.rewrite(model, {"input_ids": ids})
+    assert report.count("rewritten") == 2, str(report)
+    got, expected = gm(input_ids=ids), model(input_ids=ids)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.past_key_values.layers[1].keys, expected.past_key_values.layers[1].keys)
+
+
 @pytest.mark.parametrize("use", ["flash", "linear"])
 def test_generate_with_a_kv_cache_rewrites_prefill_and_decode_steps(use):
     """Decode steps attend one query to the cache: k and v lengths are separate symbols there."""
