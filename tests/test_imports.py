@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "triton")
@@ -47,8 +46,6 @@ def test_import_torch_then_longattn_registers_the_op_and_the_backend():
          "assert longattn.explain and longattn.Policy and longattn.kernels.Band\n")
 
 
-@pytest.mark.xfail(strict=True, reason="longattn/patterns/onnx_masks.py takes causal_pattern from patterns/masks.py, "
-                                       "which imports torch (patterns/ is being rewritten elsewhere)")
 def test_converting_an_onnx_model_imports_neither_torch_nor_triton():
     assert _loaded_after(
         "import numpy as np\n"

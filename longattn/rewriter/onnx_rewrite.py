@@ -9,6 +9,7 @@ as it was and says why in the report. Nothing of the input model is modified.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -83,14 +84,27 @@ def inline_small_external_data(model: onnx.ModelProto, base_dir: str) -> None:
                                                                         t.name))
 
 
+@functools.lru_cache(maxsize=1)
+def _symbolic_shape_inference():
+    """onnxruntime's SymbolicShapeInference, loaded from its file: the package `onnxruntime.tools`
+    imports torch whenever torch is installed (its __init__), and converting needs no torch."""
+    import importlib.util
+    import logging
+    import os
+    ort = importlib.util.find_spec("onnxruntime")
+    path = os.path.join(ort.submodule_search_locations[0], "tools", "symbolic_shape_infer.py")
+    spec = importlib.util.spec_from_file_location("longattn._ort_symbolic_shape_infer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    logging.getLogger(module.__name__).setLevel(logging.ERROR)
+    return module.SymbolicShapeInference
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnxruntime's symbolic shape inference (it follows sizes through Shape/Gather/Concat into
     Reshape, where onnx's own inference gives up), else onnx's with data propagation."""
     try:
-        import logging
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-        logging.getLogger("onnxruntime.tools.symbolic_shape_infer").setLevel(logging.ERROR)
-        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        inferred = _symbolic_shape_inference().infer_shapes(model, auto_merge=True)
         if inferred is not None:
             return inferred
     except Exception:  # it raises on ops it does not know: fall back
