@@ -31,7 +31,8 @@ CASES = {
     "delta-elu": (dict(DELTA, feature_map="elu"), BF16, 3e-2),  # 1.7e-2 at 1000 tokens
     # float32 runs the additive products as one tf32 pass (about 5e-4 per product), the delta rule as three
     "elu-hybrid-fp32": (dict(HYBRID_DEFAULTS), FP32, 2e-3),
-    "delta-identity-fp32": (dict(DELTA, feature_map="identity"), FP32, None),
+    # three tf32 passes: measured on an H100 at 8K, out 1.7e-3, dq 1.1e-3, dk 9e-4 (2026-12-08)
+    "delta-identity-fp32": (dict(DELTA, feature_map="identity"), FP32, 3e-3),
 }
 
 
