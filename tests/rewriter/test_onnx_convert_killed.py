@@ -34,8 +34,11 @@ def _convert_until_first_output(src, out, sig: int, jobs: int = 1) -> tuple[int,
     """Start a batch convert (checked in onnxruntime: slow enough to stop midway), wait for its first output,
     then send `sig` to the main process. Returns the exit status and stderr."""
     longattn = os.path.join(os.path.dirname(sys.executable), "longattn")
+    # SIGINT at its default, as in an interactive shell: a shell without job control starts background
+    # commands (`cmd &`, hence CI runners and pytest under them) with SIGINT ignored, which the child inherits
     proc = subprocess.Popen([longattn, "convert", str(src), "--out", str(out), "--check", "--jobs", str(jobs)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if out.is_dir() and any(f.endswith(".onnx") and not f.startswith(TEMP_PREFIX) for f in os.listdir(out)):
