@@ -187,20 +187,29 @@ _EINSUM_QK = re.compile(r"^((?:\.\.\.)?\w*)(\w)(\w),((?:\.\.\.)?\w*)(\w)(\w)->((
 
 
 def _einsum_operands(g: AttentionGraph, op: Op, kind: str):
-    """Read an einsum as q·kᵀ ('bhqd,bhkd->bhqk') or p·v ('bhqk,bhkd->bhqd'); the batch dims may be an
-    ellipsis ('...qd,...kd->...qk') when both operands have the result's rank (no broadcast over missing dims)."""
-    eq = op["equation"].replace(" ", "")
+    """Read an einsum as q·kᵀ ('bhqd,bhkd->bhqk', or 'bhqd,bhdk->bhqk' with k given transposed) or p·v
+    ('bhqk,bhkd->bhqd'); the batch dims may be an ellipsis ('...qd,...kd->...qk') when both operands have the
+    result's rank (no broadcast over missing dims). Every letter is one dim: none repeats within a term (a
+    diagonal) and the contracted one is neither a batch dim nor in the result (no sum left out)."""
+    eq = op["equation"]
+    eq = (eq.decode() if isinstance(eq, bytes) else eq).replace(" ", "")
     m = _EINSUM_QK.match(eq)
     if not m or len(op.args) != 2:
         raise Skip(f"einsum '{eq}' is not a batched product")
     b1, i1, j1, b2, i2, j2, b3, i3, j3 = m.groups()
     if not (b1 == b2 == b3):
         raise Skip(f"einsum '{eq}' mixes batch dims")
+    batch = b1.replace("...", "")
+    if any(len(set(t)) != len(t) for t in (batch + i1 + j1, batch + i2 + j2, batch + i3 + j3)):
+        raise Skip(f"einsum '{eq}' repeats a letter within a term")
     if "..." in b1 and len({len(shape_of(g, op.args[0])), len(shape_of(g, op.args[1]))}) != 1:
         raise Skip(f"einsum '{eq}' broadcasts operands of different ranks")
-    if kind == "qk" and j1 == j2 and i1 == i3 and i2 == j3 and i1 != i2:
-        return op.args[0], op.args[1], False        # k given as (…, Sk, D): not transposed
-    if kind == "pv" and j1 == i2 and i1 == i3 and j2 == j3:
+    if kind == "qk" and i1 == i3 and i1 not in (i2, j2):
+        if j1 == j2 and i2 == j3 and j1 != j3:
+            return op.args[0], op.args[1], False    # k given as (…, Sk, D): not transposed
+        if j1 == i2 and j2 == j3 and j1 != j3:
+            return op.args[0], op.args[1], True     # k given as (…, D, Sk)
+    if kind == "pv" and j1 == i2 and i1 == i3 and j2 == j3 and j1 not in (i1, j2):
         return op.args[0], op.args[1], None
     raise Skip(f"einsum '{eq}' is not a {kind} product")
 

@@ -46,6 +46,8 @@ def canonical(view: GraphView, name: str) -> Optional[Op]:
     attrs = attributes(node)
     if t == "MatMul":
         return Op("matmul", node, ins)
+    if t == "Einsum":  # the dynamo exporter keeps torch.einsum as one node; the matcher reads its equation
+        return Op("einsum", node, ins, {"equation": attrs.get("equation", "")})
     if t == "Transpose":
         perm = attrs.get("perm")
         if perm is None:

@@ -92,6 +92,12 @@ EINSUM_LOOKALIKES = {
     # scores laid out (.., k, q): the softmax runs over the queries
     "scores_transposed": lambda q, k, v: torch.einsum(
         "...kq,...kd->...qd", torch.softmax(torch.einsum("...qd,...kd->...kq", q, k), -1), v),
+    # a letter repeated within a term is a diagonal, not a product: each query's own weight times its value row
+    "diagonal_of_the_probabilities": lambda q, k, v: torch.einsum(
+        "bhqq,bhqd->bhqd", torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k), -1), v),
+    # q·qᵀ's diagonal times k·qᵀ: no sum over the head dim at all
+    "diagonal_scores": lambda q, k, v: torch.einsum(
+        "bhqk,bhkd->bhqd", torch.softmax(torch.einsum("bhqq,bhkq->bhqk", q @ q.mT, k @ q.mT), -1), v),
     # one key matrix shared by every batch and head, broadcast by the ellipsis
     "shared_keys_of_lower_rank": lambda q, k, v: torch.einsum(
         "...qk,...kd->...qd", torch.softmax(torch.einsum("...qd,...kd->...qk", q, k[0, 0]), -1), v),

@@ -192,3 +192,39 @@ def test_onnx_attention_op_with_native_gqa():
     converted, report = convert_and_compare(m)
     site = only_site(report)
     assert site.status == "rewritten" and site.mask == "causal" and (site.heads, site.kv_heads) == (4, 2)
+
+
+def einsum_attention(qk_eq, pv_eq, k_name="k"):
+    nodes = [helper.make_node("Einsum", ["q", k_name], ["qk"], equation=qk_eq),
+             helper.make_node("Mul", ["qk", "c_scale"], ["scores"]),
+             helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
+             helper.make_node("Einsum", ["p", "v"], ["out"], equation=pv_eq)]
+    return nodes
+
+
+@pytest.mark.parametrize("qk_eq,pv_eq", [
+    ("bhqd,bhkd->bhqk", "bhqk,bhkd->bhqd"),
+    ("...qd,...kd->...qk", "...qk,...kd->...qd"),
+    ("bhqd,bhdk->bhqk", "bhqk,bhkd->bhqd"),   # k given transposed
+])
+def test_einsum_products_are_read_like_matmuls(qk_eq, pv_eq):
+    transposed = qk_eq.split("->")[0].endswith("dk")
+    nodes = ([helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2])] if transposed else []) + \
+        einsum_attention(qk_eq, pv_eq, "kt" if transposed else "k")
+    converted, report = convert_and_compare(model(nodes, QKV, [const("c_scale", D ** -0.5)]))
+    site = only_site(report)
+    assert site.status == "rewritten" and site.scale == pytest.approx(D ** -0.5), site
+    assert not any(n.op_type == "Einsum" for n in converted.graph.node)
+
+
+@pytest.mark.parametrize("qk_eq,pv_eq,reason", [
+    ("bhqd,bhkd->bhkq", "bhkq,bhkd->bhqd", "not a"),         # scores laid out keys-first: softmax over queries
+    ("bhqd,bhqd->bhqd", "bhqd,bhqd->bhqd", "not a"),         # elementwise, no contraction
+    ("bhqd,bhkd->bhqk", "bhqk,bhqd->bhkd", "not a"),         # P contracted over queries
+])
+def test_einsum_look_alikes_are_skipped_with_a_reason(qk_eq, pv_eq, reason):
+    m = model(einsum_attention(qk_eq, pv_eq), QKV, [const("c_scale", D ** -0.5)])
+    converted, report = lo.convert(m, policy=ALL_FLASH)
+    assert not any(n.domain == "ai.longattn" for n in converted.graph.node)
+    for site in report.sites:
+        assert site.status == "skipped" and reason in site.reason, site
