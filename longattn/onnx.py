@@ -5,8 +5,8 @@
     sess = longattn.onnx.session("out/model.onnx")          # our custom-op library registered
 
 Converted models carry `ai.longattn` nodes and their ONNX function bodies (exact attention), so
-they also run in a stock onnxruntime; `session` registers the native kernels when the library is
-built (`python -m longattn.backends.onnxruntime.build`) and warns when it falls back.
+they also run in a stock onnxruntime; `session` registers the native kernels (building the library for
+this CPU on first use) and warns, saying why, when it falls back.
 """
 from __future__ import annotations
 
@@ -192,21 +192,20 @@ def save(model: onnx.ModelProto, path: Union[str, os.PathLike], *, external_data
 def session(path: Union[str, os.PathLike, bytes], *, providers=None, sess_options=None, **ort_options):
     """An onnxruntime InferenceSession with the longattn custom-op library registered, so the
     `ai.longattn` nodes run our CPU kernels. Other keyword arguments set SessionOptions fields
-    (e.g. intra_op_num_threads=2). If the library is not built, or the model's attention is not
-    float32 (the kernels' type), the model's function bodies (exact attention) run instead and a
-    warning says so."""
+    (e.g. intra_op_num_threads=2). The library is built on first use (`ensure_library`). If it cannot be
+    built, or the model's attention is not float32 (the kernels' type), the model's function bodies (exact
+    attention) run instead and a warning says why."""
     import onnxruntime as ort
-    from .backends.onnxruntime import library_path
+    from .backends.onnxruntime import ensure_library
     options = sess_options or ort.SessionOptions()
     for key, value in ort_options.items():
         if not hasattr(options, key):
             raise TypeError(f"session(): onnxruntime.SessionOptions has no field {key!r}")
         setattr(options, key, value)
-    lib = library_path()
+    lib, why_not = ensure_library()
     attention_type = _attention_elem_type(path)
     if lib is None:
-        warnings.warn("longattn: the onnxruntime custom-op library is not built "
-                      "(python -m longattn.backends.onnxruntime.build); ai.longattn nodes run their "
+        warnings.warn(f"longattn: no onnxruntime custom-op library ({why_not}); ai.longattn nodes run their "
                       "ONNX function bodies (exact attention, no approximation, not the fast kernels)",
                       RuntimeWarning, stacklevel=2)
     elif attention_type not in (None, onnx.TensorProto.FLOAT):

@@ -195,6 +195,10 @@ def cmd_convert(args) -> int:
         console.print(f"[red]longattn convert: cannot create the output directory {args.out}: {e.strerror}[/]",
                       soft_wrap=True)
         return 1
+    library_missing = None
+    if args.check:  # built here once (first use), not by each worker
+        from ..backends.onnxruntime import ensure_library
+        library_missing = ensure_library()[1]
     outcomes: list[Optional[Outcome]] = [None] * len(jobs)
     columns = [TextColumn("{task.description}", justify="left"), BarColumn(), TextColumn("{task.fields[stage]}"),
                TimeElapsedColumn()]
@@ -205,7 +209,7 @@ def cmd_convert(args) -> int:
         console.print(f"[red]longattn convert: interrupted; {done} of {len(jobs)} models converted (each of those "
                       f"written whole), the rest not written[/]", soft_wrap=True)
         return 130
-    Console().print(summary_table(outcomes, args.check))
+    Console().print(summary_table(outcomes, args.check, library_missing))
     if args.report:
         write_report(args.report, outcomes, getattr(policy, "source", args.policy or ""))
     failed = [o for o in outcomes if not o.ok]
@@ -286,10 +290,12 @@ def _load_policy(spec):
     return load_policy(spec)
 
 
-def summary_table(outcomes: list[Outcome], check: bool):
+def summary_table(outcomes: list[Outcome], check: bool, library_missing: Optional[str] = None):
+    """One row per model; with --check, `library_missing` says why the "err lib" column is empty."""
     from rich.table import Table
     ok = sum(o.ok for o in outcomes)
-    t = Table(title=f"longattn convert: {ok} of {len(outcomes)} models converted")
+    caption = f"err lib: no custom-op library ({library_missing})" if check and library_missing else None
+    t = Table(title=f"longattn convert: {ok} of {len(outcomes)} models converted", caption=caption)
     t.add_column("model", overflow="fold", min_width=16)
     t.add_column("rewr/exact/skip", justify="right", no_wrap=True)  # sites by outcome
     t.add_column("status", overflow="fold", min_width=6)

@@ -274,9 +274,50 @@ def test_session_without_the_library_warns_and_runs_the_function_body(monkeypatc
     shape = (1, 2, 20, 16)
     m = node_model("HyperAttention", shape, shape, causal=True, bands=(Band("hyper"),))
     feeds = feeds_for(shape, shape)
-    with pytest.warns(RuntimeWarning, match="not built"):
+    with pytest.warns(RuntimeWarning, match="LONGATTN_ORT_LIBRARY=/nonexistent/liblongattn_ort.so does not exist"):
         sess = lo.session(m.SerializeToString())
     np.testing.assert_allclose(sess.run(None, feeds)[0], stock(m, feeds), rtol=1e-6)
+
+
+def test_the_first_session_builds_the_library_for_this_cpu_and_later_ones_reuse_it(monkeypatch, tmp_path, capfd):
+    from longattn.backends.onnxruntime import build
+    try:
+        build.compiler()
+    except build.BuildError as e:
+        pytest.skip(f"no C++ compiler to build the custom-op library: {e}")
+    monkeypatch.setenv("LONGATTN_ORT_BUILD_DIR", str(tmp_path))
+    monkeypatch.setenv("LONGATTN_ORT_CXXFLAGS", "-O1")  # a quicker build; still the library's real code
+    shape = (1, 2, 20, 16)
+    m = node_model("FlashAttention", shape, shape, causal=True)
+    feeds = feeds_for(shape, shape)
+    sess = lo.session(m.SerializeToString())
+    assert "building the onnxruntime custom-op library" in capfd.readouterr().err
+    assert (tmp_path / "liblongattn_ort.so").exists()
+    np.testing.assert_allclose(sess.run(None, feeds)[0], stock(m, feeds), rtol=1e-5, atol=1e-6)
+    built = (tmp_path / "liblongattn_ort.so").stat().st_mtime_ns
+    lo.session(m.SerializeToString())
+    assert "building" not in capfd.readouterr().err and (tmp_path / "liblongattn_ort.so").stat().st_mtime_ns == built
+
+
+def test_without_a_compiler_the_session_says_why_and_runs_the_function_body(monkeypatch, tmp_path):
+    monkeypatch.setenv("LONGATTN_ORT_BUILD_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++, c++ or clang++ either
+    shape = (1, 2, 20, 16)
+    m = node_model("FlashAttention", shape, shape)
+    feeds = feeds_for(shape, shape)
+    with pytest.warns(RuntimeWarning, match="could not be built: no C\\+\\+ compiler found"):
+        sess = lo.session(m.SerializeToString())
+    np.testing.assert_allclose(sess.run(None, feeds)[0], stock(m, feeds), rtol=1e-6)
+
+
+def test_autobuild_off_only_looks(monkeypatch, tmp_path):
+    from longattn.backends.onnxruntime import ensure_library
+    monkeypatch.setenv("LONGATTN_ORT_BUILD_DIR", str(tmp_path))
+    monkeypatch.setenv("LONGATTN_ORT_AUTOBUILD", "0")
+    assert ensure_library() == (None, "not built, and LONGATTN_ORT_AUTOBUILD=0 "
+                                      "(python -m longattn.backends.onnxruntime.build)")
+    assert not list(tmp_path.iterdir())
 
 
 def test_build_fails_clearly_without_headers(monkeypatch, tmp_path):

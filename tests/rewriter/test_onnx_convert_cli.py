@@ -125,6 +125,14 @@ def test_longattn_command_has_convert(folder, tmp_path, capsys):
     assert "1 of 1 models converted" in capsys.readouterr().out
 
 
+def test_check_without_the_library_says_why_its_column_is_empty(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LONGATTN_ORT_LIBRARY", str(tmp_path / "missing.so"))
+    assert cli.main(["convert", str(folder / "plain.onnx"), "--out", str(tmp_path / "out"), "--check"]) == 0
+    out = "".join(capsys.readouterr().out.split())  # the caption wraps, also inside the path
+    assert "".join(f"err lib: no custom-op library (LONGATTN_ORT_LIBRARY={tmp_path / 'missing.so'} does not exist)"
+                   .split()) in out
+
+
 def test_an_output_folder_that_is_a_symlink_to_the_input_never_overwrites_it(folder, tmp_path):
     """`--out link` where link -> the input folder: every output would land on its input. Refused per model,
     inputs untouched (the check once compared the paths as written, not where they lead)."""

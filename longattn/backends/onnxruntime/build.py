@@ -8,8 +8,10 @@ of version 1.21.0 (`csrc/onnxruntime-1.21.0/`, unmodified, from Debian's libonnx
 folder holding onnxruntime_c_api.h & co. to build against other headers. The library asks for C
 API version 21 and binds to the API of whichever onnxruntime (>= 1.21) loads it, so nothing links
 against onnxruntime at build time. Compiled with the system C++ compiler (CXX, default
-g++/c++) at -O3 -march=native: build it on the machine that runs it. LONGATTN_ORT_CXXFLAGS replaces
-those flags (`-O3 -march=x86-64-v3`: an AVX2 build); a library built with other flags is rebuilt.
+g++/c++) at -O3 -march=native, into a folder per CPU kind (`default_build_dir`). LONGATTN_ORT_CXXFLAGS
+replaces those flags (`-O3 -march=x86-64-v3`: an AVX2 build); a library built with other flags is rebuilt.
+`longattn.onnx.session` and `longattn convert --check` build it on first use (`ensure_library`); this
+command builds it ahead of time.
 """
 from __future__ import annotations
 
@@ -58,27 +60,39 @@ def _read(path: str) -> str | None:
         return None
 
 
-def build(out_dir: str | None = None, force: bool = False, quiet: bool = False, source_dir: str | None = None) -> str:
-    """Build (or reuse) the library; return its path. Raises BuildError with the reason. source_dir: another
-    copy of csrc/ (the tests build deliberately broken copies to show that they catch the breakage)."""
-    out_dir = out_dir or default_build_dir()
-    os.makedirs(out_dir, exist_ok=True)
-    target = os.path.join(out_dir, LIBRARY_NAME)
+def _plan(out_dir: str | None, source_dir: str | None) -> tuple[str, str, list[str], list[str], str]:
+    """(target, stamp key, sources, every file it depends on, the flags)."""
+    target = os.path.join(out_dir or default_build_dir(), LIBRARY_NAME)
     csrc = source_dir or os.path.join(HERE, "csrc")
     sources = [os.path.join(csrc, s) for s in SOURCES]
     deps = sources + [os.path.join(csrc, h) for h in ("attention.h", "plan.h")]
-    include = headers_dir()
     flags = os.environ.get("LONGATTN_ORT_CXXFLAGS", "-O3 -march=native").split()
     # the stamp beside the library records what built it: a library compiled with other flags (another
     # vector width), another compiler or other headers is stale even when newer than its sources
-    stamp, key = target + ".build", json.dumps({"cxx": compiler(), "flags": flags, "headers": include,
-                                                "sources": csrc})
-    if not force and os.path.exists(target) and _read(stamp) == key and \
-            os.path.getmtime(target) >= max(os.path.getmtime(d) for d in deps):
+    key = json.dumps({"cxx": compiler(), "flags": flags, "headers": headers_dir(), "sources": csrc})
+    return target, key, sources, deps, flags
+
+
+def up_to_date(out_dir: str | None = None, source_dir: str | None = None) -> bool:
+    """Is the library there, built from these sources with this compiler, these flags and headers?"""
+    target, key, _, deps, _ = _plan(out_dir, source_dir)
+    return os.path.exists(target) and _read(target + ".build") == key and \
+        os.path.getmtime(target) >= max(os.path.getmtime(d) for d in deps)
+
+
+def build(out_dir: str | None = None, force: bool = False, quiet: bool = False, source_dir: str | None = None) -> str:
+    """Build (or reuse) the library; return its path. Raises BuildError with the reason. source_dir: another
+    copy of csrc/ (the tests build deliberately broken copies to show that they catch the breakage)."""
+    target, key, sources, _, flags = _plan(out_dir, source_dir)
+    if not force and up_to_date(out_dir, source_dir):
         return target
+    out_dir = os.path.dirname(target)
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = target + ".build"
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".build-", suffix=".so")
     os.close(fd)
-    cmd = [compiler(), "-std=c++17", "-shared", "-fPIC", *flags, "-I", include, *sources, "-o", tmp, "-lpthread"]
+    cmd = [compiler(), "-std=c++17", "-shared", "-fPIC", *flags, "-I", headers_dir(), *sources, "-o", tmp,
+           "-lpthread"]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
