@@ -23,16 +23,14 @@ from ..patterns.record import AttentionSite, MaskTerm
 from ..plan import Band, encode_plan
 from .bands import fit_bands
 from .report import Report, SiteReport
+from .verification import MAX_VERIFY_SCORES, RewriteRejected
 
 if TYPE_CHECKING:
     from .policy import Policy
 
-# Verification runs the matched subgraph on random data: keep it to a few million scores.
-MAX_VERIFY_SCORES = 1 << 22
-
-
-class RewriteRejected(Exception):
-    pass
+# Verification runs at the traced sizes up to this many scores, above it at small lengths where the subgraph
+# computes the same thing there (quicker), else at the traced sizes up to MAX_VERIFY_SCORES.
+PREFER_TRACED_SCORES = 1 << 22
 
 
 def rewrite_graph(gm: fx.GraphModule, policy: "Policy", *, verify: bool = True, frame_path: str = "") -> Report:
@@ -187,15 +185,18 @@ def _scores(site: AttentionSite, sizes) -> int:
 def verification_sizes(site: AttentionSite):
     """The traced sizes when the scores are few enough to evaluate; else small lengths at which the matched
     subgraph computes the same thing (fx_eval.generic_sizes), for static and dynamic graphs alike."""
-    if _scores(site, hint) <= MAX_VERIFY_SCORES:
+    traced = _scores(site, hint)
+    if traced <= PREFER_TRACED_SCORES:
         return hint
     inputs = {site.q, site.k, site.v, site.scale_ref, *(t.node for t in site.masks)}
     subgraph = ancestors(site.output, stop=lambda n: n in inputs)
     other_dims = [d for t in (site.q, site.k, site.v) for d in (meta_value(t).shape[:-2] + meta_value(t).shape[-1:])]
     sizes = generic_sizes((site.q_len, site.k_len), subgraph, other_dims)
     if sizes is None:
-        raise RewriteRejected("too large to verify at the traced length, and the length equals another dim of "
-                              "q/k/v, so it cannot be verified at a small one")
+        if traced <= MAX_VERIFY_SCORES:
+            return hint
+        raise RewriteRejected(f"too large to verify at the traced length ({traced} scores), and the length equals "
+                              "another dim of q/k/v, so it cannot be verified at a small one")
     scores = _scores(site, sizes)
     if scores > MAX_VERIFY_SCORES:
         raise RewriteRejected(f"too large to verify even at small lengths ({scores} scores from length "

@@ -24,17 +24,12 @@ from ..plan import Band, encode_plan
 from .bands import fit_bands
 from .onnx_functions import DOMAIN, DOMAIN_VERSION, NODE_FOR_KIND, attention_function
 from .report import Report, SiteReport
+from .verification import MAX_VERIFY_SCORES, RewriteRejected
 
 if TYPE_CHECKING:
     from .policy import Policy
 
-# Verification runs the matched subgraph in onnxruntime on random data: cap its score count.
-MAX_VERIFY_SCORES = 1 << 25
 TOLERANCE = {TensorProto.FLOAT: 1e-4, TensorProto.DOUBLE: 1e-6, TensorProto.FLOAT16: 2e-2, TensorProto.BFLOAT16: 5e-2}
-
-
-class RewriteRejected(Exception):
-    pass
 
 
 def rewrite_model(model: onnx.ModelProto, policy: "Policy", *, verify: bool = True, base_dir: str = "",

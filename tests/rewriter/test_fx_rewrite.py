@@ -67,3 +67,19 @@ def test_policy_choosing_exact_leaves_the_graph_untouched():
     report = rewrite_graph(gm, policy)
     assert report.sites[0].status == "exact"
     assert [n.target for n in gm.graph.nodes] == before
+
+
+def test_verification_above_the_traced_size_threshold_is_capped_by_the_shared_limit(monkeypatch):
+    """Above PREFER_TRACED_SCORES a site is verified at other sizes where it can be, and never above
+    MAX_VERIFY_SCORES (the limit both rewriters share): past it the site is left alone, with the reason."""
+    from longattn.rewriter import fx_rewrite
+    monkeypatch.setattr(fx_rewrite, "PREFER_TRACED_SCORES", 100)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 6, 6, generator=g) for _ in range(3))  # 4·6·6 = 144 scores
+    gm = dynamo_graph(_attention, q, k, v)
+    (site,) = rewrite_graph(gm, ALL_FLASH).sites
+    assert site.status == "rewritten", site
+    monkeypatch.setattr(fx_rewrite, "MAX_VERIFY_SCORES", 100)
+    gm = dynamo_graph(_attention, q, k, v)
+    (site,) = rewrite_graph(gm, ALL_FLASH).sites
+    assert site.status == "skipped" and "too large to verify" in site.reason, site
