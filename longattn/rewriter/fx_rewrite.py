@@ -109,6 +109,7 @@ def emit(gm: fx.GraphModule, site: AttentionSite, bands: list[Band], *, verify: 
         out = graph.call_function(torch.ops.longattn.attention.default,
                                   (q, k, v, mask, float(site.scale), bool(site.causal), float(site.dropout_p),
                                    seed, encode_plan(bands)))
+        out.meta["longattn_layer"] = site.layer  # which report row the call is: the MLIR export names its op
         result = out
         if rank == 3:
             result = graph.call_method("squeeze", (result, 0))
