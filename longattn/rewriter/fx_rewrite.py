@@ -126,6 +126,12 @@ def emit(gm: fx.GraphModule, site: AttentionSite, bands: list[Band], *, verify: 
     for node in site.replaced:  # metadata checks would keep the old subgraph alive
         for check in metadata_asserts(node):
             graph.erase_node(check)
+    # the old chain's ops go here, not only in the final DCE: it keeps aten.dropout (a random op, so "impure") even
+    # when unused, and with it the S x S softmax of an exported graph (eval-mode dropout included)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in sorted((n for n in site.replaced if n in order), key=order.__getitem__, reverse=True):
+        if not node.users and node.op in ("call_function", "call_method"):
+            graph.erase_node(node)
     return result
 
 

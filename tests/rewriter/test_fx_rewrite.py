@@ -67,3 +67,25 @@ def test_policy_choosing_exact_leaves_the_graph_untouched():
     report = rewrite_graph(gm, policy)
     assert report.sites[0].status == "exact"
     assert [n.target for n in gm.graph.nodes] == before
+
+
+class _EvalDropoutAttention(torch.nn.Module):
+    def forward(self, q, k, v):
+        p = torch.nn.functional.dropout(torch.softmax(q @ k.mT * 0.25, -1), 0.1, training=self.training)
+        return p @ v
+
+
+def test_the_replaced_chain_leaves_an_exported_graph_even_behind_an_eval_mode_dropout():
+    """aten.dropout counts as impure, so DCE alone kept it, and the S x S softmax before it, in longattn.rewrite's
+    graph: the model computed its attention twice. The rewriter now erases the chain it replaced and each op is
+    tagged with its site's layer (the MLIR export names its ops by it)."""
+    import longattn
+    q, k, v = _qkv()
+    model = _EvalDropoutAttention().eval()
+    gm, report = longattn.rewrite(model, q, k, v, policy=ALL_FLASH)
+    assert report.count("rewritten") == 1
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert not any("softmax" in t or "dropout" in t or "matmul" in t for t in targets), targets
+    (op,) = [n for n in gm.graph.nodes if n.target is torch.ops.longattn.attention.default]
+    assert op.meta["longattn_layer"] == report.sites[0].layer
+    torch.testing.assert_close(gm(q, k, v), model(q, k, v), rtol=1e-5, atol=1e-5)
