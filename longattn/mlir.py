@@ -17,7 +17,7 @@ from typing import Union
 import torch
 
 from .api import _as_args, rewrite
-from .backends.mlir import (INSTALL_HINT, KEEPS_SITES, OUTPUT_TYPES, MlirExportError, check_output_type,
+from .backends.mlir import (INSTALL_HINT, KEEPS_SITES, NOTE, OUTPUT_TYPES, MlirExportError, check_output_type,
                             load_torch_mlir, to_mlir)
 from .files import atomic_path
 
@@ -45,4 +45,5 @@ def save(module, path: Union[str, os.PathLike]) -> None:
         module.operation.print(file=f)
 
 
-__all__ = ["export", "save", "OUTPUT_TYPES", "KEEPS_SITES", "INSTALL_HINT", "MlirExportError"]
+__all__ = ["export", "save", "load_torch_mlir", "OUTPUT_TYPES", "KEEPS_SITES", "NOTE", "INSTALL_HINT",
+           "MlirExportError"]

@@ -37,7 +37,9 @@ NOTE = "mlir: "  # the prefix of the report note that says what became of a site
 # torch-mlir's ReduceOpVariants leaves a torch.operator alone only when this library says it has value semantics
 _VALUE_SEMANTICS_LIBRARY = ('module {\n  func.func @"__torch_mlir_has_value_semantics_fn.%s"() {\n    return\n  }\n}\n'
                             % OP_NAME)
-_TO_TORCH = "builtin.module(func.func(torch-match-quantized-custom-ops), torchdynamo-export-to-torch-backend-pipeline%s)"
+# FX import -> torch backend, as torch_mlir.fx runs it; %s: the pipeline's options
+_TO_TORCH = ("builtin.module(func.func(torch-match-quantized-custom-ops), "
+             "torchdynamo-export-to-torch-backend-pipeline%s)")
 _LOWER = {  # torch backend -> the output type (the pipelines torch_mlir.compiler_utils runs)
     "linalg-on-tensors": "builtin.module(torch-backend-to-linalg-on-tensors-backend-pipeline{allow-non-finites=true})",
     "stablehlo": "builtin.module(torch-backend-to-stablehlo-backend-pipeline{allow-non-finites=true})",
