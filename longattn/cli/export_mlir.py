@@ -6,6 +6,8 @@ random weights). The output is written atomically; the table says what became of
 """
 from __future__ import annotations
 
+import os
+
 from .errors import CliError
 from .explain import _write_atomically, load_model_spec
 
@@ -30,6 +32,9 @@ def cmd_export_mlir(args) -> int:
 
     from ..mlir import export, load_torch_mlir, save
     load_torch_mlir()  # before building the model: say how to install torch-mlir at once
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise CliError(f"cannot write {args.out}: no folder {folder}")
     model, inputs = load_model_spec(args.model, args.seq_len)
     if ":" not in args.model and hasattr(getattr(model, "config", None), "use_cache"):
         model.config.use_cache = False  # our own model: a KV cache object is no tensor output torch.export takes

@@ -43,35 +43,47 @@ def _tensors(tree):
     return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
 
 
+def _check_kept_sites(module, report, sites):
+    """One annotated longattn op per rewritten site, matching its report row, and no softmax / bmm left."""
+    assert report.count("rewritten") == sites, str(report)
+    ops = longattn_ops(module)
+    assert len(ops) == sites
+    after = _aten_ops(module)
+    assert after["_softmax"] == after["bmm"] == after["matmul"] == 0, after
+    rows = {r.layer: r for r in report.sites}
+    assert sorted(op.attributes["longattn.layer"].value for op in ops) == sorted(rows)
+    for op in ops:
+        row = rows[op.attributes["longattn.layer"].value]
+        attr = op.attributes
+        assert attr["longattn.kind"].value == "flash" and attr["longattn.version"].value == 1
+        assert attr["longattn.kv_groups"].value == row.heads // row.kv_heads
+        assert attr["longattn.causal"].value == row.mask.startswith("causal")
+        assert attr["longattn.scale"].value == pytest.approx(row.scale)
+        assert attr["longattn.dropout_p"].value == 0.0
+        assert str(attr["longattn.bands"]) == '[{kind = "flash", params = {}}]'
+        assert len(op.operands) == 9
+    assert all(n.startswith("mlir: kept as torch.operator") for r in report.sites for n in r.notes)
+    return after
+
+
 @pytest.mark.parametrize("name", MODELS)
-def test_raw_and_torch_keep_one_annotated_op_per_site_and_none_of_its_chain(name):
+def test_raw_output_keeps_one_annotated_op_per_site_and_none_of_its_chain(name):
     model, inputs = _model(name)
-    baseline, _ = lm.export(model, inputs, policy=EXACT, output_type="raw")
-    sites = ZOO_BY_NAME[name].attention_modules
-    before = _aten_ops(baseline)
-    assert before["_softmax"] == sites and before["bmm"] == 2 * sites  # what the sites were
-    for output_type in ("raw", "torch"):
-        module, report = lm.export(model, inputs, policy=FLASH, output_type=output_type)
-        assert report.count("rewritten") == sites, str(report)
-        ops = longattn_ops(module)
-        assert len(ops) == sites
-        after = _aten_ops(module)
-        assert after["_softmax"] == after["bmm"] == after["matmul"] == 0, after
-        if output_type == "raw":  # the rest of the model as torch-mlir gives it: every projection still there
-            assert after["mm"] == before["mm"]
-        rows = {r.layer: r for r in report.sites}
-        assert sorted(op.attributes["longattn.layer"].value for op in ops) == sorted(rows)
-        for op in ops:
-            row = rows[op.attributes["longattn.layer"].value]
-            attr = op.attributes
-            assert attr["longattn.kind"].value == "flash" and attr["longattn.version"].value == 1
-            assert attr["longattn.kv_groups"].value == row.heads // row.kv_heads
-            assert attr["longattn.causal"].value == row.mask.startswith("causal")
-            assert attr["longattn.scale"].value == pytest.approx(row.scale)
-            assert attr["longattn.dropout_p"].value == 0.0
-            assert str(attr["longattn.bands"]) == '[{kind = "flash", params = {}}]'
-            assert len(op.operands) == 9
-        assert all(n.startswith("mlir: kept as torch.operator") for r in report.sites for n in r.notes)
+    module, report = lm.export(model, inputs, policy=FLASH, output_type="raw")
+    after = _check_kept_sites(module, report, ZOO_BY_NAME[name].attention_modules)
+    if name == "llama":  # what the sites were, and the rest of the model as torch-mlir gives it
+        baseline, _ = lm.export(model, inputs, policy=EXACT, output_type="raw")
+        before = _aten_ops(baseline)
+        assert before["_softmax"] == 2 and before["bmm"] == 4 and not longattn_ops(baseline)
+        assert after["mm"] == before["mm"] > 0
+
+
+def test_torch_output_keeps_them_through_the_backend_pipeline():
+    model, inputs = _model("t5")  # self, causal self and cross attention; T5's position bias as a mask operand
+    module, report = lm.export(model, inputs, policy=FLASH, output_type="torch")
+    _check_kept_sites(module, report, ZOO_BY_NAME["t5"].attention_modules)
+    masks = [str(op.operands[3].type) for op in longattn_ops(module)]
+    assert all(m.startswith("!torch.vtensor<[") for m in masks), masks
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -122,8 +134,7 @@ def test_a_linear_band_is_kept_with_its_parameters_and_lowered_as_its_dense_defi
     torch.testing.assert_close(torch.from_numpy(got[0]), want[0], rtol=1e-4, atol=1e-4)
 
 
-HYPER = {"version": 1, "rules": [{"layers": 1, "use": "hyper", "block_size": 4, "sample_size": 4},
-                                 {"layers": "*", "use": "flash"}]}
+HYPER = {"version": 1, "rules": [{"layers": 1, "use": "hyper", "block_size": 64}, {"layers": "*", "use": "flash"}]}
 
 
 def test_a_kind_without_a_standard_op_form_is_refused_naming_the_site_but_kept_in_raw():
@@ -133,6 +144,8 @@ def test_a_kind_without_a_standard_op_form_is_refused_naming_the_site_but_kept_i
     raw, _ = lm.export(model, inputs, policy=HYPER, output_type="raw")
     kinds = {op.attributes["longattn.layer"].value: op.attributes["longattn.kind"].value for op in longattn_ops(raw)}
     assert kinds == {"layers.0.self_attn": "flash", "layers.1.self_attn": "hyper"}
+    (hyper,) = [op for op in longattn_ops(raw) if op.attributes["longattn.kind"].value == "hyper"]
+    assert hyper.attributes["longattn.params"]["block_size"].value == 64
 
 
 def test_the_command_line_writes_the_module_and_the_report(tmp_path, capsys):
@@ -154,7 +167,7 @@ def test_the_command_line_writes_the_module_and_the_report(tmp_path, capsys):
 
 def test_the_command_line_names_the_site_it_cannot_lower(tmp_path, capsys):
     policy = tmp_path / "p.yaml"
-    policy.write_text("version: 1\nrules:\n  - layers: '*'\n    use: hyper\n    block_size: 4\n    sample_size: 4\n")
+    policy.write_text("version: 1\nrules:\n  - layers: '*'\n    use: hyper\n")
     out = tmp_path / "m.mlir"
     assert main(["export-mlir", "llama", "--policy", str(policy), "--out", str(out), "--seq-len", "8",
                  "--output-type", "tosa"]) == 2

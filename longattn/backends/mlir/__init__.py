@@ -210,8 +210,9 @@ def to_mlir(gm: torch.fx.GraphModule, report: Report, args: tuple, kwargs: dict,
             row.notes.append(f"{NOTE}kept as torch.operator \"{OP_NAME}\" ({site.band.kind} band at "
                              f"{site.key_length} keys)")
     else:
-        _decompose(gm, program, sites, verify)
-        program = export_program(gm, args, kwargs)
+        if sites:
+            _decompose(gm, program, sites, verify)
+            program = export_program(gm, args, kwargs)
         if op_nodes(program.graph):
             raise MlirExportError("longattn.mlir: a longattn op survived decomposition")
         module, diagnostics = _import(tm, program, None)
