@@ -42,6 +42,7 @@ def rewrite_graph(gm: fx.GraphModule, policy: "Policy", *, verify: bool = True, 
     indices = [s.layer_index for s in sites if s.layer_index is not None]
     num_layers = max(indices) + 1 if indices else None
     report = Report(policy=policy.source)
+    replaced = set()  # the rewritten sites' old chains
     for site in sites:
         if site.skipped:
             report.sites.append(SiteReport.from_site(site, status="skipped", reason=site.skip_reason))
@@ -56,10 +57,14 @@ def rewrite_graph(gm: fx.GraphModule, policy: "Policy", *, verify: bool = True, 
         try:
             emit(gm, site, bands, verify=verify)
             row.status = "rewritten"
+            replaced.update(site.replaced)
         except RewriteRejected as e:
             row.status, row.reason = "skipped", str(e)
         report.sites.append(row)
-    gm.graph.eliminate_dead_code()
+    # an unused op of a replaced chain goes even where FX's DCE would keep it: it keeps aten.dropout (a random op, so
+    # "impure"), and with it the S x S softmax of an exported graph (eval-mode dropout included). Only once every
+    # site is emitted: a later site may read a node of an earlier one's chain.
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n not in replaced and n.is_impure())
     gm.graph.lint()
     gm.recompile()
     return report
@@ -126,12 +131,6 @@ def emit(gm: fx.GraphModule, site: AttentionSite, bands: list[Band], *, verify: 
     for node in site.replaced:  # metadata checks would keep the old subgraph alive
         for check in metadata_asserts(node):
             graph.erase_node(check)
-    # the old chain's ops go here, not only in the final DCE: it keeps aten.dropout (a random op, so "impure") even
-    # when unused, and with it the S x S softmax of an exported graph (eval-mode dropout included)
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for node in sorted((n for n in site.replaced if n in order), key=order.__getitem__, reverse=True):
-        if not node.users and node.op in ("call_function", "call_method"):
-            graph.erase_node(node)
     return result
 
 
