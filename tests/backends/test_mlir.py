@@ -173,3 +173,27 @@ def test_the_command_line_names_the_site_it_cannot_lower(tmp_path, capsys):
                  "--output-type", "tosa"]) == 2
     err = capsys.readouterr().err
     assert "longattn: error: site layers.0.self_attn: its hyper band" in err and not out.exists()
+
+
+def test_the_torch_backend_keeps_the_op_only_with_the_value_semantics_library():
+    """Why `torch` needs the extra library: without it torch-mlir's pipeline refuses any custom op, and the
+    error it reports reaches our message."""
+    from longattn.backends import mlir as backend
+    from longattn.plan import Band, encode_plan
+    plan = encode_plan([Band("flash")])
+
+    class Call(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.ops.longattn.attention(q, k, v, None, 0.5, True, 0.0, None, plan)
+
+    qkv = (torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16))
+    tm = backend.load_torch_mlir()
+    program = torch.export.export(Call(), qkv)
+    for keep in (False, True):
+        module, diagnostics = backend._import(tm, program, None)
+        if not keep:
+            with pytest.raises(backend.MlirExportError, match="failed to legalize operation 'torch.operator'"):
+                backend._to_torch_backend(tm, module, diagnostics, keep_sites=False)
+        else:
+            backend._to_torch_backend(tm, module, diagnostics, keep_sites=True)
+            assert len(longattn_ops(module)) == 1
