@@ -19,7 +19,7 @@ PLAN_OPERAND = 8  # q, k, v, attn_mask, scale, causal, dropout_p, seed, plan
 
 @dataclass(frozen=True)
 class KeptSite:
-    """One op call of the exported program, in program order, with the report row it came from."""
+    """One op call of the exported program: its arguments, and the layer of the report row it came from."""
     layer: str
     plan: str
     scale: float
