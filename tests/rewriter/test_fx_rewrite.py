@@ -75,10 +75,9 @@ class _EvalDropoutAttention(torch.nn.Module):
         return p @ v
 
 
-def test_the_replaced_chain_leaves_an_exported_graph_even_behind_an_eval_mode_dropout():
-    """aten.dropout counts as impure, so DCE alone kept it, and the S x S softmax before it, in longattn.rewrite's
-    graph: the model computed its attention twice. The rewriter now erases the chain it replaced and each op is
-    tagged with its site's layer (the MLIR export names its ops by it)."""
+def test_each_op_call_is_tagged_with_its_sites_layer_and_the_replaced_chain_is_gone():
+    """The MLIR export names each op by the tag; the chain behind an eval-mode dropout (which FX's DCE alone keeps:
+    see test_fx_export_rewrite_leaves_none_of_the_original_attention in the corpus tests) is gone."""
     import longattn
     q, k, v = _qkv()
     model = _EvalDropoutAttention().eval()
