@@ -76,3 +76,23 @@ def test_the_layer_contracts_in_pyproject_hold():
     done = subprocess.run([str(Path(sys.executable).with_name("lint-imports")), "--no-cache"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_torch_mlir_loads_only_when_an_mlir_export_runs_and_its_absence_says_how_to_get_it():
+    # nothing but longattn.backends.mlir imports it (a contract in pyproject.toml), and that one lazily
+    out = _run("import sys\n"
+               "import longattn.mlir, longattn.backends.mlir\n"
+               "from longattn.cli import main\n"
+               "print('loaded:', 'torch_mlir' in sys.modules)\n"
+               "sys.modules['torch_mlir'] = None  # as if not installed\n"
+               "try:\n"
+               "    longattn.mlir.export(None)\n"
+               "except ImportError as e:\n"
+               "    print('export:', e)\n"
+               "import contextlib, io\n"
+               "err = io.StringIO()\n"
+               "with contextlib.redirect_stderr(err):\n"
+               "    print('cli:', main(['export-mlir', 'llama', '--out', 'x.mlir']), err.getvalue())\n")
+    assert "loaded: False" in out
+    assert 'export: MLIR export needs torch-mlir: pip install "longattn[mlir]"' in out
+    assert 'cli: 2 longattn: error: MLIR export needs torch-mlir: pip install "longattn[mlir]"' in out

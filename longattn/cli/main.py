@@ -4,23 +4,24 @@
     longattn policy check p.yaml
     longattn convert INPUTS... --out DIR [--policy p.yaml] [--check] ...
     longattn calibrate smollm2 --layers 20-29 --feature-map hedgehog --out calib.safetensors
+    longattn export-mlir MODEL_SPEC --out model.mlir [--policy p.yaml] [--output-type raw|torch|linalg-on-tensors|...]
 
-One module per subcommand (explain.py, policy.py, convert.py, calibrate.py), each adding its parser; each
-imports what it runs (torch, onnx, transformers) only when it runs.
+One module per subcommand (explain.py, policy.py, convert.py, calibrate.py, export_mlir.py), each adding its
+parser; each imports what it runs (torch, onnx, transformers, torch-mlir) only when it runs.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import calibrate, convert, explain, policy
+from . import calibrate, convert, explain, export_mlir, policy
 from .errors import CliError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longattn", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (explain, policy, convert, calibrate):
+    for command in (explain, policy, convert, calibrate, export_mlir):
         command.add_parser(sub)
     return parser
 

@@ -40,6 +40,7 @@ def rewrite_graph(gm: fx.GraphModule, policy: "Policy", *, verify: bool = True, 
     indices = [s.layer_index for s in sites if s.layer_index is not None]
     num_layers = max(indices) + 1 if indices else None
     report = Report(policy=policy.source)
+    replaced = set()  # the rewritten sites' old chains
     for site in sites:
         if site.skipped:
             report.sites.append(SiteReport.from_site(site, status="skipped", reason=site.skip_reason))
@@ -54,10 +55,14 @@ def rewrite_graph(gm: fx.GraphModule, policy: "Policy", *, verify: bool = True, 
         try:
             emit(gm, site, bands, verify=verify)
             row.status = "rewritten"
+            replaced.update(site.replaced)
         except RewriteRejected as e:
             row.status, row.reason = "skipped", str(e)
         report.sites.append(row)
-    gm.graph.eliminate_dead_code()
+    # an unused op of a replaced chain goes even where FX's DCE would keep it: it keeps aten.dropout (a random op, so
+    # "impure"), and with it the S x S softmax of an exported graph (eval-mode dropout included). Only once every
+    # site is emitted: a later site may read a node of an earlier one's chain.
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n not in replaced and n.is_impure())
     gm.graph.lint()
     gm.recompile()
     return report
@@ -107,6 +112,7 @@ def emit(gm: fx.GraphModule, site: AttentionSite, bands: list[Band], *, verify: 
         out = graph.call_function(torch.ops.longattn.attention.default,
                                   (q, k, v, mask, float(site.scale), bool(site.causal), float(site.dropout_p),
                                    seed, encode_plan(bands)))
+        out.meta["longattn_layer"] = site.layer  # which report row the call is: the MLIR export names its op
         result = out
         if rank == 3:
             result = graph.call_method("squeeze", (result, 0))

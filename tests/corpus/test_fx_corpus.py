@@ -169,9 +169,7 @@ def test_fx_rewriting_a_rewritten_graph_changes_nothing(program):
         first, code = gm(*inputs), gm.code
         again = rewrite_graph(gm, load_policy(ALL_FLASH))
         assert gm.code == code, describe(f"the second rewrite changed the graph:\n{code}\n->\n{gm.code}")
-        # an SDPA site is left in the graph, dead, by the first rewrite and found again (see the xfail below)
-        if program.features.get("qk") != "sdpa":
-            assert again.count("rewritten") == 0, describe(str(again))
+        assert again.count("rewritten") == 0, describe(str(again))
         torch.testing.assert_close(gm(*inputs), first, rtol=0, atol=0, msg=describe)
         torch.testing.assert_close(first, model(*inputs), rtol=1e-4, atol=1e-4, msg=describe)
 
@@ -186,13 +184,12 @@ class _DropoutAttention(torch.nn.Module):
         return torch.nn.functional.dropout(torch.softmax(q @ k.mT * 0.3, -1), 0.1, training=self.training) @ v
 
 
-@pytest.mark.xfail(strict=True, reason="BUG found by the corpus (reported): in a torch.export graph, "
-                   "aten.scaled_dot_product_attention and aten.dropout (eval mode too) are tagged "
-                   "nondeterministic_seeded, so FX's eliminate_dead_code keeps them once their uses moved to the op: "
-                   "the original attention still runs beside longattn.attention, and a second rewrite finds the SDPA "
-                   "again")
 @pytest.mark.parametrize("model", [_SdpaAttention, _DropoutAttention], ids=["sdpa", "dropout"])
 def test_fx_export_rewrite_leaves_none_of_the_original_attention(model):
+    """Found by the corpus: in a torch.export graph aten.scaled_dot_product_attention and aten.dropout (eval mode
+    too) are tagged nondeterministic_seeded, so FX's eliminate_dead_code kept them once their uses moved to the op:
+    the original attention still ran beside longattn.attention. The rewriter now tells DCE a replaced node is
+    pure."""
     q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
     gm, report = longattn.rewrite(model().eval(), q, k, v, policy=ALL_FLASH)
     assert report.count("rewritten") == 1

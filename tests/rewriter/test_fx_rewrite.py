@@ -83,3 +83,24 @@ def test_verification_above_the_traced_size_threshold_is_capped_by_the_shared_li
     gm = dynamo_graph(_attention, q, k, v)
     (site,) = rewrite_graph(gm, ALL_FLASH).sites
     assert site.status == "skipped" and "too large to verify" in site.reason, site
+
+
+class _EvalDropoutAttention(torch.nn.Module):
+    def forward(self, q, k, v):
+        p = torch.nn.functional.dropout(torch.softmax(q @ k.mT * 0.25, -1), 0.1, training=self.training)
+        return p @ v
+
+
+def test_each_op_call_is_tagged_with_its_sites_layer_and_the_replaced_chain_is_gone():
+    """The MLIR export names each op by the tag; the chain behind an eval-mode dropout (which FX's DCE alone keeps:
+    see test_fx_export_rewrite_leaves_none_of_the_original_attention in the corpus tests) is gone."""
+    import longattn
+    q, k, v = _qkv()
+    model = _EvalDropoutAttention().eval()
+    gm, report = longattn.rewrite(model, q, k, v, policy=ALL_FLASH)
+    assert report.count("rewritten") == 1
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert not any("softmax" in t or "dropout" in t or "matmul" in t for t in targets), targets
+    (op,) = [n for n in gm.graph.nodes if n.target is torch.ops.longattn.attention.default]
+    assert op.meta["longattn_layer"] == report.sites[0].layer
+    torch.testing.assert_close(gm(q, k, v), model(q, k, v), rtol=1e-5, atol=1e-5)
