@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import calibrate, convert, explain, policy
+from . import bench, calibrate, convert, explain, policy
 from .errors import CliError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longattn", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (explain, policy, convert, calibrate):
+    for command in (explain, policy, convert, calibrate, bench):
         command.add_parser(sub)
     return parser
 
