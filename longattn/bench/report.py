@@ -41,7 +41,8 @@ def environment(device) -> dict:
         env["device"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
     else:
-        env["device"] = f"cpu: {env['cpu']} ({os.cpu_count()} cores, {env['torch_threads']} torch threads)"
+        threads = env["torch_threads"]
+        env["device"] = f"cpu: {env['cpu']} ({os.cpu_count()} cores, {threads} torch thread{'s' * (threads != 1)})"
     return env
 
 
@@ -94,8 +95,8 @@ def table_cells(rows: list) -> tuple[list, list]:
 
 def notes(record: dict) -> list:
     s = record["settings"]
-    lines = ["× eager: eager's time over this variant's at the same length (higher is faster); gen ×: tokens/s "
-             "over eager's.",
+    lines = ["× eager: eager's time over this variant's at the same length (higher is faster)"
+             + ("; gen ×: tokens/s over eager's." if s.get("generate") else "."),
              f"compile s: the first call's wall time where it compiled a graph (one run included); "
              f"{'static graphs, one per length' if not s['dynamic'] else 'dynamic shapes, compiled once'}.",
              f"max rel err: {s['error_metric']}.",
