@@ -100,6 +100,18 @@ def _failure(error: BaseException) -> str:
     return f"error: {type(error).__name__}: {text}"[:300]
 
 
+def _distinct_sites(graph_reports) -> list:
+    """The sites of the reports of one compile, each graph's once: dynamo can trace a frame again and call the
+    backend a second time for the same graph (SmolLM2 with inductor inside, dynamic shapes)."""
+    seen, sites = set(), []
+    for report in graph_reports:
+        key = tuple((s.layer, s.pattern, s.status, repr(s.bands)) for s in report)
+        if key not in seen:
+            seen.add(key)
+            sites += list(report)
+    return sites
+
+
 class _VariantRun:
     """One variant's compiled callables (made on first use, kept across lengths) and its measurements."""
 
@@ -178,8 +190,7 @@ class _VariantRun:
             seen = len(reports())
             self._first(row, "", call, length, "prefill")
             if self.variant.backend == "longattn" and self.sites is None:
-                # by layer: a graph's report can come twice (the backend called again for one graph)
-                self.sites = list({site.layer: site for report in reports()[seen:] for site in report}.values())
+                self.sites = _distinct_sites(reports()[seen:])
             self.progress(self.variant.name, length, "prefill: timing")
             row["prefill_ms"], row["prefill_reps"], row["peak_mb"], out = self._timed(call)
         if self.sites is not None:

@@ -24,7 +24,7 @@ TIMING = {"cuda": "CUDA events around each call, synchronised", "cpu": "time.per
 
 
 def parse_lengths(text: str) -> list:
-    """'4k,8k,131k,4096' -> [4096, 8192, 134144, 4096]: k is 1024; sorted, each once."""
+    """'4k,8k,131k,100' -> [100, 4096, 8192, 134144]: k is 1024; sorted; a length twice is refused."""
     lengths = []
     for item in text.split(","):
         word = item.strip().lower()
@@ -171,14 +171,10 @@ def build_workload(loaded: Loaded, args, device, lengths, text_ids):
             inputs = f"random token ids (seed {args.seed})"
         sequence = tokens.to(device).expand(batch, -1)
     extra = {"use_cache": False} if "use_cache" in parameters else {}  # a prefill that builds no KV cache
-    if getattr(config, "is_encoder_decoder", False):
-        extra["decoder_input_ids"] = None  # filled per call: the same sequence
+    encoder_decoder = getattr(config, "is_encoder_decoder", False)
 
-    def kwargs(x):
-        call = {key: x, **extra}
-        if "decoder_input_ids" in call:
-            call["decoder_input_ids"] = x
-        return call
+    def kwargs(x):  # an encoder-decoder reads the sequence on both sides
+        return {key: x, **extra, **({"decoder_input_ids": x} if encoder_decoder else {})}
 
     context = getattr(config, "max_position_embeddings", None)
     work = Workload(model, lambda n: sequence[:, :n], kwargs, causal_lm=_is_causal_lm(model),
@@ -208,7 +204,7 @@ def command_line(args) -> str:
     words = ["longattn", "bench", args.model]
     for path in args.policy or []:
         words += ["--policy", path]
-    words += ["--lengths", args.lengths_text, "--out", args.out]
+    words += ["--lengths", args.lengths, "--out", args.out]
     for flag in ("train", "no_inductor", "static"):
         if getattr(args, flag):
             words.append("--" + flag.replace("_", "-"))
@@ -222,14 +218,12 @@ def command_line(args) -> str:
 
 
 def cmd_bench(args) -> int:
-    args.lengths_text = args.lengths
     lengths = parse_lengths(args.lengths)
     _check_arguments(args)
     variants = variants_from(args)
     device, dtype = _device_and_dtype(args)
-    from ..bench.measure import memory_method
     from ..bench.report import environment, write_results
-    from ..bench.run import Settings
+    from ..bench.run import Settings, add_speedups
     console = _console(stderr=True)
 
     console.print(f"loading {args.model} ({str(dtype).replace('torch.', '')} on {device}) ...")
@@ -251,24 +245,22 @@ def cmd_bench(args) -> int:
                         repeats=args.repeats, budget_s=args.budget, train=args.train, generate=args.generate or 0,
                         ppl_ids=None if text_ids is None else text_ids[:ppl_tokens].to(device),
                         pad_token_id=_pad_token(model))
-    record = {"version": 1, "env": {**environment(device), "command": command_line(args)}, "settings": {
-        "model": args.model, "model_description": _describe(model, loaded.random_weights),
-        "dtype": str(dtype).replace("torch.", ""), "device": str(device), "lengths": lengths, "inputs": inputs,
-        "variants": [_variant_record(v) for v in variants], "dynamic": not args.static, "inner": args.inner,
-        "repeats": args.repeats, "budget_s": args.budget,
-        "timing_method": f"{TIMING[device.type]}; a first call (the warm-up, which compiles), then the median of "
-                         f"up to {args.repeats} calls, fewer once {args.budget:g} s of them are spent",
-        "memory_method": memory_method(device), "error_metric": ERROR_METRIC, "seed": args.seed,
-        "trained_context": work.trained_context, "train": args.train, "generate": args.generate or 0}}
-    if args.train:
-        record["settings"]["train_loss"] = TRAIN_LOSS
+    record = {"version": 1, "env": {**environment(device), "command": command_line(args)},
+              "settings": _settings_record(args, loaded, variants, work, device, dtype, lengths, inputs)}
     if args.ppl:
         record["settings"].update(
             ppl_text=args.ppl, tokenizer=tokenizer, ppl_tokens=ppl_tokens,
             ppl_method=f"next-token perplexity over the first {ppl_tokens} tokens of {args.ppl}, each scored once, "
                        "in windows of S tokens half a window apart (after the first window every token is scored "
                        "with at least S/2 tokens before it)")
-    record["rows"] = _run_with_progress(work, variants, settings, console)
+    record["rows"] = []
+    try:
+        _run_with_progress(work, variants, settings, console, record["rows"])
+    except KeyboardInterrupt:  # a long run stopped: keep what it measured
+        add_speedups(record["rows"])
+        write_results(record, args.out)
+        console.print(f"interrupted: wrote the {len(record['rows'])} rows measured so far to {args.out}")
+        raise
     notes = write_results(record, args.out)
     _print_table(record)
     for note in notes:
@@ -276,6 +268,22 @@ def cmd_bench(args) -> int:
     written = ["bench.json", "bench.md"] + ([] if notes else ["bench.png"])
     console.print(f"wrote {', '.join(os.path.join(args.out, name) for name in written)}")
     return 0
+
+
+def _settings_record(args, loaded, variants, work, device, dtype, lengths, inputs) -> dict:
+    from ..bench.measure import memory_method
+    record = {
+        "model": args.model, "model_description": _describe(loaded.model, loaded.random_weights),
+        "dtype": str(dtype).replace("torch.", ""), "device": str(device), "lengths": lengths, "inputs": inputs,
+        "variants": [_variant_record(v) for v in variants], "dynamic": not args.static, "inner": args.inner,
+        "repeats": args.repeats, "budget_s": args.budget,
+        "timing_method": f"{TIMING[device.type]}; a first call (the warm-up, which compiles), then the median of "
+                         f"up to {args.repeats} calls, fewer once {args.budget:g} s of them are spent",
+        "memory_method": memory_method(device), "error_metric": ERROR_METRIC, "seed": args.seed,
+        "trained_context": work.trained_context, "train": args.train, "generate": args.generate or 0}
+    if args.train:
+        record["train_loss"] = TRAIN_LOSS
+    return record
 
 
 def _console(stderr: bool = False):
@@ -303,7 +311,8 @@ def _variant_record(variant) -> dict:
     return record
 
 
-def _run_with_progress(work, variants, settings, console) -> list:
+def _run_with_progress(work, variants, settings, console, rows: list) -> None:
+    """run_bench under a rich progress bar, each finished row printed and appended to `rows`."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..bench.report import length_label
@@ -317,10 +326,11 @@ def _run_with_progress(work, variants, settings, console) -> list:
             progress.update(task, description=f"{variant} at {length_label(length)}", stage=what)
 
         def done(row):
+            rows.append(row)
             progress.advance(task)
             progress.console.print(_row_line(row), highlight=False, soft_wrap=True)
 
-        return run_bench(work, variants, settings, progress=stage, on_row=done)
+        run_bench(work, variants, settings, progress=stage, on_row=done)
 
 
 def _row_line(row: dict) -> str:
