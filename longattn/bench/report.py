@@ -121,7 +121,7 @@ def markdown(record: dict) -> str:
     lines = [f"# longattn bench: {s['model']}", "",
              f"{env['device']}; torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}; "
              f"{env['date']}.", "",
-             f"Model: {s['model_description']}, {s['dtype']}, batch 1. Inputs: {s['inputs']}.", "",
+             f"Model: {s['model_description']}, {s['dtype']}, batch {s.get('batch', 1)}. Inputs: {s['inputs']}.", "",
              f"Command: `{env['command']}`", "",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]

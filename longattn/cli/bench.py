@@ -274,7 +274,8 @@ def _settings_record(args, loaded, variants, work, device, dtype, lengths, input
     from ..bench.measure import memory_method
     record = {
         "model": args.model, "model_description": _describe(loaded.model, loaded.random_weights),
-        "dtype": str(dtype).replace("torch.", ""), "device": str(device), "lengths": lengths, "inputs": inputs,
+        "dtype": str(dtype).replace("torch.", ""), "device": str(device), "lengths": lengths,
+        "batch": work.sequence(lengths[0]).shape[0], "inputs": inputs,
         "variants": [_variant_record(v) for v in variants], "dynamic": not args.static, "inner": args.inner,
         "repeats": args.repeats, "budget_s": args.budget,
         "timing_method": f"{TIMING[device.type]}; a first call (the warm-up, which compiles), then the median of "
