@@ -78,6 +78,16 @@ def test_the_table_and_the_plot_are_written(bench):
     assert width > 2 * height > 0  # two panels side by side: speed-up and perplexity
 
 
+@pytest.mark.parametrize("n, window", [(2048, 512), (1000, 512), (512, 512), (777, 100), (100, 512)])
+def test_sliding_windows_score_every_token_once_with_half_a_window_before_it(n, window):
+    from longattn.quality import perplexity_windows
+    windows = perplexity_windows(n, window, window // 2)
+    scored = [begin + i for begin, first in windows for i in range(first, window)]
+    assert sorted(scored) == (list(range(1, n)) if n >= window else [])
+    assert all(begin + window <= n for begin, _ in windows)
+    assert all(first >= window // 2 for _, first in windows[1:])
+
+
 def test_lengths_take_k_for_1024():
     assert parse_lengths("4k,8K,131k,100") == [100, 4096, 8192, 134144]
     for bad in ("4x", "0", "", "4k,4096", "-5"):
