@@ -139,6 +139,18 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on():
     assert [r["past_trained_context"] for r in rows] == [False, True, True]
 
 
+def test_an_out_of_memory_inside_a_compile_error_is_still_out_of_memory():
+    from longattn.bench.measure import is_out_of_memory
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError("backend='longattn' raised: ...") from e  # as dynamo wraps a backend's failure
+    except RuntimeError as wrapped:
+        assert is_out_of_memory(wrapped)
+    assert not is_out_of_memory(ValueError("a shape mismatch"))
+
+
 def test_without_matplotlib_the_plot_is_skipped_with_a_note(tmp_path, monkeypatch):
     record = {"env": {"device": "cpu", "torch": "x", "triton": None, "transformers": None, "date": "d",
                       "command": "longattn bench"},

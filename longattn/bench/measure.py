@@ -126,8 +126,13 @@ def _maxrss() -> int:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError naming it)."""
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(error).lower()
-    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError naming it), also where dynamo
+    wrapped it (an out-of-memory during a compile reaches the caller as the cause of a dynamo error)."""
+    while error is not None:
+        if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+            return True
+        text = str(error).lower()
+        if isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text):
+            return True
+        error = error.__cause__
+    return False
