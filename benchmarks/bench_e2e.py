@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import time
@@ -38,18 +39,6 @@ def build_model(layers: int = 30, device: str = "cuda", dtype=torch.bfloat16):
                          attn_implementation="sdpa")
     torch.manual_seed(0)
     return LlamaModel(config).to(device, dtype).eval()
-
-
-def time_call(fn, reps: int) -> list[float]:
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
 
 
 def variants(model, inductor_lengths):
@@ -85,6 +74,7 @@ def main(argv=None) -> int:
     import triton
 
     import longattn
+    from longattn.bench.measure import time_calls  # CUDA events around each call, the median
     env = {"kind": "env", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": triton.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
            "date": datetime.date.today().isoformat(), "model": "llama smollm2-135m shape, 30 layers, random, bf16"}
@@ -112,8 +102,7 @@ def main(argv=None) -> int:
                         row["compile_s"] = round(time.perf_counter() - t0, 1)
                         first = False
                     reps = 10 if s <= 8192 else 5 if s <= 32768 else 3
-                    times = time_call(lambda: fn(inputs[s]), reps)
-                    row["ms"] = sorted(times)[len(times) // 2]
+                    row["ms"], _, _ = time_calls(lambda: fn(inputs[s]), torch.device("cuda"), reps, math.inf)
                     row["peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
                     if name == "eager":
                         reference[s] = out.float()

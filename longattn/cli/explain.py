@@ -22,7 +22,9 @@ SMALL_CONFIG = {  # enough to show every layer's attention; cheap on a CPU
 }
 
 
-def build_transformers_model(model_type: str, seq_len: int, attn_implementation: str = "eager"):
+def build_transformers_model(model_type: str, seq_len: int, attn_implementation: str = "eager",
+                             causal_lm: bool = False):
+    """(model, inputs); with `causal_lm`, a decoder-only type gets its LM head (LlamaForCausalLM, not LlamaModel)."""
     import torch  # here, not at the top: `longattn policy check` and `convert` run without it
     try:
         import transformers
@@ -40,12 +42,20 @@ def build_transformers_model(model_type: str, seq_len: int, attn_implementation:
             setattr(config, key, 0)
     config._attn_implementation = attn_implementation
     torch.manual_seed(0)
-    model = transformers.AutoModel.from_config(config).eval()
+    auto = transformers.AutoModelForCausalLM if causal_lm and _decoder_only(model_type) else transformers.AutoModel
+    model = auto.from_config(config).eval()
     ids = torch.randint(0, 256, (1, seq_len))
     inputs = {"input_ids": ids}
     if getattr(config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = ids[:, : max(1, seq_len // 2)]
     return model, inputs
+
+
+def _decoder_only(model_type: str) -> bool:
+    """A causal LM class that is not also a masked LM's (bert has both: its causal head is a mode, not the model)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def load_model_spec(spec: str, seq_len: int):

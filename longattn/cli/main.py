@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import calibrate, convert, explain, export_mlir, policy
+from . import bench, calibrate, convert, explain, export_mlir, policy
 from .errors import CliError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longattn", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (explain, policy, convert, calibrate, export_mlir):
+    for command in (explain, policy, convert, calibrate, bench, export_mlir):
         command.add_parser(sub)
     return parser
 
