@@ -8,6 +8,7 @@ SDPA calls become sites directly. Anything not understood makes the site skipped
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -64,14 +65,42 @@ def layer_name(node: fx.Node, frame_path: str = "") -> str:
 
 # --- the graph as the matcher reads it ----------------------------------------------------
 
+@dataclass(frozen=True)
+class _BaddbmmPart:
+    """A value inside baddbmm(input, b1, b2, beta, alpha) = beta·input + alpha·(b1 @ b2), which FX keeps as one
+    node: its "product" b1 @ b2 or its "scaled" product alpha·(b1 @ b2). Bloom adds its ALiBi bias this way."""
+    node: fx.Node
+    part: str
+
+
+def _read_baddbmm(node: fx.Node, c) -> Op:
+    """baddbmm as an add of the input (beta = 1) to the scaled product, or the scaled product alone (beta = 0:
+    the input is not read, not even its NaNs). Another beta would scale the mask: left as an op not understood."""
+    beta, alpha = scalar_value(c["beta"]), scalar_value(c["alpha"])
+    if beta not in (0.0, 1.0) or alpha is None:
+        return Op("baddbmm", tuple(c.args), {}, node=node)
+    scores = _BaddbmmPart(node, "product" if alpha == 1.0 else "scaled")
+    return GRAPH.op(scores) if beta == 0.0 else Op("add", (scores, c.args[0]), {}, node=node)
+
+
 class FxGraph:
-    """An FX graph as `matcher.AttentionGraph`: values are nodes (or the literals in their arguments)."""
+    """An FX graph as `matcher.AttentionGraph`: values are nodes (or the literals in their arguments, or the
+    parts of a baddbmm)."""
     rewrites_dropout = True  # the op replays dropout (training graphs)
 
     def op(self, x) -> Optional[Op]:
+        if isinstance(x, _BaddbmmPart):
+            _, b1, b2 = canonical(x.node).args
+            if x.part == "product":
+                return Op("matmul", (b1, b2), {}, node=x.node)
+            alpha = scalar_value(canonical(x.node)["alpha"])
+            return Op("scale", (_BaddbmmPart(x.node, "product"),),
+                      {"factor": alpha, "divide": False, "ref": None}, node=x.node)
         c = canonical(x)
         if c is None:
             return None
+        if c.name == "baddbmm":
+            return _read_baddbmm(x, c)
         name, attrs = c.name, dict(c.kw)
         if name == "scale":
             factor = scalar_value(c["factor"])
@@ -87,18 +116,26 @@ class FxGraph:
         return Op(name, tuple(c.args), attrs, node=x)
 
     def users(self, x) -> list:
+        if isinstance(x, _BaddbmmPart):
+            return [x.node]  # read once, by the rest of its baddbmm
         return real_users(x) if isinstance(x, fx.Node) else []
 
     def describe(self, x) -> str:
+        if isinstance(x, _BaddbmmPart):
+            return f"the {x.part} of {x.node.name}"
         return x.name if isinstance(x, fx.Node) else repr(x)
 
     def describe_op(self, x) -> str:
+        if isinstance(x, _BaddbmmPart):
+            return self.describe(x)
         if not isinstance(x, fx.Node):
             return repr(x)
         c = canonical(x)
         return f"{c.name if c is not None else x.target} ({x.name})"
 
     def shape(self, x) -> Optional[tuple]:
+        if isinstance(x, _BaddbmmPart):
+            x = x.node  # every part has the result's shape
         val = meta_value(x) if isinstance(x, fx.Node) else None
         return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
@@ -106,6 +143,8 @@ class FxGraph:
         return scalar_value(x)
 
     def is_float_tensor(self, x) -> bool:
+        if isinstance(x, _BaddbmmPart):
+            x = x.node
         val = meta_value(x) if isinstance(x, fx.Node) else None
         return isinstance(val, torch.Tensor) and val.is_floating_point()
 

@@ -70,6 +70,7 @@ _MASKED_FILL = (torch.masked_fill, aten.masked_fill.Scalar, aten.masked_fill.Ten
 _DROPOUT = (torch.nn.functional.dropout, torch.dropout, aten.dropout.default)
 _SDPA = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention,
          aten.scaled_dot_product_attention.default)
+_BADDBMM = (torch.baddbmm, aten.baddbmm.default)
 _REPEAT_INTERLEAVE = (torch.repeat_interleave, aten.repeat_interleave.self_int)
 _IDENTITY_METHODS = ("contiguous", "clone")
 _IDENTITY_FNS = (torch.clone, aten.clone.default, aten.contiguous.default, aten.alias.default)
@@ -107,6 +108,9 @@ def canonical(node: Any) -> Optional[Op]:
     t = node.target
     if (m and t in ("matmul", "bmm", "__matmul__")) or _is_fn(node, *_MATMUL):
         return Op("matmul", (node.args[0], node.args[1]), {})
+    if (m and t == "baddbmm") or _is_fn(node, *_BADDBMM):  # beta·input + alpha·(batch1 @ batch2)
+        return Op("baddbmm", (node.args[0], node.args[1], node.args[2]),
+                  {"beta": node.kwargs.get("beta", 1), "alpha": node.kwargs.get("alpha", 1)})
     if _is_fn(node, *_EINSUM):
         eq = node.args[0]
         operands = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]

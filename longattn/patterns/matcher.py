@@ -298,9 +298,10 @@ def match_softmax(g: AttentionGraph, softmax, site: AttentionSite) -> None:
             scores, mask = (a, b) if a_chain else (b, a)
             if g.scalar(mask) is not None or g.shape(mask) is None:
                 raise Skip("scores shifted by a scalar")
-            if factors or runtime_scale is not None:
+            parts = [t for t in additive_parts(g, mask) if not is_zero_mask(g, t)]  # + 0 changes nothing
+            if parts and (factors or runtime_scale is not None):
                 raise Skip("an additive mask is scaled together with the scores")
-            terms.extend(additive_parts(g, mask))
+            terms.extend(parts)
             back_steps.append("add")
             x = scores
             continue
@@ -342,7 +343,7 @@ def match_softmax(g: AttentionGraph, softmax, site: AttentionSite) -> None:
     site.pattern = "·".join(list(reversed(back_steps)) + ["softmax"] + fwd_steps)
 
     q_shape = shape_of(g, q)
-    if len(q_shape) != rank or not all(same_size(a, b) for a, b in zip(q_shape[:-2], qk_shape[:-2])):
+    if len(q_shape) != rank or not all(g.equal_when_it_runs(a, b) for a, b in zip(q_shape[:-2], qk_shape[:-2])):
         raise Skip("query batch dims are broadcast against the keys")
     # k: undo the transpose, then see through GQA repeats
     k = kt
@@ -358,7 +359,7 @@ def match_softmax(g: AttentionGraph, softmax, site: AttentionSite) -> None:
     site.scale_ref = runtime_scale
     site.dropout_p = dropout_p
     site.output = pv
-    site.replaced = chain + [pv_op.node]
+    site.replaced = list(dict.fromkeys(chain + [pv_op.node]))  # once each: one node may hold several ops (baddbmm)
     apply_masks(g, site, terms, qk_shape)
 
 
@@ -399,10 +400,12 @@ def fill_operands(g: AttentionGraph, site: AttentionSite, q, k, v, rank: int, k_
     site.set_operands(q, k, v, q_shape, k_shape, rank, k_transposed, groups)
 
 
-def _broadcasts(shape: tuple, target: tuple) -> bool:
-    # a dim ONNX shape inference lost (None) is let through: the rewrite's verification runs the original
+def _broadcasts(g: AttentionGraph, shape: tuple, target: tuple) -> bool:
+    # a dim ONNX shape inference lost (None) is let through: the rewrite's verification runs the original. Two
+    # sizes equal when it runs (an ALiBi bias repeated to h·(B·H // h) rows) are let through too: where they differ
+    # the original's addition fails, and where the mask's is 1 the op broadcasts it as the addition does.
     return len(shape) <= len(target) and all(
-        a == 1 or a is None or same_size(a, b) for a, b in zip(reversed(shape), reversed(target)))
+        a == 1 or a is None or g.equal_when_it_runs(a, b) for a, b in zip(reversed(shape), reversed(target)))
 
 
 def apply_masks(g: AttentionGraph, site: AttentionSite, terms: list[MaskTerm], scores_shape: tuple) -> None:
@@ -410,7 +413,7 @@ def apply_masks(g: AttentionGraph, site: AttentionSite, terms: list[MaskTerm], s
     remaining = []
     for term in terms:
         shape = shape_of(g, term.node)
-        if not _broadcasts(shape, scores_shape):
+        if not _broadcasts(g, shape, scores_shape):
             raise Skip(f"mask {g.describe(term.node)} of shape {shape} does not broadcast to the scores "
                        f"{scores_shape}")
         if is_zero_mask(g, term):

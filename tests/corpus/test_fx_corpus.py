@@ -28,9 +28,6 @@ from .programs import LOOKALIKES, MASK_LOOKALIKES, Program, programs
 # Known misses: true attention the FX front end does not rewrite (yet). Each entry says which programs (by their
 # features and the run's mode) and which skip reason; anything else that is not rewritten fails the test.
 KNOWN_MISSES = [
-    # Bloom: torch.baddbmm(bias, q, kᵀ, beta, alpha) computes bias·beta + alpha·q·kᵀ in one op, which the FX
-    # vocabulary has no word for (issue 34)
-    KnownMiss("baddbmm scores", {"qk": "baddbmm"}, CHAIN_NOT_READ, "baddbmm is not in fx_ops' vocabulary"),
     # 4-D scores as a view of a 3-D product (bmm on (B·H, S, D), then .view(B, H, Sq, Sk); Bloom does this around
     # its baddbmm too): the matcher does not read through reshapes between the product and the softmax
     KnownMiss("scores reshaped after the product", {"qk": "bmm_reshaped"}, CHAIN_NOT_READ,
@@ -145,6 +142,19 @@ def test_fx_every_lookalike_kind_is_left_alone(kind):
 
     @corpus_settings(max(3, examples(300) // 60))
     @given(program=programs(kind="attention", **fixed), dynamic=st.sampled_from([False, True]))
+    def run(program, dynamic):
+        check_fx(program, dynamic)
+
+    run()
+
+
+def test_fx_baddbmm_products_are_read():
+    """Bloom's baddbmm(bias, q, kᵀ, beta, alpha), one FX node for beta·bias + alpha·q·kᵀ, with an ALiBi bias, an
+    additive mask or beta=0: a few programs, whatever the mixed corpus happened to draw."""
+
+    @corpus_settings(max(4, examples(300) // 30))
+    @given(program=programs(kind="attention").filter(lambda p: p.features.get("qk") == "baddbmm"),
+           dynamic=st.sampled_from([False, True]))
     def run(program, dynamic):
         check_fx(program, dynamic)
 

@@ -46,8 +46,6 @@ KNOWN_MISSES = [
     # (s + mask) * scale: the mask is scaled with the scores; the matcher does not divide it back out
     KnownMiss("additive mask scaled with the scores", {"order": "mask_then_scale"},
               r"additive mask is scaled together", "mask·scale is another mask; not rewritten"),
-    # baddbmm(bias, q, kᵀ, beta=0) exports as bias·0 + q·kᵀ: the zero term reads as an additive mask, and a scale
-    # after it as a mask scaled with the scores
     # a static export at one query and one key constant-folds a mask built from sizes to a scalar (0: softmax does
     # not see it), which the matcher refuses as any scalar shift
     KnownMiss("mask folded to a scalar at one key", {"one_key": "True", "run": "static"},
@@ -60,8 +58,6 @@ KNOWN_MISSES = [
     # more queries than keys, whose first rows see no key (NaN in the original): it refuses rather than rewrite
     KnownMiss("causal proof at Sq > Sk (dynamic cross attention)", {"cross": "True", "run": "dynamic"},
               r"more queries than keys", "rows that see no key are not proven"),
-    KnownMiss("baddbmm's beta·bias term", {"qk": "baddbmm"}, r"additive mask is scaled together",
-              "the beta=0 bias is not folded away"),
 ]
 
 LOG_QUIET = ("torch.onnx", "onnxscript", "onnx_ir", "torch.export", "torch._dynamo")
@@ -173,9 +169,10 @@ def test_onnx_corpus_never_rewrites_wrongly(tmp_path_factory, program, opset, dy
     check_onnx(program, tmp_path_factory.mktemp("corpus"), opset, dynamic)
 
 
-@pytest.mark.parametrize("qk,pv", [("einsum", None), ("einsum_ellipsis", None), (None, "einsum")])
-def test_onnx_einsum_products_are_read(tmp_path_factory, qk, pv):
-    """Einsum nodes (the dynamo exporter keeps torch.einsum as one): a few programs with each einsum product."""
+@pytest.mark.parametrize("qk,pv", [("einsum", None), ("einsum_ellipsis", None), (None, "einsum"), ("baddbmm", None)])
+def test_onnx_products_are_read(tmp_path_factory, qk, pv):
+    """Einsum nodes (the dynamo exporter keeps torch.einsum as one) and baddbmm (exported as a scaled MatMul plus
+    beta·bias, folded to a zero constant for beta=0): a few programs with each product."""
     wanted = programs(kind="attention").filter(lambda p: p.features.get("qk") == qk if qk else
                                                p.features.get("pv") == pv)
 

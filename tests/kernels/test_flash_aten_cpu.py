@@ -57,6 +57,20 @@ def test_aten_cpu_path_gives_the_reference_out_and_lse(case, dtype):
     torch.testing.assert_close(lse.double()[seen], ref_lse[seen], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("mask_shape", [(6,), (1, 6), (4, 1, 6), (3, 6)], ids=str)
+def test_aten_cpu_path_broadcasts_masks_of_every_rank(mask_shape):
+    """Found by the corpus: a 3-D site's mask, given a leading 1 by the rewriter, reached ATen's kernel as 3-D,
+    which it refuses (it takes 2-D or 4-D)."""
+    q, k, v = (torch.randn(1, 4, n, 8) for n in (3, 6, 6))
+    mask = torch.rand(mask_shape) > 0.5
+    mask[..., 0] = True
+    assert aten_cpu_applies(q, k, v, False, mask)
+    out, lse = aten_cpu_attention(q, k, v, 0.3, False, mask)
+    ref_out, ref_lse = _reference(q, k, v, 0.3, False, mask)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-4, atol=1e-4)
+
+
 def test_aten_cpu_path_is_not_taken_where_its_semantics_differ():
     q, k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
     assert not aten_cpu_applies(q, k, v, causal=True)  # 5 queries, 9 keys: ATen aligns causal top-left

@@ -1,6 +1,6 @@
 """Spellings the generated corpus (tests/corpus) found missed, now read, each with the look-alikes that must
-stay alone: a scale held in a constant 0-d tensor (the issue's `einsum(...) * torch.rsqrt(torch.tensor(d))`)
-and einsum with an ellipsis."""
+stay alone: a scale held in a constant 0-d tensor (the issue's `einsum(...) * torch.rsqrt(torch.tensor(d))`),
+einsum with an ellipsis, and Bloom's baddbmm with its ALiBi bias."""
 import pytest
 import torch
 
@@ -109,3 +109,48 @@ def test_ellipsis_einsums_that_are_not_attention_products_are_left_alone(name):
     sites, out, ref = _rewrite(EINSUM_LOOKALIKES[name], *_qkv())
     assert [s.status for s in sites] == ["skipped"], sites
     torch.testing.assert_close(out, ref)
+
+
+def _alibi(k_len: int) -> torch.Tensor:
+    """Bloom's bias: a slope per head times the key position, (B·H, 1, Sk), the same for every query."""
+    slopes = torch.pow(2.0, -8.0 * torch.arange(1, H + 1) / H)
+    return (slopes[:, None, None] * torch.arange(k_len)[None, None, :]).repeat(B, 1, 1)
+
+
+def _heads_as_batch(q, k, v):
+    return tuple(t.reshape(B * H, S, D) for t in (q, k, v))
+
+
+BADDBMM = {  # (program, its scale, whether a mask term stays)
+    "alibi_beta_1": (lambda q, k, v: torch.bmm(torch.softmax(
+        torch.baddbmm(_alibi(k.shape[1]), q, k.transpose(1, 2), beta=1.0, alpha=0.3), -1), v), 0.3, True),
+    "mask_input_alpha_1": (lambda q, k, v: torch.bmm(torch.softmax(
+        torch.baddbmm(torch.tril(torch.ones(S, S)).log().expand(B * H, S, S), q, k.transpose(1, 2)), -1), v),
+        1.0, True),
+    # GPT-NeoX: an empty bias and beta=0, which baddbmm does not read (NaN in it does not propagate)
+    "zero_beta_nan_bias": (lambda q, k, v: torch.bmm(torch.softmax(
+        torch.baddbmm(torch.full((B * H, S, S), float("nan")), q, k.transpose(1, 2), beta=0.0, alpha=0.5), -1), v),
+        0.5, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BADDBMM))
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_baddbmm_is_read_as_a_scaled_product_plus_a_bias(name, dynamic):
+    fn, scale, masked = BADDBMM[name]
+    sites, out, ref = _rewrite(fn, *_heads_as_batch(*_qkv()), dynamic=dynamic)
+    assert [s.status for s in sites] == ["rewritten"], sites
+    assert sites[0].scale == pytest.approx(scale, rel=1e-6)
+    assert (sites[0].mask != "none") == masked, sites[0].mask
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_baddbmm_with_another_beta_is_left_alone_with_the_reason():
+    """beta·bias with beta ∉ {0, 1} scales the mask: not read, and said so."""
+    def fn(q, k, v):
+        return torch.bmm(torch.softmax(torch.baddbmm(_alibi(k.shape[1]), q, k.transpose(1, 2), beta=0.5), -1), v)
+
+    sites, out, ref = _rewrite(fn, *_heads_as_batch(*_qkv()))
+    assert [s.status for s in sites] == ["skipped"] and "baddbmm" in sites[0].reason, sites
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

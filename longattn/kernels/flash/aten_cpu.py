@@ -55,6 +55,8 @@ def aten_cpu_attention(q, k, v, scale: float, causal: bool, attn_mask=None):
         k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
     causal = causal and q.shape[-2] > 1  # bottom-right, one query sees every key
     mask = as_additive(attn_mask, q.dtype)
+    if mask is not None and mask.dim() != 4:  # ATen takes 2-D or 4-D masks; missing leading dims broadcast
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
     lse = lse.float()
