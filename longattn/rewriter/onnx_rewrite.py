@@ -92,7 +92,35 @@ def _symbolic_shape_inference():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     logging.getLogger(module.__name__).setLevel(logging.ERROR)
+    # our copy only: its Einsum lets a later operand's broadcast 1 replace an earlier size ('bhqd,bhkd->bhqk' with
+    # one key head gave the scores 1 head), which made a GQA site look like broadcast queries
+    module.SymbolicShapeInference._infer_Einsum = _einsum_broadcasting(module.SymbolicShapeInference._infer_Einsum)
     return module.SymbolicShapeInference
+
+
+def _einsum_broadcasting(infer):
+    """SymbolicShapeInference's Einsum, then its output's sizes read again with broadcasting: a letter takes the
+    size that is not 1 among the operands (explicit equations without an ellipsis; the rest as it was)."""
+    from onnx import helper
+
+    def infer_einsum(self, node):
+        infer(self, node)
+        equation = next((a.s for a in node.attribute if a.name == "equation"), b"").decode().replace(" ", "")
+        if "->" not in equation or "..." in equation:
+            return
+        terms, result = equation.split("->")
+        sizes: dict = {}
+        for i, term in enumerate(terms.split(",")):
+            shape = self._get_shape(node, i)
+            if len(shape) != len(term):
+                return
+            for letter, size in zip(term, shape):
+                if sizes.get(letter, 1) == 1:
+                    sizes[letter] = size
+        out = self.known_vi_[node.output[0]]
+        out.CopyFrom(helper.make_tensor_value_info(node.output[0], out.type.tensor_type.elem_type,
+                                                   [sizes[c] for c in result]))
+    return infer_einsum
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

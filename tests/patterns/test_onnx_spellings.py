@@ -217,6 +217,17 @@ def test_einsum_products_are_read_like_matmuls(qk_eq, pv_eq):
     assert not any(n.op_type == "Einsum" for n in converted.graph.node)
 
 
+def test_einsum_over_one_broadcast_key_head_is_read():
+    """Found by the corpus: onnxruntime's symbolic shape inference gave 'bhqd,bhkd->bhqk' with one key head the
+    key's head count (a later operand's broadcast 1 won), so the site looked like queries broadcast against keys.
+    Our copy of it broadcasts the letters."""
+    kv = [("k", F, [B, 1, S, D]), ("v", F, [B, 1, S, D])]
+    m = model(einsum_attention("bhqd,bhkd->bhqk", "bhqk,bhkd->bhqd"), QKV[:1] + kv, [const("c_scale", D ** -0.5)])
+    converted, report = convert_and_compare(m)
+    site = only_site(report)
+    assert site.status == "rewritten" and (site.heads, site.kv_heads) == (H, 1), site
+
+
 @pytest.mark.parametrize("qk_eq,pv_eq,reason", [
     ("bhqd,bhkd->bhkq", "bhkq,bhkd->bhqd", "not a"),         # scores laid out keys-first: softmax over queries
     ("bhqd,bhqd->bhqd", "bhqd,bhqd->bhqd", "not a"),         # elementwise, no contraction
