@@ -423,8 +423,9 @@ def apply_masks(g: AttentionGraph, site: AttentionSite, terms: list[MaskTerm], s
             site.causal, site.causal_proof = True, why
         else:
             remaining.append(term)
-            if not site.causal and not site.causal_proof.startswith("not causal"):
-                site.causal_proof = f"not causal: {why}"
+            if not site.causal:  # each term's reason: the one that looks causal may not come first
+                site.causal_proof = f"{site.causal_proof}; {why}" if site.causal_proof.startswith("not causal") \
+                    else f"not causal: {why}"
     site.masks = remaining
 
 
