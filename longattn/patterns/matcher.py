@@ -149,7 +149,7 @@ def _reaches_product(g: AttentionGraph, x, steps: int = 12) -> bool:
             return False
         if op.name in ("matmul", "einsum"):
             return True
-        if op.name in ("cast", "identity", "scale", "masked_fill"):
+        if op.name in ("cast", "identity", "scale", "masked_fill", "reshape"):
             x = op.args[0]
         elif op.name == "add":
             return _reaches_product(g, op.args[0], steps) or _reaches_product(g, op.args[1], steps)
@@ -212,6 +212,43 @@ def _einsum_operands(g: AttentionGraph, op: Op, kind: str):
     if kind == "pv" and j1 == i2 and i1 == i3 and j2 == j3 and j1 not in (i1, j2):
         return op.args[0], op.args[1], None
     raise Skip(f"einsum '{eq}' is not a {kind} product")
+
+
+def _merged_heads(g: AttentionGraph, x, batch):
+    """The 4-D tensor (B, H, S, D) that the 3-D x (B·H, S, D) is a reshape of, merging heads into the batch
+    (row-major), where B is `batch` and S, D are x's own; else None. H is not compared: the reshape keeps the
+    element count, so it is x's batch over B (dynamic graphs write it as different expressions)."""
+    op = g.op(x)
+    if op is None or op.name != "reshape":
+        return None
+    src, shape = op.args[0], g.shape(x)
+    src_shape = g.shape(src)
+    if shape is None or src_shape is None or len(shape) != 3 or len(src_shape) != 4:
+        return None
+    if not all(same_size(a, b) for a, b in zip(src_shape[:1] + src_shape[2:], (batch,) + shape[1:])):
+        return None
+    return src
+
+
+def _product_of_split_heads(g: AttentionGraph, scores, product):
+    """Scores (B, H, Sq, Sk) that are a reshape of the 3-D product q3 @ k3ᵀ, where q3 and k3 are (B, H, ·, D)
+    tensors with heads merged into the batch: the same scores as the 4-D product of those tensors, so the site is
+    read as 4-D attention on them: the scores' (B, H) split undoes q's merge when both have the same B (the element
+    counts fix H), and the product's batch makes k's heads q's. Returns (q, kt, k_transposed)."""
+    op, shape, p_shape = g.op(product), shape_of(g, scores), g.shape(product)
+    if op is None or op.name != "matmul" or len(shape) != 4 or p_shape is None or len(p_shape) != 3 \
+            or not all(same_size(a, b) for a, b in zip(shape[2:], p_shape[1:])):
+        raise Skip("scores reshaped after a product that is not a batched Q·Kᵀ")
+    q, kt = op.args
+    q4 = _merged_heads(g, q, shape[0])
+    kop = g.op(kt)
+    if kop is not None and kop.name == "transpose" and _swaps_last_two(kop["perm"], 3) and len(g.users(kt)) == 1:
+        k4, k_transposed = _merged_heads(g, kop.args[0], shape[0]), False
+    else:
+        k4, k_transposed = _merged_heads(g, kt, shape[0]), True
+    if q4 is None or k4 is None:
+        raise Skip("scores reshaped after the product, whose operands are not heads merged into the batch")
+    return q4, k4, k_transposed
 
 
 # --- softmax sites -------------------------------------------------------------------------
@@ -330,6 +367,21 @@ def match_softmax(g: AttentionGraph, softmax, site: AttentionSite) -> None:
             back_steps.append("where")
             x = scores
             continue
+        inner = g.op(sop.args[0]) if sop.name == "reshape" else None
+        if inner is not None and inner.name == "reshape" and shape_of(g, x) == g.shape(inner.args[0]):
+            # reshaped and back (the ONNX export of `s *= c` on a view): the same tensor
+            _single_user(g, sop.args[0], "attention scores")
+            chain.append(inner.node)
+            x = inner.args[0]
+            continue
+        if sop.name == "reshape":  # (B·H, Sq, Sk) from a 3-D product, viewed as (B, H, Sq, Sk)
+            product = sop.args[0]
+            _single_user(g, product, "attention scores")
+            q, kt, k_transposed = _product_of_split_heads(g, x, product)
+            sop = g.op(product)
+            chain.append(sop.node)
+            back_steps.append("reshape")
+            break
         if sop.name == "matmul":
             q, kt = sop.args
             k_transposed = True

@@ -28,10 +28,6 @@ from .programs import LOOKALIKES, MASK_LOOKALIKES, Program, programs
 # Known misses: true attention the FX front end does not rewrite (yet). Each entry says which programs (by their
 # features and the run's mode) and which skip reason; anything else that is not rewritten fails the test.
 KNOWN_MISSES = [
-    # 4-D scores as a view of a 3-D product (bmm on (B·H, S, D), then .view(B, H, Sq, Sk); Bloom does this around
-    # its baddbmm too): the matcher does not read through reshapes between the product and the softmax
-    KnownMiss("scores reshaped after the product", {"qk": "bmm_reshaped"}, CHAIN_NOT_READ,
-              "no reshape in the score chain"),
     # `s *= c`: dynamo records operator.imul, an in-place op the vocabulary leaves out (reading it as a scale is
     # safe only where the mutated tensor is no view of another; not worth the risk for a rare spelling)
     KnownMiss("in-place scale (s *= c)", {"scale": "imul"}, CHAIN_NOT_READ, "operator.imul is not a scale"),
@@ -148,12 +144,14 @@ def test_fx_every_lookalike_kind_is_left_alone(kind):
     run()
 
 
-def test_fx_baddbmm_products_are_read():
-    """Bloom's baddbmm(bias, q, kᵀ, beta, alpha), one FX node for beta·bias + alpha·q·kᵀ, with an ALiBi bias, an
-    additive mask or beta=0: a few programs, whatever the mixed corpus happened to draw."""
+@pytest.mark.parametrize("qk", ["baddbmm", "bmm_reshaped"])
+def test_fx_products_are_read(qk):
+    """Bloom's baddbmm(bias, q, kᵀ, beta, alpha), one FX node for beta·bias + alpha·q·kᵀ (with an ALiBi bias, an
+    additive mask or beta=0), and 4-D scores viewed from a bmm over heads merged into the batch: a few programs of
+    each, whatever the mixed corpus happened to draw."""
 
     @corpus_settings(max(4, examples(300) // 30))
-    @given(program=programs(kind="attention").filter(lambda p: p.features.get("qk") == "baddbmm"),
+    @given(program=programs(kind="attention").filter(lambda p: p.features.get("qk") == qk),
            dynamic=st.sampled_from([False, True]))
     def run(program, dynamic):
         check_fx(program, dynamic)

@@ -1,6 +1,6 @@
 """Spellings the generated corpus (tests/corpus) found missed, now read, each with the look-alikes that must
 stay alone: a scale held in a constant 0-d tensor (the issue's `einsum(...) * torch.rsqrt(torch.tensor(d))`),
-einsum with an ellipsis, and Bloom's baddbmm with its ALiBi bias."""
+einsum with an ellipsis, Bloom's baddbmm with its ALiBi bias, and 4-D scores viewed from a 3-D bmm."""
 import pytest
 import torch
 
@@ -153,4 +153,40 @@ def test_baddbmm_with_another_beta_is_left_alone_with_the_reason():
 
     sites, out, ref = _rewrite(fn, *_heads_as_batch(*_qkv()))
     assert [s.status for s in sites] == ["skipped"] and "baddbmm" in sites[0].reason, sites
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def _merged(t):
+    return t.reshape(-1, *t.shape[-2:])
+
+
+SPLIT_VIEWS = {
+    "k_transposed_after_the_merge": lambda q, k, v, m: torch.softmax(
+        torch.bmm(_merged(q), _merged(k).transpose(1, 2)).view(q.shape[0], -1, S, S) * 0.3 + m, -1) @ v,
+    "k_transposed_before_the_merge": lambda q, k, v, m: torch.softmax(
+        torch.bmm(_merged(q), _merged(k.transpose(-1, -2))).view(q.shape[0], -1, S, S) * 0.3 + m, -1) @ v,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPLIT_VIEWS))
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_scores_viewed_from_a_bmm_over_merged_heads_are_read_as_4d(name, dynamic):
+    mask = torch.randn(B, 1, S, S)
+    sites, out, ref = _rewrite(SPLIT_VIEWS[name], *_qkv(), mask, dynamic=dynamic)
+    assert [s.status for s in sites] == ["rewritten"], sites
+    assert (sites[0].heads, sites[0].scale) == (H, pytest.approx(0.3)), sites
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_scores_split_other_than_the_merge_are_left_alone():
+    """q merged as (2, 4) heads, the scores split as (4, 2): still a product of the same rows, but not of q's heads;
+    not read, and said so."""
+    q, k = torch.randn(2, 4, S, D), torch.randn(2, 4, S, D)
+    v = torch.randn(4, 2, S, D)
+
+    def fn(q, k, v):
+        return torch.softmax(torch.bmm(_merged(q), _merged(k).transpose(1, 2)).view(4, 2, S, S), -1) @ v
+
+    sites, out, ref = _rewrite(fn, q, k, v)
+    assert [s.status for s in sites] == ["skipped"] and "not heads merged" in sites[0].reason, sites
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
