@@ -41,6 +41,9 @@ KNOWN_MISSES = [
     # (s + mask) * scale: the mask is scaled with the scores; the matcher does not divide it back out
     KnownMiss("additive mask scaled with the scores", {"order": "mask_then_scale"},
               r"additive mask is scaled together", "mask·scale is another mask; not rewritten"),
+    # ... as is baddbmm's bias (Bloom's ALiBi, a mask passed in) when the scale comes after the baddbmm
+    KnownMiss("baddbmm bias scaled with the scores", {"qk": "baddbmm", "scale": "scores_mul"},
+              r"additive mask is scaled together", "mask·scale is another mask; not rewritten"),
     # SDPA's is_causal aligns top-left, our kernels bottom-right: they differ when Sq != Sk (README)
     KnownMiss("SDPA is_causal with Sq != Sk", {"qk": "sdpa", "mask": "is_causal", "cross": "True"},
               r"is_causal with q_len != k_len", "alignment differs"),

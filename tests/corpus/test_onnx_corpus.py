@@ -47,6 +47,9 @@ KNOWN_MISSES = [
     # (s + mask) * scale: the mask is scaled with the scores; the matcher does not divide it back out
     KnownMiss("additive mask scaled with the scores", {"order": "mask_then_scale"},
               r"additive mask is scaled together", "mask·scale is another mask; not rewritten"),
+    # ... as is baddbmm's bias (Bloom's ALiBi, a mask passed in) when the scale comes after the baddbmm
+    KnownMiss("baddbmm bias scaled with the scores", {"qk": "baddbmm", "scale": "scores_mul"},
+              r"additive mask is scaled together", "mask·scale is another mask; not rewritten"),
     # a static export at one query and one key constant-folds a mask built from sizes to a scalar (0: softmax does
     # not see it), which the matcher refuses as any scalar shift
     KnownMiss("mask folded to a scalar at one key", {"one_key": "True", "run": "static"},
