@@ -214,6 +214,10 @@ def _einsum_operands(g: AttentionGraph, op: Op, kind: str):
     raise Skip(f"einsum '{eq}' is not a {kind} product")
 
 
+def _same_shape(a: tuple, b: Optional[tuple]) -> bool:
+    return b is not None and len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
 def _merged_heads(g: AttentionGraph, x, batch):
     """The 4-D tensor (B, H, S, D) that the 3-D x (B·H, S, D) is a reshape of, merging heads into the batch
     (row-major), where B is `batch` and S, D are x's own; else None. H is not compared: the reshape keeps the
@@ -368,7 +372,7 @@ def match_softmax(g: AttentionGraph, softmax, site: AttentionSite) -> None:
             x = scores
             continue
         inner = g.op(sop.args[0]) if sop.name == "reshape" else None
-        if inner is not None and inner.name == "reshape" and shape_of(g, x) == g.shape(inner.args[0]):
+        if inner is not None and inner.name == "reshape" and _same_shape(shape_of(g, x), g.shape(inner.args[0])):
             # reshaped and back (the ONNX export of `s *= c` on a view): the same tensor
             _single_user(g, sop.args[0], "attention scores")
             chain.append(inner.node)
