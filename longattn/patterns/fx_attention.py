@@ -90,12 +90,11 @@ class FxGraph:
 
     def op(self, x) -> Optional[Op]:
         if isinstance(x, _BaddbmmPart):
-            _, b1, b2 = canonical(x.node).args
+            c = canonical(x.node)
             if x.part == "product":
-                return Op("matmul", (b1, b2), {}, node=x.node)
-            alpha = scalar_value(canonical(x.node)["alpha"])
+                return Op("matmul", c.args[1:], {}, node=x.node)
             return Op("scale", (_BaddbmmPart(x.node, "product"),),
-                      {"factor": alpha, "divide": False, "ref": None}, node=x.node)
+                      {"factor": scalar_value(c["alpha"]), "divide": False, "ref": None}, node=x.node)
         c = canonical(x)
         if c is None:
             return None

@@ -96,6 +96,14 @@ def _swaps_last_two(perm, rank: int) -> bool:
     return perm is not None and [p % rank for p in perm] == list(range(rank - 2)) + [rank - 1, rank - 2]
 
 
+def _untransposed(g: AttentionGraph, kt, rank: int):
+    """k where kt is its single-use transpose of the last two dims, else None."""
+    op = g.op(kt)
+    if op is not None and op.name == "transpose" and _swaps_last_two(op["perm"], rank) and len(g.users(kt)) == 1:
+        return op.args[0]
+    return None
+
+
 def _peel_scales(g: AttentionGraph, x, factors: list):
     """Strip single-use constant scale factors off q or k (scale folded into q, d**-0.25 on both)."""
     while True:
@@ -245,9 +253,9 @@ def _product_of_split_heads(g: AttentionGraph, scores, product):
         raise Skip("scores reshaped after a product that is not a batched Q·Kᵀ")
     q, kt = op.args
     q4 = _merged_heads(g, q, shape[0])
-    kop = g.op(kt)
-    if kop is not None and kop.name == "transpose" and _swaps_last_two(kop["perm"], 3) and len(g.users(kt)) == 1:
-        k4, k_transposed = _merged_heads(g, kop.args[0], shape[0]), False
+    k3 = _untransposed(g, kt, 3)
+    if k3 is not None:
+        k4, k_transposed = _merged_heads(g, k3, shape[0]), False
     else:
         k4, k_transposed = _merged_heads(g, kt, shape[0]), True
     if q4 is None or k4 is None:
@@ -339,10 +347,12 @@ def match_softmax(g: AttentionGraph, softmax, site: AttentionSite) -> None:
             scores, mask = (a, b) if a_chain else (b, a)
             if g.scalar(mask) is not None or g.shape(mask) is None:
                 raise Skip("scores shifted by a scalar")
-            parts = [t for t in additive_parts(g, mask) if not is_zero_mask(g, t)]  # + 0 changes nothing
-            if parts and (factors or runtime_scale is not None):
-                raise Skip("an additive mask is scaled together with the scores")
-            terms.extend(parts)
+            parts = additive_parts(g, mask)
+            if factors or runtime_scale is not None:
+                parts = [t for t in parts if not is_zero_mask(g, t)]  # a scaled + 0 is still + 0
+                if parts:
+                    raise Skip("an additive mask is scaled together with the scores")
+            terms.extend(parts)  # zero terms of the rest are dropped in apply_masks
             back_steps.append("add")
             x = scores
             continue
@@ -371,16 +381,16 @@ def match_softmax(g: AttentionGraph, softmax, site: AttentionSite) -> None:
             back_steps.append("where")
             x = scores
             continue
-        inner = g.op(sop.args[0]) if sop.name == "reshape" else None
-        if inner is not None and inner.name == "reshape" and _same_shape(shape_of(g, x), g.shape(inner.args[0])):
-            # reshaped and back (the ONNX export of `s *= c` on a view): the same tensor
-            _single_user(g, sop.args[0], "attention scores")
-            chain.append(inner.node)
-            x = inner.args[0]
-            continue
-        if sop.name == "reshape":  # (B·H, Sq, Sk) from a 3-D product, viewed as (B, H, Sq, Sk)
+        if sop.name == "reshape":
             product = sop.args[0]
             _single_user(g, product, "attention scores")
+            inner = g.op(product)
+            if inner is not None and inner.name == "reshape" and _same_shape(shape_of(g, x), g.shape(inner.args[0])):
+                # reshaped and back (the ONNX export of `s *= c` on a view): the same tensor
+                chain.append(inner.node)
+                x = inner.args[0]
+                continue
+            # (B·H, Sq, Sk) from a 3-D product, viewed as (B, H, Sq, Sk)
             q, kt, k_transposed = _product_of_split_heads(g, x, product)
             sop = g.op(product)
             chain.append(sop.node)
@@ -402,12 +412,8 @@ def match_softmax(g: AttentionGraph, softmax, site: AttentionSite) -> None:
     if len(q_shape) != rank or not all(g.equal_when_it_runs(a, b) for a, b in zip(q_shape[:-2], qk_shape[:-2])):
         raise Skip("query batch dims are broadcast against the keys")
     # k: undo the transpose, then see through GQA repeats
-    k = kt
-    if k_transposed:
-        kop = g.op(kt)
-        if kop is not None and kop.name == "transpose" and _swaps_last_two(kop["perm"], rank) \
-                and len(g.users(kt)) == 1:
-            k, k_transposed = kop.args[0], False
+    k = _untransposed(g, kt, rank) if k_transposed else None
+    k, k_transposed = (kt, k_transposed) if k is None else (k, False)
     q = _peel_scales(g, q, factors)
     k = _peel_scales(g, k, factors)
     fill_operands(g, site, q, k, v, rank, k_transposed)

@@ -111,6 +111,11 @@ def test_ellipsis_einsums_that_are_not_attention_products_are_left_alone(name):
     torch.testing.assert_close(out, ref)
 
 
+def _merged(t):
+    """(B, H, S, D) -> (B·H, S, D): heads merged into the batch."""
+    return t.reshape(-1, *t.shape[-2:])
+
+
 def _alibi(k_len: int) -> torch.Tensor:
     """Bloom's bias: a slope per head times the key position, (B·H, 1, Sk), the same for every query."""
     slopes = torch.pow(2.0, -8.0 * torch.arange(1, H + 1) / H)
@@ -118,7 +123,7 @@ def _alibi(k_len: int) -> torch.Tensor:
 
 
 def _heads_as_batch(q, k, v):
-    return tuple(t.reshape(B * H, S, D) for t in (q, k, v))
+    return tuple(_merged(t) for t in (q, k, v))
 
 
 BADDBMM = {  # (program, its scale, whether a mask term stays)
@@ -154,10 +159,6 @@ def test_baddbmm_with_another_beta_is_left_alone_with_the_reason():
     sites, out, ref = _rewrite(fn, *_heads_as_batch(*_qkv()))
     assert [s.status for s in sites] == ["skipped"] and "baddbmm" in sites[0].reason, sites
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
-
-
-def _merged(t):
-    return t.reshape(-1, *t.shape[-2:])
 
 
 SPLIT_VIEWS = {
